@@ -1,0 +1,198 @@
+"""The Faust app: the only place that creates it and declares its topics and agents."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import faust
+import orjson
+from faust.web import Request, Response, View
+
+from streams.pipeline import process_messages
+from streams.records import Source, encode_record
+from streams.reference_feed import ReferenceFeed
+from streams.sink import SinkWriter, decode_attempts, write_with_retry
+from streams.validate import Validator
+from tally.config import Settings
+from tally.errors import SinkGaveUp, StoreError
+from tally.reference import ReferenceStore
+from tally.sdk.batching import pack_ndjson
+from tally.store import Store
+
+log = logging.getLogger("tally.worker")
+
+# Output messages stay well under the producer's max request size (and Kafka's default 1 MiB message limit).
+OUTPUT_MESSAGE_BYTES = 900 * 1024
+EXIT_SINK_GAVE_UP = 70
+
+
+@dataclass
+class WorkerStats:
+    """Counters a worker serves on /api/status (and `tally status` / `tally run` print)."""
+
+    role: str
+    started_at: float = field(default_factory=time.time)
+    messages: int = 0
+    events_accepted: int = 0
+    events_rejected: int = 0
+    sink_rows_inserted: int = 0
+    sink_duplicates_skipped: int = 0
+    sink_retries: int = 0
+    reference_ready: bool = False
+
+
+def _json_response(web: Any, payload: Any, status: int = 200) -> Response:
+    body = orjson.dumps(payload, default=str)
+    return web.bytes(body, content_type="application/json", status=status)  # type: ignore[no-any-return]
+
+
+def create_app(settings: Settings, role: str, store: Store | None = None) -> faust.App:
+    """Build the worker for a role: "process" (validate, enrich, price), "sink" (ClickHouse) or "all".
+
+    Topics: in llm.usage.v1; out llm.cost.attempts.v1 and llm.usage.dlq.v1 (process); in llm.cost.attempts.v1 (sink).
+    Guarantees: at-least-once from Kafka, exactly-once effect in ClickHouse (see streams.sink.SinkWriter);
+    per-partition order is kept from input to output. Faust's exactly_once mode and agent concurrency > 1 are not
+    used (open upstream bugs).
+    """
+    topics = settings.topics
+    serves_web = role in ("sink", "all")
+    app = faust.App(
+        settings.group_id(role),
+        broker=f"kafka://{settings.kafka_bootstrap}",
+        value_serializer="raw",
+        key_serializer="raw",
+        store="memory://",
+        topic_partitions=settings.partitions,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        consumer_auto_offset_reset="earliest",
+        broker_commit_interval=1.0,
+        producer_max_request_size=4 * 1024 * 1024,
+        producer_linger_ms=5,
+        producer_acks=-1,
+        stream_buffer_maxsize=settings.process_batch_messages * 4,
+        web_enabled=serves_web,
+        web_bind=settings.web_host,
+        web_host=settings.web_host,
+        web_port=settings.web_port,
+        datadir=str(settings.data_dir / "faust" / role),
+    )
+    stats = WorkerStats(role)
+    usage_topic = app.topic(topics.usage, value_type=bytes)
+    attempts_topic = app.topic(topics.attempts, value_type=bytes)
+    dlq_topic = app.topic(topics.dlq, value_type=bytes)
+
+    async def publish(topic: faust.TopicT, lines_by_partition: dict[int, list[bytes]]) -> None:
+        for partition, lines in lines_by_partition.items():
+            for chunk in pack_ndjson(lines, OUTPUT_MESSAGE_BYTES):
+                await topic.send(value=chunk, partition=partition)
+
+    if role in ("process", "all"):
+        refs = ReferenceStore()
+        feed = ReferenceFeed(settings.kafka_bootstrap, topics.reference(), refs)
+        validator = Validator(settings.max_line_bytes, settings.max_message_bytes)
+
+        @app.task
+        async def follow_reference_data() -> None:
+            await feed.run()
+
+        @app.agent(usage_topic)
+        async def process(stream: faust.StreamT) -> None:
+            """llm.usage.v1 → validate → enrich → llm.cost.attempts.v1 and llm.usage.dlq.v1, batch by batch."""
+            await feed.ready.wait()
+            stats.reference_ready = True
+            async for events in stream.take_events(settings.process_batch_messages, settings.batch_within_s):
+                batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
+                         for e in events]
+                out = process_messages(batch, validator, refs.snapshot(), settings.partitions, datetime.now(UTC))
+                await publish(attempts_topic, out.attempts)
+                await publish(dlq_topic, out.dead_letters)
+                stats.messages += len(events)
+                stats.events_accepted += out.accepted
+                stats.events_rejected += out.rejected
+
+    if role in ("sink", "all"):
+        if store is None:
+            raise ValueError("the sink role needs a Store")
+        writer = SinkWriter(store)
+        # One thread owns the ClickHouse client: inserts and API queries are serialized on it, and the event loop
+        # (Faust's consumer) keeps running while an insert is in flight.
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+
+        @app.agent(attempts_topic)
+        async def sink(stream: faust.StreamT) -> None:
+            """llm.cost.attempts.v1 → usage_events; offsets are acked only after ClickHouse acknowledged."""
+            async for events in stream.take_events(settings.sink_batch_messages, settings.batch_within_s):
+                rows: list[dict[str, Any]] = []
+                bad_lines: dict[int, list[bytes]] = {}
+                for e in events:
+                    source = Source(e.message.topic, e.message.partition, e.message.offset)
+                    ok, bad = decode_attempts(e.message.value or b"", source)
+                    rows.extend(ok)
+                    if bad:
+                        bad_lines.setdefault(source.partition, []).extend(
+                            encode_record(r.to_record()) for r in bad)
+                try:
+                    await write_with_retry(writer.write, rows, executor, settings.sink_retry_s, writer.stats)
+                except SinkGaveUp as exc:
+                    # Going on would let Faust commit offsets of unsaved rows: stop hard, commit nothing.
+                    log.critical("sink gave up, stopping the worker without committing: %s", exc)
+                    logging.shutdown()
+                    os._exit(EXIT_SINK_GAVE_UP)
+                await publish(dlq_topic, bad_lines)
+                stats.sink_rows_inserted = writer.stats.rows_inserted
+                stats.sink_duplicates_skipped = writer.stats.duplicates_in_batch + writer.stats.already_saved
+                stats.sink_retries = writer.stats.retries
+                stats.events_rejected += sum(len(v) for v in bad_lines.values())
+
+        @app.page("/api/query")
+        class QueryView(View):
+            """Read-only SQL through the worker that owns the embedded ClickHouse (what `tally query` uses)."""
+
+            async def post(self, request: Request) -> Response:
+                body = await request.json()
+                sql = body.get("sql") if isinstance(body, dict) else None
+                if not isinstance(sql, str) or not sql.strip():
+                    return _json_response(self, {"error": "POST {\"sql\": \"SELECT …\"}"}, status=400)
+                loop = asyncio.get_running_loop()
+                try:
+                    res = await loop.run_in_executor(executor, store.query, sql)
+                except StoreError as exc:
+                    return _json_response(self, {"error": str(exc)}, status=400)
+                return _json_response(self, {"columns": res.columns, "rows": res.rows})
+
+    if serves_web:
+        @app.page("/api/status")
+        class StatusView(View):
+            """Worker counters as JSON."""
+
+            async def get(self, request: Request) -> Response:
+                return _json_response(self, {**asdict(stats), "pid": os.getpid(),
+                                             "uptime_s": round(time.time() - stats.started_at, 1)})
+
+    app.tally_stats = stats  # type: ignore[attr-defined]
+    return app
+
+
+def run_worker(settings: Settings, role: str) -> None:
+    """Run a worker in the foreground until SIGTERM/SIGINT. The sink role applies migrations first."""
+    store: Store | None = None
+    if role in ("sink", "all"):
+        store = Store(settings)
+        applied = store.migrate()
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+    app = create_app(settings, role, store)
+    worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
+    try:
+        worker.execute_from_commandline()
+    finally:
+        if store is not None:
+            store.close()

@@ -1,0 +1,227 @@
+"""The one frozen settings object: built from env and flags in one place, passed down explicitly."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse, urlunparse
+
+from tally.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS_DIR = REPO_ROOT / "schemas"
+
+ENV_PREFIX = "TALLY_"
+
+ROLES = ("all", "process", "sink")
+
+
+@dataclass(frozen=True)
+class Topics:
+    """Topic names, all derived from one optional prefix (tests use a unique prefix each)."""
+
+    prefix: str = ""
+
+    @property
+    def usage(self) -> str:
+        return f"{self.prefix}llm.usage.v1"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}llm.usage.dlq.v1"
+
+    @property
+    def attempts(self) -> str:
+        return f"{self.prefix}llm.cost.attempts.v1"
+
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}llm.cost.requests.v1"
+
+    @property
+    def alerts(self) -> str:
+        return f"{self.prefix}llm.cost.alerts.v1"
+
+    @property
+    def price_cards(self) -> str:
+        return f"{self.prefix}llm.reference.price_cards"
+
+    @property
+    def owners(self) -> str:
+        return f"{self.prefix}llm.reference.owners"
+
+    @property
+    def budgets(self) -> str:
+        return f"{self.prefix}llm.reference.budgets"
+
+    @property
+    def budget_state(self) -> str:
+        return f"{self.prefix}llm.budget.state.v1"
+
+    def reference(self) -> tuple[str, ...]:
+        """The compacted reference topics, in load order."""
+        return (self.price_cards, self.owners, self.budgets)
+
+    def compacted(self) -> tuple[str, ...]:
+        return (*self.reference(), self.budget_state)
+
+    def all(self) -> tuple[str, ...]:
+        return (self.usage, self.dlq, self.attempts, self.requests, self.alerts, *self.compacted())
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a tally process needs to know; immutable once built.
+
+    `clickhouse_url` is `chdb:///abs/path` (embedded, the default: under the data directory) or
+    `http(s)://user:pass@host:port`. The code paths are the same; only the URL differs.
+    """
+
+    data_dir: Path = Path(".tally")
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_controller_port: int = 9093
+    topic_prefix: str = ""
+    partitions: int = 4
+    app_id: str = "tally"
+    clickhouse_url: str = ""
+    database: str = "tally"
+    web_host: str = "127.0.0.1"
+    web_port: int = 6066
+    # Batching: a process agent takes up to this many Kafka messages per batch, waiting at most `batch_within_s`.
+    process_batch_messages: int = 200
+    sink_batch_messages: int = 200
+    batch_within_s: float = 0.2
+    # Exactly-once effect: the window in which ClickHouse remembers event_ids and insert tokens.
+    dedup_window_days: int = 7
+    # The sink retries a failed insert with backoff for this long, then stops the worker without committing.
+    sink_retry_s: float = 300.0
+    max_line_bytes: int = 16 * 1024
+    max_message_bytes: int = 1024 * 1024
+    log_level: str = "INFO"
+    secrets: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_prefix)
+
+    @property
+    def ch_url(self) -> str:
+        """The ClickHouse URL, defaulting to chDB under the data directory."""
+        if self.clickhouse_url:
+            return self.clickhouse_url
+        return f"chdb://{(self.data_dir / 'chdb').resolve()}"
+
+    @property
+    def embedded(self) -> bool:
+        return self.ch_url.startswith("chdb:")
+
+    @property
+    def web_url(self) -> str:
+        return f"http://{self.web_host}:{self.web_port}"
+
+    def group_id(self, role: str) -> str:
+        """Kafka consumer group (and Faust app id) of a worker role."""
+        return f"{self.topic_prefix}{self.app_id}-{role}"
+
+    def redacted_ch_url(self) -> str:
+        """The ClickHouse URL without its password, for logs and status lines."""
+        parsed = urlparse(self.ch_url)
+        if parsed.password:
+            netloc = f"{parsed.username}:***@{parsed.hostname}" + (f":{parsed.port}" if parsed.port else "")
+            return urlunparse(parsed._replace(netloc=netloc))
+        return self.ch_url
+
+    def problems(self) -> list[str]:
+        """Every problem with these settings, all at once (empty when valid)."""
+        out: list[str] = []
+        if not 1 <= self.partitions <= 1024:
+            out.append(f"partitions must be between 1 and 1024, got {self.partitions}")
+        if not self.kafka_bootstrap.strip():
+            out.append("kafka_bootstrap must not be empty")
+        for hostport in filter(None, self.kafka_bootstrap.split(",")):
+            host, _, port = hostport.strip().rpartition(":")
+            if not host or not port.isdigit():
+                out.append(f"kafka_bootstrap entry {hostport!r} is not host:port")
+        scheme = urlparse(self.ch_url).scheme
+        if scheme not in ("chdb", "http", "https"):
+            out.append(f"clickhouse_url must start with chdb://, http:// or https://, got scheme {scheme!r}")
+        if not self.database.isidentifier():
+            out.append(f"database must be an identifier, got {self.database!r}")
+        for name in ("web_port", "kafka_controller_port"):
+            port = getattr(self, name)
+            if not 1 <= port <= 65535:
+                out.append(f"{name} must be a TCP port, got {port}")
+        if self.kafka_controller_port == self.web_port:
+            out.append("web_port and kafka_controller_port must differ")
+        for name in ("process_batch_messages", "sink_batch_messages", "dedup_window_days"):
+            if getattr(self, name) < 1:
+                out.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_within_s <= 0:
+            out.append(f"batch_within_s must be positive, got {self.batch_within_s}")
+        if self.sink_retry_s < 0:
+            out.append(f"sink_retry_s must not be negative, got {self.sink_retry_s}")
+        if self.max_line_bytes > self.max_message_bytes:
+            out.append("max_line_bytes must not exceed max_message_bytes")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            out.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if self.topic_prefix and not all(ch.isalnum() or ch in "._-" for ch in self.topic_prefix):
+            out.append(f"topic_prefix may hold only letters, digits and . _ -, got {self.topic_prefix!r}")
+        return out
+
+    def validated(self) -> Settings:
+        """Return self, or raise ConfigError listing every problem."""
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+
+def _coerce(name: str, raw: str, target: Any) -> Any:
+    if isinstance(target, bool):
+        return raw.strip().lower() in ("1", "true", "yes", "on")
+    if isinstance(target, int):
+        return int(raw)
+    if isinstance(target, float):
+        return float(raw)
+    if isinstance(target, Path):
+        return Path(raw)
+    return raw
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from TALLY_* environment variables, then explicit overrides (CLI flags win).
+
+    Overrides whose value is None are ignored, so CLI options can be passed through as they are.
+    Malformed values are collected and reported together with every other problem.
+    """
+    env = os.environ if env is None else env
+    defaults = Settings()
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for f in dataclasses.fields(Settings):
+        if f.name == "secrets":
+            continue
+        raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _coerce(f.name, raw, getattr(defaults, f.name))
+        except ValueError:
+            problems.append(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {type(getattr(defaults, f.name)).__name__}")
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key not in {f.name for f in dataclasses.fields(Settings)}:
+            raise TypeError(f"unknown setting {key!r}")
+        values[key] = value
+    if problems:
+        raise ConfigError(problems)
+    settings = Settings(**values)
+    password = urlparse(settings.ch_url).password
+    if password:
+        settings = dataclasses.replace(settings, secrets=(password,))
+    return settings

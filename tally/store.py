@@ -1,0 +1,200 @@
+"""ClickHouse access through one URL: embedded chDB (`chdb:///path`) or a server (`http(s)://…`), same code."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlparse
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import ClickHouseError
+
+from tally.config import SCHEMAS_DIR, Settings
+from tally.errors import StoreError, StoreLockedError
+
+MIGRATIONS_DIR = SCHEMAS_DIR / "migrations"
+_MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """Column names and rows of a read-only query."""
+
+    columns: list[str]
+    rows: list[tuple[Any, ...]]
+
+
+def migrations(directory: Path = MIGRATIONS_DIR) -> list[tuple[int, str, str]]:
+    """The numbered migration files as (number, name, SQL text), in order; numbers must be unique."""
+    found: list[tuple[int, str, str]] = []
+    for path in sorted(directory.glob("*.sql")):
+        m = _MIGRATION_NAME.match(path.name)
+        if not m:
+            raise StoreError(f"{path}: migration files are named NNN_lower_snake.sql")
+        found.append((int(m.group(1)), path.name, path.read_text()))
+    numbers = [n for n, _, _ in found]
+    if len(set(numbers)) != len(numbers):
+        raise StoreError(f"duplicate migration numbers in {directory}: {numbers}")
+    return found
+
+
+def split_statements(sql: str) -> list[str]:
+    """Split a migration into statements: drop `--` comment lines, split on `;` at line ends."""
+    body = "\n".join(line for line in sql.splitlines() if not line.lstrip().startswith("--"))
+    return [s.strip() for s in re.split(r";\s*(?:\n|$)", body) if s.strip()]
+
+
+class Store:
+    """One ClickHouse connection. With chDB it holds an exclusive lock on the data directory.
+
+    chDB runs the engine in-process and allows one process per data directory; a second process gets a
+    StoreLockedError naming the holder's pid instead of the engine's opaque error. Not thread-safe: the sink
+    calls it from one executor thread.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.url = settings.ch_url
+        self.db = settings.database
+        self._lock_file: IO[str] | None = None
+        self._client: Client | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.url.startswith("chdb:")
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = self._connect()
+        return self._client
+
+    def _connect(self) -> Client:
+        if self.embedded:
+            path = Path(urlparse(self.url).path)
+            path.mkdir(parents=True, exist_ok=True)
+            self._lock(path)
+            try:
+                return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+            except Exception as exc:
+                self._unlock()
+                raise StoreError(f"cannot open chDB at {path}: {exc}") from exc
+        try:
+            return clickhouse_connect.get_client(dsn=self.url, connect_timeout=10, send_receive_timeout=120)
+        except Exception as exc:
+            raise StoreError(f"cannot connect to ClickHouse at {self.settings.redacted_ch_url()}: {exc}") from exc
+
+    def _lock(self, path: Path) -> None:
+        lock_path = path / "tally.lock"
+        handle = lock_path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise StoreLockedError(
+                f"the chDB data directory {path} is in use by process {holder}; chDB allows one process per "
+                "directory. Query through the running worker (`tally query` does this), stop it first, or run "
+                "process-role workers (`tally worker --role process`) beside one sink worker.") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_file = handle
+
+    def _unlock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    def close(self) -> None:
+        """Close the client and release the chDB directory."""
+        if self._client is not None:
+            try:
+                self._client.close()
+            finally:
+                self._client = None
+        self._unlock()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def render(self, sql: str) -> str:
+        """Substitute the migration placeholders ({db}, {dedup_window_days})."""
+        return sql.replace("{db}", self.db).replace("{dedup_window_days}", str(self.settings.dedup_window_days))
+
+    def command(self, sql: str, settings: dict[str, Any] | None = None) -> Any:
+        try:
+            return self.client.command(self.render(sql), settings=settings)
+        except ClickHouseError as exc:
+            raise StoreError(f"ClickHouse refused: {exc}") from exc
+
+    def migrate(self) -> list[str]:
+        """Apply the numbered migrations not yet recorded in {db}.schema_migrations; idempotent."""
+        self.command("CREATE DATABASE IF NOT EXISTS {db}")
+        self.command(
+            "CREATE TABLE IF NOT EXISTS {db}.schema_migrations (version UInt32, name String, "
+            "applied_at DateTime64(3, 'UTC') DEFAULT now64(3)) ENGINE = ReplacingMergeTree ORDER BY version")
+        done = {int(r[0]) for r in self.client.query(self.render("SELECT version FROM {db}.schema_migrations"))
+                .result_rows}
+        applied: list[str] = []
+        for number, name, sql in migrations():
+            if number in done:
+                continue
+            for statement in split_statements(sql):
+                self.command(statement)
+            self.client.insert(f"{self.db}.schema_migrations", [[number, name]], column_names=["version", "name"])
+            applied.append(name)
+        return applied
+
+    def query(self, sql: str, parameters: dict[str, Any] | None = None, readonly: bool = True) -> QueryResult:
+        """Run one query; with readonly (the default) ClickHouse refuses anything that writes."""
+        settings = {"readonly": 2} if readonly else None
+        try:
+            res = self.client.query(self.render(sql), parameters=parameters, settings=settings)
+        except ClickHouseError as exc:
+            raise StoreError(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
+        return QueryResult(list(res.column_names), [tuple(r) for r in res.result_rows])
+
+    def insert_columns(self, table: str, columns: Sequence[Sequence[Any]], column_names: Sequence[str],
+                       token: str) -> None:
+        """Column-oriented insert with a deterministic deduplication token; synchronous (async_insert = 0)."""
+        self.client.insert(
+            f"{self.db}.{table}", list(columns), column_names=list(column_names), column_oriented=True,
+            settings={
+                "insert_deduplication_token": token,
+                "insert_deduplicate": 1,
+                "deduplicate_blocks_in_dependent_materialized_views": 1,
+                "async_insert": 0,
+            })
+
+    def existing_event_ids(self, event_ids: Sequence[str]) -> set[str]:
+        """The subset of `event_ids` ClickHouse already holds (the dedup lookup table)."""
+        if not event_ids:
+            return set()
+        res = self.client.query(
+            f"SELECT DISTINCT event_id FROM {self.db}.event_ids WHERE event_id IN {{ids:Array(String)}}",
+            parameters={"ids": list(event_ids)})
+        return {r[0] for r in res.result_rows}
+
+
+@contextmanager
+def open_store(settings: Settings) -> Iterator[Store]:
+    """A store that is closed (and its chDB lock released) on exit."""
+    store = Store(settings)
+    try:
+        yield store
+    finally:
+        store.close()
