@@ -172,6 +172,15 @@ class Settings:
             out.append(f"topic_prefix may hold only letters, digits and . _ -, got {self.topic_prefix!r}")
         return out
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as TALLY_* variables, so a child process (a worker started by `tally up`) gets the same."""
+        out: dict[str, str] = {}
+        for f in dataclasses.fields(self):
+            if f.name == "secrets":
+                continue
+            out[ENV_PREFIX + f.name.upper()] = str(getattr(self, f.name))
+        return out
+
     def validated(self) -> Settings:
         """Return self, or raise ConfigError listing every problem."""
         problems = self.problems()
@@ -220,6 +229,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         values[key] = value
     if problems:
         raise ConfigError(problems)
+    values["data_dir"] = Path(values.get("data_dir", defaults.data_dir)).expanduser().resolve()
     settings = Settings(**values)
     password = urlparse(settings.ch_url).password
     if password:

@@ -1,0 +1,578 @@
+"""The `tally` command line: parses arguments, builds settings, starts things."""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+from rich.console import Console
+from rich.live import Live
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tally.config import ROLES, Settings, load_settings
+from tally.errors import TallyError
+
+console = Console(stderr=True)
+out = Console()
+
+EXAMPLE_REFERENCE = (Path(__file__).resolve().parent.parent / "examples" / "reference")
+
+
+class Ctx:
+    """Global options, turned into Settings on first use (so `--help` never touches config)."""
+
+    def __init__(self, overrides: dict[str, Any]) -> None:
+        self.overrides = overrides
+        self._settings: Settings | None = None
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            self._settings = load_settings(**self.overrides).validated()
+        return self._settings
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--data-dir", type=click.Path(path_type=Path), help="Data directory (default .tally; env TALLY_DATA_DIR).")
+@click.option("--bootstrap", "kafka_bootstrap", help="Kafka bootstrap servers (default 127.0.0.1:9092).")
+@click.option("--clickhouse-url", help="chdb:///path (default: under the data dir) or http(s)://user:pass@host:port.")
+@click.option("--topic-prefix", help="Prefix for every topic name (default none).")
+@click.option("--partitions", type=int, help="Partitions per topic when tally creates them (default 4).")
+@click.option("--web-port", type=int, help="Worker HTTP port: query API and status (default 6066).")
+@click.option("--log-level", help="DEBUG, INFO, WARNING or ERROR.")
+@click.pass_context
+def cli(ctx: click.Context, **overrides: Any) -> None:
+    """tally: every LLM dollar gets an owner, a price-card version and a logical request, exactly once.
+
+    Settings come from TALLY_* environment variables (e.g. TALLY_KAFKA_BOOTSTRAP, TALLY_CLICKHOUSE_URL) and
+    these options, which win.
+    """
+    ctx.obj = Ctx(overrides)
+
+
+# ---------------------------------------------------------------- the stack
+@cli.command()
+@click.option("--reference", "references", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Reference files to load first (default: the sample price cards and org).")
+@click.option("--rate", type=float, default=300.0, show_default=True, help="Simulated events per second.")
+@click.option("--seed", type=int, default=None, help="Simulator seed (default: time-based).")
+@click.option("--no-simulate", is_flag=True, help="Start the stack without simulated traffic.")
+@pass_ctx
+def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_simulate: bool) -> None:
+    """Run the whole local stack in the foreground: Kafka, worker, traffic simulator, live status. Ctrl-C stops."""
+    from ops import stack
+    from ops.kafka_local import LocalKafka
+
+    s = c.settings
+    kafka = LocalKafka(s)
+    kafka_was_running = bool(kafka.status().get("running"))
+    console.print(f"[bold]tally[/] starting the local stack in {s.data_dir}")
+    info = stack.up(s)
+    console.print(f"  kafka      {s.kafka_bootstrap} ({'already running' if kafka_was_running else 'started'})")
+    console.print(f"  worker     pid {info['worker_pid']}, role all, log {info['worker_log']}")
+    console.print(f"  clickhouse {s.redacted_ch_url()}")
+    docs = _load_reference(s, references or _example_reference_files())
+    console.print(f"  reference  {len(docs)} versions loaded")
+    stop = threading.Event()
+    sim_thread: threading.Thread | None = None
+    sim_counter = [0]
+    if not no_simulate:
+        sim_thread = threading.Thread(target=_simulate_until, name="simulator",
+                                      args=(s, docs, rate, seed, stop, sim_counter), daemon=True)
+        sim_thread.start()
+        console.print(f"  simulator  {rate:g} events/s")
+    console.print('\nQuery it from another shell:\n  tally query "SELECT team_id, sum(cost_total_usd) '
+                  'FROM tally.usage_events GROUP BY team_id ORDER BY 2 DESC"\nCtrl-C stops everything.\n')
+    try:
+        with Live(console=console, refresh_per_second=2, transient=False) as live:
+            last = (time.monotonic(), 0)
+            while True:
+                time.sleep(1.0)
+                line, last = _status_line(s, last, sim_counter[0])
+                live.update(line)
+    except KeyboardInterrupt:
+        console.print("\nstopping…")
+    finally:
+        stop.set()
+        if sim_thread is not None:
+            sim_thread.join(timeout=30)
+        stack.stop_worker(s, "all")
+        if not kafka_was_running:
+            kafka.stop()
+        console.print("stopped.")
+
+
+def _status_line(s: Settings, last: tuple[float, int], published: int) -> tuple[str, tuple[float, int]]:
+    from ops import stack
+    from ops.kafka_admin import committed_offsets, end_offsets, lag
+
+    try:
+        st = stack.api(s, "/api/status", timeout=2)
+        spend = stack.api(s, "/api/query", {"sql": "SELECT sum(cost_total_usd), count() FROM tally.usage_events"},
+                          timeout=5)["rows"][0]
+        ends = end_offsets(s.kafka_bootstrap, s.topics.usage)
+        behind = lag(ends, committed_offsets(s.kafka_bootstrap, s.group_id("all"), s.topics.usage, list(ends)))
+    except (OSError, TallyError) as exc:
+        return f"[yellow]worker not answering: {exc}[/]", last
+    now = time.monotonic()
+    done = int(st["events_accepted"]) + int(st["events_rejected"])
+    rate = (done - last[1]) / max(now - last[0], 1e-6)
+    line = (f"published {published:>9,}  processed {done:>9,}  [bold]{rate:8,.0f} ev/s[/]  lag {behind:>5} msgs  "
+            f"DLQ {st['events_rejected']:>6,}  rows {int(spend[1]):>9,}  spend [bold green]${float(spend[0]):,.4f}[/]")
+    return line, (now, done)
+
+
+def _simulate_until(s: Settings, docs: Sequence[Any], rate: float, seed: int | None, stop: threading.Event,
+                    counter: list[int]) -> None:
+    from ops.simulate import TrafficGenerator, catalog_from_reference
+    from tally.sdk.publisher import Publisher
+
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=seed if seed is not None else int(time.time()),
+                           rate=rate)
+    with Publisher(s.kafka_bootstrap, s.topics.usage, partitions=s.partitions) as pub:
+        started = time.monotonic()
+        for line in gen.lines(10**12):
+            if stop.is_set():
+                break
+            pub.publish_line(line)
+            counter[0] += 1
+            ahead = counter[0] / rate - (time.monotonic() - started)
+            if ahead > 0.05:
+                pub.poll(0)
+                time.sleep(ahead)
+
+
+@cli.command()
+@click.option("--role", type=click.Choice(ROLES), default="all", show_default=True)
+@pass_ctx
+def up(c: Ctx, role: str) -> None:
+    """Start Kafka, create topics and start a worker, in the background (for scripts)."""
+    from ops import stack
+
+    info = stack.up(c.settings, role)
+    out.print_json(orjson.dumps(info).decode())
+
+
+@cli.command()
+@pass_ctx
+def down(c: Ctx) -> None:
+    """Stop the background workers and the local Kafka broker."""
+    from ops import stack
+
+    stopped = stack.down(c.settings)
+    console.print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+
+
+@cli.command()
+@pass_ctx
+def status(c: Ctx) -> None:
+    """Kafka, workers, consumer lag and worker counters."""
+    from ops import stack
+    from ops.kafka_admin import committed_offsets, end_offsets, lag
+    from ops.kafka_local import LocalKafka
+
+    s = c.settings
+    table = Table(title="tally status", show_header=False)
+    ks = LocalKafka(s).status()
+    table.add_row("kafka", f"{s.kafka_bootstrap}  running={ks.get('running')} pid={ks.get('pid')}")
+    for role in ROLES:
+        pid = stack.worker_pid(s, role)
+        if pid:
+            table.add_row(f"worker {role}", f"pid {pid}  log {stack.log_file(s, role)}")
+    try:
+        for topic, roles in ((s.topics.usage, ("all", "process")), (s.topics.attempts, ("all", "sink"))):
+            ends = end_offsets(s.kafka_bootstrap, topic)
+            for role in roles:
+                committed = committed_offsets(s.kafka_bootstrap, s.group_id(role), topic, list(ends))
+                if any(v >= 0 for v in committed.values()):
+                    table.add_row(f"lag {role}", f"{topic}: {lag(ends, committed)} messages")
+    except TallyError as exc:
+        table.add_row("kafka", f"[red]{exc}[/]")
+    try:
+        st = stack.api(s, "/api/status", timeout=2)
+        table.add_row("worker api", ", ".join(f"{k}={v}" for k, v in st.items()))
+    except (OSError, TallyError):
+        table.add_row("worker api", f"not answering on {s.web_url}")
+    out.print(table)
+
+
+@cli.command()
+@click.option("--role", type=click.Choice(ROLES), default="all", show_default=True)
+@pass_ctx
+def worker(c: Ctx, role: str) -> None:
+    """Run a worker in the foreground: process (validate, enrich, price), sink (ClickHouse) or all."""
+    from streams.app import run_worker
+
+    logging.basicConfig(level=c.settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    sys.argv = [sys.argv[0]]  # Faust's worker parses argv; ours are already consumed
+    run_worker(c.settings, role)
+
+
+# ---------------------------------------------------------------- traffic
+def _lines(path: str) -> Iterator[bytes]:
+    fh = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115 - closed below
+    try:
+        for raw in fh:
+            line = raw.rstrip(b"\r\n")
+            if line.strip():
+                yield line
+    finally:
+        if fh is not sys.stdin.buffer:
+            fh.close()
+
+
+@cli.command()
+@click.argument("file")
+@click.option("--topic", help="Target topic (default: the usage topic).")
+@pass_ctx
+def publish(c: Ctx, file: str, topic: str | None) -> None:
+    """Publish a JSONL file (`-` for stdin) through the SDK's batching; each line's bytes are sent unchanged."""
+    from tally.sdk.publisher import Publisher
+
+    s = c.settings
+    total = None
+    if file != "-":
+        with open(file, "rb") as fh:
+            total = sum(1 for line in fh if line.strip())
+    count = 0
+    with Progress(TextColumn("publishing"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} lines"),
+                  TimeElapsedColumn(), console=console, transient=True) as progress:
+        task = progress.add_task("publish", total=total)
+        with Publisher(s.kafka_bootstrap, topic or s.topics.usage) as pub:
+            for line in _lines(file):
+                pub.publish_line(line)
+                count += 1
+                if count % 2000 == 0:
+                    progress.update(task, completed=count)
+        progress.update(task, completed=count)
+    console.print(f"published {count:,} lines to {topic or s.topics.usage}")
+
+
+@cli.command()
+@click.option("--rate", type=float, default=500.0, show_default=True, help="Events per second.")
+@click.option("--duration", type=float, default=None, help="Seconds to run (default: until Ctrl-C).")
+@click.option("--count", type=int, default=None, help="Stop after this many lines.")
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option("--bad-rate", type=float, default=0.003, show_default=True, help="Share of malformed lines.")
+@click.option("--reference", "references", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Reference files the traffic is drawn from (default: the samples).")
+@click.option("--output", type=click.Path(path_type=Path), help="Write JSONL here instead of publishing.")
+@pass_ctx
+def simulate(c: Ctx, rate: float, duration: float | None, count: int | None, seed: int, bad_rate: float,
+             references: tuple[Path, ...], output: Path | None) -> None:
+    """Realistic synthetic gateway traffic through the SDK (or to a file with --output)."""
+    from ops.simulate import TrafficGenerator, catalog_from_reference
+    from tally.reference import load_reference_files
+
+    docs = load_reference_files(list(references or _example_reference_files()))
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=seed, rate=rate, bad_rate=bad_rate)
+    limit = count if count is not None else (int(rate * duration) if duration else 10**12)
+    if output is not None:
+        with output.open("wb") as fh:
+            n = 0
+            for line in gen.lines(limit):
+                fh.write(line + b"\n")
+                n += 1
+        console.print(f"wrote {n:,} lines to {output}")
+        return
+    from tally.sdk.publisher import Publisher
+
+    s = c.settings
+    n = 0
+    started = time.monotonic()
+    try:
+        with Publisher(s.kafka_bootstrap, s.topics.usage) as pub:
+            for line in gen.lines(limit):
+                pub.publish_line(line)
+                n += 1
+                ahead = n / rate - (time.monotonic() - started)
+                if ahead > 0.05:
+                    pub.poll(0)
+                    time.sleep(ahead)
+    except KeyboardInterrupt:
+        pass
+    console.print(f"published {n:,} lines in {time.monotonic() - started:.1f}s")
+
+
+# ---------------------------------------------------------------- reference data
+@cli.group()
+def reference() -> None:
+    """Reference data: price cards and the owners registry (effective-dated, versioned)."""
+
+
+def _example_reference_files() -> list[Path]:
+    return sorted(EXAMPLE_REFERENCE.glob("*.yaml"))
+
+
+def _load_reference(s: Settings, paths: Sequence[Path]) -> list[Any]:
+    from confluent_kafka import Producer
+
+    from tally.reference import load_reference_files
+
+    docs = load_reference_files(list(paths))
+    topic_of = {"price_card": s.topics.price_cards, "owners": s.topics.owners, "budgets": s.topics.budgets}
+    errors: list[str] = []
+    producer = Producer({"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True, "acks": "all"})
+
+    def delivered(err: Any, msg: Any) -> None:
+        if err is not None:
+            errors.append(f"{msg.topic()}: {err}")
+
+    for doc in docs:
+        producer.produce(topic_of[doc.kind], key=doc.key(), value=doc.to_json(), on_delivery=delivered)
+    remaining = producer.flush(30)
+    if remaining or errors:
+        raise TallyError(f"reference load failed: {remaining} undelivered; " + "; ".join(errors))
+    return docs
+
+
+@reference.command("load")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@pass_ctx
+def reference_load(c: Ctx, paths: tuple[Path, ...]) -> None:
+    """Validate reference files and publish them to the compacted reference topics (workers pick them up live)."""
+    files: list[Path] = []
+    for p in paths:
+        files.extend(sorted(p.glob("*.yaml")) + sorted(p.glob("*.yml")) if p.is_dir() else [p])
+    docs = _load_reference(c.settings, files)
+    for d in docs:
+        console.print(f"loaded {d.kind} {d.version} effective {d.effective_at.isoformat()}")
+
+
+# ---------------------------------------------------------------- reading
+@cli.command("wait")
+@click.option("--timeout", type=float, default=120.0, show_default=True)
+@pass_ctx
+def wait_cmd(c: Ctx, timeout: float) -> None:
+    """Block until everything published so far is processed and in ClickHouse (or in the DLQ)."""
+    from ops.wait import wait_processed
+
+    report = wait_processed(c.settings, timeout)
+    console.print(f"processed: {report.usage_messages:,} input messages, {report.attempt_messages:,} attempt "
+                  f"messages ({report.seconds:.1f}s)")
+
+
+def run_query(s: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
+    """Read-only SQL: through the running worker in embedded mode, else directly against ClickHouse."""
+    from ops import stack
+    from tally.store import Store
+
+    if s.embedded:
+        try:
+            res = stack.api(s, "/api/query", {"sql": sql})
+            return res["columns"], res["rows"]
+        except OSError:
+            pass  # no worker answers: nobody holds the chDB directory, open it directly
+    with Store(s) as store:
+        r = store.query(sql)
+        return r.columns, [list(row) for row in r.rows]
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return "" if v is None else str(v)
+
+
+@cli.command()
+@click.argument("sql")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@pass_ctx
+def query(c: Ctx, sql: str, fmt: str) -> None:
+    """Run read-only SQL against tally's ClickHouse (embedded mode: through the running worker)."""
+    columns, rows = run_query(c.settings, sql)
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str,
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+    elif fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(columns)
+        w.writerows([[_cell(v) for v in r] for r in rows])
+        sys.stdout.write(buf.getvalue())
+    else:
+        table = Table(*columns)
+        for r in rows:
+            table.add_row(*(_cell(v) for v in r))
+        out.print(table)
+
+
+@cli.group()
+def db() -> None:
+    """ClickHouse schema."""
+
+
+@db.command("migrate")
+@pass_ctx
+def db_migrate(c: Ctx) -> None:
+    """Apply the numbered migrations under schemas/migrations (idempotent)."""
+    from tally.store import Store
+
+    with Store(c.settings) as store:
+        applied = store.migrate()
+    console.print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+
+
+@cli.group("config")
+def config_group() -> None:
+    """Configuration."""
+
+
+@config_group.command("validate")
+@click.pass_obj
+def config_validate(c: Ctx) -> None:
+    """Print the effective settings (secrets redacted) and exit non-zero listing every problem."""
+    s = load_settings(**c.overrides)
+    for key, value in s.to_env().items():
+        if key == "TALLY_CLICKHOUSE_URL":
+            value = s.redacted_ch_url() if value else ""
+        out.print(f"{key}={value}")
+    problems = s.problems()
+    if problems:
+        for p in problems:
+            console.print(f"[red]problem:[/] {p}")
+        raise SystemExit(2)
+    console.print("[green]configuration is valid[/]")
+
+
+# ---------------------------------------------------------------- kafka
+@cli.group()
+def kafka() -> None:
+    """The project's local Kafka broker (KRaft, single node, loopback)."""
+
+
+@kafka.command("start")
+@pass_ctx
+def kafka_start(c: Ctx) -> None:
+    """Fetch the jars once, format the log dir once, start the broker and create the topics."""
+    from ops.kafka_local import LocalKafka, ensure_topics
+
+    started = time.monotonic()
+    LocalKafka(c.settings).start()
+    created = ensure_topics(c.settings)
+    console.print(f"kafka up on {c.settings.kafka_bootstrap} in {time.monotonic() - started:.1f}s; "
+                  f"topics created: {', '.join(created) or 'none (all existed)'}")
+
+
+@kafka.command("stop")
+@pass_ctx
+def kafka_stop(c: Ctx) -> None:
+    """Stop the broker cleanly (SIGTERM, then wait)."""
+    from ops.kafka_local import LocalKafka
+
+    console.print("stopped" if LocalKafka(c.settings).stop() else "not running")
+
+
+@kafka.command("status")
+@pass_ctx
+def kafka_status(c: Ctx) -> None:
+    """Whether the broker runs and answers."""
+    from ops.kafka_local import LocalKafka
+
+    out.print_json(orjson.dumps(LocalKafka(c.settings).status(), default=str).decode())
+
+
+# ---------------------------------------------------------------- dead letters
+@cli.group()
+def dlq() -> None:
+    """The dead-letter topic: what was refused, why, and how to send it again."""
+
+
+@dlq.command("show")
+@click.option("--limit", type=int, default=20, show_default=True, help="Most recent records to list.")
+@click.option("--reason", "reasons", multiple=True, help="Only these reasons.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_ctx
+def dlq_show(c: Ctx, limit: int, reasons: tuple[str, ...], fmt: str) -> None:
+    """Counts by reason and the most recent dead letters."""
+    from ops.dlq import read_dead_letters, select, summarize
+
+    letters = list(select(read_dead_letters(c.settings.kafka_bootstrap, c.settings.topics.dlq), reasons))
+    letters.sort(key=lambda d: str(d.record.get("rejected_at")))
+    recent = letters[-limit:] if limit else []
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps({"by_reason": summarize(letters), "recent": [d.record for d in recent]},
+                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    counts = Table("reason", "count", title=f"dead letters: {len(letters):,}")
+    for reason, n in summarize(letters).most_common():
+        counts.add_row(reason, f"{n:,}")
+    out.print(counts)
+    table = Table("rejected_at", "reason", "stage", "source", "event_id", "message", title="most recent")
+    for d in recent:
+        r = d.record
+        table.add_row(str(r.get("rejected_at")), str(r.get("reason")), str(r.get("stage")),
+                      f"{r.get('source_topic')}[{r.get('source_partition')}]@{r.get('source_offset')}"
+                      f"#{r.get('source_line')}", str(r.get("event_id") or ""), str(r.get("message"))[:90])
+    out.print(table)
+
+
+@dlq.command("replay")
+@click.option("--reason", "reasons", multiple=True, help="Only dead letters with these reasons.")
+@click.option("--event-id", "event_ids", multiple=True, help="Only these event ids.")
+@click.option("--set", "sets", multiple=True, help="Edit before replay: field.path=JSON_VALUE (repeatable).")
+@click.option("--unset", "unsets", multiple=True, help="Edit before replay: remove field.path (repeatable).")
+@click.option("--export", type=click.Path(path_type=Path), help="Write the (edited) lines to a file instead.")
+@click.option("--dry-run", is_flag=True, help="Show what would be replayed.")
+@pass_ctx
+def dlq_replay(c: Ctx, reasons: tuple[str, ...], event_ids: tuple[str, ...], sets: tuple[str, ...],
+               unsets: tuple[str, ...], export: Path | None, dry_run: bool) -> None:
+    """Re-publish dead letters (optionally edited) to the input topic, original bytes unless edited.
+
+    Replaying lines that were already fixed and accepted is harmless: the sink drops event_ids it already holds.
+    """
+    from ops.dlq import edit_line, parse_assignment, read_dead_letters, select
+    from tally.sdk.publisher import Publisher
+
+    s = c.settings
+    edits = [parse_assignment(x) for x in sets]
+    chosen = [d for d in select(read_dead_letters(s.kafka_bootstrap, s.topics.dlq), reasons, event_ids)
+              if d.record.get("source_line") is not None]
+    lines = [edit_line(d.original, edits, unsets) for d in chosen]
+    if dry_run:
+        for line in lines[:20]:
+            out.print(line.decode("utf-8", "replace")[:200])
+        console.print(f"{len(lines):,} lines would be replayed")
+        return
+    if export is not None:
+        export.write_bytes(b"".join(line + b"\n" for line in lines))
+        console.print(f"wrote {len(lines):,} lines to {export}; fix them, then `tally publish {export}`")
+        return
+    with Publisher(s.kafka_bootstrap, s.topics.usage) as pub:
+        for line in lines:
+            pub.publish_line(line)
+    console.print(f"replayed {len(lines):,} lines to {s.topics.usage}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point: TallyError becomes a clear message and exit code 2."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="tally", standalone_mode=False)
+    except click.exceptions.Abort:
+        raise SystemExit(130) from None
+    except click.ClickException as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except TallyError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

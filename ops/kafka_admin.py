@@ -1,0 +1,63 @@
+"""Read-only Kafka bookkeeping for operators: end offsets, committed offsets, lag."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+from tally.errors import TallyError
+
+
+def _consumer(bootstrap: str, group: str = "tally-ops-readonly") -> Consumer:
+    return Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
+                     "socket.timeout.ms": 10000, "session.timeout.ms": 10000})
+
+
+def partitions_of(bootstrap: str, topic: str, timeout: float = 10.0) -> list[int]:
+    """The partition numbers of a topic; TallyError if it does not exist."""
+    c = _consumer(bootstrap)
+    try:
+        md = c.list_topics(topic, timeout=timeout)
+        t = md.topics.get(topic)
+        if t is None or t.error is not None or not t.partitions:
+            raise TallyError(f"topic {topic} does not exist on {bootstrap}")
+        return sorted(t.partitions)
+    except KafkaException as exc:
+        raise TallyError(f"cannot reach Kafka at {bootstrap}: {exc}") from exc
+    finally:
+        c.close()
+
+
+def end_offsets(bootstrap: str, topic: str, timeout: float = 10.0) -> dict[int, int]:
+    """High watermark per partition (the offset the next message will get)."""
+    c = _consumer(bootstrap)
+    try:
+        out: dict[int, int] = {}
+        for p in partitions_of(bootstrap, topic, timeout):
+            _, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            out[p] = high
+        return out
+    finally:
+        c.close()
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str, partitions: Sequence[int],
+                      timeout: float = 10.0) -> dict[int, int]:
+    """A consumer group's committed offset per partition (-1 where it has committed nothing)."""
+    c = _consumer(bootstrap, group)
+    try:
+        got = c.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout)
+        return {tp.partition: (tp.offset if tp.offset >= 0 else -1) for tp in got}
+    finally:
+        c.close()
+
+
+def covered(ends: dict[int, int], committed: dict[int, int]) -> bool:
+    """True when every partition's committed offset has reached the given end offset."""
+    return all(end == 0 or committed.get(p, -1) >= end for p, end in ends.items())
+
+
+def lag(ends: dict[int, int], committed: dict[int, int]) -> int:
+    """Messages not yet committed, summed over partitions."""
+    return sum(max(0, end - max(committed.get(p, -1), 0)) for p, end in ends.items())
