@@ -78,11 +78,9 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
     from ops.kafka_local import LocalKafka
 
     s = c.settings
-    kafka = LocalKafka(s)
-    kafka_was_running = bool(kafka.status().get("running"))
     console.print(f"[bold]tally[/] starting the local stack in {s.data_dir}")
     info = stack.up(s)
-    console.print(f"  kafka      {s.kafka_bootstrap} ({'already running' if kafka_was_running else 'started'})")
+    console.print(f"  kafka      {s.kafka_bootstrap} ({'started' if info['kafka_started'] else 'already running'})")
     console.print(f"  worker     pid {info['worker_pid']}, role all, log {info['worker_log']}")
     console.print(f"  clickhouse {s.redacted_ch_url()}")
     docs = _load_reference(s, references or _example_reference_files())
@@ -111,8 +109,8 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
         if sim_thread is not None:
             sim_thread.join(timeout=30)
         stack.stop_worker(s, "all")
-        if not kafka_was_running:
-            kafka.stop()
+        if info["kafka_started"]:
+            LocalKafka(s).stop()
         console.print("stopped.")
 
 

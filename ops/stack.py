@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ops.kafka_local import LocalKafka, ensure_topics
+from ops.kafka_local import LocalKafka, ensure_topics, wait_for_broker
 from tally.config import Settings
 from tally.errors import TallyError
 
@@ -125,14 +125,24 @@ def tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
+def ensure_kafka(settings: Settings) -> bool:
+    """Use the broker at the bootstrap address if one answers (a real cluster, or one already started);
+    otherwise start the project's local broker. Returns True when this call started it."""
+    try:
+        wait_for_broker(settings.kafka_bootstrap, timeout=2.0)
+        return False
+    except TallyError:
+        LocalKafka(settings).start()
+        return True
+
+
 def up(settings: Settings, role: str = "all") -> dict[str, Any]:
-    """Kafka (when local), topics, and a background worker. Idempotent."""
-    kafka = LocalKafka(settings)
-    kafka.start()
+    """Kafka (started locally unless one answers), topics, and a background worker. Idempotent."""
+    started = ensure_kafka(settings)
     created = ensure_topics(settings)
     pid = start_worker(settings, role)
-    return {"kafka": settings.kafka_bootstrap, "topics_created": created, "worker_pid": pid,
-            "worker_log": str(log_file(settings, role)), "api": settings.web_url}
+    return {"kafka": settings.kafka_bootstrap, "kafka_started": started, "topics_created": created,
+            "worker_pid": pid, "worker_log": str(log_file(settings, role)), "api": settings.web_url}
 
 
 def down(settings: Settings) -> list[str]:

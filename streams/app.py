@@ -63,6 +63,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None) -> fau
     """
     topics = settings.topics
     serves_web = role in ("sink", "all")
+    datadir = settings.data_dir / "faust" / role
+    datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.group_id(role),
         broker=f"kafka://{settings.kafka_bootstrap}",
@@ -82,7 +84,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None) -> fau
         web_bind=settings.web_host,
         web_host=settings.web_host,
         web_port=settings.web_port,
-        datadir=str(settings.data_dir / "faust" / role),
+        datadir=str(datadir),
     )
     stats = WorkerStats(role)
     usage_topic = app.topic(topics.usage, value_type=bytes)

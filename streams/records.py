@@ -26,7 +26,7 @@ ATTEMPT_COLUMNS: tuple[str, ...] = (
     "ownership_version", "attribution_status", "attribution_reason", "attribution_conflict",
     "source_topic", "source_partition", "source_offset", "source_line", "payload",
 )
-COST_COLUMNS: tuple[str, ...] = tuple(c for c in ATTEMPT_COLUMNS if c.startswith("cost_"))
+COST_COLUMNS: tuple[str, ...] = tuple(c for c in ATTEMPT_COLUMNS if c.startswith("cost_") and c.endswith("_usd"))
 TIME_COLUMNS: tuple[str, ...] = ("ts", "ingested_at")
 TOKEN_CLASSES: tuple[str, ...] = (
     "input_tokens", "output_tokens", "reasoning_tokens", "cache_read_tokens", "cache_write_tokens",

@@ -227,6 +227,7 @@ class Validator:
                 eid = event.get("event_id")
                 return None, Rejection(reason, STAGE_VALIDATE, message, line, source, n,
                                        eid if isinstance(eid, str) else None, path)
+            _integral_floats_to_int(event)
         ts_text: str = event["timestamp"]
         ts = _parse_ts(ts_text)
         if ts is None:
@@ -244,6 +245,18 @@ class Validator:
                     f"not {source.partition}: key single-event messages by the logical request id with the "
                     "murmur2 partitioner, or use the tally SDK", line, source, n, event["event_id"])
         return Accepted(event, line, source, n, ts, logical), None
+
+
+def _integral_floats_to_int(e: dict[str, Any]) -> None:
+    """JSON Schema counts 2.0 as an integer; downstream columns are integers, so make it one."""
+    for name in ("attempt", "latency_ms", "stream_terminated_at_token_n"):
+        if type(e.get(name)) is float:
+            e[name] = int(e[name])
+    for bag in (e.get("usage"), e.get("tool_calls")):
+        if isinstance(bag, dict):
+            for k, val in bag.items():
+                if type(val) is float:
+                    bag[k] = int(val)
 
 
 def _parse_ts(text: str) -> datetime | None:

@@ -1,0 +1,52 @@
+# tally — `make help` lists the targets. The first two are all a newcomer needs: `make run`, `make test`.
+SHELL := /bin/bash
+PY_SYS ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TALLY := $(VENV)/bin/tally
+STAMP := $(VENV)/.installed
+KAFKA_JARS := deploy/kafka/libs/.complete
+
+.DEFAULT_GOAL := help
+.PHONY: help run test install kafka-jars lint typecheck test-unit test-integration test-e2e bench clean
+
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+run: install kafka-jars ## Run the live local stack (Kafka, worker, simulated traffic, status line); Ctrl-C stops
+	$(TALLY) run
+
+test: install kafka-jars lint ## Lint, then the whole suite: unit, integration (real Kafka + chDB), e2e
+	$(PY) -m pytest tests -q -p no:cacheprovider
+
+install: $(STAMP) ## Create the virtualenv and install tally with its dev dependencies
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+kafka-jars: $(KAFKA_JARS) ## Fetch Apache Kafka's jars with Maven (once)
+
+$(KAFKA_JARS): deploy/kafka/pom.xml
+	bash deploy/kafka/fetch.sh
+
+lint: install ## ruff and mypy
+	$(VENV)/bin/ruff check tally streams ops tests
+	$(VENV)/bin/mypy
+
+test-unit: install ## Unit tests only (no I/O)
+	$(PY) -m pytest tests/unit -q -p no:cacheprovider
+
+test-integration: install kafka-jars ## Integration tests (real Kafka broker and chDB)
+	$(PY) -m pytest tests/integration -q -p no:cacheprovider
+
+test-e2e: install kafka-jars ## End-to-end tests (the CLI driving the whole local stack)
+	$(PY) -m pytest tests/e2e -q -p no:cacheprovider
+
+bench: install kafka-jars ## Benchmarks: per-stage cost, Kafka/Faust baselines, end-to-end throughput and latency
+	$(PY) -m tests.bench.run
+
+clean: ## Remove the data directory (Kafka logs, chDB) — not the virtualenv or jars
+	rm -rf .tally

@@ -1,0 +1,307 @@
+"""The enrich stage: owners from the registry in effect, exact cost lines from the price card in effect."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from decimal import Decimal, DecimalException, localcontext
+from typing import Any, NamedTuple
+
+from streams.records import STAGE_ENRICH, Accepted, Rejection
+from tally.reference import MONEY_CONTEXT, OwnerRegistry, PriceCard, ReferenceSnapshot
+
+# pricing_status values.
+PRICED = "priced"          # every token class, tool and multiplier had a price
+PARTIAL = "partial"        # a class with tokens, a tool, a service tier or batch had no price: see the note
+UNPRICED = "unpriced"      # no card in effect, or the model is not in it: costs 0, row kept and flagged
+NO_USAGE = "no_usage"      # usage_reported false and no stream_terminated_at_token_n: cost unknown, costs 0
+ESTIMATED = "estimated"    # usage not reported but the cut point is known: input usage + n output tokens
+
+# attribution_status values and attribution_reason codes.
+ATTRIBUTED = "attributed"
+UNATTRIBUTED = "unattributed"
+FROM_TAG = "tag"                            # the gateway sent team_id
+FROM_FEATURE = "feature_registry"           # team of the feature_id in the registry
+FROM_API_KEY = "api_key_registry"           # team of the api_key_id (feature_id unknown or absent)
+NO_FEATURE_TAG = "no_feature_tag"           # no team_id, feature_id nor api_key_id tag: nothing to look up
+NO_REGISTRY = "no_registry"                 # no owners version in effect at the event's timestamp
+UNKNOWN_FEATURE = "unknown_feature"         # feature_id not in the registry (nor a known api_key_id)
+UNKNOWN_API_KEY = "unknown_api_key"         # no feature_id; api_key_id not in the registry
+
+# Rejection reasons of this stage (both should never happen with validated input and cards).
+COST_OUT_OF_RANGE = "cost_out_of_range"
+ENRICH_FAILED = "enrich_failed"
+
+ZERO = Decimal(0)
+# The largest value of ClickHouse Decimal(38, 18).
+COST_MAX = Decimal("99999999999999999999.999999999999999999")
+
+
+class Owner(NamedTuple):
+    """The resolved owner columns of a row."""
+
+    team_id: str
+    product: str
+    cost_center: str
+    business_unit: str
+    status: str
+    reason: str
+    conflict: str
+
+
+def resolve_owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> Owner:
+    """Resolve team, product, cost center and business unit: gateway tags win, the registry fills the gaps.
+
+    The registry entry is the feature_id's, else the api_key_id's. A team's cost_center/business_unit come
+    from `teams` unless the entry overrides them (and its team is the resolved team). A tag that disagrees
+    with the registry is kept and recorded in `conflict` ("team_id: tag=search registry=inbox; ..."). No team
+    after resolution → unattributed, with the most precise reason code above.
+    """
+    team = tags.get("team_id", "")
+    feature = tags.get("feature_id", "")
+    api_key = tags.get("api_key_id", "")
+    entry = None
+    source = FROM_TAG
+    if registry is not None:
+        if feature:
+            entry = registry.features.get(feature)
+            source = FROM_FEATURE
+        if entry is None and api_key:
+            entry = registry.api_keys.get(api_key)
+            source = FROM_API_KEY
+    tag_product = tags.get("product", "")
+    tag_cc = tags.get("cost_center", "")
+    tag_bu = tags.get("business_unit", "")
+    if entry is None:
+        if not team:
+            if not feature and not api_key:
+                reason = NO_FEATURE_TAG
+            elif registry is None:
+                reason = NO_REGISTRY
+            else:
+                reason = UNKNOWN_FEATURE if feature else UNKNOWN_API_KEY
+            return Owner("", tag_product, tag_cc, tag_bu, UNATTRIBUTED, reason, "")
+        known = registry.teams.get(team) if registry is not None else None
+        return Owner(team, tag_product, tag_cc or (known.cost_center if known else ""),
+                     tag_bu or (known.business_unit if known else ""), ATTRIBUTED, FROM_TAG, "")
+    assert registry is not None
+    reg_team = registry.teams[entry.team]
+    reg_cc = entry.cost_center or reg_team.cost_center
+    reg_bu = entry.business_unit or reg_team.business_unit
+    if not team or team == entry.team:
+        if not (tag_product or tag_cc or tag_bu):  # the common case: nothing to compare
+            return Owner(entry.team, entry.product, reg_cc, reg_bu, ATTRIBUTED,
+                         FROM_TAG if team else source, "")
+        cc, bu = reg_cc, reg_bu
+    else:
+        tagged = registry.teams.get(team)
+        cc = tagged.cost_center if tagged else ""
+        bu = tagged.business_unit if tagged else ""
+    pairs = (("team_id", team, entry.team), ("product", tag_product, entry.product),
+             ("cost_center", tag_cc, reg_cc), ("business_unit", tag_bu, reg_bu))
+    conflicts = [f"{field}: tag={tag} registry={reg}" for field, tag, reg in pairs
+                 if tag and reg and tag != reg]
+    return Owner(team or entry.team, tag_product or entry.product, tag_cc or cc, tag_bu or bu, ATTRIBUTED,
+                 FROM_TAG if team else source, "; ".join(conflicts))
+
+
+class Costs(NamedTuple):
+    """The cost columns of a row (exact Decimal USD) with pricing_status and pricing_note."""
+
+    input: Decimal
+    output: Decimal
+    reasoning: Decimal
+    cache_read: Decimal
+    cache_write: Decimal
+    tools: Decimal
+    total: Decimal
+    status: str
+    note: str
+
+
+def price_event(event: Mapping[str, Any], card: PriceCard | None) -> Costs:
+    """Price one event with the card in effect at its timestamp; must run under MONEY_CONTEXT (see enrich).
+
+    Rules: cost of a class = tokens × (price per million / 1,000,000) × batch_discount (batch=true) × service
+    tier multiplier; the long-context prices replace the base prices for the whole request when input +
+    cache_read + cache_write + cache_write_1h tokens > above_input_tokens; reasoning defaults to the output
+    price; cost_cache_write = 5m tokens × cache_write_5m + 1h tokens × cache_write_1h; tools = calls × USD per
+    call (no multipliers). Total = exact sum. Nothing is rounded (validated cards keep ≤ 18 decimal places).
+    """
+    if card is None:
+        return Costs(ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, UNPRICED, "no price card in effect")
+    provider = event["provider"]
+    model = event["model_actual"]
+    entry = card.find(provider, model)
+    if entry is None:
+        return Costs(ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, UNPRICED,
+                     f"{provider}/{model} is not in price card {card.version}")
+    usage = event["usage"]
+    n_cut = None
+    if not event.get("usage_reported", True):
+        n_cut = event.get("stream_terminated_at_token_n")
+        if n_cut is None:
+            return Costs(ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, NO_USAGE,
+                         "usage not reported by the provider: cost unknown, not zero")
+    n_in = usage.get("input_tokens", 0)
+    n_cr = usage.get("cache_read_tokens", 0)
+    n_cw = usage.get("cache_write_tokens", 0)
+    n_cw1h = usage.get("cache_write_1h_tokens", 0)
+    if n_cut is None:
+        n_out = usage.get("output_tokens", 0)
+        n_re = usage.get("reasoning_tokens", 0)
+    else:
+        n_out, n_re = n_cut, 0
+    tier = entry.long_context
+    long = tier is not None and n_in + n_cr + n_cw + n_cw1h > tier.above_input_tokens
+    rates = entry.rates(event.get("batch", False), event.get("service_tier", ""), long)
+    notes: list[str] | None = list(rates.notes) if rates.notes else None
+
+    def unpriced(cls: str, n: int) -> Decimal:
+        nonlocal notes
+        where = " (long context)" if long else ""
+        (notes := notes or []).append(f"no {cls} price for {provider}/{model}{where}: {n} tokens unpriced")
+        return ZERO
+
+    c_in = ZERO if not n_in else (unpriced("input", n_in) if rates.input is None else rates.input * n_in)
+    c_out = ZERO if not n_out else (
+        unpriced("output", n_out) if rates.output is None else rates.output * n_out)
+    c_re = ZERO if not n_re else (
+        unpriced("reasoning", n_re) if rates.reasoning is None else rates.reasoning * n_re)
+    c_cr = ZERO if not n_cr else (
+        unpriced("cache_read", n_cr) if rates.cache_read is None else rates.cache_read * n_cr)
+    c_cw = ZERO if not n_cw else (
+        unpriced("cache_write_5m", n_cw) if rates.cache_write_5m is None else rates.cache_write_5m * n_cw)
+    if n_cw1h:
+        c_cw += (unpriced("cache_write_1h", n_cw1h) if rates.cache_write_1h is None
+                 else rates.cache_write_1h * n_cw1h)
+    c_tools = ZERO
+    tool_calls = event.get("tool_calls")
+    if tool_calls:
+        for name, calls in tool_calls.items():
+            if calls:
+                price = entry.tools.get(name)
+                if price is None:
+                    (notes := notes or []).append(
+                        f"no price for tool {name!r} of {provider}/{model}: {calls} calls unpriced")
+                else:
+                    c_tools += price * calls
+    total = c_in + c_out + c_re + c_cr + c_cw + c_tools
+    if n_cut is not None:
+        note = (f"estimated: usage not reported; priced input usage plus {n_cut} output tokens generated "
+                f"before the cut")
+        return Costs(c_in, c_out, c_re, c_cr, c_cw, c_tools, total, ESTIMATED,
+                     "; ".join([note, *notes]) if notes else note)
+    if notes:
+        return Costs(c_in, c_out, c_re, c_cr, c_cw, c_tools, total, PARTIAL, "; ".join(notes))
+    return Costs(c_in, c_out, c_re, c_cr, c_cw, c_tools, total, PRICED, "")
+
+
+class _OutOfRange(ValueError):
+    """A cost does not fit ClickHouse Decimal(38, 18)."""
+
+
+def _row(acc: Accepted, card: PriceCard | None, registry: OwnerRegistry | None,
+         ingested_at: datetime) -> dict[str, Any]:
+    ev = acc.event
+    usage = ev["usage"]
+    tags = ev["tags"]
+    costs = price_event(ev, card)
+    if costs.total > COST_MAX:
+        raise _OutOfRange(f"cost_total_usd {costs.total} does not fit Decimal(38, 18)")
+    owner = resolve_owner(tags, registry)
+    model_actual = ev["model_actual"]
+    source = acc.source
+    return {
+        "event_id": ev["event_id"],
+        "request_id": ev["request_id"],
+        "logical_request_id": acc.logical_id,
+        "attempt": ev.get("attempt", 0),
+        "final": ev.get("final", False),
+        "ts": acc.ts,
+        "ingested_at": ingested_at,
+        "provider": ev["provider"],
+        "model_requested": ev.get("model_requested") or model_actual,
+        "model_actual": model_actual,
+        "fallback_from": ev.get("fallback_from") or "",
+        "status": ev["status"],
+        "error": ev.get("error") or "",
+        "batch": ev.get("batch", False),
+        "service_tier": ev.get("service_tier", ""),
+        "usage_reported": ev.get("usage_reported", True),
+        "stream_terminated_at_token_n": ev.get("stream_terminated_at_token_n"),
+        "latency_ms": ev.get("latency_ms"),
+        "input_tokens": usage.get("input_tokens", 0),
+        "output_tokens": usage.get("output_tokens", 0),
+        "reasoning_tokens": usage.get("reasoning_tokens", 0),
+        "cache_read_tokens": usage.get("cache_read_tokens", 0),
+        "cache_write_tokens": usage.get("cache_write_tokens", 0),
+        "cache_write_1h_tokens": usage.get("cache_write_1h_tokens", 0),
+        "tool_calls": ev.get("tool_calls") or {},
+        "cost_input_usd": costs.input,
+        "cost_output_usd": costs.output,
+        "cost_reasoning_usd": costs.reasoning,
+        "cost_cache_read_usd": costs.cache_read,
+        "cost_cache_write_usd": costs.cache_write,
+        "cost_tools_usd": costs.tools,
+        "cost_total_usd": costs.total,
+        "pricing_status": costs.status,
+        "pricing_note": costs.note,
+        "price_card_version": card.version if card is not None else "",
+        "tenant_id": tags.get("tenant_id", ""),
+        "team_id": owner.team_id,
+        "feature_id": tags.get("feature_id", ""),
+        "product": owner.product,
+        "endpoint": tags.get("endpoint", ""),
+        "environment": tags.get("environment", ""),
+        "cost_center": owner.cost_center,
+        "business_unit": owner.business_unit,
+        "api_key_id": tags.get("api_key_id", ""),
+        "deploy_version": tags.get("deploy_version", ""),
+        "user_segment": tags.get("user_segment", ""),
+        "tags": tags,
+        "ownership_version": registry.version if registry is not None else "",
+        "attribution_status": owner.status,
+        "attribution_reason": owner.reason,
+        "attribution_conflict": owner.conflict,
+        "source_topic": source.topic,
+        "source_partition": source.partition,
+        "source_offset": source.offset,
+        "source_line": acc.line,
+        "payload": acc.raw.decode("utf-8"),
+    }
+
+
+def enrich(batch: Sequence[Accepted], refs: ReferenceSnapshot,
+           ingested_at: datetime) -> tuple[list[dict[str, Any]], list[Rejection]]:
+    """Turn accepted events into priced, attributed attempt rows (keys = streams.records.ATTEMPT_COLUMNS).
+
+    Contract: every accepted event becomes exactly one row or one Rejection (stage "enrich"), in input order;
+    no exception escapes for a single event. The price card and owners version are those in effect at the
+    event's timestamp in `refs` (one immutable snapshot for the whole batch); their versions are stamped on
+    the row ('' when none). Costs are exact Decimal USD (never rounded: any inexact operation is a rejection).
+    Rows share the event's `tags` and `tool_calls` dicts rather than copying them: do not mutate them later.
+    """
+    rows: list[dict[str, Any]] = []
+    rejections: list[Rejection] = []
+    cards = refs.price_cards
+    owners = refs.owners
+    card: PriceCard | None = None
+    registry: OwnerRegistry | None = None
+    c_lo = c_hi = o_lo = o_hi = ingested_at  # an empty interval: the first event looks both up
+    with localcontext(MONEY_CONTEXT):
+        for acc in batch:
+            ts = acc.ts
+            if not c_lo <= ts < c_hi:
+                card, c_lo, c_hi = cards.span_at(ts)
+            if not o_lo <= ts < o_hi:
+                registry, o_lo, o_hi = owners.span_at(ts)
+            try:
+                rows.append(_row(acc, card, registry, ingested_at))
+            except (_OutOfRange, DecimalException) as exc:
+                rejections.append(Rejection(COST_OUT_OF_RANGE, STAGE_ENRICH, f"cannot price exactly: {exc!r}",
+                                            acc.raw, acc.source, acc.line, acc.event.get("event_id")))
+            except Exception as exc:  # one bad event must never stop the batch (it would be acked and lost)
+                rejections.append(Rejection(ENRICH_FAILED, STAGE_ENRICH, f"{type(exc).__name__}: {exc}",
+                                            acc.raw, acc.source, acc.line, acc.event.get("event_id")))
+    return rows, rejections
