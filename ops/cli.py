@@ -24,7 +24,7 @@ from tally.config import ROLES, Settings, load_settings
 from tally.errors import TallyError
 
 console = Console(stderr=True)
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 200)
 
 EXAMPLE_REFERENCE = (Path(__file__).resolve().parent.parent / "examples" / "reference")
 

@@ -99,6 +99,8 @@ class Settings:
     dedup_window_days: int = 7
     # The sink retries a failed insert with backoff for this long, then stops the worker without committing.
     sink_retry_s: float = 300.0
+    # A worker killed without leaving the group holds its partitions until this expires (then a rebalance).
+    session_timeout_s: float = 10.0
     max_line_bytes: int = 16 * 1024
     max_message_bytes: int = 1024 * 1024
     log_level: str = "INFO"
@@ -162,6 +164,8 @@ class Settings:
                 out.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_within_s <= 0:
             out.append(f"batch_within_s must be positive, got {self.batch_within_s}")
+        if not 3 <= self.session_timeout_s <= 300:
+            out.append(f"session_timeout_s must be between 3 and 300, got {self.session_timeout_s}")
         if self.sink_retry_s < 0:
             out.append(f"sink_retry_s must not be negative, got {self.sink_retry_s}")
         if self.max_line_bytes > self.max_message_bytes:

@@ -1,0 +1,150 @@
+import base64
+import os
+import random
+import signal
+import threading
+import time
+from collections import Counter, defaultdict
+from datetime import UTC, datetime
+from decimal import Decimal
+from fractions import Fraction
+
+import orjson
+import pytest
+
+from ops.simulate import TrafficGenerator, catalog_from_reference
+from tally.reference import load_reference_files
+from tally.sdk.publisher import Publisher
+from tests.e2e.conftest import EXAMPLES
+from tests.rerate import Oracle
+
+pytestmark = pytest.mark.e2e
+
+REFERENCE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+
+
+def _bad_lines(good: dict, k: int) -> list[tuple[bytes, str]]:
+    """Malformed lines, each with the reason the pipeline must give (event ids unique per k)."""
+    def mutate(**kw):
+        e = {**good, "event_id": f"bad-{k}-{len(kw)}-{sorted(kw)[0]}", **kw}
+        return orjson.dumps({k: v for k, v in e.items() if v is not ...})
+
+    return [
+        (b'{"schema_version": 1, "event_id": "cut', "invalid_json"),
+        (b"not json at all", "invalid_json"),
+        (b"[1, 2, 3]", "not_an_object"),
+        (b"42", "not_an_object"),
+        (mutate(prompt="the user's secret prompt"), "unknown_field"),
+        (mutate(usage={"input_tokens": -7}), "negative_tokens"),
+        (mutate(usage={"reasoning_tokens": 100_000_001}), "token_out_of_range"),
+        (mutate(timestamp="2026-11-01 10:00"), "bad_timestamp"),
+        (mutate(timestamp="2026-11-01T10:00:00"), "bad_timestamp"),
+        (mutate(event_id="spaces are not allowed"), "bad_event_id"),
+        (mutate(model_actual=...), "missing_field"),
+        (mutate(status="exploded"), "schema_violation"),
+        (mutate(tags={"team_id": "x" * 300}), "schema_violation"),
+        (b'{"pad": "' + b"x" * (17 * 1024) + b'"}', "oversized"),
+    ]
+
+
+def test_publish_wait_query_exactly_once_with_exact_costs(stack, tmp_path):
+    oracle = Oracle(REFERENCE_FILES)
+    docs = load_reference_files(REFERENCE_FILES)
+    # ~10k lines spanning the 2026-11-01 price-card change: 9,400 good lines, 3 % duplicated, a spread of bad ones.
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=11, bad_rate=0.0, rate=2.0,
+                           start=datetime(2026, 10, 31, 22, 45, tzinfo=UTC))
+    good = [orjson.loads(line) for line in gen.lines(9400)]
+    rng = random.Random(3)
+    lines = [orjson.dumps(e) for e in good]
+    dupes = rng.sample(lines, len(lines) * 3 // 100)
+    bad = [pair for k in range(12) for pair in _bad_lines(good[0], k)]
+    all_lines = lines + dupes + [b for b, _ in bad]
+    rng.shuffle(all_lines)
+    path = tmp_path / "traffic.jsonl"
+    path.write_bytes(b"\n".join(all_lines) + b"\n")
+
+    stack.tally("up", timeout=180)
+    stack.tally("reference", "load", str(EXAMPLES))
+    out = stack.tally("publish", str(path))
+    assert f"published {len(all_lines):,} lines" in out.stderr.decode()
+    stack.tally("wait", "--timeout", "240", timeout=300)
+
+    # every good event exactly once, with exactly the independently computed cost
+    rows = stack.query("SELECT event_id, toString(cost_total_usd) AS cost, team_id, price_card_version "
+                       "FROM tally.usage_events")
+    got = {r["event_id"]: r for r in rows}
+    assert len(rows) == len(got) == len(good)
+    expected_team: dict[str, Fraction] = defaultdict(Fraction)
+    versions: Counter[str] = Counter()
+    for e in good:
+        ts = datetime.fromisoformat(e["timestamp"])
+        want = oracle.cost(e, ts)
+        row = got[e["event_id"]]
+        assert Fraction(Decimal(row["cost"])) == want, (e, row)
+        assert row["team_id"] == oracle.team(e, ts), (e, row)
+        expected_team[row["team_id"]] += want
+        versions["2026-11-01" if ts >= datetime(2026, 11, 1, tzinfo=UTC) else "2025-10-01"] += 1
+    assert Counter(r["price_card_version"] for r in rows) == versions
+    assert min(versions.values()) > 500  # both card versions really priced something
+
+    by_team = stack.query("SELECT team_id, toString(sum(cost_total_usd)) AS total FROM tally.usage_events "
+                          "GROUP BY team_id")
+    assert {r["team_id"]: Fraction(Decimal(r["total"])) for r in by_team} == dict(expected_team)
+
+    # every bad line is in the DLQ with the right reason and its original bytes
+    dlq = orjson.loads(stack.tally("dlq", "show", "--format", "json", "--limit", "1000").stdout)
+    assert dlq["by_reason"] == dict(Counter(reason for _, reason in bad))
+    originals = Counter(base64.b64decode(r["original_b64"]) for r in dlq["recent"])
+    assert originals == Counter(b for b, _ in bad)
+    assert all(r["source_topic"] == stack.settings.topics.usage and r["source_line"] >= 1 for r in dlq["recent"])
+
+    # replaying the DLQ after a fix lands the fixed lines once; replaying again changes nothing
+    stack.tally("dlq", "replay", "--reason", "unknown_field", "--unset", "prompt")
+    stack.tally("wait", "--timeout", "120")
+    stack.tally("dlq", "replay", "--reason", "unknown_field", "--unset", "prompt")
+    stack.tally("wait", "--timeout", "120")
+    n = stack.query("SELECT count() AS n FROM tally.usage_events")[0]["n"]
+    assert n == len(good) + 12  # 12 fixed lines landed once each, the second replay changed nothing
+
+
+def test_kill_9_three_times_while_streaming(stack):
+    oracle = Oracle(REFERENCE_FILES)
+    docs = load_reference_files(REFERENCE_FILES)
+    stack.tally("up", timeout=180)
+    stack.tally("reference", "load", str(EXAMPLES))
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=29, bad_rate=0.0, rate=50.0,
+                           start=datetime(2026, 11, 10, tzinfo=UTC))
+    events = [orjson.loads(line) for line in gen.lines(100_000)]
+    done = threading.Event()
+
+    def produce() -> None:
+        with Publisher(stack.settings.kafka_bootstrap, stack.settings.topics.usage) as pub:
+            for i, e in enumerate(events):
+                pub.publish(e)
+                if i % 2000 == 1999:
+                    time.sleep(0.05)  # ~40 s of streaming at this machine's pace
+        done.set()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    kills = 0
+    deadline = time.monotonic() + 300
+    while kills < 3 and time.monotonic() < deadline:
+        time.sleep(6)
+        os.kill(stack.worker_pid(), signal.SIGKILL)
+        kills += 1
+        time.sleep(1)
+        stack.tally("up", timeout=180)
+    producer.join(timeout=300)
+    assert done.is_set() and kills == 3
+    stack.tally("wait", "--timeout", "400", timeout=450)
+
+    totals = stack.query("SELECT count() AS n, uniqExact(event_id) AS u FROM tally.usage_events")[0]
+    assert totals == {"n": len(events), "u": len(events)}
+    expected: dict[str, Fraction] = defaultdict(Fraction)
+    for e in events:
+        ts = datetime.fromisoformat(e["timestamp"])
+        expected[oracle.team(e, ts)] += oracle.cost(e, ts)
+    by_team = stack.query("SELECT team_id, toString(sum(cost_total_usd)) AS total FROM tally.usage_events "
+                          "GROUP BY team_id")
+    assert {r["team_id"]: Fraction(Decimal(r["total"])) for r in by_team} == dict(expected)

@@ -1,0 +1,148 @@
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+
+from ops.simulate import TrafficGenerator, catalog_from_reference
+from streams.pipeline import process_messages
+from streams.records import Source
+from streams.sink import SinkWriter, decode_attempts, insert_token, write_with_retry
+from streams.validate import Validator
+from tally.config import load_settings
+from tally.errors import SinkGaveUp, StoreError, StoreLockedError
+from tally.reference import load_reference_files, snapshot_of
+from tally.store import Store
+
+pytestmark = pytest.mark.integration
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "reference"
+
+
+@pytest.fixture(scope="module")
+def docs():
+    return load_reference_files(sorted(EXAMPLES.glob("*.yaml")))
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(load_settings(env={}, data_dir=tmp_path))
+    s.migrate()
+    yield s
+    s.close()
+
+
+def priced_rows(docs, n=300, seed=5):
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=seed, bad_rate=0.0,
+                           start=datetime(2026, 11, 20, tzinfo=UTC))
+    msg = b"\n".join(gen.lines(n))
+    out = process_messages([(msg, Source("llm.usage.v1", 0, 7))], Validator(), snapshot_of(docs), None,
+                           datetime(2026, 11, 20, 1, tzinfo=UTC))
+    rows = []
+    for lines in out.attempts.values():
+        got, bad = decode_attempts(b"\n".join(lines), Source("llm.cost.attempts.v1", 0, 1))
+        assert not bad
+        rows.extend(got)
+    return rows
+
+
+def totals(store):
+    r = store.query("SELECT count(), uniqExact(event_id), sum(cost_total_usd) FROM {db}.usage_events").rows[0]
+    return r[0], r[1], r[2]
+
+
+def test_migrations_are_idempotent(store):
+    assert store.migrate() == []
+    names = {r[0] for r in store.query("SELECT name FROM system.tables WHERE database = 'tally'").rows}
+    assert {"usage_events", "event_ids", "event_ids_mv", "schema_migrations"} <= names
+
+
+def test_writer_inserts_each_event_once_whatever_is_replayed(store, docs):
+    rows = priced_rows(docs)
+    expected = sum((r["cost_total_usd"] for r in rows), Decimal(0))
+    w = SinkWriter(store)
+    assert w.write(rows + rows[:40]) == len(rows)  # in-batch duplicates collapse
+    assert w.stats.duplicates_in_batch == 40
+    assert w.write(rows[100:]) == 0  # a redelivered batch: everything already saved
+    assert w.stats.already_saved == len(rows) - 100
+    count, unique, total = totals(store)
+    assert count == unique == len(rows)
+    assert total == expected
+
+
+def test_same_insert_token_is_absorbed_by_clickhouse(store, docs):
+    from streams.records import ATTEMPT_COLUMNS
+
+    rows = priced_rows(docs, 50)
+    cols = [[r[c] for r in rows] for c in ATTEMPT_COLUMNS]
+    token = insert_token([r["event_id"] for r in rows])
+    store.insert_columns("usage_events", cols, ATTEMPT_COLUMNS, token)
+    store.insert_columns("usage_events", cols, ATTEMPT_COLUMNS, token)  # a retry after a timeout
+    assert totals(store)[0] == len(rows)
+    ids = store.query("SELECT count() FROM {db}.event_ids").rows[0][0]
+    assert ids == len(rows)  # the view target deduplicated too
+
+
+def test_money_is_exact_in_clickhouse(store, docs):
+    rows = priced_rows(docs, 200)
+    SinkWriter(store).write(rows)
+    by_id = {r["event_id"]: r for r in rows}
+    got = store.query("SELECT event_id, cost_input_usd, cost_output_usd, cost_reasoning_usd, cost_cache_read_usd, "
+                      "cost_cache_write_usd, cost_tools_usd, cost_total_usd FROM {db}.usage_events").rows
+    for eid, *costs in got:
+        r = by_id[eid]
+        assert costs == [r["cost_input_usd"], r["cost_output_usd"], r["cost_reasoning_usd"],
+                         r["cost_cache_read_usd"], r["cost_cache_write_usd"], r["cost_tools_usd"],
+                         r["cost_total_usd"]]
+        assert all(isinstance(c, Decimal) for c in costs)
+
+
+def test_second_process_gets_a_clear_error(tmp_path):
+    s = load_settings(env={}, data_dir=tmp_path)
+    with Store(s) as first:
+        first.migrate()
+        with pytest.raises(StoreLockedError, match="in use by process"):
+            Store(s).client  # noqa: B018
+
+
+def test_query_is_read_only(store):
+    with pytest.raises(StoreError, match="readonly"):
+        store.query("INSERT INTO {db}.event_ids VALUES ('x', now64(3))")
+    with pytest.raises(StoreError):
+        store.query("DROP TABLE {db}.usage_events")
+
+
+def test_retry_then_give_up():
+    calls = []
+
+    def flaky(rows):
+        calls.append(len(rows))
+        if len(calls) < 3:
+            raise StoreError("connection reset")
+        return len(rows)
+
+    with ThreadPoolExecutor(1) as ex:
+        assert asyncio.run(write_with_retry(flaky, [{}] * 5, ex, retry_for_s=30)) == 5
+        assert calls == [5, 5, 5]
+
+        def down(rows):
+            raise StoreError("ClickHouse is down")
+
+        with pytest.raises(SinkGaveUp):
+            asyncio.run(write_with_retry(down, [{}], ex, retry_for_s=0.5))
+
+
+def test_too_large_batches_are_split():
+    seen = []
+
+    def picky(rows):
+        if len(rows) > 2:
+            raise StoreError("Code: 241. DB::Exception: MEMORY_LIMIT_EXCEEDED")
+        seen.append(len(rows))
+        return len(rows)
+
+    with ThreadPoolExecutor(1) as ex:
+        assert asyncio.run(write_with_retry(picky, [{}] * 7, ex, retry_for_s=5)) == 7
+    assert sum(seen) == 7 and max(seen) <= 2
