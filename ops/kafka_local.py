@@ -354,11 +354,13 @@ class LocalKafka:
         log.info("formatted %s: %s", self.log_dir, proc.stdout.strip())
 
     def _logs_tail(self) -> str:
+        """Collect the last lines of server.log and of the console output (the latter if it adds news)."""
+        console, server = _tail(self.console_log).strip(), _tail(self.server_log).strip()
         parts = []
-        for path in (self.console_log, self.server_log):
-            tail = _tail(path)
-            if tail.strip():
-                parts.append(f"--- last lines of {path} ---\n{tail}")
+        if console and console not in server:
+            parts.append(f"--- last lines of {self.console_log} ---\n{console}")
+        if server:
+            parts.append(f"--- last lines of {self.server_log} ---\n{server}")
         return "\n".join(parts) or "(the broker wrote no log)"
 
     # --- lifecycle ------------------------------------------------------------------------------------------
@@ -467,6 +469,16 @@ def _partition_counts(admin: AdminClient, names: Sequence[str], timeout: float) 
     return {n: len(md.topics[n].partitions) for n in names if n in md.topics and md.topics[n].error is None}
 
 
+def _await_topics(admin: AdminClient, names: Sequence[str], timeout: float) -> dict[str, int]:
+    """Poll metadata until all of `names` are visible (or `timeout` passes); return their partition counts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = _partition_counts(admin, names, timeout)
+        if len(counts) == len(names) or time.monotonic() >= deadline:
+            return counts
+        time.sleep(0.05)
+
+
 def ensure_topics(settings: Settings, bootstrap: str | None = None, timeout: float = 30.0) -> list[str]:
     """Create every tally topic that does not exist yet (idempotent); return the names it created.
 
@@ -499,8 +511,9 @@ def ensure_topics(settings: Settings, bootstrap: str | None = None, timeout: flo
                 failures.append(f"{name}: {exc}")
         if failures:
             raise KafkaLocalError(f"creating topics at {bootstrap} failed: " + "; ".join(failures))
-        # Concurrent creators may have won a race; check what is there now.
-        existing = _partition_counts(admin, list(configs), timeout)
+        # The broker's metadata shows new topics a moment after CreateTopics returns; concurrent creators
+        # may also have won a race. Check what is there once everything is visible.
+        existing = _await_topics(admin, list(configs), timeout)
 
     wrong = {n: c for n, c in existing.items() if c != settings.partitions}
     if wrong:

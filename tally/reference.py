@@ -1,0 +1,869 @@
+"""Reference data: effective-dated price cards and owners registries (formats: docs/reference-data.md)."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import (
+    ROUND_HALF_EVEN,
+    Context,
+    Decimal,
+    DivisionByZero,
+    Inexact,
+    InvalidOperation,
+    Overflow,
+)
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Generic, NamedTuple, TypeVar
+
+import orjson
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from tally.errors import ReferenceDataError
+
+KIND_PRICE_CARD = "price_card"
+KIND_OWNERS = "owners"
+# Extension point: budgets get their own parser in _PARSERS and their own timeline in ReferenceSnapshot.
+KIND_BUDGETS = "budgets"
+KINDS: tuple[str, ...] = (KIND_PRICE_CARD, KIND_OWNERS)
+
+# Exactness bound. A token price has at most 6 decimal places per million tokens (12 per token) and each
+# of the at most two multipliers that can apply to it (batch_discount, service tier) at most 3, so every
+# token cost has at most 6 + 6 + 3 + 3 = 18 decimal places: exact in ClickHouse Decimal(38, 18), never
+# rounded. Tool prices (USD per call, not multiplied) have at most 9. The maxima keep every cost line far
+# below 10**20, the integer range of Decimal(38, 18).
+PRICE_PLACES = 6
+MULTIPLIER_PLACES = 3
+TOOL_PRICE_PLACES = 9
+PRICE_MAX = Decimal(1_000_000)
+MULTIPLIER_MAX = Decimal(100)
+TOOL_PRICE_MAX = Decimal(1_000_000)
+TOKENS_PER_PRICE_UNIT = 1_000_000
+_PRICE = (PRICE_PLACES, PRICE_MAX, "price per million tokens")
+_MULTIPLIER = (MULTIPLIER_PLACES, MULTIPLIER_MAX, "multiplier")
+_TOOL_PRICE = (TOOL_PRICE_PLACES, TOOL_PRICE_MAX, "USD per call")
+
+# Decimal arithmetic for money: wide enough that no valid computation rounds; any rounding at all is an error.
+MONEY_CONTEXT = Context(prec=60, rounding=ROUND_HALF_EVEN, Emin=-999_999, Emax=999_999,
+                        traps=[InvalidOperation, DivisionByZero, Overflow, Inexact])
+
+# Service tiers that mean "standard price" unless a card lists them with another multiplier.
+STANDARD_TIERS: frozenset[str] = frozenset({"", "default", "standard", "auto"})
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+_PROVIDER_RE = re.compile(r"^[a-z0-9_.-]{1,64}$")
+_DECIMAL_RE = re.compile(r"^[0-9]+(\.[0-9]+)?$")
+_RFC3339_RE = re.compile(
+    r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,9})?([Zz]|[+-]\d{2}:\d{2})$")
+_DIGITS_RE = re.compile(r"^[0-9]+$")
+
+# libyaml's parser when present (same nodes and marks, faster); composing never constructs Python values.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_TAG_STR = "tag:yaml.org,2002:str"
+_TAG_INT = "tag:yaml.org,2002:int"
+_TAG_BOOL = "tag:yaml.org,2002:bool"
+_TAG_NULL = "tag:yaml.org,2002:null"
+_TAG_MERGE = "tag:yaml.org,2002:merge"
+
+Path_ = tuple[str | int, ...]
+T = TypeVar("T")
+
+
+
+class ClassPrices(NamedTuple):
+    """USD per million tokens per token class; None = no price (tokens of that class make the row partial)."""
+
+    input: Decimal | None
+    output: Decimal | None
+    reasoning: Decimal | None
+    cache_read: Decimal | None
+    cache_write_5m: Decimal | None
+    cache_write_1h: Decimal | None
+
+
+class Rates(NamedTuple):
+    """USD per token per class after multipliers (exact, ≤ 18 decimal places), plus why they are partial."""
+
+    input: Decimal | None
+    output: Decimal | None
+    reasoning: Decimal | None
+    cache_read: Decimal | None
+    cache_write_5m: Decimal | None
+    cache_write_1h: Decimal | None
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LongContextTier:
+    """Prices that replace the base prices for the whole request once its prompt exceeds above_input_tokens.
+
+    Prompt = input + cache_read + cache_write (5m) + cache_write_1h tokens. Reasoning defaults to the tier's
+    output price; a cache class the tier does not price is unpriced (partial), never the cheaper base price.
+    """
+
+    above_input_tokens: int
+    prices: ClassPrices
+
+
+@dataclass(frozen=True)
+class ModelPrice:
+    """One provider × model entry of a price card (provider defaults already merged in)."""
+
+    provider: str
+    model: str
+    aliases: tuple[str, ...]
+    prices: ClassPrices
+    batch_discount: Decimal | None
+    long_context: LongContextTier | None
+    service_tiers: Mapping[str, Decimal]
+    tools: Mapping[str, Decimal]
+    _rates: dict[tuple[bool, str, bool], Rates] = field(default_factory=dict, compare=False, repr=False)
+
+    def rates(self, batch: bool, service_tier: str, long_context: bool) -> Rates:
+        """Return per-token prices for one (batch, service tier, long context) combination; memoized, exact.
+
+        Contract: batch=True multiplies every token class by batch_discount (none listed → full price and a
+        note); the service tier multiplier comes from service_tiers, standard names mean 1, an unknown tier
+        means 1 and a note. long_context=True selects the long-context prices (callers check the threshold).
+        """
+        key = (batch, service_tier, long_context)
+        found = self._rates.get(key)
+        if found is not None:
+            return found
+        notes: list[str] = []
+        multiplier = Decimal(1)
+        if batch:
+            if self.batch_discount is None:
+                notes.append(f"no batch price for {self.provider}/{self.model}: priced at standard rates")
+            else:
+                multiplier = self.batch_discount
+        tier_multiplier = self.service_tiers.get(service_tier)
+        if tier_multiplier is not None:
+            multiplier = MONEY_CONTEXT.multiply(multiplier, tier_multiplier)
+        elif service_tier not in STANDARD_TIERS:
+            notes.append(f"unknown service tier {service_tier!r} for {self.provider}/{self.model}: "
+                         "multiplier 1")
+        prices = self.long_context.prices if (long_context and self.long_context) else self.prices
+        per_token = [None if p is None else MONEY_CONTEXT.multiply(p.scaleb(-6, MONEY_CONTEXT), multiplier)
+                     for p in prices]
+        reasoning = per_token[2] if per_token[2] is not None else per_token[1]
+        found = Rates(per_token[0], per_token[1], reasoning, per_token[3], per_token[4], per_token[5],
+                      tuple(notes))
+        self._rates[key] = found
+        return found
+
+
+_SNAPSHOT_SUFFIX_RE = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
+_LOOKUP_CACHE_MAX = 4096
+
+
+@dataclass(frozen=True)
+class PriceCard:
+    """One version of the price card: what each (provider, model) costs from effective_at until the next one.
+
+    YAML (one document per version; see docs/reference-data.md)::
+
+        kind: price_card
+        version: "2026-11-01"                  # [A-Za-z0-9._:-]{1,64}
+        effective_at: "2026-11-01T00:00:00Z"   # RFC 3339 with an offset
+        currency: USD                          # the only currency
+        provider_defaults:                     # optional, merged under every model of that provider
+          openai: {batch_discount: "0.5", service_tiers: {flex: "0.5"}, tools: {web_search: "0.01"}}
+        models:
+          - provider: openai
+            model: gpt-5
+            aliases: [gpt-5-chat-latest]       # optional
+            input: "1.25"                      # USD per million tokens, quoted, ≤ 6 decimal places
+            output: "10.00"
+            reasoning: "10.00"                 # optional, defaults to output
+            cache_read: "0.125"                # optional (as are cache_write_5m, cache_write_1h)
+            batch_discount: "0.5"              # optional multiplier, ≤ 3 decimal places
+            service_tiers: {priority: "2"}     # optional multipliers by tier name
+            long_context: {above_input_tokens: 200000, input: "2.50", output: "15.00"}
+            tools: {web_search: "0.01"}        # USD per call, ≤ 9 decimal places
+
+    Model matching (`find`): exact (provider, model), then an alias, then the model with a trailing date
+    snapshot suffix removed (-YYYY-MM-DD or -YYYYMMDD: gpt-4o-2024-08-06 → gpt-4o,
+    claude-sonnet-4-5-20250929 → claude-sonnet-4-5).
+    """
+
+    version: str
+    effective_at: datetime
+    currency: str
+    models: tuple[ModelPrice, ...]
+    _index: Mapping[tuple[str, str], ModelPrice] = field(compare=False, repr=False)
+    _lookup: dict[tuple[str, str], ModelPrice | None] = field(default_factory=dict, compare=False, repr=False)
+
+    def find(self, provider: str, model: str) -> ModelPrice | None:
+        """Return the entry that prices (provider, model) under the matching rules above, or None."""
+        key = (provider, model)
+        try:
+            return self._lookup[key]
+        except KeyError:
+            pass
+        found = self._index.get(key)
+        if found is None:
+            base = _SNAPSHOT_SUFFIX_RE.sub("", model)
+            if base != model:
+                found = self._index.get((provider, base))
+        if found is not None or len(self._lookup) < _LOOKUP_CACHE_MAX:
+            self._lookup[key] = found
+        return found
+
+
+@dataclass(frozen=True, slots=True)
+class Team:
+    """A team of the owners registry."""
+
+    team_id: str
+    cost_center: str
+    business_unit: str
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerEntry:
+    """What the registry says about a feature or an API key; '' = not set here (comes from the team)."""
+
+    team: str
+    product: str
+    cost_center: str
+    business_unit: str
+
+
+@dataclass(frozen=True)
+class OwnerRegistry:
+    """One version of the owners registry: a complete picture of who owns what from effective_at on.
+
+    YAML (one document per version; a version is complete, not a delta)::
+
+        kind: owners
+        version: "2026-02-01"
+        effective_at: "2026-02-01T00:00:00Z"
+        teams:                       # team_id → cost_center, business_unit
+          inbox: {cost_center: CC-2100, business_unit: communication}
+        features:                    # feature_id → team (a key of teams), product; optional overrides
+          summarize_email_v2: {team: inbox, product: mail, cost_center: CC-2150}
+        api_keys:                    # optional: api_key_id → team, optional product and overrides
+          key_reports_batch: {team: data, product: analytics}
+    """
+
+    version: str
+    effective_at: datetime
+    teams: Mapping[str, Team]
+    features: Mapping[str, OwnerEntry]
+    api_keys: Mapping[str, OwnerEntry]
+
+
+
+@dataclass(frozen=True)
+class ReferenceDoc:
+    """One validated version of one kind of reference data.
+
+    `body` is the document as written (decimals stay strings, so JSON round-trips exactly); read-only.
+    `parsed` is the typed view built from it (PriceCard or OwnerRegistry).
+    """
+
+    kind: str
+    version: str
+    effective_at: datetime
+    body: dict[str, Any]
+    parsed: PriceCard | OwnerRegistry = field(compare=False, repr=False)
+
+    def key(self) -> bytes:
+        """Return the compacted-topic key b"kind:version" (a later record with it replaces this version)."""
+        return f"{self.kind}:{self.version}".encode()
+
+    def to_json(self) -> bytes:
+        """Return the document as JSON bytes (keys sorted; decimals as the strings written in the file)."""
+        return orjson.dumps(self.body, option=orjson.OPT_SORT_KEYS)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ReferenceDoc:
+        """Parse and validate what to_json produced; raises ReferenceDataError listing every problem."""
+        try:
+            body = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise ReferenceDataError([f"<json>: not JSON: {exc}"]) from exc
+        problems = _Problems("<json>", {})
+        doc = _parse_document(body, problems)
+        if problems.items or doc is None:
+            raise ReferenceDataError(problems.items or ["<json>: invalid reference document"])
+        return doc
+
+
+
+class _Problems:
+    """Collects "origin:line: path: message" problems; lines come from YAML node marks (none for JSON)."""
+
+    def __init__(self, origin: str, lines: Mapping[Path_, int]) -> None:
+        self.origin = origin
+        self.lines = lines
+        self.items: list[str] = []
+
+    def add(self, path: Path_, message: str) -> None:
+        line = None
+        probe = path
+        while True:
+            line = self.lines.get(probe)
+            if line is not None or not probe:
+                break
+            probe = probe[:-1]
+        where = f"{self.origin}:{line}" if line is not None else self.origin
+        dotted = _dotted(path)
+        self.items.append(f"{where}: {dotted}: {message}" if dotted else f"{where}: {message}")
+
+
+def _dotted(path: Path_) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Unquoted:
+    """A YAML scalar resolved to a number type we never construct (float, odd int forms): kept as its text."""
+
+    text: str
+    tag: str
+
+
+def _to_data(node: Node, path: Path_, lines: dict[Path_, int], problems: _Problems) -> Any:
+    """Turn a composed YAML node into plain data without PyYAML's constructor (so no float is ever built)."""
+    if isinstance(node, MappingNode):
+        out: dict[str, Any] = {}
+        for knode, vnode in node.value:
+            kpath_line = knode.start_mark.line + 1
+            if knode.tag == _TAG_MERGE:
+                lines[path + ("<<",)] = kpath_line
+                problems.add(path + ("<<",), "merge keys (<<) are not supported: write the keys out")
+                continue
+            if not isinstance(knode, ScalarNode) or knode.tag not in (_TAG_STR, _TAG_INT):
+                lines[path + ("?",)] = kpath_line
+                problems.add(path + ("?",), "keys must be plain strings")
+                continue
+            key = str(knode.value)
+            if key in out:
+                lines[path + (key,)] = kpath_line
+                problems.add(path + (key,), "duplicate key")
+                continue
+            lines[path + (key,)] = kpath_line
+            out[key] = _to_data(vnode, path + (key,), lines, problems)
+        return out
+    if isinstance(node, SequenceNode):
+        items: list[Any] = []
+        for i, item in enumerate(node.value):
+            lines[path + (i,)] = item.start_mark.line + 1
+            items.append(_to_data(item, path + (i,), lines, problems))
+        return items
+    assert isinstance(node, ScalarNode)
+    text = str(node.value)
+    if node.tag == _TAG_STR:
+        return text
+    if node.tag == _TAG_INT and _DIGITS_RE.match(text):
+        return int(text)
+    if node.tag == _TAG_BOOL:
+        return text.lower() in ("true", "yes", "on", "y")
+    if node.tag == _TAG_NULL:
+        return None
+    if node.tag == "tag:yaml.org,2002:timestamp":
+        return text
+    return _Unquoted(text, node.tag.rsplit(":", 1)[-1])
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, _Unquoted):
+        return f"unquoted YAML {value.tag} {value.text}"
+    if value is None:
+        return "nothing (null)"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _mapping(p: _Problems, path: Path_, value: Any, what: str) -> dict[str, Any] | None:
+    if isinstance(value, dict):
+        return value
+    p.add(path, f"must be a mapping of {what}, got {_describe(value)}")
+    return None
+
+
+def _keys(p: _Problems, path: Path_, data: Mapping[str, Any], required: Iterable[str],
+          optional: Iterable[str]) -> bool:
+    """Report missing required keys and unknown keys (with the closest known key, for typos)."""
+    required = tuple(required)
+    known = (*required, *optional)
+    ok = True
+    for k in required:
+        if k not in data:
+            p.add(path, f"missing required key {k!r}")
+            ok = False
+    for k in data:
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
+            p.add(path + (k,), f"unknown key {k!r}{hint}")
+            ok = False
+    return ok
+
+
+def _string(p: _Problems, path: Path_, value: Any, pattern: re.Pattern[str] | None = None,
+            what: str = "a string") -> str | None:
+    if not isinstance(value, str):
+        p.add(path, f"must be {what} (quote it), got {_describe(value)}")
+        return None
+    if pattern is not None and not pattern.match(value):
+        p.add(path, f"{value!r} is not valid here (expected {pattern.pattern})")
+        return None
+    if pattern is None and not value.strip():
+        p.add(path, "must not be empty")
+        return None
+    return value
+
+
+def _decimal(p: _Problems, path: Path_, value: Any, limits: tuple[int, Decimal, str]) -> Decimal | None:
+    """Parse a non-negative decimal written as a quoted string; limits = (decimal places, maximum, what)."""
+    places, maximum, what = limits
+    if not isinstance(value, str):
+        example = value.text if isinstance(value, _Unquoted) else str(value)
+        p.add(path, f"{what} must be a quoted decimal string such as \"{example}\" (YAML numbers are floats "
+                    f"or ints, not exact decimals), got {_describe(value)}")
+        return None
+    if not _DECIMAL_RE.match(value):
+        p.add(path, f"{what} {value!r} is not a plain non-negative decimal such as \"2.50\"")
+        return None
+    number = Decimal(value)
+    exponent = number.normalize(MONEY_CONTEXT).as_tuple().exponent
+    assert isinstance(exponent, int)
+    significant = max(0, -exponent)
+    if significant > places:
+        p.add(path, f"{what} {value!r} has {significant} decimal places; at most {places} keep every cost "
+                    f"exact at 18 decimal places")
+        return None
+    if number > maximum:
+        p.add(path, f"{what} {value!r} is above the maximum {maximum}")
+        return None
+    return number.quantize(Decimal(1).scaleb(-significant), context=MONEY_CONTEXT)
+
+
+def _timestamp(p: _Problems, path: Path_, value: Any) -> datetime | None:
+    if not isinstance(value, str) or not _RFC3339_RE.match(value):
+        p.add(path, f"must be an RFC 3339 timestamp with an offset such as \"2026-11-01T00:00:00Z\", "
+                    f"got {_describe(value)}")
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("z", "Z").replace("t", "T"))
+    except ValueError as exc:
+        p.add(path, f"invalid timestamp {value!r}: {exc}")
+        return None
+    return parsed.astimezone(UTC)
+
+
+def _price_set(p: _Problems, path: Path_, data: Mapping[str, Any]) -> ClassPrices:
+    def get(name: str) -> Decimal | None:
+        if name not in data:
+            return None
+        return _decimal(p, path + (name,), data[name], _PRICE)
+
+    return ClassPrices(*(get(name) for name in ClassPrices._fields))
+
+
+_PRICE_KEYS = ClassPrices._fields
+_EXTRAS_KEYS = ("batch_discount", "service_tiers", "tools")
+
+
+def _extras(p: _Problems, path: Path_, data: Mapping[str, Any]) -> tuple[Decimal | None, dict[str, Decimal],
+                                                                            dict[str, Decimal]]:
+    batch: Decimal | None = None
+    if "batch_discount" in data:
+        batch = _decimal(p, path + ("batch_discount",), data["batch_discount"], _MULTIPLIER)
+    tiers: dict[str, Decimal] = {}
+    if "service_tiers" in data:
+        tiers_data = _mapping(p, path + ("service_tiers",), data["service_tiers"], "tier name → multiplier")
+        for name, raw in (tiers_data or {}).items():
+            if _string(p, path + ("service_tiers", name), name, _NAME_RE) is None:
+                continue
+            mult = _decimal(p, path + ("service_tiers", name), raw, _MULTIPLIER)
+            if mult is not None:
+                tiers[name] = mult
+    tools: dict[str, Decimal] = {}
+    if "tools" in data:
+        tools_data = _mapping(p, path + ("tools",), data["tools"], "tool name → USD per call")
+        for name, raw in (tools_data or {}).items():
+            if _string(p, path + ("tools", name), name, _NAME_RE) is None:
+                continue
+            price = _decimal(p, path + ("tools", name), raw, _TOOL_PRICE)
+            if price is not None:
+                tools[name] = price
+    return batch, tiers, tools
+
+
+def _parse_price_card(p: _Problems, body: Mapping[str, Any], version: str,
+                      effective_at: datetime) -> PriceCard:
+    _keys(p, (), body, ("kind", "version", "effective_at", "currency", "models"),
+          ("description", "provider_defaults"))
+    currency = body.get("currency")
+    if "currency" in body and currency != "USD":
+        p.add(("currency",), f"only USD is supported, got {_describe(currency)}")
+    defaults: dict[str, tuple[Decimal | None, dict[str, Decimal], dict[str, Decimal]]] = {}
+    if "provider_defaults" in body:
+        pd = _mapping(p, ("provider_defaults",), body["provider_defaults"], "provider → defaults")
+        for name, raw in (pd or {}).items():
+            path: Path_ = ("provider_defaults", name)
+            _string(p, path, name, _PROVIDER_RE)
+            entry = _mapping(p, path, raw, "batch_discount, service_tiers, tools")
+            if entry is not None:
+                _keys(p, path, entry, (), _EXTRAS_KEYS)
+                defaults[name] = _extras(p, path, entry)
+    models: list[ModelPrice] = []
+    index: dict[tuple[str, str], ModelPrice] = {}
+    claimed: dict[tuple[str, str], int] = {}
+    raw_models = body.get("models")
+    if "models" in body and not isinstance(raw_models, list):
+        p.add(("models",), f"must be a list of model entries, got {_describe(raw_models)}")
+        raw_models = []
+    for i, raw in enumerate(raw_models or []):
+        path = ("models", i)
+        entry = _mapping(p, path, raw, "model prices")
+        if entry is None:
+            continue
+        before = len(p.items)
+        _keys(p, path, entry, ("provider", "model", "input", "output"),
+              ("aliases", "reasoning", "cache_read", "cache_write_5m", "cache_write_1h", "long_context",
+               "description", *_EXTRAS_KEYS))
+        provider = (_string(p, path + ("provider",), entry["provider"], _PROVIDER_RE)
+                    if "provider" in entry else None)
+        model = _string(p, path + ("model",), entry["model"], _NAME_RE) if "model" in entry else None
+        aliases: list[str] = []
+        if "aliases" in entry:
+            raw_aliases = entry["aliases"]
+            if not isinstance(raw_aliases, list):
+                p.add(path + ("aliases",), f"must be a list of model names, got {_describe(raw_aliases)}")
+            else:
+                for j, alias in enumerate(raw_aliases):
+                    alias_name = _string(p, path + ("aliases", j), alias, _NAME_RE)
+                    if alias_name is not None:
+                        aliases.append(alias_name)
+        prices = _price_set(p, path, entry)
+        long_tier: LongContextTier | None = None
+        if "long_context" in entry:
+            lpath = path + ("long_context",)
+            lc = _mapping(p, lpath, entry["long_context"], "long-context prices")
+            if lc is not None:
+                _keys(p, lpath, lc, ("above_input_tokens", "input", "output"), _PRICE_KEYS)
+                threshold = lc.get("above_input_tokens")
+                if "above_input_tokens" in lc and (type(threshold) is not int or threshold < 0):
+                    p.add(lpath + ("above_input_tokens",), f"must be a non-negative integer, got "
+                                                           f"{_describe(threshold)}")
+                    threshold = None
+                lprices = _price_set(p, lpath, lc)
+                if isinstance(threshold, int):
+                    long_tier = LongContextTier(threshold, lprices)
+        batch, tiers, tools = _extras(p, path, entry)
+        if len(p.items) > before or provider is None or model is None:
+            continue
+        d_batch, d_tiers, d_tools = defaults.get(provider, (None, {}, {}))
+        price = ModelPrice(
+            provider=provider, model=model, aliases=tuple(aliases), prices=prices,
+            batch_discount=batch if "batch_discount" in entry else d_batch,
+            long_context=long_tier,
+            service_tiers=MappingProxyType({**d_tiers, **tiers}),
+            tools=MappingProxyType({**d_tools, **tools}),
+        )
+        for name in (model, *aliases):
+            if (provider, name) in claimed:
+                p.add(path, f"duplicate model {provider}/{name} (also models[{claimed[(provider, name)]}])")
+                continue
+            claimed[(provider, name)] = i
+            index[(provider, name)] = price
+        models.append(price)
+    return PriceCard(version, effective_at, "USD", tuple(models), MappingProxyType(index))
+
+
+def _owner_entries(p: _Problems, body: Mapping[str, Any], key: str, teams: set[str],
+                   product_required: bool) -> dict[str, OwnerEntry]:
+    out: dict[str, OwnerEntry] = {}
+    if key not in body:
+        return out
+    data = _mapping(p, (key,), body[key], f"{key[:-1]} id → owner")
+    for ident, raw in (data or {}).items():
+        path: Path_ = (key, ident)
+        entry = _mapping(p, path, raw, "team, product, cost_center, business_unit")
+        if entry is None:
+            continue
+        before = len(p.items)
+        _keys(p, path, entry, ("team", "product") if product_required else ("team",),
+              ("cost_center", "business_unit", "description") + (() if product_required else ("product",)))
+        team = _string(p, path + ("team",), entry.get("team")) if "team" in entry else None
+        if team is not None and team not in teams:
+            close = difflib.get_close_matches(team, list(teams), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            p.add(path + ("team",), f"unknown team {team!r}: not a key of teams{hint}")
+        fields = {}
+        for name in ("product", "cost_center", "business_unit"):
+            fields[name] = (_string(p, path + (name,), entry[name]) or "") if name in entry else ""
+        if len(p.items) == before and team is not None:
+            out[ident] = OwnerEntry(team, fields["product"], fields["cost_center"], fields["business_unit"])
+    return out
+
+
+def _parse_owners(p: _Problems, body: Mapping[str, Any], version: str,
+                  effective_at: datetime) -> OwnerRegistry:
+    _keys(p, (), body, ("kind", "version", "effective_at", "teams", "features"), ("api_keys", "description"))
+    teams: dict[str, Team] = {}
+    if "teams" in body:
+        data = _mapping(p, ("teams",), body["teams"], "team id → cost_center, business_unit")
+        for ident, raw in (data or {}).items():
+            path: Path_ = ("teams", ident)
+            entry = _mapping(p, path, raw, "cost_center, business_unit")
+            if entry is None:
+                continue
+            before = len(p.items)
+            _keys(p, path, entry, ("cost_center", "business_unit"), ("description",))
+            cc = _string(p, path + ("cost_center",), entry["cost_center"]) if "cost_center" in entry else None
+            bu = (_string(p, path + ("business_unit",), entry["business_unit"])
+                  if "business_unit" in entry else None)
+            if len(p.items) == before and cc is not None and bu is not None:
+                teams[ident] = Team(ident, cc, bu)
+    # References are checked against every team named, even one whose own entry has a problem.
+    named = set(body["teams"]) if isinstance(body.get("teams"), dict) else set()
+    features = _owner_entries(p, body, "features", named, product_required=True)
+    api_keys = _owner_entries(p, body, "api_keys", named, product_required=False)
+    return OwnerRegistry(version, effective_at, MappingProxyType(teams), MappingProxyType(features),
+                         MappingProxyType(api_keys))
+
+
+_PARSERS: dict[str, Callable[[_Problems, Mapping[str, Any], str, datetime], PriceCard | OwnerRegistry]] = {
+    KIND_PRICE_CARD: _parse_price_card,
+    KIND_OWNERS: _parse_owners,
+}
+
+
+def _parse_document(body: Any, p: _Problems) -> ReferenceDoc | None:
+    """Validate one document (plain data); problems go to `p`; returns None when there are any."""
+    before = len(p.items)
+    if not isinstance(body, dict):
+        p.add((), f"a reference document must be a mapping with kind, version and effective_at, got "
+                  f"{_describe(body)}")
+        return None
+    kind = body.get("kind")
+    if kind == KIND_BUDGETS:
+        p.add(("kind",), "kind 'budgets' is reserved for budgets, which are not supported yet")
+        return None
+    if kind not in _PARSERS:
+        p.add(("kind",) if "kind" in body else (),
+              f"kind must be one of {', '.join(KINDS)}, got {_describe(kind)}")
+        return None
+    version = _string(p, ("version",), body["version"], _VERSION_RE) if "version" in body else None
+    effective_at = _timestamp(p, ("effective_at",), body["effective_at"]) if "effective_at" in body else None
+    parsed = _PARSERS[kind](p, body, version or "", effective_at or datetime.min.replace(tzinfo=UTC))
+    if len(p.items) > before or version is None or effective_at is None:
+        return None
+    return ReferenceDoc(kind, version, effective_at, body, parsed)
+
+
+def parse_reference_yaml(text: str, origin: str) -> list[ReferenceDoc]:
+    """Validate every YAML document of one file's text; raises ReferenceDataError with every problem found.
+
+    Problems read "origin:line: key.path: message". Nothing is constructed by PyYAML: scalars keep their text,
+    so no price ever passes through a float.
+    """
+    problems: list[str] = []
+    docs = _parse_text(text, origin, problems)
+    if problems:
+        raise ReferenceDataError(problems)
+    return [d for d, _ in docs]
+
+
+def _parse_text(text: str, origin: str, problems: list[str]) -> list[tuple[ReferenceDoc, int]]:
+    out: list[tuple[ReferenceDoc, int]] = []
+    try:
+        nodes = list(yaml.compose_all(text, Loader=_LOADER))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problems.append(f"{origin}{line}: YAML syntax error: {exc.problem or exc}")
+        return out
+    except yaml.YAMLError as exc:
+        problems.append(f"{origin}: YAML error: {exc}")
+        return out
+    for node in nodes:
+        if node is None:
+            continue
+        lines: dict[Path_, int] = {(): node.start_mark.line + 1}
+        p = _Problems(origin, lines)
+        data = _to_data(node, (), lines, p)
+        doc = _parse_document(data, p)
+        problems.extend(p.items)
+        if doc is not None and not p.items:
+            out.append((doc, node.start_mark.line + 1))
+    return out
+
+
+def load_reference_files(paths: Sequence[Path]) -> list[ReferenceDoc]:
+    """Read and validate reference YAML files (each may hold several documents = several versions).
+
+    Contract: returns every document in file order, or raises ReferenceDataError listing ALL problems as
+    "path:line: key.path: message" — unreadable files, YAML syntax, missing/unknown keys, bad decimals, naive
+    timestamps, unknown teams, duplicate models, and across files duplicate (kind, version) pairs or two
+    versions of one kind with the same effective_at.
+    """
+    problems: list[str] = []
+    docs: list[ReferenceDoc] = []
+    seen: dict[tuple[str, str], str] = {}
+    starts: dict[tuple[str, datetime], str] = {}
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            problems.append(f"{path}: cannot read: {exc}")
+            continue
+        for doc, line in _parse_text(text, str(path), problems):
+            where = f"{path}:{line}"
+            first = seen.get((doc.kind, doc.version))
+            if first is not None:
+                problems.append(f"{where}: {doc.kind} version {doc.version!r} is defined twice "
+                                f"(also {first})")
+                continue
+            twin = starts.get((doc.kind, doc.effective_at))
+            if twin is not None:
+                problems.append(f"{where}: {doc.kind} version {doc.version!r} has the same effective_at as "
+                                f"{twin}; which one applies would be ambiguous")
+                continue
+            seen[(doc.kind, doc.version)] = where
+            starts[(doc.kind, doc.effective_at)] = f"version {doc.version!r} at {where}"
+            docs.append(doc)
+    if problems:
+        raise ReferenceDataError(problems)
+    return docs
+
+
+_NEVER = datetime.min.replace(tzinfo=UTC)
+_FOREVER = datetime.max.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class Timeline(Generic[T]):
+    """Versions of one kind sorted by (effective_at, version); lookups by time are O(log n)."""
+
+    starts: tuple[datetime, ...] = ()
+    items: tuple[T, ...] = ()
+
+    def at(self, ts: datetime) -> T | None:
+        """Return the latest version with effective_at ≤ ts, or None when ts is before every version."""
+        i = bisect_right(self.starts, ts)
+        return self.items[i - 1] if i else None
+
+    def span_at(self, ts: datetime) -> tuple[T | None, datetime, datetime]:
+        """Return (version at ts, from, until): the same answer holds for every t with from ≤ t < until."""
+        i = bisect_right(self.starts, ts)
+        lo = self.starts[i - 1] if i else _NEVER
+        hi = self.starts[i] if i < len(self.starts) else _FOREVER
+        return (self.items[i - 1] if i else None), lo, hi
+
+
+class VersionInfo(NamedTuple):
+    """One loaded version, for status displays."""
+
+    kind: str
+    version: str
+    effective_at: datetime
+
+
+@dataclass(frozen=True)
+class ReferenceSnapshot:
+    """An immutable view of all reference data at one moment; use one for a whole batch."""
+
+    price_cards: Timeline[PriceCard] = field(default_factory=Timeline)
+    owners: Timeline[OwnerRegistry] = field(default_factory=Timeline)
+
+    def price_card_at(self, ts: datetime) -> PriceCard | None:
+        """Return the price card in effect at ts (latest effective_at ≤ ts), or None."""
+        return self.price_cards.at(ts)
+
+    def owners_at(self, ts: datetime) -> OwnerRegistry | None:
+        """Return the owners registry in effect at ts (latest effective_at ≤ ts), or None."""
+        return self.owners.at(ts)
+
+    def versions(self) -> list[VersionInfo]:
+        """Return every loaded version, by kind then effective_at."""
+        out = [VersionInfo(KIND_PRICE_CARD, c.version, c.effective_at) for c in self.price_cards.items]
+        out += [VersionInfo(KIND_OWNERS, o.version, o.effective_at) for o in self.owners.items]
+        return out
+
+
+def _timeline(items: Iterable[T], start: Callable[[T], datetime], version: Callable[[T], str]) -> Timeline[T]:
+    ordered = sorted(items, key=lambda x: (start(x), version(x)))
+    return Timeline(tuple(start(x) for x in ordered), tuple(ordered))
+
+
+def snapshot_of(docs: Iterable[ReferenceDoc]) -> ReferenceSnapshot:
+    """Return a snapshot holding exactly these documents (a later one with the same kind:version wins)."""
+    store = ReferenceStore()
+    for doc in docs:
+        store.apply(doc)
+    return store.snapshot()
+
+
+class ReferenceStore:
+    """The worker's reference data, fed from the compacted topics; readers take immutable snapshots.
+
+    Contract: apply/remove build a new ReferenceSnapshot and swap it in with one assignment, so a reader
+    holding a snapshot (a batch in progress) never sees a half-applied change. Versions with equal
+    effective_at are ordered by version string (the loader refuses such pairs; a foreign producer might not).
+    One writer at a time.
+    """
+
+    def __init__(self) -> None:
+        self._docs: dict[tuple[str, str], ReferenceDoc] = {}
+        self._snapshot = ReferenceSnapshot()
+
+    def apply(self, doc: ReferenceDoc) -> None:
+        """Add a version, or replace the version with the same kind and version string."""
+        self._docs[(doc.kind, doc.version)] = doc
+        self._rebuild()
+
+    def remove(self, kind: str, version: str) -> bool:
+        """Drop a version (a compacted-topic tombstone); returns whether it was present."""
+        found = self._docs.pop((kind, version), None) is not None
+        if found:
+            self._rebuild()
+        return found
+
+    def snapshot(self) -> ReferenceSnapshot:
+        """Return the current immutable view."""
+        return self._snapshot
+
+    def price_card_at(self, ts: datetime) -> PriceCard | None:
+        """Return the price card in effect at ts in the current snapshot."""
+        return self._snapshot.price_card_at(ts)
+
+    def owners_at(self, ts: datetime) -> OwnerRegistry | None:
+        """Return the owners registry in effect at ts in the current snapshot."""
+        return self._snapshot.owners_at(ts)
+
+    def versions(self) -> list[VersionInfo]:
+        """Return every loaded version, by kind then effective_at."""
+        return self._snapshot.versions()
+
+    def describe(self) -> str:
+        """Return one line for logs: the loaded versions per kind."""
+        by_kind: dict[str, list[str]] = {}
+        for info in self.versions():
+            by_kind.setdefault(info.kind, []).append(info.version)
+        if not by_kind:
+            return "no reference data"
+        return "; ".join(f"{kind}: {', '.join(vs)}" for kind, vs in by_kind.items())
+
+    def _rebuild(self) -> None:
+        cards = [d.parsed for d in self._docs.values() if isinstance(d.parsed, PriceCard)]
+        owners = [d.parsed for d in self._docs.values() if isinstance(d.parsed, OwnerRegistry)]
+        self._snapshot = ReferenceSnapshot(
+            _timeline(cards, lambda c: c.effective_at, lambda c: c.version),
+            _timeline(owners, lambda o: o.effective_at, lambda o: o.version),
+        )

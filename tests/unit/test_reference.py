@@ -1,0 +1,313 @@
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from textwrap import dedent
+
+import pytest
+
+from tally.config import REPO_ROOT
+from tally.errors import ReferenceDataError
+from tally.reference import (
+    OwnerRegistry,
+    PriceCard,
+    ReferenceDoc,
+    ReferenceStore,
+    load_reference_files,
+    parse_reference_yaml,
+    snapshot_of,
+)
+
+EXAMPLES = REPO_ROOT / "examples" / "reference"
+EXAMPLE_FILES = [EXAMPLES / "price_cards.yaml", EXAMPLES / "owners.yaml"]
+
+CARD = """\
+kind: price_card
+version: "v1"
+effective_at: "2026-01-01T00:00:00Z"
+currency: USD
+models:
+  - provider: openai
+    model: gpt-x
+    input: "1.00"
+    output: "4.00"
+"""
+
+OWNERS = """\
+kind: owners
+version: "o1"
+effective_at: "2026-01-01T00:00:00Z"
+teams:
+  search: {cost_center: CC-1, business_unit: consumer}
+features:
+  search_answer: {team: search, product: search}
+"""
+
+
+def problems_of(text: str, origin: str = "f.yaml") -> list[str]:
+    with pytest.raises(ReferenceDataError) as err:
+        parse_reference_yaml(dedent(text), origin)
+    return err.value.problems
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(dedent(text), encoding="utf-8")
+    return path
+
+
+def test_examples_load_two_versions_of_each_kind():
+    docs = load_reference_files(EXAMPLE_FILES)
+    assert [(d.kind, d.version) for d in docs] == [
+        ("price_card", "2025-10-01"), ("price_card", "2026-11-01"), ("owners", "2025-10-01"),
+        ("owners", "2026-02-01")]
+    card = docs[1].parsed
+    assert isinstance(card, PriceCard)
+    assert {m.provider for m in card.models} == {"openai", "anthropic", "google"}
+    owners = docs[3].parsed
+    assert isinstance(owners, OwnerRegistry)
+    assert len(owners.teams) == 6 and len(owners.features) == 15
+    assert owners.features["smart_reply"].team == "growth"
+    assert docs[2].parsed.features["smart_reply"].team == "inbox"  # type: ignore[union-attr]
+
+
+def test_doc_key_and_json_round_trip_exactly():
+    for doc in load_reference_files(EXAMPLE_FILES):
+        assert doc.key() == f"{doc.kind}:{doc.version}".encode()
+        again = ReferenceDoc.from_json(doc.to_json())
+        assert again == doc
+        assert again.to_json() == doc.to_json()
+        assert again.parsed == doc.parsed
+    doc = parse_reference_yaml(CARD, "c")[0]
+    assert b'"input":"1.00"' in doc.to_json()  # decimals travel as the strings written
+
+
+def test_from_json_validates():
+    with pytest.raises(ReferenceDataError) as err:
+        ReferenceDoc.from_json(b'{"kind": "price_card", "version": "x", "effective_at": "2026-01-01T00:00:00",'
+                               b' "currency": "USD", "models": [{"provider": "openai", "model": "m",'
+                               b' "input": 1.5, "output": "2"}]}')
+    text = "\n".join(err.value.problems)
+    assert "effective_at" in text and "models[0].input" in text
+    with pytest.raises(ReferenceDataError):
+        ReferenceDoc.from_json(b"not json")
+
+
+def test_typo_is_reported_with_line_and_suggestion():
+    text = CARD.replace('    output: "4.00"', '    ouptut: "4.00"')
+    problems = problems_of(text)
+    assert "f.yaml:9: models[0].ouptut: unknown key 'ouptut' (did you mean 'output'?)" in problems
+    assert "f.yaml:6: models[0]: missing required key 'output'" in problems
+
+
+def test_float_price_is_refused_with_a_hint_to_quote_it():
+    problems = problems_of(CARD.replace('input: "1.00"', "input: 1.10"))
+    assert len(problems) == 1
+    assert problems[0].startswith("f.yaml:8: models[0].input: price per million tokens must be a quoted decimal "
+                                  'string such as "1.10"')
+    # An unquoted integer is refused too: one rule for every price.
+    assert "f.yaml:8:" in problems_of(CARD.replace('input: "1.00"', "input: 1"))[0]
+
+
+@pytest.mark.parametrize(("value", "needle"), [
+    ('"-1"', "not a plain non-negative decimal"),
+    ('"1e-3"', "not a plain non-negative decimal"),
+    ('"abc"', "not a plain non-negative decimal"),
+    ('"0.0000001"', "has 7 decimal places; at most 6"),
+    ('"1000001"', "above the maximum"),
+])
+def test_bad_price_strings(value, needle):
+    problems = problems_of(CARD.replace('"1.00"', value))
+    assert len(problems) == 1 and problems[0].startswith("f.yaml:8: models[0].input:") and needle in problems[0]
+
+
+def test_trailing_zeros_do_not_count_as_decimal_places():
+    card = parse_reference_yaml(CARD.replace('"1.00"', '"1.5000000000"'), "c")[0].parsed
+    assert isinstance(card, PriceCard)
+    assert card.models[0].prices.input == Decimal("1.5")
+
+
+def test_multiplier_and_tool_price_limits():
+    text = CARD + '    batch_discount: "0.3333"\n    service_tiers: {priority: "1.8", flex: 0.5}\n' \
+                  '    tools: {web_search: "0.0000000001"}\n'
+    problems = problems_of(text)
+    assert any(p.startswith("f.yaml:10: models[0].batch_discount: multiplier '0.3333' has 4 decimal places; "
+                            "at most 3") for p in problems)
+    assert any(p.startswith("f.yaml:11: models[0].service_tiers.flex: multiplier must be a quoted") for p in problems)
+    assert any(p.startswith("f.yaml:12: models[0].tools.web_search: USD per call '0.0000000001' has 10")
+               for p in problems)
+    assert len(problems) == 3
+
+
+@pytest.mark.parametrize("value", ['"2026-01-01T00:00:00"', '"2026-01-01"', "2026-01-01 00:00:00",
+                                   '"yesterday"'])
+def test_naive_or_bad_timestamps_are_refused(value):
+    problems = problems_of(CARD.replace('"2026-01-01T00:00:00Z"', value))
+    assert len(problems) == 1
+    assert problems[0].startswith("f.yaml:3: effective_at: must be an RFC 3339 timestamp with an offset")
+
+
+def test_timestamp_with_offset_is_converted_to_utc_and_unquoted_values_are_accepted():
+    text = CARD.replace('"2026-01-01T00:00:00Z"', "2026-01-01T02:00:00+02:00").replace('"v1"', "2026-01-01")
+    doc = parse_reference_yaml(text, "c")[0]
+    assert doc.effective_at == datetime(2026, 1, 1, tzinfo=UTC)
+    assert doc.version == "2026-01-01"
+
+
+def test_unknown_team_is_reported_at_its_line_with_suggestion():
+    text = OWNERS + "  smart_reply: {team: serch, product: mail}\napi_keys:\n  k1: {team: nobody}\n"
+    problems = problems_of(text, "owners.yaml")
+    assert problems == [
+        "owners.yaml:8: features.smart_reply.team: unknown team 'serch': not a key of teams (did you mean "
+        "'search'?)",
+        "owners.yaml:10: api_keys.k1.team: unknown team 'nobody': not a key of teams",
+    ]
+
+
+def test_owner_entry_problems():
+    text = OWNERS.replace("{team: search, product: search}", "{team: search}") + \
+        "  other: {team: search, product: x, cost_centre: CC-9}\n"
+    problems = problems_of(text)
+    assert "f.yaml:7: features.search_answer: missing required key 'product'" in problems
+    assert any(p.startswith("f.yaml:8: features.other.cost_centre: unknown key 'cost_centre' (did you mean "
+                            "'cost_center'?)") for p in problems)
+
+
+def test_duplicate_models_aliases_and_keys():
+    text = CARD + (
+        "  - provider: openai\n"
+        "    model: gpt-y\n"
+        "    aliases: [gpt-x]\n"
+        '    input: "1"\n'
+        '    output: "1"\n'
+        '    input: "2"\n')
+    problems = problems_of(text)
+    assert "f.yaml:15: models[1].input: duplicate key" in problems
+    assert "f.yaml:10: models[1]: duplicate model openai/gpt-x (also models[0])" in problems
+
+
+def test_every_problem_is_reported_at_once():
+    text = dedent("""\
+        kind: price_card
+        version: "bad version!"
+        effective_at: "2026-01-01T00:00:00"
+        currency: EUR
+        models:
+          - provider: OpenAI
+            model: gpt-x
+            input: 1.0
+            output: "1"
+            long_context: {above_input_tokens: "200k", input: "1", output: "1"}
+    """)
+    problems = problems_of(text)
+    assert [p.split(":")[1] for p in problems] == ["2", "3", "4", "6", "8", "10"]
+
+
+def test_yaml_syntax_error_names_the_line():
+    problems = problems_of("kind: price_card\nmodels: [\n  - a: 1\n")
+    assert len(problems) == 1 and problems[0].startswith("f.yaml:") and "YAML syntax error" in problems[0]
+
+
+def test_budgets_are_reserved_and_unknown_kinds_refused():
+    assert "reserved for budgets" in problems_of("kind: budgets\nversion: b1\n")[0]
+    assert "kind must be one of price_card, owners" in problems_of("kind: prices\n")[0]
+    assert "must be a mapping" in problems_of("- 1\n- 2\n")[0]
+
+
+def test_merge_keys_are_refused():
+    text = "base: &b {input: \"1\", output: \"1\"}\n" + CARD + "    <<: *b\n"
+    assert any("merge keys" in p for p in problems_of(text))
+
+
+def test_files_duplicate_versions_and_ambiguous_effective_at(tmp_path):
+    a = write(tmp_path, "a.yaml", CARD)
+    b = write(tmp_path, "b.yaml", CARD + "---\n" + CARD.replace('"v1"', '"v2"'))
+    missing = tmp_path / "missing.yaml"
+    with pytest.raises(ReferenceDataError) as err:
+        load_reference_files([a, b, missing])
+    problems = err.value.problems
+    assert problems[0] == f"{b}:1: price_card version 'v1' is defined twice (also {a}:1)"
+    assert problems[1].startswith(f"{b}:11: price_card version 'v2' has the same effective_at as version 'v1'")
+    assert problems[2].startswith(f"{missing}: cannot read")
+    assert len(problems) == 3
+
+
+def test_version_in_effect_by_timestamp():
+    snap = snapshot_of(load_reference_files(EXAMPLE_FILES))
+    change = datetime(2026, 11, 1, tzinfo=UTC)
+    tick = timedelta(microseconds=1)
+    assert snap.price_card_at(change - tick).version == "2025-10-01"  # type: ignore[union-attr]
+    assert snap.price_card_at(change).version == "2026-11-01"  # type: ignore[union-attr]
+    assert snap.price_card_at(change + tick).version == "2026-11-01"  # type: ignore[union-attr]
+    first = datetime(2025, 10, 1, tzinfo=UTC)
+    assert snap.price_card_at(first - tick) is None
+    assert snap.price_card_at(first).version == "2025-10-01"  # type: ignore[union-attr]
+    reorg = datetime(2026, 2, 1, tzinfo=UTC)
+    assert snap.owners_at(reorg - tick).version == "2025-10-01"  # type: ignore[union-attr]
+    assert snap.owners_at(reorg).version == "2026-02-01"  # type: ignore[union-attr]
+    card, lo, hi = snap.price_cards.span_at(change - tick)
+    assert card is not None and (lo, hi) == (first, change)
+
+
+def test_store_apply_replace_remove_and_snapshot_isolation():
+    store = ReferenceStore()
+    assert store.describe() == "no reference data" and store.price_card_at(datetime.now(UTC)) is None
+    v1 = parse_reference_yaml(CARD, "c")[0]
+    store.apply(v1)
+    before = store.snapshot()
+    v2 = parse_reference_yaml(CARD.replace('"v1"', '"v2"').replace("2026-01-01", "2026-06-01"), "c")[0]
+    store.apply(v2)
+    store.apply(parse_reference_yaml(OWNERS, "o")[0])
+    # The snapshot a batch holds does not change under it.
+    assert [v.version for v in before.versions()] == ["v1"]
+    assert [(v.kind, v.version) for v in store.versions()] == [("price_card", "v1"), ("price_card", "v2"),
+                                                               ("owners", "o1")]
+    assert store.describe() == "price_card: v1, v2; owners: o1"
+    at = datetime(2026, 7, 1, tzinfo=UTC)
+    assert store.price_card_at(at).version == "v2"  # type: ignore[union-attr]
+    assert store.owners_at(at).version == "o1"  # type: ignore[union-attr]
+    # Replacing a version (same kind:version) with a new price.
+    v2b = parse_reference_yaml(CARD.replace('"v1"', '"v2"').replace("2026-01-01", "2026-06-01")
+                               .replace('"4.00"', '"5.00"'), "c")[0]
+    store.apply(v2b)
+    card = store.price_card_at(at)
+    assert card is not None and card.models[0].prices.output == Decimal(5)
+    assert store.remove("price_card", "v2") is True
+    assert store.remove("price_card", "v2") is False
+    assert store.price_card_at(at).version == "v1"  # type: ignore[union-attr]
+
+
+def test_model_matching_exact_alias_and_snapshot_suffix():
+    card = snapshot_of(load_reference_files(EXAMPLE_FILES)).price_card_at(datetime(2026, 12, 1, tzinfo=UTC))
+    assert card is not None
+    assert card.find("openai", "gpt-4o").model == "gpt-4o"  # type: ignore[union-attr]
+    assert card.find("openai", "gpt-4o-2024-08-06").model == "gpt-4o"  # type: ignore[union-attr]
+    assert card.find("anthropic", "claude-sonnet-4-5-20250929").model == "claude-sonnet-4-5"  # type: ignore[union-attr]
+    assert card.find("anthropic", "claude-3-5-haiku-latest").model == "claude-3-5-haiku"  # type: ignore[union-attr]
+    assert card.find("openai", "gpt-5-chat-latest").model == "gpt-5"  # type: ignore[union-attr]
+    assert card.find("openai", "gpt-4o-mini-2024-07-18").model == "gpt-4o-mini"  # type: ignore[union-attr]
+    assert card.find("anthropic", "gpt-4o") is None  # the provider is part of the key
+    assert card.find("openai", "gpt-9") is None
+    assert card.find("openai", "gpt-4o-2024") is None
+
+
+def test_rates_are_exact_per_token_prices_with_multipliers():
+    text = CARD + '    batch_discount: "0.5"\n    service_tiers: {priority: "1.75"}\n'
+    card = parse_reference_yaml(text, "c")[0].parsed
+    assert isinstance(card, PriceCard)
+    model = card.models[0]
+    rates = model.rates(True, "priority", False)
+    assert rates.input == Decimal("0.000000875") and rates.output == Decimal("0.0000035")
+    assert rates.reasoning == rates.output and rates.cache_read is None and rates.notes == ()
+    assert model.rates(False, "turbo", False).notes == (
+        "unknown service tier 'turbo' for openai/gpt-x: multiplier 1",)
+    assert model.rates(True, "standard", False) is model.rates(True, "standard", False)  # memoized
+
+
+def test_provider_defaults_merge_under_models():
+    text = CARD.replace("models:", 'provider_defaults:\n  openai: {batch_discount: "0.5", '
+                                   'tools: {web_search: "0.01"}, service_tiers: {flex: "0.5"}}\nmodels:')
+    text += '    batch_discount: "0.6"\n    tools: {file_search: "0.0025"}\n'
+    model = parse_reference_yaml(text, "c")[0].parsed.models[0]  # type: ignore[union-attr]
+    assert model.batch_discount == Decimal("0.6")
+    assert dict(model.tools) == {"web_search": Decimal("0.01"), "file_search": Decimal("0.0025")}
+    assert dict(model.service_tiers) == {"flex": Decimal("0.5")}
