@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +46,8 @@ pass_ctx = click.make_pass_decorator(Ctx)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--data-dir", type=click.Path(path_type=Path), help="Data directory (default .tally; env TALLY_DATA_DIR).")
+@click.option("--data-dir", type=click.Path(path_type=Path),
+              help="Data directory (default .tally; env TALLY_DATA_DIR).")
 @click.option("--bootstrap", "kafka_bootstrap", help="Kafka bootstrap servers (default 127.0.0.1:9092).")
 @click.option("--clickhouse-url", help="chdb:///path (default: under the data dir) or http(s)://user:pass@host:port.")
 @click.option("--topic-prefix", help="Prefix for every topic name (default none).")
@@ -150,7 +150,6 @@ def _simulate_until(s: Settings, docs: Sequence[Any], rate: float, seed: int | N
             counter[0] += 1
             ahead = counter[0] / rate - (time.monotonic() - started)
             if ahead > 0.05:
-                pub.poll(0)
                 time.sleep(ahead)
 
 
@@ -299,7 +298,6 @@ def simulate(c: Ctx, rate: float, duration: float | None, count: int | None, see
                 n += 1
                 ahead = n / rate - (time.monotonic() - started)
                 if ahead > 0.05:
-                    pub.poll(0)
                     time.sleep(ahead)
     except KeyboardInterrupt:
         pass
@@ -436,9 +434,8 @@ def config_validate(c: Ctx) -> None:
     """Print the effective settings (secrets redacted) and exit non-zero listing every problem."""
     s = load_settings(**c.overrides)
     for key, value in s.to_env().items():
-        if key == "TALLY_CLICKHOUSE_URL":
-            value = s.redacted_ch_url() if value else ""
-        out.print(f"{key}={value}")
+        shown = (s.redacted_ch_url() if value else "") if key == "TALLY_CLICKHOUSE_URL" else value
+        out.print(f"{key}={shown}")
     problems = s.problems()
     if problems:
         for p in problems:

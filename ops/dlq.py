@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -39,14 +40,12 @@ def read_dead_letters(bootstrap: str, topic: str, timeout: float = 30.0) -> list
     c.assign([TopicPartition(topic, p, 0) for p in remaining])
     out: list[DeadLetter] = []
     try:
-        import time
-
         deadline = time.monotonic() + timeout
         while remaining and time.monotonic() < deadline:
             for msg in c.consume(num_messages=500, timeout=0.5):
                 if msg.error():
                     continue
-                p, off = msg.partition(), msg.offset()
+                p, off = int(msg.partition() or 0), int(msg.offset() or 0)
                 for line in (msg.value() or b"").split(b"\n"):
                     if line.strip():
                         try:

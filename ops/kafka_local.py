@@ -129,8 +129,10 @@ def _admin(bootstrap: str) -> AdminClient:
 
 def _answers_metadata(bootstrap: str, timeout: float) -> bool:
     """One metadata round trip: True when a broker answered with itself in the cluster metadata."""
-    host, port = _split_hostport(bootstrap.split(",", maxsplit=1)[0])
-    if not _tcp_open(host, port, min(timeout, 0.5)):
+    # A cheap TCP probe first: the broker opens its listener late in startup, and librdkafka
+    # would log every refused connection.
+    entries = [_split_hostport(e) for e in bootstrap.split(",") if e.strip()]
+    if not any(_tcp_open(host, port, min(timeout, 0.5)) for host, port in entries):
         return False
     try:
         md = _admin(bootstrap).list_topics(timeout=max(timeout, 0.1))
@@ -373,7 +375,7 @@ class LocalKafka:
                 return
             raise KafkaLocalError(
                 f"a local Kafka broker (pid {pid}) is running but does not answer at {self.bootstrap}; "
-                f"stop it (`tally down`) and retry\n{self._logs_tail()}"
+                f"stop it first and retry\n{self._logs_tail()}"
             )
         self.pid_file.unlink(missing_ok=True)  # stale
         self._listener()

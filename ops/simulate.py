@@ -114,19 +114,20 @@ class TrafficGenerator:
         provider, model = r.choice(self.catalog.models)
         shape = r.random()
         logical = self._id()
-        attempts: list[tuple[str, str, str | None]] = []  # (status, model, fallback_from)
+        ok: tuple[str, str, str | None] = ("ok", model, None)  # (status, model, fallback_from)
+        err: tuple[str, str, str | None] = ("error", model, None)
         if shape < 0.84:
-            attempts = [("ok", model, None)]
+            attempts = [ok]
         elif shape < 0.90:
-            attempts = [("error", model, None)] * r.randint(1, 2) + [("ok", model, None)]
+            attempts = [err] * r.randint(1, 2) + [ok]
         elif shape < 0.94:
             alt = r.choice([m for p, m in self.catalog.models if p == provider and m != model] or [model])
-            attempts = [("error", model, None), ("ok", alt, model)]
+            attempts = [err, ("ok", alt, model)]
         elif shape < 0.97:
             attempts = [("terminated", model, None)]
         else:
-            attempts = [("error", model, None)] * 3
-        batch = r.random() < 0.05 and attempts == [("ok", model, None)]
+            attempts = [err] * 3
+        batch = r.random() < 0.05 and attempts == [ok]
         events: list[dict[str, Any]] = []
         ts = self.clock
         for i, (status, served, fallback_from) in enumerate(attempts):

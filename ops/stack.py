@@ -28,6 +28,7 @@ def _pid_file(settings: Settings, role: str) -> Path:
 
 
 def log_file(settings: Settings, role: str) -> Path:
+    """Where a background worker of this role logs."""
     return settings.data_dir / "logs" / f"worker-{role}.log"
 
 
@@ -58,10 +59,10 @@ def worker_pid(settings: Settings, role: str) -> int | None:
 def api(settings: Settings, path: str, payload: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
     """Call the worker's HTTP API (GET, or POST with a JSON body); raises OSError when nobody answers."""
     data = orjson.dumps(payload) if payload is not None else None
-    req = urllib.request.Request(settings.web_url + path, data=data,
+    req = urllib.request.Request(settings.web_url + path, data=data,  # noqa: S310 - the worker own http URL
                                  headers={"Content-Type": "application/json"} if data else {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - our own loopback URL
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - the worker's own http URL
             return orjson.loads(resp.read())
     except urllib.error.HTTPError as exc:
         body = exc.read()
@@ -119,6 +120,7 @@ def stop_worker(settings: Settings, role: str = "all", timeout: float = 30.0) ->
 
 
 def tail(path: Path, lines: int = 25) -> str:
+    """The last lines of a log file, for error messages."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
@@ -126,8 +128,10 @@ def tail(path: Path, lines: int = 25) -> str:
 
 
 def ensure_kafka(settings: Settings) -> bool:
-    """Use the broker at the bootstrap address if one answers (a real cluster, or one already started);
-    otherwise start the project's local broker. Returns True when this call started it."""
+    """Use a broker that answers at the bootstrap address, else start the project's local one.
+
+    Returns True when this call started it (a real cluster or an already running broker is left alone).
+    """
     try:
         wait_for_broker(settings.kafka_bootstrap, timeout=2.0)
         return False

@@ -46,8 +46,9 @@ def _wait_topic(settings: Settings, topic: str, roles: tuple[str, ...], deadline
 
 def wait_processed(settings: Settings, timeout: float = 120.0,
                    progress: Callable[[str], None] | None = None) -> WaitReport:
-    """Wait until the process role has committed past everything now on llm.usage.v1, then until the sink role
-    has committed past everything then on llm.cost.attempts.v1.
+    """Wait until the process role, then the sink role, have committed past everything published so far.
+
+    First llm.usage.v1 as it is now, then llm.cost.attempts.v1 as it is once the first wait is over.
 
     Both roles commit only after their outputs are durable (the process role after Faust flushed its producer,
     the sink after ClickHouse acknowledged), so when this returns every line published before the call is in

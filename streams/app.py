@@ -112,7 +112,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None) -> fau
             """llm.usage.v1 → validate → enrich → llm.cost.attempts.v1 and llm.usage.dlq.v1, batch by batch."""
             await feed.ready.wait()
             stats.reference_ready = True
-            async for events in stream.take_events(settings.process_batch_messages, settings.batch_within_s):
+            async for events in stream.take_events(  # type: ignore[attr-defined]
+                    settings.process_batch_messages, settings.batch_within_s):
                 batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
                          for e in events]
                 out = process_messages(batch, validator, refs.snapshot(), settings.partitions, datetime.now(UTC))
@@ -133,7 +134,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None) -> fau
         @app.agent(attempts_topic)
         async def sink(stream: faust.StreamT) -> None:
             """llm.cost.attempts.v1 → usage_events; offsets are acked only after ClickHouse acknowledged."""
-            async for events in stream.take_events(settings.sink_batch_messages, settings.batch_within_s):
+            async for events in stream.take_events(  # type: ignore[attr-defined]
+                    settings.sink_batch_messages, settings.batch_within_s):
                 rows: list[dict[str, Any]] = []
                 bad_lines: dict[int, list[bytes]] = {}
                 for e in events:
@@ -167,7 +169,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None) -> fau
                     return _json_response(self, {"error": "POST {\"sql\": \"SELECT …\"}"}, status=400)
                 loop = asyncio.get_running_loop()
                 try:
-                    res = await loop.run_in_executor(executor, store.query, sql)
+                    res = await loop.run_in_executor(executor, writer.store.query, sql)
                 except StoreError as exc:
                     return _json_response(self, {"error": str(exc)}, status=400)
                 return _json_response(self, {"columns": res.columns, "rows": res.rows})

@@ -57,6 +57,11 @@ def resolve_owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> Ow
     with the registry is kept and recorded in `conflict` ("team_id: tag=search registry=inbox; ..."). No team
     after resolution → unattributed, with the most precise reason code above.
     """
+    return Owner(*_owner(tags, registry))
+
+
+def _owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> tuple[str, ...]:
+    """Return the Owner fields as a plain tuple (the hot path)."""
     team = tags.get("team_id", "")
     feature = tags.get("feature_id", "")
     api_key = tags.get("api_key_id", "")
@@ -80,18 +85,17 @@ def resolve_owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> Ow
                 reason = NO_REGISTRY
             else:
                 reason = UNKNOWN_FEATURE if feature else UNKNOWN_API_KEY
-            return Owner("", tag_product, tag_cc, tag_bu, UNATTRIBUTED, reason, "")
+            return ("", tag_product, tag_cc, tag_bu, UNATTRIBUTED, reason, "")
         known = registry.teams.get(team) if registry is not None else None
-        return Owner(team, tag_product, tag_cc or (known.cost_center if known else ""),
-                     tag_bu or (known.business_unit if known else ""), ATTRIBUTED, FROM_TAG, "")
+        return (team, tag_product, tag_cc or (known.cost_center if known else ""),
+                tag_bu or (known.business_unit if known else ""), ATTRIBUTED, FROM_TAG, "")
     assert registry is not None
     reg_team = registry.teams[entry.team]
     reg_cc = entry.cost_center or reg_team.cost_center
     reg_bu = entry.business_unit or reg_team.business_unit
     if not team or team == entry.team:
         if not (tag_product or tag_cc or tag_bu):  # the common case: nothing to compare
-            return Owner(entry.team, entry.product, reg_cc, reg_bu, ATTRIBUTED,
-                         FROM_TAG if team else source, "")
+            return entry.team, entry.product, reg_cc, reg_bu, ATTRIBUTED, FROM_TAG if team else source, ""
         cc, bu = reg_cc, reg_bu
     else:
         tagged = registry.teams.get(team)
@@ -101,8 +105,8 @@ def resolve_owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> Ow
              ("cost_center", tag_cc, reg_cc), ("business_unit", tag_bu, reg_bu))
     conflicts = [f"{field}: tag={tag} registry={reg}" for field, tag, reg in pairs
                  if tag and reg and tag != reg]
-    return Owner(team or entry.team, tag_product or entry.product, tag_cc or cc, tag_bu or bu, ATTRIBUTED,
-                 FROM_TAG if team else source, "; ".join(conflicts))
+    return (team or entry.team, tag_product or entry.product, tag_cc or cc, tag_bu or bu, ATTRIBUTED,
+            FROM_TAG if team else source, "; ".join(conflicts))
 
 
 class Costs(NamedTuple):
@@ -120,7 +124,7 @@ class Costs(NamedTuple):
 
 
 def price_event(event: Mapping[str, Any], card: PriceCard | None) -> Costs:
-    """Price one event with the card in effect at its timestamp; must run under MONEY_CONTEXT (see enrich).
+    """Price one event with the card in effect at its timestamp (enrich's pricing, for callers and tests).
 
     Rules: cost of a class = tokens × (price per million / 1,000,000) × batch_discount (batch=true) × service
     tier multiplier; the long-context prices replace the base prices for the whole request when input +
@@ -128,21 +132,26 @@ def price_event(event: Mapping[str, Any], card: PriceCard | None) -> Costs:
     price; cost_cache_write = 5m tokens × cache_write_5m + 1h tokens × cache_write_1h; tools = calls × USD per
     call (no multipliers). Total = exact sum. Nothing is rounded (validated cards keep ≤ 18 decimal places).
     """
+    with localcontext(MONEY_CONTEXT):
+        return Costs(*_price(event, card))
+
+
+_NOT_PRICED = (ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO)
+def _price(ev: Mapping[str, Any], card: PriceCard | None) -> tuple[Any, ...]:
+    """Return the Costs fields as a plain tuple (the hot path); runs under MONEY_CONTEXT."""
     if card is None:
-        return Costs(ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, UNPRICED, "no price card in effect")
-    provider = event["provider"]
-    model = event["model_actual"]
+        return (*_NOT_PRICED, UNPRICED, "no price card in effect")
+    provider = ev["provider"]
+    model = ev["model_actual"]
     entry = card.find(provider, model)
     if entry is None:
-        return Costs(ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, UNPRICED,
-                     f"{provider}/{model} is not in price card {card.version}")
-    usage = event["usage"]
+        return (*_NOT_PRICED, UNPRICED, f"{provider}/{model} is not in price card {card.version}")
+    usage = ev["usage"]
     n_cut = None
-    if not event.get("usage_reported", True):
-        n_cut = event.get("stream_terminated_at_token_n")
+    if not ev.get("usage_reported", True):
+        n_cut = ev.get("stream_terminated_at_token_n")
         if n_cut is None:
-            return Costs(ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, NO_USAGE,
-                         "usage not reported by the provider: cost unknown, not zero")
+            return (*_NOT_PRICED, NO_USAGE, "usage not reported by the provider: cost unknown, not zero")
     n_in = usage.get("input_tokens", 0)
     n_cr = usage.get("cache_read_tokens", 0)
     n_cw = usage.get("cache_write_tokens", 0)
@@ -154,47 +163,58 @@ def price_event(event: Mapping[str, Any], card: PriceCard | None) -> Costs:
         n_out, n_re = n_cut, 0
     tier = entry.long_context
     long = tier is not None and n_in + n_cr + n_cw + n_cw1h > tier.above_input_tokens
-    rates = entry.rates(event.get("batch", False), event.get("service_tier", ""), long)
-    notes: list[str] | None = list(rates.notes) if rates.notes else None
-
-    def unpriced(cls: str, n: int) -> Decimal:
-        nonlocal notes
-        where = " (long context)" if long else ""
-        (notes := notes or []).append(f"no {cls} price for {provider}/{model}{where}: {n} tokens unpriced")
-        return ZERO
-
-    c_in = ZERO if not n_in else (unpriced("input", n_in) if rates.input is None else rates.input * n_in)
-    c_out = ZERO if not n_out else (
-        unpriced("output", n_out) if rates.output is None else rates.output * n_out)
-    c_re = ZERO if not n_re else (
-        unpriced("reasoning", n_re) if rates.reasoning is None else rates.reasoning * n_re)
-    c_cr = ZERO if not n_cr else (
-        unpriced("cache_read", n_cr) if rates.cache_read is None else rates.cache_read * n_cr)
-    c_cw = ZERO if not n_cw else (
-        unpriced("cache_write_5m", n_cw) if rates.cache_write_5m is None else rates.cache_write_5m * n_cw)
+    rates = entry.rates(ev.get("batch", False), ev.get("service_tier", ""), long)
+    # An unpriced class has rate 0 in `filled`; whether it had tokens is checked below, off the common path.
+    p_in, p_out, p_re, p_cr, p_cw, p_cw1h = rates.filled
+    c_in = p_in * n_in if n_in else ZERO
+    c_out = p_out * n_out if n_out else ZERO
+    total = c_in + c_out
+    if n_re:
+        c_re = p_re * n_re
+        total += c_re
+    else:
+        c_re = ZERO
+    if n_cr:
+        c_cr = p_cr * n_cr
+        total += c_cr
+    else:
+        c_cr = ZERO
+    c_cw = ZERO
+    if n_cw:
+        c_cw = p_cw * n_cw
     if n_cw1h:
-        c_cw += (unpriced("cache_write_1h", n_cw1h) if rates.cache_write_1h is None
-                 else rates.cache_write_1h * n_cw1h)
+        c_cw += p_cw1h * n_cw1h
+    if n_cw or n_cw1h:
+        total += c_cw
     c_tools = ZERO
-    tool_calls = event.get("tool_calls")
+    notes = list(rates.notes) if rates.notes else None
+    if rates.missing:
+        counts = {"input": n_in, "output": n_out, "reasoning": n_re, "cache_read": n_cr, "cache_write_5m": n_cw,
+                  "cache_write_1h": n_cw1h}
+        where = " (long context)" if long else ""
+        gaps = [f"no {cls} price for {provider}/{model}{where}: {counts[cls]} tokens unpriced"
+                for cls in rates.missing if counts[cls]]
+        if gaps:
+            notes = [*(notes or ()), *gaps]
+    tool_calls = ev.get("tool_calls")
     if tool_calls:
         for name, calls in tool_calls.items():
             if calls:
                 price = entry.tools.get(name)
                 if price is None:
-                    (notes := notes or []).append(
-                        f"no price for tool {name!r} of {provider}/{model}: {calls} calls unpriced")
+                    notes = [*(notes or ()), f"no price for tool {name!r} of {provider}/{model}: {calls} calls "
+                                             "unpriced"]
                 else:
                     c_tools += price * calls
-    total = c_in + c_out + c_re + c_cr + c_cw + c_tools
+        total += c_tools
     if n_cut is not None:
         note = (f"estimated: usage not reported; priced input usage plus {n_cut} output tokens generated "
                 f"before the cut")
-        return Costs(c_in, c_out, c_re, c_cr, c_cw, c_tools, total, ESTIMATED,
-                     "; ".join([note, *notes]) if notes else note)
+        return (c_in, c_out, c_re, c_cr, c_cw, c_tools, total, ESTIMATED,
+                "; ".join([note, *notes]) if notes else note)
     if notes:
-        return Costs(c_in, c_out, c_re, c_cr, c_cw, c_tools, total, PARTIAL, "; ".join(notes))
-    return Costs(c_in, c_out, c_re, c_cr, c_cw, c_tools, total, PRICED, "")
+        return c_in, c_out, c_re, c_cr, c_cw, c_tools, total, PARTIAL, "; ".join(notes)
+    return c_in, c_out, c_re, c_cr, c_cw, c_tools, total, PRICED, ""
 
 
 class _OutOfRange(ValueError):
@@ -206,10 +226,10 @@ def _row(acc: Accepted, card: PriceCard | None, registry: OwnerRegistry | None,
     ev = acc.event
     usage = ev["usage"]
     tags = ev["tags"]
-    costs = price_event(ev, card)
-    if costs.total > COST_MAX:
-        raise _OutOfRange(f"cost_total_usd {costs.total} does not fit Decimal(38, 18)")
-    owner = resolve_owner(tags, registry)
+    c_in, c_out, c_re, c_cr, c_cw, c_tools, total, status, note = _price(ev, card)
+    if total > COST_MAX:
+        raise _OutOfRange(f"cost_total_usd {total} does not fit Decimal(38, 18)")
+    team, product, cost_center, business_unit, attribution, reason, conflict = _owner(tags, registry)
     model_actual = ev["model_actual"]
     source = acc.source
     return {
@@ -238,32 +258,32 @@ def _row(acc: Accepted, card: PriceCard | None, registry: OwnerRegistry | None,
         "cache_write_tokens": usage.get("cache_write_tokens", 0),
         "cache_write_1h_tokens": usage.get("cache_write_1h_tokens", 0),
         "tool_calls": ev.get("tool_calls") or {},
-        "cost_input_usd": costs.input,
-        "cost_output_usd": costs.output,
-        "cost_reasoning_usd": costs.reasoning,
-        "cost_cache_read_usd": costs.cache_read,
-        "cost_cache_write_usd": costs.cache_write,
-        "cost_tools_usd": costs.tools,
-        "cost_total_usd": costs.total,
-        "pricing_status": costs.status,
-        "pricing_note": costs.note,
+        "cost_input_usd": c_in,
+        "cost_output_usd": c_out,
+        "cost_reasoning_usd": c_re,
+        "cost_cache_read_usd": c_cr,
+        "cost_cache_write_usd": c_cw,
+        "cost_tools_usd": c_tools,
+        "cost_total_usd": total,
+        "pricing_status": status,
+        "pricing_note": note,
         "price_card_version": card.version if card is not None else "",
         "tenant_id": tags.get("tenant_id", ""),
-        "team_id": owner.team_id,
+        "team_id": team,
         "feature_id": tags.get("feature_id", ""),
-        "product": owner.product,
+        "product": product,
         "endpoint": tags.get("endpoint", ""),
         "environment": tags.get("environment", ""),
-        "cost_center": owner.cost_center,
-        "business_unit": owner.business_unit,
+        "cost_center": cost_center,
+        "business_unit": business_unit,
         "api_key_id": tags.get("api_key_id", ""),
         "deploy_version": tags.get("deploy_version", ""),
         "user_segment": tags.get("user_segment", ""),
         "tags": tags,
         "ownership_version": registry.version if registry is not None else "",
-        "attribution_status": owner.status,
-        "attribution_reason": owner.reason,
-        "attribution_conflict": owner.conflict,
+        "attribution_status": attribution,
+        "attribution_reason": reason,
+        "attribution_conflict": conflict,
         "source_topic": source.topic,
         "source_partition": source.partition,
         "source_offset": source.offset,

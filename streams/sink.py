@@ -125,8 +125,10 @@ def _too_large(exc: BaseException) -> bool:
 
 async def write_with_retry(write: Callable[[Sequence[dict[str, Any]]], int], rows: Sequence[dict[str, Any]],
                            executor: Executor, retry_for_s: float, stats: SinkStats | None = None) -> int:
-    """Run `write` in the executor until it succeeds; split a batch ClickHouse finds too large; give up after
-    `retry_for_s` seconds by raising SinkGaveUp (the worker must then stop without committing)."""
+    """Run `write` in the executor until it succeeds, splitting a batch ClickHouse finds too large.
+
+    Gives up after `retry_for_s` seconds by raising SinkGaveUp: the worker must then stop without committing.
+    """
     loop = asyncio.get_running_loop()
     deadline = time.monotonic() + retry_for_s
     delay = 0.2

@@ -224,7 +224,8 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         try:
             values[f.name] = _coerce(f.name, raw, getattr(defaults, f.name))
         except ValueError:
-            problems.append(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {type(getattr(defaults, f.name)).__name__}")
+            kind = type(getattr(defaults, f.name)).__name__
+            problems.append(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {kind}")
     for key, value in overrides.items():
         if value is None:
             continue
