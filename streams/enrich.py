@@ -137,6 +137,8 @@ def price_event(event: Mapping[str, Any], card: PriceCard | None) -> Costs:
 
 
 _NOT_PRICED = (ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO)
+
+
 def _price(ev: Mapping[str, Any], card: PriceCard | None) -> tuple[Any, ...]:
     """Return the Costs fields as a plain tuple (the hot path); runs under MONEY_CONTEXT."""
     if card is None:

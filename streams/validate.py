@@ -262,7 +262,7 @@ def _parse_ts(text: str) -> datetime | None:
     if not _RFC3339.match(text):
         return None
     try:
-        ts = datetime.fromisoformat(text)
+        ts = datetime.fromisoformat(text.upper())
     except ValueError:
         return None
     if ts.tzinfo is None:

@@ -44,7 +44,6 @@ TOOL_PRICE_PLACES = 9
 PRICE_MAX = Decimal(1_000_000)
 MULTIPLIER_MAX = Decimal(100)
 TOOL_PRICE_MAX = Decimal(1_000_000)
-TOKENS_PER_PRICE_UNIT = 1_000_000
 _PRICE = (PRICE_PLACES, PRICE_MAX, "price per million tokens")
 _MULTIPLIER = (MULTIPLIER_PLACES, MULTIPLIER_MAX, "multiplier")
 _TOOL_PRICE = (TOOL_PRICE_PLACES, TOOL_PRICE_MAX, "USD per call")
@@ -52,6 +51,9 @@ _TOOL_PRICE = (TOOL_PRICE_PLACES, TOOL_PRICE_MAX, "USD per call")
 # Decimal arithmetic for money: wide enough that no valid computation rounds; any rounding at all is an error.
 MONEY_CONTEXT = Context(prec=60, rounding=ROUND_HALF_EVEN, Emin=-999_999, Emax=999_999,
                         traps=[InvalidOperation, DivisionByZero, Overflow, Inexact])
+
+# Memoized lookups per card and per model stop growing here (their keys come from producers).
+_MEMO_MAX = 4096
 
 # Service tiers that mean "standard price" unless a card lists them with another multiplier.
 STANDARD_TIERS: frozenset[str] = frozenset({"", "default", "standard", "auto"})
@@ -76,7 +78,6 @@ Path_ = tuple[str | int, ...]
 T = TypeVar("T")
 
 
-
 class ClassPrices(NamedTuple):
     """USD per million tokens per token class; None = no price (tokens of that class make the row partial)."""
 
@@ -89,7 +90,11 @@ class ClassPrices(NamedTuple):
 
 
 class Rates(NamedTuple):
-    """USD per token per class after multipliers (exact, ≤ 18 decimal places), plus why they are partial."""
+    """USD per token per class after multipliers (exact, ≤ 18 decimal places), plus why they are partial.
+
+    `filled` holds the six rates in ClassPrices order with 0 for a class without a price, whose name is then in
+    `missing` (tokens of a missing class make a row partial); `notes` explain multipliers that did not apply.
+    """
 
     input: Decimal | None
     output: Decimal | None
@@ -97,6 +102,8 @@ class Rates(NamedTuple):
     cache_read: Decimal | None
     cache_write_5m: Decimal | None
     cache_write_1h: Decimal | None
+    filled: tuple[Decimal, Decimal, Decimal, Decimal, Decimal, Decimal]
+    missing: tuple[str, ...]
     notes: tuple[str, ...]
 
 
@@ -151,17 +158,22 @@ class ModelPrice:
             notes.append(f"unknown service tier {service_tier!r} for {self.provider}/{self.model}: "
                          "multiplier 1")
         prices = self.long_context.prices if (long_context and self.long_context) else self.prices
-        per_token = [None if p is None else MONEY_CONTEXT.multiply(p.scaleb(-6, MONEY_CONTEXT), multiplier)
-                     for p in prices]
-        reasoning = per_token[2] if per_token[2] is not None else per_token[1]
-        found = Rates(per_token[0], per_token[1], reasoning, per_token[3], per_token[4], per_token[5],
+        p_in, p_out, p_re, p_cr, p_cw, p_cw1h = (
+            None if p is None else MONEY_CONTEXT.multiply(p.scaleb(-6, MONEY_CONTEXT), multiplier) for p in prices)
+        if p_re is None:
+            p_re = p_out
+        per_token = (p_in, p_out, p_re, p_cr, p_cw, p_cw1h)
+        zero = Decimal(0)
+        f_in, f_out, f_re, f_cr, f_cw, f_cw1h = (zero if p is None else p for p in per_token)
+        missing = tuple(name for name, p in zip(ClassPrices._fields, per_token, strict=True) if p is None)
+        found = Rates(p_in, p_out, p_re, p_cr, p_cw, p_cw1h, (f_in, f_out, f_re, f_cr, f_cw, f_cw1h), missing,
                       tuple(notes))
-        self._rates[key] = found
+        if len(self._rates) < _MEMO_MAX:  # bounded: service tier names come from producers
+            self._rates[key] = found
         return found
 
 
 _SNAPSHOT_SUFFIX_RE = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
-_LOOKUP_CACHE_MAX = 4096
 
 
 @dataclass(frozen=True)
@@ -213,7 +225,7 @@ class PriceCard:
             base = _SNAPSHOT_SUFFIX_RE.sub("", model)
             if base != model:
                 found = self._index.get((provider, base))
-        if found is not None or len(self._lookup) < _LOOKUP_CACHE_MAX:
+        if len(self._lookup) < _MEMO_MAX:  # bounded: model names come from producers
             self._lookup[key] = found
         return found
 
@@ -261,7 +273,6 @@ class OwnerRegistry:
     api_keys: Mapping[str, OwnerEntry]
 
 
-
 @dataclass(frozen=True)
 class ReferenceDoc:
     """One validated version of one kind of reference data.
@@ -296,7 +307,6 @@ class ReferenceDoc:
         if problems.items or doc is None:
             raise ReferenceDataError(problems.items or ["<json>: invalid reference document"])
         return doc
-
 
 
 class _Problems:
@@ -394,22 +404,18 @@ def _mapping(p: _Problems, path: Path_, value: Any, what: str) -> dict[str, Any]
 
 
 def _keys(p: _Problems, path: Path_, data: Mapping[str, Any], required: Iterable[str],
-          optional: Iterable[str]) -> bool:
+          optional: Iterable[str]) -> None:
     """Report missing required keys and unknown keys (with the closest known key, for typos)."""
     required = tuple(required)
     known = (*required, *optional)
-    ok = True
     for k in required:
         if k not in data:
             p.add(path, f"missing required key {k!r}")
-            ok = False
     for k in data:
         if k not in known:
             close = difflib.get_close_matches(k, known, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(known)})"
             p.add(path + (k,), f"unknown key {k!r}{hint}")
-            ok = False
-    return ok
 
 
 def _string(p: _Problems, path: Path_, value: Any, pattern: re.Pattern[str] | None = None,
@@ -438,15 +444,13 @@ def _decimal(p: _Problems, path: Path_, value: Any, limits: tuple[int, Decimal, 
         p.add(path, f"{what} {value!r} is not a plain non-negative decimal such as \"2.50\"")
         return None
     number = Decimal(value)
-    exponent = number.normalize(MONEY_CONTEXT).as_tuple().exponent
-    assert isinstance(exponent, int)
-    significant = max(0, -exponent)
+    if number > maximum:
+        p.add(path, f"{what} {value!r} is above the maximum {maximum}")
+        return None
+    significant = len(value.partition(".")[2].rstrip("0"))  # trailing zeros are not decimal places
     if significant > places:
         p.add(path, f"{what} {value!r} has {significant} decimal places; at most {places} keep every cost "
                     f"exact at 18 decimal places")
-        return None
-    if number > maximum:
-        p.add(path, f"{what} {value!r} is above the maximum {maximum}")
         return None
     return number.quantize(Decimal(1).scaleb(-significant), context=MONEY_CONTEXT)
 

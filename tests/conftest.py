@@ -73,6 +73,7 @@ def local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka
                 # Another process grabbed a just-picked port: pick again, once.
                 if attempt or "already in use" not in str(exc):
                     raise
+                atexit.unregister(broker.stop)
         yield broker
     finally:
         if broker is not None:

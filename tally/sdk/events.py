@@ -19,8 +19,7 @@ def format_timestamp(ts: datetime) -> str:
     """Return `ts` as RFC 3339 in UTC with milliseconds and 'Z'; raises ValueError for a naive datetime."""
     if ts.tzinfo is None or ts.utcoffset() is None:
         raise ValueError(f"timestamp must be timezone-aware, got naive {ts.isoformat()}")
-    ts = ts.astimezone(UTC)
-    return f"{ts:%Y-%m-%dT%H:%M:%S}.{ts.microsecond // 1000:03d}Z"
+    return ts.astimezone(UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def _timestamp(ts: datetime | str | None) -> str:

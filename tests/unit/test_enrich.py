@@ -24,7 +24,7 @@ from tally.reference import (
     parse_reference_yaml,
     snapshot_of,
 )
-from tests.factories import DROP, accepted_factory, event_factory
+from tests.factories import DROP, accepted_factory
 
 EXAMPLES = REPO_ROOT / "examples" / "reference"
 NOW = datetime(2026, 11, 20, 8, 30, tzinfo=UTC)

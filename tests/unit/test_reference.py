@@ -67,7 +67,7 @@ def test_examples_load_two_versions_of_each_kind():
     assert isinstance(owners, OwnerRegistry)
     assert len(owners.teams) == 6 and len(owners.features) == 15
     assert owners.features["smart_reply"].team == "growth"
-    assert docs[2].parsed.features["smart_reply"].team == "inbox"  # type: ignore[union-attr]
+    assert docs[2].parsed.features["smart_reply"].team == "inbox"
 
 
 def test_doc_key_and_json_round_trip_exactly():
@@ -114,6 +114,8 @@ def test_float_price_is_refused_with_a_hint_to_quote_it():
     ('"abc"', "not a plain non-negative decimal"),
     ('"0.0000001"', "has 7 decimal places; at most 6"),
     ('"1000001"', "above the maximum"),
+    ('"' + "9" * 80 + '"', "above the maximum"),
+    ('"0.' + "1" * 80 + '"', "has 80 decimal places"),
 ])
 def test_bad_price_strings(value, needle):
     problems = problems_of(CARD.replace('"1.00"', value))
@@ -235,15 +237,15 @@ def test_version_in_effect_by_timestamp():
     snap = snapshot_of(load_reference_files(EXAMPLE_FILES))
     change = datetime(2026, 11, 1, tzinfo=UTC)
     tick = timedelta(microseconds=1)
-    assert snap.price_card_at(change - tick).version == "2025-10-01"  # type: ignore[union-attr]
-    assert snap.price_card_at(change).version == "2026-11-01"  # type: ignore[union-attr]
-    assert snap.price_card_at(change + tick).version == "2026-11-01"  # type: ignore[union-attr]
+    assert snap.price_card_at(change - tick).version == "2025-10-01"
+    assert snap.price_card_at(change).version == "2026-11-01"
+    assert snap.price_card_at(change + tick).version == "2026-11-01"
     first = datetime(2025, 10, 1, tzinfo=UTC)
     assert snap.price_card_at(first - tick) is None
-    assert snap.price_card_at(first).version == "2025-10-01"  # type: ignore[union-attr]
+    assert snap.price_card_at(first).version == "2025-10-01"
     reorg = datetime(2026, 2, 1, tzinfo=UTC)
-    assert snap.owners_at(reorg - tick).version == "2025-10-01"  # type: ignore[union-attr]
-    assert snap.owners_at(reorg).version == "2026-02-01"  # type: ignore[union-attr]
+    assert snap.owners_at(reorg - tick).version == "2025-10-01"
+    assert snap.owners_at(reorg).version == "2026-02-01"
     card, lo, hi = snap.price_cards.span_at(change - tick)
     assert card is not None and (lo, hi) == (first, change)
 
@@ -263,8 +265,8 @@ def test_store_apply_replace_remove_and_snapshot_isolation():
                                                                ("owners", "o1")]
     assert store.describe() == "price_card: v1, v2; owners: o1"
     at = datetime(2026, 7, 1, tzinfo=UTC)
-    assert store.price_card_at(at).version == "v2"  # type: ignore[union-attr]
-    assert store.owners_at(at).version == "o1"  # type: ignore[union-attr]
+    assert store.price_card_at(at).version == "v2"
+    assert store.owners_at(at).version == "o1"
     # Replacing a version (same kind:version) with a new price.
     v2b = parse_reference_yaml(CARD.replace('"v1"', '"v2"').replace("2026-01-01", "2026-06-01")
                                .replace('"4.00"', '"5.00"'), "c")[0]
@@ -273,18 +275,18 @@ def test_store_apply_replace_remove_and_snapshot_isolation():
     assert card is not None and card.models[0].prices.output == Decimal(5)
     assert store.remove("price_card", "v2") is True
     assert store.remove("price_card", "v2") is False
-    assert store.price_card_at(at).version == "v1"  # type: ignore[union-attr]
+    assert store.price_card_at(at).version == "v1"
 
 
 def test_model_matching_exact_alias_and_snapshot_suffix():
     card = snapshot_of(load_reference_files(EXAMPLE_FILES)).price_card_at(datetime(2026, 12, 1, tzinfo=UTC))
     assert card is not None
-    assert card.find("openai", "gpt-4o").model == "gpt-4o"  # type: ignore[union-attr]
-    assert card.find("openai", "gpt-4o-2024-08-06").model == "gpt-4o"  # type: ignore[union-attr]
-    assert card.find("anthropic", "claude-sonnet-4-5-20250929").model == "claude-sonnet-4-5"  # type: ignore[union-attr]
-    assert card.find("anthropic", "claude-3-5-haiku-latest").model == "claude-3-5-haiku"  # type: ignore[union-attr]
-    assert card.find("openai", "gpt-5-chat-latest").model == "gpt-5"  # type: ignore[union-attr]
-    assert card.find("openai", "gpt-4o-mini-2024-07-18").model == "gpt-4o-mini"  # type: ignore[union-attr]
+    assert card.find("openai", "gpt-4o").model == "gpt-4o"
+    assert card.find("openai", "gpt-4o-2024-08-06").model == "gpt-4o"
+    assert card.find("anthropic", "claude-sonnet-4-5-20250929").model == "claude-sonnet-4-5"
+    assert card.find("anthropic", "claude-3-5-haiku-latest").model == "claude-3-5-haiku"
+    assert card.find("openai", "gpt-5-chat-latest").model == "gpt-5"
+    assert card.find("openai", "gpt-4o-mini-2024-07-18").model == "gpt-4o-mini"
     assert card.find("anthropic", "gpt-4o") is None  # the provider is part of the key
     assert card.find("openai", "gpt-9") is None
     assert card.find("openai", "gpt-4o-2024") is None
@@ -307,7 +309,7 @@ def test_provider_defaults_merge_under_models():
     text = CARD.replace("models:", 'provider_defaults:\n  openai: {batch_discount: "0.5", '
                                    'tools: {web_search: "0.01"}, service_tiers: {flex: "0.5"}}\nmodels:')
     text += '    batch_discount: "0.6"\n    tools: {file_search: "0.0025"}\n'
-    model = parse_reference_yaml(text, "c")[0].parsed.models[0]  # type: ignore[union-attr]
+    model = parse_reference_yaml(text, "c")[0].parsed.models[0]
     assert model.batch_discount == Decimal("0.6")
     assert dict(model.tools) == {"web_search": Decimal("0.01"), "file_search": Decimal("0.0025")}
     assert dict(model.service_tiers) == {"flex": Decimal("0.5")}

@@ -1,0 +1,82 @@
+"""Stage 1: validate + enrich + price + encode in process, per event, without Kafka."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from typing import Any
+
+from streams.enrich import enrich
+from streams.pipeline import process_messages
+from streams.records import Source, encode_row
+from streams.validate import Validator
+from tally.reference import snapshot_of
+from tally.sdk.batching import pack_ndjson, partition_of_line
+from tests.bench.common import EventPool, reference_docs
+
+MESSAGE_EVENTS = 500
+
+
+def _messages(pool: EventPool, count: int, partitions: int) -> list[tuple[bytes | None, Source]]:
+    """`count` events grouped by partition (partition_of_line) and packed 500 lines to a message."""
+    by_partition: dict[int, list[bytes]] = defaultdict(list)
+    for n in range(count):
+        line = pool.item(n)[0]
+        by_partition[partition_of_line(line, partitions)].append(line)
+    out: list[tuple[bytes | None, Source]] = []
+    for partition, lines in sorted(by_partition.items()):
+        for offset, start in enumerate(range(0, len(lines), MESSAGE_EVENTS)):
+            (value,) = pack_ndjson(lines[start:start + MESSAGE_EVENTS], 8 * 1024 * 1024)
+            out.append((value, Source("bench.llm.usage.v1", partition, offset)))
+    return out
+
+
+def measure_stages(pool: EventPool, count: int, partitions: int, repeats: int = 3) -> dict[str, Any]:
+    """µs per event of each step and of process_messages as a whole (median of `repeats` passes)."""
+    messages = _messages(pool, count, partitions)
+    validator = Validator()
+    refs = snapshot_of(reference_docs())
+    now = datetime.now(UTC)
+    validate_s: list[float] = []
+    enrich_s: list[float] = []
+    encode_s: list[float] = []
+    whole_s: list[float] = []
+    accepted_n = rejected_n = 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        accepted = []
+        for value, source in messages:
+            ok, _bad = validator.validate_message(value, source, partitions)
+            accepted.extend(ok)
+        t1 = time.perf_counter()
+        rows, _rej = enrich(accepted, refs, now)
+        t2 = time.perf_counter()
+        for row in rows:
+            encode_row(row)
+        t3 = time.perf_counter()
+        out = process_messages(messages, validator, refs, partitions, now)
+        t4 = time.perf_counter()
+        validate_s.append(t1 - t0)
+        enrich_s.append(t2 - t1)
+        encode_s.append(t3 - t2)
+        whole_s.append(t4 - t3)
+        accepted_n, rejected_n = out.accepted, out.rejected
+    if accepted_n != count:
+        raise RuntimeError(f"process_messages accepted {accepted_n} of {count} events ({rejected_n} rejected)")
+
+    def per_event(samples: list[float]) -> float:
+        return round(statistics.median(samples) / count * 1e6, 2)
+
+    whole = per_event(whole_s)
+    return {
+        "events": count,
+        "messages": len(messages),
+        "repeats": repeats,
+        "validate_us": per_event(validate_s),
+        "enrich_price_us": per_event(enrich_s),
+        "encode_us": per_event(encode_s),
+        "process_messages_us": whole,
+        "process_messages_events_per_s": round(1e6 / whole),
+    }
