@@ -8,7 +8,7 @@ from decimal import Decimal, DecimalException, localcontext
 from typing import Any, NamedTuple
 
 from streams.records import STAGE_ENRICH, Accepted, Rejection
-from tally.reference import MONEY_CONTEXT, OwnerRegistry, PriceCard, ReferenceSnapshot
+from tally.reference import MONEY_CONTEXT, ClassPrices, OwnerRegistry, PriceCard, ReferenceSnapshot
 
 # pricing_status values.
 PRICED = "priced"          # every token class, tool and multiplier had a price
@@ -137,6 +137,7 @@ def price_event(event: Mapping[str, Any], card: PriceCard | None) -> Costs:
 
 
 _NOT_PRICED = (ZERO, ZERO, ZERO, ZERO, ZERO, ZERO, ZERO)
+_CLASS_NAMES = ClassPrices._fields
 
 
 def _price(ev: Mapping[str, Any], card: PriceCard | None) -> tuple[Any, ...]:
@@ -145,8 +146,8 @@ def _price(ev: Mapping[str, Any], card: PriceCard | None) -> tuple[Any, ...]:
         return (*_NOT_PRICED, UNPRICED, "no price card in effect")
     provider = ev["provider"]
     model = ev["model_actual"]
-    entry = card.find(provider, model)
-    if entry is None:
+    pricing = card.pricing(provider, model, ev.get("batch", False), ev.get("service_tier", ""))
+    if pricing is None:
         return (*_NOT_PRICED, UNPRICED, f"{provider}/{model} is not in price card {card.version}")
     usage = ev["usage"]
     n_cut = None
@@ -163,9 +164,11 @@ def _price(ev: Mapping[str, Any], card: PriceCard | None) -> tuple[Any, ...]:
         n_re = usage.get("reasoning_tokens", 0)
     else:
         n_out, n_re = n_cut, 0
-    tier = entry.long_context
-    long = tier is not None and n_in + n_cr + n_cw + n_cw1h > tier.above_input_tokens
-    rates = entry.rates(ev.get("batch", False), ev.get("service_tier", ""), long)
+    entry, threshold, rates, long_rates = pricing
+    long = threshold is not None and n_in + n_cr + n_cw + n_cw1h > threshold
+    if long:
+        assert long_rates is not None
+        rates = long_rates
     # An unpriced class has rate 0 in `filled`; whether it had tokens is checked below, off the common path.
     p_in, p_out, p_re, p_cr, p_cw, p_cw1h = rates.filled
     c_in = p_in * n_in if n_in else ZERO
@@ -191,13 +194,12 @@ def _price(ev: Mapping[str, Any], card: PriceCard | None) -> tuple[Any, ...]:
     c_tools = ZERO
     notes = list(rates.notes) if rates.notes else None
     if rates.missing:
-        counts = {"input": n_in, "output": n_out, "reasoning": n_re, "cache_read": n_cr, "cache_write_5m": n_cw,
-                  "cache_write_1h": n_cw1h}
-        where = " (long context)" if long else ""
-        gaps = [f"no {cls} price for {provider}/{model}{where}: {counts[cls]} tokens unpriced"
-                for cls in rates.missing if counts[cls]]
-        if gaps:
-            notes = [*(notes or ()), *gaps]
+        counts = (n_in, n_out, n_re, n_cr, n_cw, n_cw1h)
+        for i in rates.missing:
+            if counts[i]:
+                where = " (long context)" if long else ""
+                notes = [*(notes or ()), f"no {_CLASS_NAMES[i]} price for {provider}/{model}{where}: {counts[i]} "
+                                         "tokens unpriced"]
     tool_calls = ev.get("tool_calls")
     if tool_calls:
         for name, calls in tool_calls.items():

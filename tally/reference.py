@@ -92,7 +92,7 @@ class ClassPrices(NamedTuple):
 class Rates(NamedTuple):
     """USD per token per class after multipliers (exact, ≤ 18 decimal places), plus why they are partial.
 
-    `filled` holds the six rates in ClassPrices order with 0 for a class without a price, whose name is then in
+    `filled` holds the six rates in ClassPrices order with 0 for a class without a price, whose index is then in
     `missing` (tokens of a missing class make a row partial); `notes` explain multipliers that did not apply.
     """
 
@@ -103,7 +103,7 @@ class Rates(NamedTuple):
     cache_write_5m: Decimal | None
     cache_write_1h: Decimal | None
     filled: tuple[Decimal, Decimal, Decimal, Decimal, Decimal, Decimal]
-    missing: tuple[str, ...]
+    missing: tuple[int, ...]
     notes: tuple[str, ...]
 
 
@@ -165,12 +165,21 @@ class ModelPrice:
         per_token = (p_in, p_out, p_re, p_cr, p_cw, p_cw1h)
         zero = Decimal(0)
         f_in, f_out, f_re, f_cr, f_cw, f_cw1h = (zero if p is None else p for p in per_token)
-        missing = tuple(name for name, p in zip(ClassPrices._fields, per_token, strict=True) if p is None)
+        missing = tuple(i for i, p in enumerate(per_token) if p is None)
         found = Rates(p_in, p_out, p_re, p_cr, p_cw, p_cw1h, (f_in, f_out, f_re, f_cr, f_cw, f_cw1h), missing,
                       tuple(notes))
         if len(self._rates) < _MEMO_MAX:  # bounded: service tier names come from producers
             self._rates[key] = found
         return found
+
+
+class Pricing(NamedTuple):
+    """Everything needed to price events of one (provider, model, batch, service tier) with one card."""
+
+    entry: ModelPrice
+    above_input_tokens: int | None  # the long-context threshold, None without a tier
+    base: Rates
+    long: Rates | None
 
 
 _SNAPSHOT_SUFFIX_RE = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
@@ -212,6 +221,28 @@ class PriceCard:
     models: tuple[ModelPrice, ...]
     _index: Mapping[tuple[str, str], ModelPrice] = field(compare=False, repr=False)
     _lookup: dict[tuple[str, str], ModelPrice | None] = field(default_factory=dict, compare=False, repr=False)
+    _pricing: dict[tuple[str, str, bool, str], Pricing | None] = field(default_factory=dict, compare=False,
+                                                                       repr=False)
+
+    def pricing(self, provider: str, model: str, batch: bool, service_tier: str) -> Pricing | None:
+        """Return the entry and per-token rates (base and long context) for these event fields, or None.
+
+        None = the model is not in this card (unpriced). Memoized per card: the hot path is one dict lookup.
+        """
+        key = (provider, model, batch, service_tier)
+        try:
+            return self._pricing[key]
+        except KeyError:
+            pass
+        entry = self.find(provider, model)
+        found = None
+        if entry is not None:
+            tier = entry.long_context
+            found = Pricing(entry, tier.above_input_tokens if tier else None, entry.rates(batch, service_tier, False),
+                            entry.rates(batch, service_tier, True) if tier else None)
+        if len(self._pricing) < _MEMO_MAX:  # bounded: model and tier names come from producers
+            self._pricing[key] = found
+        return found
 
     def find(self, provider: str, model: str) -> ModelPrice | None:
         """Return the entry that prices (provider, model) under the matching rules above, or None."""

@@ -1,8 +1,8 @@
 """A bare Faust agent that drains a topic (split NDJSON lines, orjson-decode, count): the Faust baseline.
 
 Run as `python -m tests.bench.bare_faust --bootstrap … --topic … --expected N --out FILE --group G --datadir D`.
-When N events have been counted it writes one JSON object to FILE (count, messages, first/last wall times, batch
-timings) and keeps running until SIGTERM, as `tally worker` would.
+When N events have been counted it writes one JSON object to FILE (count, messages, wall times of the partition
+assignment and of the first and last event, batch timings) and keeps running until SIGTERM, as `tally worker` would.
 """
 
 from __future__ import annotations
@@ -35,9 +35,15 @@ def build_app(args: argparse.Namespace) -> faust.App:
     )
     topic = app.topic(args.topic, value_type=bytes)
     out = Path(args.out)
-    state: dict[str, Any] = {"count": 0, "messages": 0, "first": 0.0, "first_batch_end": 0.0,
+    state: dict[str, Any] = {"count": 0, "messages": 0, "assigned": 0.0, "first": 0.0, "first_batch_end": 0.0,
                              "first_batch_events": 0, "last": 0.0, "batches": 0, "written": False}
     loads = orjson.loads
+
+    async def on_assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
+        if not state["assigned"]:
+            state["assigned"] = time.time()
+
+    app.on_partitions_assigned.connect(on_assigned)
 
     @app.agent(topic)
     async def drain(stream: faust.StreamT) -> None:

@@ -1,0 +1,271 @@
+"""`make bench`: per-stage cost, Kafka/Faust baselines, end-to-end throughput and latency, worker RSS.
+
+Starts its own Kafka broker on free loopback ports in a temporary directory (always stopped at the end), prints
+each figure as it is measured, then a table and one machine-readable line `BENCH_JSON {...}`. Targets are printed,
+not asserted. `python -m tests.bench.run --help` lists the sizes; the defaults take about five minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import platform
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import orjson
+
+from ops.kafka_local import LocalKafka, ensure_topics
+from tally.config import Settings
+from tally.errors import KafkaLocalError
+from tests.bench import baselines, pipeline, stages
+from tests.bench.common import EventPool, publish_batches, publish_singles
+from tests.conftest import free_ports
+
+TARGET_BATCH_RATE = 50_000
+TARGET_SINGLE_RATIO = 0.8
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tests.bench.run", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--partitions", type=int, default=4)
+    p.add_argument("--pool", type=int, default=50_000, help="distinct generated events (copies get new ids)")
+    p.add_argument("--stage-events", type=int, default=50_000, help="events for the in-process stage timing")
+    p.add_argument("--baseline-events", type=int, default=300_000, help="events on the batch baseline topic")
+    p.add_argument("--single-events", type=int, default=100_000, help="events on one-event-message topics")
+    p.add_argument("--pipeline-events", type=int, default=400_000, help="events per batch-message pipeline run")
+    p.add_argument("--pipeline-timeout", type=float, default=150.0, help="seconds allowed per pipeline run")
+    p.add_argument("--latency-rate", type=float, default=10_000.0)
+    p.add_argument("--latency-seconds", type=float, default=20.0)
+    p.add_argument("--sample-every", type=int, default=200)
+    p.add_argument("--profile", type=int, default=0, metavar="SECONDS",
+                   help="py-spy the worker (sink worker when split) for this long in each pipeline run")
+    p.add_argument("--only", default="stages,baselines,pipeline,split,latency",
+                   help="comma-separated subset of: stages,baselines,pipeline,split,latency")
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, profiles)")
+    return p.parse_args(argv)
+
+
+def _load() -> dict[str, Any]:
+    one, five, fifteen = os.getloadavg()
+    return {"loadavg_1m": round(one, 2), "loadavg_5m": round(five, 2), "loadavg_15m": round(fifteen, 2),
+            "cpus": os.cpu_count()}
+
+
+def _step(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
+    """Run one measurement; a failure is recorded and reported, and the next measurement still runs."""
+    print(f"\n== {name} (load {os.getloadavg()[0]:.2f})", flush=True)
+    began = time.monotonic()
+    try:
+        value = fn()
+    except Exception as exc:
+        traceback.print_exc()
+        value = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
+    print(f"   {orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()}  [{time.monotonic() - began:.1f}s]",
+          flush=True)
+    results[name] = value
+    return value
+
+
+def _start_kafka(root: Path, partitions: int) -> LocalKafka:
+    for attempt in range(2):
+        listener, controller = free_ports(2)
+        broker = LocalKafka(Settings(data_dir=root / f"broker{attempt}", kafka_bootstrap=f"127.0.0.1:{listener}",
+                                     kafka_controller_port=controller, partitions=partitions))
+        atexit.register(broker.stop)
+        try:
+            broker.start(timeout=120.0)
+            return broker
+        except KafkaLocalError as exc:
+            atexit.unregister(broker.stop)
+            if attempt or "already in use" not in str(exc):
+                raise
+    raise AssertionError("unreachable")
+
+
+def _prepared_topic(base: Settings, label: str, pool: EventPool, events: int, single: bool) -> tuple[str, float]:
+    prefix = f"bench-{label}-{uuid.uuid4().hex[:6]}."
+    settings = Settings(kafka_bootstrap=base.kafka_bootstrap, topic_prefix=prefix, partitions=base.partitions)
+    ensure_topics(settings)
+    topic = settings.topics.usage
+    if single:
+        seconds = publish_singles(base.kafka_bootstrap, topic, pool, 0, events)
+    else:
+        seconds = publish_batches(base.kafka_bootstrap, topic, pool, 0, events, base.partitions)
+    return topic, seconds
+
+
+def _baselines(results: dict[str, Any], base: Settings, root: Path, pool: EventPool,
+               args: argparse.Namespace) -> None:
+    bootstrap, parts = base.kafka_bootstrap, base.partitions
+    batch_topic, batch_pub = _prepared_topic(base, "base-batch", pool, args.baseline_events, single=False)
+    print(f"   prepared {args.baseline_events:,} events as SDK batch messages in {batch_pub:.1f}s", flush=True)
+    _step(results, "raw_aiokafka_batch",
+          lambda: baselines.raw_consume(bootstrap, batch_topic, parts, args.baseline_events))
+    _step(results, "bare_faust_batch",
+          lambda: baselines.bare_faust(bootstrap, batch_topic, parts, args.baseline_events, root / "bare"))
+    single_topic, single_pub = _prepared_topic(base, "base-single", pool, args.single_events, single=True)
+    print(f"   prepared {args.single_events:,} one-event messages in {single_pub:.1f}s", flush=True)
+    _step(results, "raw_aiokafka_single",
+          lambda: baselines.raw_consume(bootstrap, single_topic, parts, args.single_events))
+    _step(results, "bare_faust_single",
+          lambda: baselines.bare_faust(bootstrap, single_topic, parts, args.single_events, root / "bare"))
+
+
+def _get(results: dict[str, Any], name: str, key: str) -> Any:
+    value = results.get(name)
+    return value.get(key) if isinstance(value, dict) else None
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        text = f"{value:,.2f}" if value < 100 else f"{value:,.0f}"
+    elif isinstance(value, int):
+        text = f"{value:,}"
+    else:
+        text = str(value)
+    return f"{text}{unit}"
+
+
+def _ratio(num: Any, den: Any) -> str:
+    return f"{num / den:.2f}×" if isinstance(num, int | float) and isinstance(den, int | float) and den else "—"
+
+
+def _table(results: dict[str, Any]) -> str:
+    raw = _get(results, "raw_aiokafka_batch", "events_per_s")
+    raw_single = _get(results, "raw_aiokafka_single", "events_per_s")
+    bare_single = _get(results, "bare_faust_single", "events_per_s")
+    rows: list[tuple[str, str, str]] = []
+    st = results.get("stages") or {}
+    if st and "error" not in st:
+        rows += [
+            ("1 validate (in process)", _fmt(st.get("validate_us"), " µs/event"), ""),
+            ("1 enrich + price", _fmt(st.get("enrich_price_us"), " µs/event"), ""),
+            ("1 encode attempt rows", _fmt(st.get("encode_us"), " µs/event"), ""),
+            ("1 process_messages (all three)", _fmt(st.get("process_messages_us"), " µs/event"),
+             f"= {_fmt(st.get('process_messages_events_per_s'))} events/s on one core"),
+        ]
+    rows += [
+        ("2 raw aiokafka + orjson, batch msgs", _fmt(raw, " ev/s"), "1.00× (the reference)"),
+        ("2 raw aiokafka + orjson, 1-event msgs", _fmt(raw_single, " ev/s"), _ratio(raw_single, raw)),
+        ("3 bare Faust agent, batch msgs", _fmt(_get(results, "bare_faust_batch", "events_per_s"), " ev/s"),
+         _ratio(_get(results, "bare_faust_batch", "events_per_s"), raw)),
+        ("3 bare Faust agent, 1-event msgs", _fmt(bare_single, " ev/s"), _ratio(bare_single, raw)),
+    ]
+    for name, label in (("pipeline_batch_all", "4 pipeline batch msgs, role all"),
+                        ("pipeline_single_all", "4 pipeline 1-event msgs, role all"),
+                        ("pipeline_batch_split", "4 pipeline batch msgs, process+sink")):
+        steady = _get(results, name, "rate_steady")
+        total = _get(results, name, "rate_total")
+        note = _ratio(steady, raw) + " of raw"
+        if name == "pipeline_batch_all" and isinstance(steady, int):
+            note += f"; target ≥ {TARGET_BATCH_RATE:,}: {'MET' if steady >= TARGET_BATCH_RATE else 'MISSED'}"
+        if name == "pipeline_single_all" and isinstance(steady, int) and isinstance(bare_single, int):
+            want = TARGET_SINGLE_RATIO * bare_single
+            note += (f"; {steady / bare_single:.2f}× bare Faust 1-event, target ≥ {TARGET_SINGLE_RATIO}: "
+                     f"{'MET' if steady >= want else 'MISSED'}")
+        if _get(results, name, "error"):
+            note = "ERROR: " + str(_get(results, name, "error"))[:80]
+        elif _get(results, name, "complete") is False:
+            note += f"; INCOMPLETE ({_fmt(_get(results, name, 'rows'))} rows)"
+        rows.append((label + " (steady)", _fmt(steady, " ev/s"), note))
+        rows.append((label + " (incl. startup)", _fmt(total, " ev/s"),
+                     f"startup→first rows {_fmt(_get(results, name, 'first_rows_s'), ' s')}"))
+    lat = results.get("latency") or {}
+    if lat and "error" not in lat:
+        rows.append((f"5 event→queryable p50 @ {_fmt(lat.get('target_rate'))}/s", _fmt(lat.get("p50_ms"), " ms"),
+                     f"published at {_fmt(lat.get('publish_rate'))} ev/s, {lat.get('seen')}/{lat.get('samples')} "
+                     "samples seen"))
+        rows.append(("5 event→queryable p99", _fmt(lat.get("p99_ms"), " ms"), f"max {_fmt(lat.get('max_ms'), ' ms')}"))
+    elif lat:
+        rows.append(("5 latency", "—", "ERROR: " + str(lat.get("error"))[:80]))
+    for name in ("pipeline_batch_all", "pipeline_single_all", "pipeline_batch_split", "latency"):
+        rss = _get(results, name, "peak_rss_mib")
+        if isinstance(rss, dict):
+            rows.append((f"6 peak RSS (VmHWM), {name}", ", ".join(f"{r} {_fmt(v, ' MiB')}" for r, v in rss.items()),
+                         ""))
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    line = "+".join("-" * (w + 2) for w in width)
+    out = [line, " | ".join(h.ljust(w) for h, w in zip(("measurement", "figure", "ratio / target"), width,
+                                                          strict=True)), line]
+    out += [" | ".join(c.ljust(w) for c, w in zip(r, width, strict=True)) for r in rows]
+    return "\n".join([*out, line])
+
+
+def _interrupt_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    only = set(args.only.split(","))
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    results: dict[str, Any] = {"started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                               "host": {"python": platform.python_version(), **_load()}, "args": vars(args)}
+    began = time.monotonic()
+    tmp = tempfile.mkdtemp(prefix="tally-bench-")
+    root = Path(tmp)
+    print(f"tally bench: temp dir {root}; load {results['host']}", flush=True)
+    pool = EventPool(args.pool, args.partitions)
+    print(f"   event pool: {len(pool):,} generated events", flush=True)
+    if "stages" in only:
+        _step(results, "stages", lambda: stages.measure_stages(pool, args.stage_events, args.partitions))
+    broker: LocalKafka | None = None
+    try:
+        if only - {"stages"}:
+            broker = _start_kafka(root, args.partitions)
+            print(f"   Kafka at {broker.bootstrap}", flush=True)
+            base = Settings(data_dir=root, kafka_bootstrap=broker.bootstrap,
+                            kafka_controller_port=broker.controller_port, partitions=args.partitions)
+            if "baselines" in only:
+                _baselines(results, base, root, pool, args)
+            timeout = args.pipeline_timeout
+            if "pipeline" in only:
+                _step(results, "pipeline_batch_all", lambda: pipeline.throughput(
+                    base, root, pool, args.pipeline_events, single=False, split=False, timeout_s=timeout,
+                    profile_s=args.profile))
+                _step(results, "pipeline_single_all", lambda: pipeline.throughput(
+                    base, root, pool, args.single_events, single=True, split=False, timeout_s=timeout,
+                    profile_s=args.profile))
+            if "split" in only:
+                _step(results, "pipeline_batch_split", lambda: pipeline.throughput(
+                    base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
+                    profile_s=args.profile))
+            if "latency" in only:
+                _step(results, "latency", lambda: pipeline.latency(
+                    base, root, pool, args.latency_rate, args.latency_seconds, args.sample_every, first_event=0))
+    except KeyboardInterrupt:
+        print("interrupted; cleaning up", file=sys.stderr, flush=True)
+        results["interrupted"] = True
+    finally:
+        if broker is not None:
+            broker.stop()
+            atexit.unregister(broker.stop)
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    results["host_end"] = _load()
+    results["elapsed_s"] = round(time.monotonic() - began, 1)
+    print("\n" + _table(results))
+    print(f"load at start {results['host']['loadavg_1m']}, at end {results['host_end']['loadavg_1m']} "
+          f"({results['host']['cpus']} CPUs); whole bench {results['elapsed_s']}s"
+          + (f"; kept {root}" if args.keep else ""))
+    print("BENCH_JSON " + orjson.dumps(results, option=orjson.OPT_NON_STR_KEYS).decode(), flush=True)
+    return 130 if results.get("interrupted") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
