@@ -96,12 +96,17 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
     console.print('\nQuery it from another shell:\n  tally query "SELECT team_id, sum(cost_total_usd) '
                   'FROM tally.usage_events GROUP BY team_id ORDER BY 2 DESC"\nCtrl-C stops everything.\n')
     try:
-        with Live(console=console, refresh_per_second=2, transient=False) as live:
-            last = (time.monotonic(), 0)
-            while True:
-                time.sleep(1.0)
-                line, last = _status_line(s, last, sim_counter[0])
-                live.update(line)
+        last = (time.monotonic(), 0)
+        if console.is_terminal:
+            with Live(console=console, refresh_per_second=2, transient=False) as live:
+                while True:
+                    time.sleep(1.0)
+                    line, last = _status_line(s, last, sim_counter[0])
+                    live.update(line)
+        while True:  # not a terminal (piped to a file): one status line every 5 seconds
+            time.sleep(5.0)
+            line, last = _status_line(s, last, sim_counter[0])
+            console.print(line)
     except KeyboardInterrupt:
         console.print("\nstopping…")
     finally:
@@ -322,7 +327,8 @@ def _load_reference(s: Settings, paths: Sequence[Path]) -> list[Any]:
     docs = load_reference_files(list(paths))
     topic_of = {"price_card": s.topics.price_cards, "owners": s.topics.owners, "budgets": s.topics.budgets}
     errors: list[str] = []
-    producer = Producer({"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True, "acks": "all"})
+    producer = Producer({"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True, "acks": "all",
+                         "log_level": 3})  # retries while a fresh broker loads its coordinator are not news
 
     def delivered(err: Any, msg: Any) -> None:
         if err is not None:
