@@ -192,30 +192,28 @@ def _price(ev: Mapping[str, Any], card: PriceCard | None) -> tuple[Any, ...]:
     if n_cw or n_cw1h:
         total += c_cw
     c_tools = ZERO
-    notes = list(rates.notes) if rates.notes else None
-    if rates.missing:
+    notes = list(rates.notes)  # usually empty: a fresh list, appended to only on the rare paths below
+    if rates.missing:  # common (OpenAI and Google bill no cache writes), so a plain loop
         counts = (n_in, n_out, n_re, n_cr, n_cw, n_cw1h)
         for i in rates.missing:
             if counts[i]:
                 where = " (long context)" if long else ""
-                notes = [*(notes or ()), f"no {_CLASS_NAMES[i]} price for {provider}/{model}{where}: {counts[i]} "
-                                         "tokens unpriced"]
+                notes.append(f"no {_CLASS_NAMES[i]} price for {provider}/{model}{where}: {counts[i]} tokens "
+                             "unpriced")
     tool_calls = ev.get("tool_calls")
     if tool_calls:
         for name, calls in tool_calls.items():
             if calls:
                 price = entry.tools.get(name)
                 if price is None:
-                    notes = [*(notes or ()), f"no price for tool {name!r} of {provider}/{model}: {calls} calls "
-                                             "unpriced"]
+                    notes.append(f"no price for tool {name!r} of {provider}/{model}: {calls} calls unpriced")
                 else:
                     c_tools += price * calls
         total += c_tools
     if n_cut is not None:
         note = (f"estimated: usage not reported; priced input usage plus {n_cut} output tokens generated "
                 f"before the cut")
-        return (c_in, c_out, c_re, c_cr, c_cw, c_tools, total, ESTIMATED,
-                "; ".join([note, *notes]) if notes else note)
+        return c_in, c_out, c_re, c_cr, c_cw, c_tools, total, ESTIMATED, "; ".join([note, *notes])
     if notes:
         return c_in, c_out, c_re, c_cr, c_cw, c_tools, total, PARTIAL, "; ".join(notes)
     return c_in, c_out, c_re, c_cr, c_cw, c_tools, total, PRICED, ""

@@ -93,7 +93,7 @@ class Rejection:
 
 def _json_default(obj: object) -> str:
     if isinstance(obj, Decimal):
-        return str(obj)
+        return format(obj, "f")  # plain notation: readers of the public stream get 0.000000125, not 1.25E-7
     raise TypeError(f"cannot serialize {type(obj).__name__}")
 
 

@@ -10,7 +10,11 @@ from hypothesis import strategies as st
 from streams.enrich import (
     COST_OUT_OF_RANGE,
     ENRICH_FAILED,
+    Costs,
+    Owner,
     enrich,
+    price_event,
+    resolve_owner,
 )
 from streams.records import ATTEMPT_COLUMNS, COST_COLUMNS, STAGE_ENRICH, Source
 from tally.config import REPO_ROOT
@@ -339,12 +343,29 @@ def test_card_version_by_event_time_within_one_batch(test_refs):
 def test_costs_of_valid_cards_are_never_rounded(examples):
     # The largest token counts with the example card's finest prices: all exact, ≤ 18 decimal places.
     usage = {c: 100_000_000 - i for i, c in enumerate(ALL_CLASSES)}
-    for model in ("gpt-5-nano", "claude-3-5-haiku", "gemini-2.5-pro", "o4-mini"):
-        provider = {"gpt": "openai", "o4": "openai", "cla": "anthropic", "gem": "google"}[model[:3].rstrip("-")]
+    for provider, model in (("openai", "gpt-5-nano"), ("openai", "o4-mini"), ("anthropic", "claude-3-5-haiku"),
+                            ("google", "gemini-2.5-pro")):
         row = one(examples, provider=provider, model_actual=model, usage=usage, batch=True, service_tier="flex")
         for c in COST_COLUMNS:
             exponent = row[c].as_tuple().exponent
             assert exponent >= -18, (model, c, row[c])
+
+
+def test_price_event_and_resolve_owner_are_the_functions_enrich_uses(test_refs):
+    acc = accepted_factory(provider="acme", model_actual="full", timestamp="2026-03-01T00:00:00Z",
+                           usage={"input_tokens": 10, "cache_write_1h_tokens": 5}, batch=True,
+                           tags={"feature_id": "smart_reply", "product": "mail_x"})
+    (row,), _ = enrich([acc], test_refs, NOW)
+    costs_ = price_event(acc.event, test_refs.price_card_at(acc.ts))
+    assert costs_ == Costs(Decimal("0.00001"), Decimal(0), Decimal(0), Decimal(0), Decimal("0.00001"), Decimal(0),
+                           Decimal("0.00002"), "priced", "")
+    assert tuple(costs_)[:7] == tuple(row[c] for c in COST_COLUMNS)
+    owner_ = resolve_owner(acc.event["tags"], test_refs.owners_at(acc.ts))
+    assert owner_ == Owner("growth", "mail_x", "CC-4100", "go_to_market", "attributed", "feature_registry",
+                           "product: tag=mail_x registry=mail")
+    assert tuple(owner_) == owner(row)
+    assert price_event(acc.event, None).status == "unpriced"
+    assert resolve_owner({}, None).reason == "no_feature_tag"
 
 
 # ---- rejections -----------------------------------------------------------------------------------------------
