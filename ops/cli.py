@@ -22,7 +22,7 @@ from rich.table import Table
 from tally.config import ROLES, Settings, load_settings
 from tally.errors import TallyError
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
 out = Console(width=None if sys.stdout.isatty() else 200)
 
 EXAMPLE_REFERENCE = (Path(__file__).resolve().parent.parent / "examples" / "reference")

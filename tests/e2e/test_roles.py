@@ -1,0 +1,68 @@
+import signal
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from decimal import Decimal
+from fractions import Fraction
+
+import orjson
+import pytest
+
+from ops.simulate import TrafficGenerator, catalog_from_reference
+from tally.reference import load_reference_files
+from tally.sdk.publisher import Publisher
+from tests.e2e.conftest import EXAMPLES, REPO
+from tests.rerate import Oracle
+
+pytestmark = pytest.mark.e2e
+
+REFERENCE_FILES = sorted(EXAMPLES.glob("*.yaml"))
+
+
+def test_two_process_workers_and_one_sink_with_a_clean_leave(stack, tmp_path):
+    """Scale-out on one machine: process workers share the input partitions; one sink owns chDB."""
+    oracle = Oracle(REFERENCE_FILES)
+    stack.tally("up", "--role", "sink", timeout=180)
+    stack.tally("reference", "load", str(EXAMPLES))
+    workers = [subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", "--role", "process"], env=stack.env,
+                                cwd=REPO, stdout=(tmp_path / f"p{i}.log").open("wb"), stderr=subprocess.STDOUT)
+               for i in range(2)]
+    try:
+        gen = TrafficGenerator(catalog_from_reference(load_reference_files(REFERENCE_FILES)), seed=41,
+                               bad_rate=0.0, rate=20.0, start=datetime(2026, 11, 15, tzinfo=UTC))
+        events = [orjson.loads(line) for line in gen.lines(30_000)]
+        with Publisher(stack.settings.kafka_bootstrap, stack.settings.topics.usage) as pub:
+            for i, e in enumerate(events):
+                pub.publish(e)
+                if i == 15_000:
+                    pub.flush()
+                    time.sleep(8)  # both workers have joined and are consuming by now
+                    workers[1].send_signal(signal.SIGTERM)  # a clean leave: its partitions move over
+        assert workers[1].wait(timeout=60) == 0
+        stack.tally("wait", "--timeout", "300", timeout=360)
+        rows = stack.query("SELECT count() AS n, uniqExact(event_id) AS u FROM tally.usage_events")[0]
+        assert rows == {"n": len(events), "u": len(events)}
+        expected: dict[str, Fraction] = defaultdict(Fraction)
+        for e in events:
+            ts = datetime.fromisoformat(e["timestamp"])
+            expected[oracle.team(e, ts)] += oracle.cost(e, ts)
+        by_team = stack.query("SELECT team_id, toString(sum(cost_total_usd)) AS total FROM tally.usage_events "
+                              "GROUP BY team_id")
+        assert {r["team_id"]: Fraction(Decimal(r["total"])) for r in by_team} == dict(expected)
+        # both process workers did part of the work before the leave
+        logs = [(tmp_path / f"p{i}.log").read_text(errors="replace") for i in range(2)]
+        assert all("llm.usage.v1" in log for log in logs)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.terminate()
+                w.wait(timeout=60)
+
+
+def test_a_second_sink_on_the_same_chdb_directory_fails_clearly(stack):
+    stack.tally("up", "--role", "sink", timeout=180)
+    proc = stack.tally("worker", "--role", "sink", check=False, timeout=120)
+    assert proc.returncode == 2
+    assert "in use by process" in proc.stderr.decode()
