@@ -66,3 +66,30 @@ def test_a_second_sink_on_the_same_chdb_directory_fails_clearly(stack):
     proc = stack.tally("worker", "--role", "sink", check=False, timeout=120)
     assert proc.returncode == 2
     assert "in use by process" in proc.stderr.decode()
+
+
+def test_plain_producer_one_event_messages_and_a_wrong_key(stack):
+    """Any Kafka producer works: one JSON event per message, keyed by the logical id with murmur2."""
+    from confluent_kafka import Producer
+
+    from tally.partitioning import partition_for
+
+    stack.tally("up", timeout=180)
+    stack.tally("reference", "load", str(EXAMPLES))
+    gen = TrafficGenerator(catalog_from_reference(load_reference_files(REFERENCE_FILES)), seed=5, bad_rate=0.0,
+                           start=datetime(2026, 11, 20, tzinfo=UTC))
+    events = [orjson.loads(line) for line in gen.lines(2000)]
+    p = Producer({"bootstrap.servers": stack.settings.kafka_bootstrap, "partitioner": "murmur2_random"})
+    for e in events:
+        p.produce(stack.settings.topics.usage, key=(e.get("parent_request_id") or e["request_id"]).encode(),
+                  value=orjson.dumps(e))
+    stray = {**events[0], "event_id": "stray-1", "request_id": "stray-request", "parent_request_id": None}
+    right = partition_for("stray-request", stack.settings.partitions)
+    p.produce(stack.settings.topics.usage, value=orjson.dumps(stray), partition=(right + 1) % 4)
+    assert p.flush(30) == 0
+    stack.tally("wait", "--timeout", "180", timeout=240)
+    n = stack.query("SELECT uniqExact(event_id) AS u, count() AS n FROM tally.usage_events")[0]
+    assert n == {"u": len(events), "n": len(events)}
+    dlq = orjson.loads(stack.tally("dlq", "show", "--format", "json").stdout)
+    assert dlq["by_reason"] == {"wrong_partition": 1}
+    assert dlq["recent"][0]["event_id"] == "stray-1"
