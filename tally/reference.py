@@ -517,25 +517,24 @@ def _extras(p: _Problems, path: Path_, data: Mapping[str, Any]) -> tuple[Decimal
     batch: Decimal | None = None
     if "batch_discount" in data:
         batch = _decimal(p, path + ("batch_discount",), data["batch_discount"], _MULTIPLIER)
-    tiers: dict[str, Decimal] = {}
-    if "service_tiers" in data:
-        tiers_data = _mapping(p, path + ("service_tiers",), data["service_tiers"], "tier name → multiplier")
-        for name, raw in (tiers_data or {}).items():
-            if _string(p, path + ("service_tiers", name), name, _NAME_RE) is None:
-                continue
-            mult = _decimal(p, path + ("service_tiers", name), raw, _MULTIPLIER)
-            if mult is not None:
-                tiers[name] = mult
-    tools: dict[str, Decimal] = {}
-    if "tools" in data:
-        tools_data = _mapping(p, path + ("tools",), data["tools"], "tool name → USD per call")
-        for name, raw in (tools_data or {}).items():
-            if _string(p, path + ("tools", name), name, _NAME_RE) is None:
-                continue
-            price = _decimal(p, path + ("tools", name), raw, _TOOL_PRICE)
-            if price is not None:
-                tools[name] = price
+    tiers = _named_decimals(p, path, data, "service_tiers", "tier name → multiplier", _MULTIPLIER)
+    tools = _named_decimals(p, path, data, "tools", "tool name → USD per call", _TOOL_PRICE)
     return batch, tiers, tools
+
+
+def _named_decimals(p: _Problems, path: Path_, data: Mapping[str, Any], key: str, what: str,
+                    limits: tuple[int, Decimal, str]) -> dict[str, Decimal]:
+    """A mapping of names to validated decimals (service-tier multipliers, tool prices); {} when absent."""
+    out: dict[str, Decimal] = {}
+    if key not in data:
+        return out
+    for name, raw in (_mapping(p, path + (key,), data[key], what) or {}).items():
+        if _string(p, path + (key, name), name, _NAME_RE) is None:
+            continue
+        value = _decimal(p, path + (key, name), raw, limits)
+        if value is not None:
+            out[name] = value
+    return out
 
 
 def _parse_price_card(p: _Problems, body: Mapping[str, Any], version: str,

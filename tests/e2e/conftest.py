@@ -6,7 +6,11 @@ import dataclasses
 import os
 import subprocess
 import sys
+from collections import defaultdict
 from collections.abc import Iterator
+from datetime import datetime
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +19,11 @@ import pytest
 
 from tally.config import Settings
 from tests.conftest import free_ports
+from tests.rerate import Oracle
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "reference"
+REFERENCE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 
 
 class Stack:
@@ -39,6 +45,19 @@ class Stack:
     def query(self, sql: str) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = orjson.loads(self.tally("query", sql, "--format", "json").stdout)
         return rows
+
+    def assert_matches_ground_truth(self, events: list[dict[str, Any]]) -> None:
+        """Every event is in usage_events exactly once and each team's total equals the independent oracle."""
+        totals = self.query("SELECT count() AS n, uniqExact(event_id) AS u FROM tally.usage_events")[0]
+        assert totals == {"n": len(events), "u": len(events)}
+        oracle = Oracle(REFERENCE_FILES)
+        expected: dict[str, Fraction] = defaultdict(Fraction)
+        for e in events:
+            ts = datetime.fromisoformat(e["timestamp"])
+            expected[oracle.team(e, ts)] += oracle.cost(e, ts)
+        by_team = self.query("SELECT team_id, toString(sum(cost_total_usd)) AS total FROM tally.usage_events "
+                             "GROUP BY team_id")
+        assert {r["team_id"]: Fraction(Decimal(r["total"])) for r in by_team} == dict(expected)
 
     def worker_pid(self) -> int:
         return int((self.settings.data_dir / "run" / "worker-all.pid").read_text())
