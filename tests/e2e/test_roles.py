@@ -10,11 +10,10 @@ import pytest
 from ops.simulate import TrafficGenerator, catalog_from_reference
 from tally.reference import load_reference_files
 from tally.sdk.publisher import Publisher
-from tests.e2e.conftest import EXAMPLES, REPO
+from tests.e2e.conftest import EXAMPLES, REFERENCE_FILES, REPO
 
 pytestmark = pytest.mark.e2e
 
-REFERENCE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 
 
 def test_two_process_workers_and_one_sink_with_a_clean_leave(stack, tmp_path):

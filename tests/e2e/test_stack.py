@@ -15,12 +15,11 @@ import pytest
 from ops.simulate import TrafficGenerator, catalog_from_reference
 from tally.reference import load_reference_files
 from tally.sdk.publisher import Publisher
-from tests.e2e.conftest import EXAMPLES
+from tests.e2e.conftest import EXAMPLES, REFERENCE_FILES
 from tests.rerate import Oracle
 
 pytestmark = pytest.mark.e2e
 
-REFERENCE_FILES = sorted(EXAMPLES.glob("*.yaml"))
 
 
 def _bad_lines(good: dict, k: int) -> list[tuple[bytes, str]]:
