@@ -17,9 +17,9 @@ import orjson
 from faust.web import Request, Response, View
 
 from streams.pipeline import process_messages
-from streams.records import Source, encode_record
+from streams.records import Source
 from streams.reference_feed import ReferenceFeed
-from streams.sink import SinkWriter, decode_attempts, write_with_retry
+from streams.sink import SinkWriter, decode_batch, write_with_retry
 from streams.validate import Validator
 from tally.config import Settings
 from tally.errors import SinkGaveUp, StoreError
@@ -113,11 +113,15 @@ def create_app(settings: Settings, role: str, store: Store | None = None) -> fau
             """llm.usage.v1 → validate → enrich → llm.cost.attempts.v1 and llm.usage.dlq.v1, batch by batch."""
             await feed.ready.wait()
             stats.reference_ready = True
+            loop = asyncio.get_running_loop()
+            # Validation and pricing are CPU work: a thread keeps the event loop (heartbeats, commits) responsive.
+            cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="process")
             async for events in stream.take_events(  # type: ignore[attr-defined]
                     settings.process_batch_messages, settings.batch_within_s):
                 batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
                          for e in events]
-                out = process_messages(batch, validator, refs.snapshot(), settings.partitions, datetime.now(UTC))
+                out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
+                                                 settings.partitions, datetime.now(UTC))
                 await publish(attempts_topic, out.attempts)
                 await publish(dlq_topic, out.dead_letters)
                 stats.messages += len(events)
@@ -135,17 +139,13 @@ def create_app(settings: Settings, role: str, store: Store | None = None) -> fau
         @app.agent(attempts_topic)
         async def sink(stream: faust.StreamT) -> None:
             """llm.cost.attempts.v1 → usage_events; offsets are acked only after ClickHouse acknowledged."""
+            loop = asyncio.get_running_loop()
             async for events in stream.take_events(  # type: ignore[attr-defined]
                     settings.sink_batch_messages, settings.batch_within_s):
-                rows: list[dict[str, Any]] = []
-                bad_lines: dict[int, list[bytes]] = {}
-                for e in events:
-                    source = Source(e.message.topic, e.message.partition, e.message.offset)
-                    ok, bad = decode_attempts(e.message.value or b"", source)
-                    rows.extend(ok)
-                    if bad:
-                        bad_lines.setdefault(source.partition, []).extend(
-                            encode_record(r.to_record()) for r in bad)
+                batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
+                         for e in events]
+                # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
+                rows, bad_lines = await loop.run_in_executor(executor, decode_batch, batch)
                 try:
                     await write_with_retry(writer.write, rows, executor, settings.sink_retry_s, writer.stats)
                 except SinkGaveUp as exc:

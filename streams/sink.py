@@ -22,6 +22,7 @@ from streams.records import (
     TIME_COLUMNS,
     Rejection,
     Source,
+    encode_record,
 )
 from tally.errors import SinkGaveUp, StoreError
 from tally.store import Store
@@ -57,6 +58,19 @@ def decode_attempts(value: bytes, source: Source) -> tuple[list[dict[str, Any]],
             continue
         rows.append(row)
     return rows, bad
+
+
+def decode_batch(messages: Sequence[tuple[bytes | None, Source]]
+                 ) -> tuple[list[dict[str, Any]], dict[int, list[bytes]]]:
+    """Decode a batch of attempt messages: rows to insert, and dead-letter lines keyed by partition."""
+    rows: list[dict[str, Any]] = []
+    dead: dict[int, list[bytes]] = {}
+    for value, source in messages:
+        ok, bad = decode_attempts(value or b"", source)
+        rows.extend(ok)
+        if bad:
+            dead.setdefault(source.partition, []).extend(encode_record(r.to_record()) for r in bad)
+    return rows, dead
 
 
 def insert_token(event_ids: Sequence[str]) -> str:

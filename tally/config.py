@@ -92,8 +92,10 @@ class Settings:
     web_host: str = "127.0.0.1"
     web_port: int = 6066
     # Batching: a process agent takes up to this many Kafka messages per batch, waiting at most `batch_within_s`.
-    process_batch_messages: int = 200
-    sink_batch_messages: int = 200
+    # SDK messages carry up to 500 events and attempt messages ~400 rows: these keep one batch to ~10-20k events,
+    # so the event loop (heartbeats, commits, the query API) is never blocked for long (tests/bench).
+    process_batch_messages: int = 40
+    sink_batch_messages: int = 30
     batch_within_s: float = 0.2
     # Exactly-once effect: the window in which ClickHouse remembers event_ids and insert tokens.
     dedup_window_days: int = 7

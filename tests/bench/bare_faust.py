@@ -39,7 +39,7 @@ def build_app(args: argparse.Namespace) -> faust.App:
                              "first_batch_events": 0, "last": 0.0, "batches": 0, "written": False}
     loads = orjson.loads
 
-    async def on_assigned(sender: Any, *args: Any, **kwargs: Any) -> None:
+    async def on_assigned(sender: Any, /, *args: Any, signal: Any, **kwargs: Any) -> None:
         if not state["assigned"]:
             state["assigned"] = time.time()
 
@@ -47,7 +47,7 @@ def build_app(args: argparse.Namespace) -> faust.App:
 
     @app.agent(topic)
     async def drain(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(200, 0.2):
+        async for events in stream.take_events(200, 0.2):  # type: ignore[attr-defined]
             began = time.time()
             n = 0
             for e in events:

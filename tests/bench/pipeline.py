@@ -32,19 +32,37 @@ COUNT_SQL = "SELECT count() FROM tally.usage_events"
 POLL_S = 0.25
 
 
-def fresh_settings(base: Settings, root: Path, label: str) -> Settings:
-    """A run's own topic prefix (all topics created), data directory and web port."""
+def fresh_settings(base: Settings, root: Path, label: str, **overrides: Any) -> Settings:
+    """A run's own topic prefix (all topics created), data directory and web port, plus setting overrides."""
     tag = uuid.uuid4().hex[:6]
     settings = dataclasses.replace(base, topic_prefix=f"bench-{label}-{tag}.", data_dir=root / f"{label}-{tag}",
-                                   web_port=free_ports(1)[0], log_level="WARNING")
+                                   web_port=free_ports(1)[0], log_level="WARNING", **overrides)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     ensure_topics(settings)
     return settings
 
 
-def count_rows(settings: Settings) -> int:
+def count_rows(settings: Settings, timeout: float = 10.0) -> int:
     """Rows in usage_events, through the worker's query API."""
-    return int(api(settings, "/api/query", {"sql": COUNT_SQL}, timeout=30)["rows"][0][0])
+    return int(api(settings, "/api/query", {"sql": COUNT_SQL}, timeout=timeout)["rows"][0][0])
+
+
+def _count_or_zero(settings: Settings) -> int:
+    try:
+        return count_rows(settings)
+    except (OSError, TallyError):
+        return 0
+
+
+def _status(settings: Settings) -> dict[str, Any]:
+    """The worker's counters (/api/status), or the error met asking for them."""
+    try:
+        st = api(settings, "/api/status", timeout=30)
+    except (OSError, TallyError) as exc:
+        return {"error": repr(exc)}
+    keys = ("messages", "events_accepted", "events_rejected", "sink_rows_inserted", "sink_duplicates_skipped",
+            "sink_retries")
+    return {k: st.get(k) for k in keys}
 
 
 @dataclasses.dataclass
@@ -87,14 +105,18 @@ def workers(settings: Settings, split: bool) -> Iterator[Workers]:
 
 
 def throughput(base: Settings, root: Path, pool: EventPool, events: int, single: bool, split: bool,
-               timeout_s: float, profile_s: int = 0) -> dict[str, Any]:
-    """Pre-publish `events`, start the worker(s), poll the row count until all are queryable.
+               timeout_s: float, profile_s: int = 0, **overrides: Any) -> dict[str, Any]:
+    """Pre-publish `events`, start the worker(s), poll the row count until all are queryable (or the timeout).
 
-    rate_steady = (N − rows at the first non-zero poll) / (time of the last poll − time of that first poll);
-    rate_total = N / (time of the last poll − the moment the worker start was requested).
+    rate_steady = (rows at the end − rows at the first non-zero poll) / (time between those polls);
+    rate_total = rows / (end − the moment the worker start was requested). The end is the poll that saw all N
+    rows, or a last patient count after the timeout. A poll that times out (the worker's event loop or ClickHouse
+    thread busy) counts as no change.
     """
     label = ("single" if single else "batch") + ("-split" if split else "-all")
-    settings = fresh_settings(base, root, label)
+    if overrides:
+        label += "-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items())).replace("_", "")
+    settings = fresh_settings(base, root, label, **overrides)
     topic = settings.topics.usage
     if single:
         publish_s = publish_singles(settings.kafka_bootstrap, topic, pool, 0, events)
@@ -102,7 +124,7 @@ def throughput(base: Settings, root: Path, pool: EventPool, events: int, single:
         publish_s = publish_batches(settings.kafka_bootstrap, topic, pool, 0, events, settings.partitions)
     _load_reference(settings, REFERENCE_FILES)
     started = time.monotonic()
-    profiler = None
+    profilers: dict[str, Any] = {}
     with workers(settings, split) as ws:
         api_ready = time.monotonic()
         first_t = 0.0
@@ -119,17 +141,27 @@ def throughput(base: Settings, root: Path, pool: EventPool, events: int, single:
             if n and not first_t:
                 first_t, first_n = now, n
                 if profile_s:
-                    pid = ws.pids()["sink" if split else "all"]
-                    profiler = profile.start(pid, root / f"{label}.pyspy.txt", profile_s)
+                    for role, pid in ws.pids().items():
+                        profilers[role] = profile.start(pid, root / f"{label}-{role}.pyspy.txt", profile_s)
             if n != last_n:
                 last_t, last_n = now, n
             if n >= events:
                 break
             time.sleep(POLL_S)
+        if last_n < events:
+            # Incomplete: count once more, patiently (polls time out while the worker's loop or its ClickHouse
+            # thread is busy), and let the rates run to that answer rather than to the last change seen.
+            try:
+                last_n = count_rows(settings, timeout=60)
+            except (OSError, TallyError):
+                pass
+            last_t = time.monotonic()
         rss = ws.peak_rss_mib()
         pids = ws.pids()
-        if profiler is not None:
-            profiler.wait(timeout=profile_s + 30)
+        status = _status(settings)
+        for proc in profilers.values():
+            if proc is not None:
+                proc.wait(timeout=profile_s + 30)
     done = last_n >= events
     steady_span = last_t - first_t if first_t else 0.0
     result: dict[str, Any] = {
@@ -146,14 +178,16 @@ def throughput(base: Settings, root: Path, pool: EventPool, events: int, single:
         "rate_total": round(last_n / (last_t - started)) if last_t > started else None,
         "peak_rss_mib": rss,
         "pids": pids,
+        "overrides": overrides,
+        "worker_status": status,  # of the sink worker when split (the process worker serves no API)
     }
-    if profiler is not None:
-        result["profile"] = profile.summarize(root / f"{label}.pyspy.txt")
+    if profilers:
+        result["profile"] = {role: profile.summarize(root / f"{label}-{role}.pyspy.txt") for role in profilers}
     return result
 
 
 def latency(base: Settings, root: Path, pool: EventPool, rate: float, duration_s: float, sample_every: int,
-            first_event: int, poll_s: float = 0.05, drain_timeout_s: float = 90.0) -> dict[str, Any]:
+            first_event: int, poll_s: float = 0.05, drain_timeout_s: float = 60.0) -> dict[str, Any]:
     """Publish at a steady `rate` with the SDK (5 ms linger, 50 ms max buffer) and time sampled events until a
     query through the worker API returns them: latency = first-seen time − publish() call time.
     """
@@ -170,7 +204,7 @@ def latency(base: Settings, root: Path, pool: EventPool, rate: float, duration_s
         publish_batches(settings.kafka_bootstrap, settings.topics.usage, pool, first_event, warm,
                         settings.partitions)
         warm_deadline = time.monotonic() + 120
-        while count_rows(settings) < warm:
+        while _count_or_zero(settings) < warm:
             ws.check_alive()
             if time.monotonic() > warm_deadline:
                 raise StackError("the latency worker did not land its warm-up events within 120s")
@@ -201,9 +235,10 @@ def latency(base: Settings, root: Path, pool: EventPool, rate: float, duration_s
                 errors.append(exc)
 
         producer = threading.Thread(target=produce, name="bench-publisher", daemon=True)
+        began_window = time.monotonic()
         producer.start()
         deadline = time.monotonic() + duration_s + drain_timeout_s
-        polls = 0
+        polls = failed_polls = 0
         while time.monotonic() < deadline:
             with lock:
                 outstanding = [e for e in sent_at if e not in seen_at]
@@ -211,31 +246,53 @@ def latency(base: Settings, root: Path, pool: EventPool, rate: float, duration_s
                 break
             if outstanding:
                 ids = ",".join(f"'{e}'" for e in outstanding[:500])
-                res = api(settings, "/api/query",
-                          {"sql": f"SELECT event_id FROM tally.usage_events WHERE event_id IN ({ids})"})
+                try:
+                    res = api(settings, "/api/query",
+                              {"sql": f"SELECT event_id FROM tally.usage_events WHERE event_id IN ({ids})"},
+                              timeout=10)
+                except (OSError, TallyError):
+                    failed_polls += 1
+                    continue
                 now = time.monotonic()
                 polls += 1
                 for (eid,) in res["rows"]:
                     seen_at.setdefault(eid, now)
             time.sleep(poll_s)
+        ended = time.monotonic()
         ws.check_alive()
         producer.join(timeout=60)
+        try:
+            rows: int | None = count_rows(settings, timeout=60) - warm
+        except (OSError, TallyError):
+            rows = None
         rss = ws.peak_rss_mib()
         pids = ws.pids()
+        status = _status(settings)
     if errors:
         raise errors[0]
-    lat_ms = [1000 * (seen_at[e] - sent_at[e]) for e in seen_at if e in sent_at]
+    # A sample not seen by the end is censored: its latency is at least (end − publish time).
+    lat_ms = [1000 * ((seen_at[e] if e in seen_at else ended) - t) for e, t in sent_at.items()]
+    unseen = len(sent_at) - sum(1 for e in sent_at if e in seen_at)
     publish_s = stats.get("publish_s", float("nan"))
+    p50, p99 = quantile(lat_ms, 0.50), quantile(lat_ms, 0.99)
     return {
         "target_rate": rate,
         "events": total,
         "publish_rate": round(total / publish_s) if publish_s == publish_s and publish_s > 0 else None,
         "samples": len(sent_at),
-        "seen": len(lat_ms),
-        "p50_ms": round(quantile(lat_ms, 0.50), 1),
-        "p99_ms": round(quantile(lat_ms, 0.99), 1),
+        "seen": len(sent_at) - unseen,
+        "unseen": unseen,
+        "p50_ms": round(p50, 1),
+        "p99_ms": round(p99, 1),
+        # with unseen samples the quantiles at or above the seen fraction are lower bounds
+        "p50_lower_bound": unseen > len(sent_at) * 0.5,
+        "p99_lower_bound": unseen > len(sent_at) * 0.01,
         "max_ms": round(max(lat_ms), 1) if lat_ms else None,
+        "rows_landed": rows,
+        "window_s": round(ended - began_window, 1),
         "polls": polls,
+        "failed_polls": failed_polls,
         "peak_rss_mib": rss,
         "pids": pids,
+        "worker_status": status,
     }

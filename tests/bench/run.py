@@ -2,7 +2,7 @@
 
 Starts its own Kafka broker on free loopback ports in a temporary directory (always stopped at the end), prints
 each figure as it is measured, then a table and one machine-readable line `BENCH_JSON {...}`. Targets are printed,
-not asserted. `python -m tests.bench.run --help` lists the sizes; the defaults take about five minutes on 2 cores.
+not asserted. `python -m tests.bench.run --help` lists the sizes; the defaults take about eight minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import orjson
 from ops.kafka_local import LocalKafka, ensure_topics
 from tally.config import Settings
 from tally.errors import KafkaLocalError
-from tests.bench import baselines, pipeline, stages
+from tests.bench import baselines, pipeline, profile, stages
 from tests.bench.common import EventPool, publish_batches, publish_singles
 from tests.conftest import free_ports
 
@@ -43,12 +43,18 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=4)
     p.add_argument("--pool", type=int, default=50_000, help="distinct generated events (copies get new ids)")
     p.add_argument("--stage-events", type=int, default=50_000, help="events for the in-process stage timing")
-    p.add_argument("--baseline-events", type=int, default=300_000, help="events on the batch baseline topic")
+    p.add_argument("--baseline-events", type=int, default=600_000, help="events on the batch baseline topic")
     p.add_argument("--single-events", type=int, default=100_000, help="events on one-event-message topics")
-    p.add_argument("--pipeline-events", type=int, default=400_000, help="events per batch-message pipeline run")
-    p.add_argument("--pipeline-timeout", type=float, default=150.0, help="seconds allowed per pipeline run")
+    p.add_argument("--pipeline-events", type=int, default=300_000, help="events per batch-message pipeline run")
+    p.add_argument("--pipeline-timeout", type=float, default=60.0,
+                   help="seconds allowed per pipeline run (rates are then measured over what landed)")
+    p.add_argument("--alt-sink-batch-messages", type=int, default=40, metavar="N",
+                   help="also run batch messages, role all, with sink_batch_messages=N (0 = skip)")
     p.add_argument("--latency-rate", type=float, default=10_000.0)
     p.add_argument("--latency-seconds", type=float, default=20.0)
+    p.add_argument("--latency-low-rate", type=float, default=2_000.0,
+                   help="also measure latency at this rate for --latency-low-seconds (0 = skip)")
+    p.add_argument("--latency-low-seconds", type=float, default=15.0)
     p.add_argument("--sample-every", type=int, default=200)
     p.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                    help="py-spy the worker (sink worker when split) for this long in each pipeline run")
@@ -73,8 +79,12 @@ def _step(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
     except Exception as exc:
         traceback.print_exc()
         value = {"error": f"{type(exc).__name__}: {str(exc)[:2000]}"}
-    print(f"   {orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()}  [{time.monotonic() - began:.1f}s]",
+    shown = {k: v for k, v in value.items() if k != "profile"} if isinstance(value, dict) else value
+    print(f"   {orjson.dumps(shown, option=orjson.OPT_NON_STR_KEYS).decode()}  [{time.monotonic() - began:.1f}s]",
           flush=True)
+    if isinstance(value, dict) and "profile" in value:
+        for role, summary in value["profile"].items():
+            print(f"   py-spy, {role} worker:\n{profile.render(summary)}", flush=True)
     results[name] = value
     return value
 
@@ -145,6 +155,22 @@ def _ratio(num: Any, den: Any) -> str:
     return f"{num / den:.2f}×" if isinstance(num, int | float) and isinstance(den, int | float) and den else "—"
 
 
+def _latency_rows(lat: dict[str, Any]) -> list[tuple[str, str, str]]:
+    if not lat:
+        return []
+    if "error" in lat:
+        return [("5 latency", "—", "ERROR: " + str(lat["error"])[:80])]
+    p50 = ("≥ " if lat.get("p50_lower_bound") else "") + _fmt(lat.get("p50_ms"), " ms")
+    p99 = ("≥ " if lat.get("p99_lower_bound") else "") + _fmt(lat.get("p99_ms"), " ms")
+    return [
+        (f"5 event→queryable p50 @ {_fmt(lat.get('target_rate'))}/s", p50,
+         f"published at {_fmt(lat.get('publish_rate'))} ev/s; {lat.get('seen')}/{lat.get('samples')} samples seen"),
+        (f"5 event→queryable p99 @ {_fmt(lat.get('target_rate'))}/s", p99,
+         f"max {_fmt(lat.get('max_ms'), ' ms')}; {_fmt(lat.get('rows_landed'))} of {_fmt(lat.get('events'))} rows "
+         f"in {_fmt(lat.get('window_s'), ' s')}"),
+    ]
+
+
 def _table(results: dict[str, Any]) -> str:
     raw = _get(results, "raw_aiokafka_batch", "events_per_s")
     raw_single = _get(results, "raw_aiokafka_single", "events_per_s")
@@ -159,6 +185,17 @@ def _table(results: dict[str, Any]) -> str:
             ("1 process_messages (all three)", _fmt(st.get("process_messages_us"), " µs/event"),
              f"= {_fmt(st.get('process_messages_events_per_s'))} events/s on one core"),
         ]
+    sk = results.get("sink_stages") or {}
+    if sk and "error" not in sk:
+        lookups = sk.get("lookup_s_by_ids") or {}
+        rows += [
+            ("1 sink decode_attempts", _fmt(sk.get("decode_us"), " µs/row"),
+             f"attempt lines {_fmt(sk.get('attempt_line_bytes'))} B"),
+            (f"1 sink write ({_fmt(sk.get('write_batch_rows'))}-row batches)", _fmt(sk.get("write_us"), " µs/row"),
+             "lookup + chDB insert"),
+            (f"1 sink lookup vs {_fmt(sk.get('rows'))} saved rows", ", ".join(f"{k} ids {v} s" for k, v in
+                                                                         lookups.items()), "one call each"),
+        ]
     rows += [
         ("2 raw aiokafka + orjson, batch msgs", _fmt(raw, " ev/s"), "1.00× (the reference)"),
         ("2 raw aiokafka + orjson, 1-event msgs", _fmt(raw_single, " ev/s"), _ratio(raw_single, raw)),
@@ -166,13 +203,18 @@ def _table(results: dict[str, Any]) -> str:
          _ratio(_get(results, "bare_faust_batch", "events_per_s"), raw)),
         ("3 bare Faust agent, 1-event msgs", _fmt(bare_single, " ev/s"), _ratio(bare_single, raw)),
     ]
+    alt = _get(results, "pipeline_batch_all_alt", "overrides") or {}
+    alt_label = "4 pipeline batch msgs, role all, " + ",".join(f"{k}={v}" for k, v in alt.items())
     for name, label in (("pipeline_batch_all", "4 pipeline batch msgs, role all"),
+                        ("pipeline_batch_all_alt", alt_label),
                         ("pipeline_single_all", "4 pipeline 1-event msgs, role all"),
                         ("pipeline_batch_split", "4 pipeline batch msgs, process+sink")):
         steady = _get(results, name, "rate_steady")
         total = _get(results, name, "rate_total")
         note = _ratio(steady, raw) + " of raw"
-        if name == "pipeline_batch_all" and isinstance(steady, int):
+        if name not in results:
+            continue
+        if name.startswith("pipeline_batch_all") and isinstance(steady, int):
             note += f"; target ≥ {TARGET_BATCH_RATE:,}: {'MET' if steady >= TARGET_BATCH_RATE else 'MISSED'}"
         if name == "pipeline_single_all" and isinstance(steady, int) and isinstance(bare_single, int):
             want = TARGET_SINGLE_RATIO * bare_single
@@ -185,15 +227,10 @@ def _table(results: dict[str, Any]) -> str:
         rows.append((label + " (steady)", _fmt(steady, " ev/s"), note))
         rows.append((label + " (incl. startup)", _fmt(total, " ev/s"),
                      f"startup→first rows {_fmt(_get(results, name, 'first_rows_s'), ' s')}"))
-    lat = results.get("latency") or {}
-    if lat and "error" not in lat:
-        rows.append((f"5 event→queryable p50 @ {_fmt(lat.get('target_rate'))}/s", _fmt(lat.get("p50_ms"), " ms"),
-                     f"published at {_fmt(lat.get('publish_rate'))} ev/s, {lat.get('seen')}/{lat.get('samples')} "
-                     "samples seen"))
-        rows.append(("5 event→queryable p99", _fmt(lat.get("p99_ms"), " ms"), f"max {_fmt(lat.get('max_ms'), ' ms')}"))
-    elif lat:
-        rows.append(("5 latency", "—", "ERROR: " + str(lat.get("error"))[:80]))
-    for name in ("pipeline_batch_all", "pipeline_single_all", "pipeline_batch_split", "latency"):
+    for name in ("latency", "latency_low"):
+        rows += _latency_rows(results.get(name) or {})
+    for name in ("pipeline_batch_all", "pipeline_batch_all_alt", "pipeline_single_all", "pipeline_batch_split",
+                 "latency", "latency_low"):
         rss = _get(results, name, "peak_rss_mib")
         if isinstance(rss, dict):
             rows.append((f"6 peak RSS (VmHWM), {name}", ", ".join(f"{r} {_fmt(v, ' MiB')}" for r, v in rss.items()),
@@ -220,12 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="tally-bench-")
     root = Path(tmp)
     print(f"tally bench: temp dir {root}; load {results['host']}", flush=True)
-    pool = EventPool(args.pool, args.partitions)
-    print(f"   event pool: {len(pool):,} generated events", flush=True)
-    if "stages" in only:
-        _step(results, "stages", lambda: stages.measure_stages(pool, args.stage_events, args.partitions))
     broker: LocalKafka | None = None
     try:
+        pool = EventPool(args.pool, args.partitions)
+        print(f"   event pool: {len(pool):,} generated events", flush=True)
+        if "stages" in only:
+            _step(results, "stages", lambda: stages.measure_stages(pool, args.stage_events, args.partitions))
+            _step(results, "sink_stages", lambda: stages.measure_sink(pool, args.stage_events, args.partitions))
         if only - {"stages"}:
             broker = _start_kafka(root, args.partitions)
             print(f"   Kafka at {broker.bootstrap}", flush=True)
@@ -238,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
                 _step(results, "pipeline_batch_all", lambda: pipeline.throughput(
                     base, root, pool, args.pipeline_events, single=False, split=False, timeout_s=timeout,
                     profile_s=args.profile))
+                if args.alt_sink_batch_messages:
+                    _step(results, "pipeline_batch_all_alt", lambda: pipeline.throughput(
+                        base, root, pool, args.pipeline_events, single=False, split=False, timeout_s=timeout,
+                        profile_s=args.profile, sink_batch_messages=args.alt_sink_batch_messages))
                 _step(results, "pipeline_single_all", lambda: pipeline.throughput(
                     base, root, pool, args.single_events, single=True, split=False, timeout_s=timeout,
                     profile_s=args.profile))
@@ -248,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
             if "latency" in only:
                 _step(results, "latency", lambda: pipeline.latency(
                     base, root, pool, args.latency_rate, args.latency_seconds, args.sample_every, first_event=0))
+                if args.latency_low_rate:
+                    _step(results, "latency_low", lambda: pipeline.latency(
+                        base, root, pool, args.latency_low_rate, args.latency_low_seconds,
+                        max(1, args.sample_every // 5), first_event=0))
     except KeyboardInterrupt:
         print("interrupted; cleaning up", file=sys.stderr, flush=True)
         results["interrupted"] = True

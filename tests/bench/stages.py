@@ -1,19 +1,25 @@
-"""Stage 1: validate + enrich + price + encode in process, per event, without Kafka."""
+"""Stage 1: validate + enrich + price + encode, and the sink's decode + ClickHouse write, in process, per event."""
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
+import uuid
 from collections import defaultdict
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from streams.enrich import enrich
 from streams.pipeline import process_messages
 from streams.records import Source, encode_row
+from streams.sink import SinkWriter, decode_attempts
 from streams.validate import Validator
+from tally.config import Settings
 from tally.reference import snapshot_of
 from tally.sdk.batching import pack_ndjson, partition_of_line
+from tally.store import Store
 from tests.bench.common import EventPool, reference_docs
 
 MESSAGE_EVENTS = 500
@@ -80,3 +86,43 @@ def measure_stages(pool: EventPool, count: int, partitions: int, repeats: int = 
         "process_messages_us": whole,
         "process_messages_events_per_s": round(1e6 / whole),
     }
+
+
+def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int = 10_000,
+                 lookup_sizes: tuple[int, ...] = (10_000, 20_000, 30_000)) -> dict[str, Any]:
+    """The sink's per-row cost in process (embedded chDB in a temporary directory, no Kafka).
+
+    decode_attempts over the process stage's output, SinkWriter.write (lookup + column insert) in batches of
+    `batch_rows`, then the already-saved lookup alone for batches of fresh ids of each size in `lookup_sizes`
+    against the `count` rows just written (that lookup is what every sink batch pays first).
+    """
+    messages = _messages(pool, count, partitions)
+    out = process_messages(messages, Validator(), snapshot_of(reference_docs()), partitions, datetime.now(UTC))
+    values = [b"\n".join(lines[i:i + 400]) for lines in out.attempts.values() for i in range(0, len(lines), 400)]
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    for offset, value in enumerate(values):
+        ok, _bad = decode_attempts(value, Source("bench.llm.cost.attempts.v1", 0, offset))
+        rows.extend(ok)
+    decode_s = time.perf_counter() - t0
+    result: dict[str, Any] = {"rows": len(rows), "attempt_line_bytes": round(sum(map(len, values)) / len(rows)),
+                              "decode_us": round(decode_s / len(rows) * 1e6, 2), "write_batch_rows": batch_rows}
+    with tempfile.TemporaryDirectory(prefix="tally-bench-sink-") as tmp:
+        store = Store(Settings(data_dir=Path(tmp)))
+        try:
+            store.migrate()
+            writer = SinkWriter(store)
+            t0 = time.perf_counter()
+            for start in range(0, len(rows), batch_rows):
+                writer.write(rows[start:start + batch_rows])
+            result["write_us"] = round((time.perf_counter() - t0) / len(rows) * 1e6, 2)
+            lookups: dict[str, float] = {}
+            for size in lookup_sizes:
+                fresh = [f"ev-lookup-{uuid.uuid4().hex}" for _ in range(size)]
+                t0 = time.perf_counter()
+                store.existing_event_ids(fresh)
+                lookups[str(size)] = round(time.perf_counter() - t0, 2)
+            result["lookup_s_by_ids"] = lookups
+        finally:
+            store.close()
+    return result
