@@ -14,6 +14,7 @@ from typing import Any
 
 import faust
 import orjson
+from confluent_kafka import Consumer, KafkaException
 from faust.web import Request, Response, View
 
 from streams.pipeline import process_messages
@@ -22,7 +23,7 @@ from streams.reference_feed import ReferenceFeed
 from streams.sink import SinkWriter, decode_batch, write_with_retry
 from streams.validate import Validator
 from tally.config import Settings
-from tally.errors import SinkGaveUp, StoreError
+from tally.errors import SinkGaveUp, StoreError, TallyError
 from tally.reference import ReferenceStore
 from tally.sdk.batching import pack_ndjson
 from tally.store import Store
@@ -54,15 +55,18 @@ def _json_response(web: Any, payload: Any, status: int = 200) -> Response:
     return web.bytes(body, content_type="application/json", status=status)  # type: ignore[no-any-return]
 
 
-def create_app(settings: Settings, role: str, store: Store | None = None) -> faust.App:
+def create_app(settings: Settings, role: str, store: Store | None = None,
+               input_partitions: int | None = None) -> faust.App:
     """Build the worker for a role: "process" (validate, enrich, price), "sink" (ClickHouse) or "all".
 
     Topics: in llm.usage.v1; out llm.cost.attempts.v1 and llm.usage.dlq.v1 (process); in llm.cost.attempts.v1 (sink).
     Guarantees: at-least-once from Kafka, exactly-once effect in ClickHouse (see streams.sink.SinkWriter);
     per-partition order is kept from input to output. Faust's exactly_once mode and agent concurrency > 1 are not
-    used (open upstream bugs).
+    used (open upstream bugs). `input_partitions` is the input topic's real partition count (the wrong_partition
+    check hashes logical ids over it); it defaults to settings.partitions.
     """
     topics = settings.topics
+    partitions = input_partitions or settings.partitions
     serves_web = role in ("sink", "all")
     datadir = settings.data_dir / "faust" / role
     datadir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +125,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None) -> fau
                 batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
                          for e in events]
                 out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
-                                                 settings.partitions, datetime.now(UTC))
+                                                 partitions, datetime.now(UTC))
                 await publish(attempts_topic, out.attempts)
                 await publish(dlq_topic, out.dead_letters)
                 stats.messages += len(events)
@@ -188,6 +192,20 @@ def create_app(settings: Settings, role: str, store: Store | None = None) -> fau
     return app
 
 
+def _partition_count(bootstrap: str, topic: str) -> int:
+    """The topic's partition count from broker metadata: the one the producers hash over, whatever config says."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "tally-metadata"})
+    try:
+        meta = consumer.list_topics(topic, timeout=30).topics.get(topic)
+    except KafkaException as exc:
+        raise TallyError(f"cannot read metadata of {topic} from {bootstrap}: {exc}") from exc
+    finally:
+        consumer.close()
+    if meta is None or meta.error is not None or not meta.partitions:
+        raise TallyError(f"topic {topic} does not exist on {bootstrap}: create it (`tally up` or `tally kafka start`)")
+    return len(meta.partitions)
+
+
 def run_worker(settings: Settings, role: str) -> None:
     """Run a worker in the foreground until SIGTERM/SIGINT. The sink role applies migrations first."""
     store: Store | None = None
@@ -196,7 +214,7 @@ def run_worker(settings: Settings, role: str) -> None:
         applied = store.migrate()
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-    app = create_app(settings, role, store)
+    app = create_app(settings, role, store, _partition_count(settings.kafka_bootstrap, settings.topics.usage))
     # A batch holds ~100k short-lived objects that are all alive at once; with the default thresholds the cyclic
     # collector walks them (and every import) many times per batch. Start-up objects are frozen out of it and
     # young-generation collections are rarer. Measured: tests/bench (validate+enrich per event).
