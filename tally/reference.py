@@ -92,16 +92,11 @@ class ClassPrices(NamedTuple):
 class Rates(NamedTuple):
     """USD per token per class after multipliers (exact, ≤ 18 decimal places), plus why they are partial.
 
-    `filled` holds the six rates in ClassPrices order with 0 for a class without a price, whose index is then in
-    `missing` (tokens of a missing class make a row partial); `notes` explain multipliers that did not apply.
+    `filled` holds the six rates in ClassPrices order (reasoning defaults to output) with 0 for a class without a
+    price, whose index is then in `missing` (tokens of a missing class make a row partial); `notes` explain
+    multipliers that did not apply.
     """
 
-    input: Decimal | None
-    output: Decimal | None
-    reasoning: Decimal | None
-    cache_read: Decimal | None
-    cache_write_5m: Decimal | None
-    cache_write_1h: Decimal | None
     filled: tuple[Decimal, Decimal, Decimal, Decimal, Decimal, Decimal]
     missing: tuple[int, ...]
     notes: tuple[str, ...]
@@ -166,8 +161,7 @@ class ModelPrice:
         zero = Decimal(0)
         f_in, f_out, f_re, f_cr, f_cw, f_cw1h = (zero if p is None else p for p in per_token)
         missing = tuple(i for i, p in enumerate(per_token) if p is None)
-        found = Rates(p_in, p_out, p_re, p_cr, p_cw, p_cw1h, (f_in, f_out, f_re, f_cr, f_cw, f_cw1h), missing,
-                      tuple(notes))
+        found = Rates((f_in, f_out, f_re, f_cr, f_cw, f_cw1h), missing, tuple(notes))
         if len(self._rates) < _MEMO_MAX:  # bounded: service tier names come from producers
             self._rates[key] = found
         return found

@@ -298,8 +298,9 @@ def test_rates_are_exact_per_token_prices_with_multipliers():
     assert isinstance(card, PriceCard)
     model = card.models[0]
     rates = model.rates(True, "priority", False)
-    assert rates.input == Decimal("0.000000875") and rates.output == Decimal("0.0000035")
-    assert rates.reasoning == rates.output and rates.cache_read is None and rates.notes == ()
+    p_in, p_out, p_re, p_cr, _, _ = rates.filled
+    assert p_in == Decimal("0.000000875") and p_out == Decimal("0.0000035")
+    assert p_re == p_out and p_cr == 0 and 3 in rates.missing and rates.notes == ()
     assert model.rates(False, "turbo", False).notes == (
         "unknown service tier 'turbo' for openai/gpt-x: multiplier 1",)
     assert model.rates(True, "standard", False) is model.rates(True, "standard", False)  # memoized
