@@ -141,21 +141,13 @@ def _status_line(s: Settings, last: tuple[float, int], published: int) -> tuple[
 
 def _simulate_until(s: Settings, docs: Sequence[Any], rate: float, seed: int | None, stop: threading.Event,
                     counter: list[int]) -> None:
-    from ops.simulate import TrafficGenerator, catalog_from_reference
+    from ops.simulate import TrafficGenerator, catalog_from_reference, publish_paced
     from tally.sdk.publisher import Publisher
 
     gen = TrafficGenerator(catalog_from_reference(docs), seed=seed if seed is not None else int(time.time()),
                            rate=rate)
     with Publisher(s.kafka_bootstrap, s.topics.usage, partitions=s.partitions) as pub:
-        started = time.monotonic()
-        for line in gen.lines(10**12):
-            if stop.is_set():
-                break
-            pub.publish_line(line)
-            counter[0] += 1
-            ahead = counter[0] / rate - (time.monotonic() - started)
-            if ahead > 0.05:
-                time.sleep(ahead)
+        publish_paced(pub.publish_line, gen.lines(10**12), rate, stop.is_set, counter)
 
 
 @cli.command()
@@ -291,22 +283,18 @@ def simulate(c: Ctx, rate: float, duration: float | None, count: int | None, see
                 n += 1
         console.print(f"wrote {n:,} lines to {output}")
         return
+    from ops.simulate import publish_paced
     from tally.sdk.publisher import Publisher
 
     s = c.settings
-    n = 0
+    sent = [0]
     started = time.monotonic()
     try:
         with Publisher(s.kafka_bootstrap, s.topics.usage) as pub:
-            for line in gen.lines(limit):
-                pub.publish_line(line)
-                n += 1
-                ahead = n / rate - (time.monotonic() - started)
-                if ahead > 0.05:
-                    time.sleep(ahead)
+            publish_paced(pub.publish_line, gen.lines(limit), rate, sent=sent)
     except KeyboardInterrupt:
         pass
-    console.print(f"published {n:,} lines in {time.monotonic() - started:.1f}s")
+    console.print(f"published {sent[0]:,} lines in {time.monotonic() - started:.1f}s")
 
 
 # ---------------------------------------------------------------- reference data

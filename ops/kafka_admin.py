@@ -42,15 +42,29 @@ def end_offsets(bootstrap: str, topic: str, timeout: float = 10.0) -> dict[int, 
         c.close()
 
 
+class GroupOffsets:
+    """Reads one consumer group's committed offsets, over one connection for as long as it is open."""
+
+    def __init__(self, bootstrap: str, group: str) -> None:
+        self._consumer = _consumer(bootstrap, group)
+
+    def committed(self, topic: str, partitions: Sequence[int], timeout: float = 10.0) -> dict[int, int]:
+        """The committed offset per partition (-1 where the group has committed nothing)."""
+        got = self._consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout)
+        return {tp.partition: (tp.offset if tp.offset >= 0 else -1) for tp in got}
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
 def committed_offsets(bootstrap: str, group: str, topic: str, partitions: Sequence[int],
                       timeout: float = 10.0) -> dict[int, int]:
-    """A consumer group's committed offset per partition (-1 where it has committed nothing)."""
-    c = _consumer(bootstrap, group)
+    """A consumer group's committed offset per partition (-1 where it has committed nothing); one-off."""
+    reader = GroupOffsets(bootstrap, group)
     try:
-        got = c.committed([TopicPartition(topic, p) for p in partitions], timeout=timeout)
-        return {tp.partition: (tp.offset if tp.offset >= 0 else -1) for tp in got}
+        return reader.committed(topic, partitions, timeout)
     finally:
-        c.close()
+        reader.close()
 
 
 def covered(ends: dict[int, int], committed: dict[int, int]) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
+from ops.proc import alive, tail
 from tally.config import REPO_ROOT, Settings
 from tally.errors import KafkaLocalError
 
@@ -55,13 +56,6 @@ JVM_FLAGS: tuple[str, ...] = (
 _LOG_TAIL_LINES = 30
 _POLL_S = 0.25
 
-
-def _tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
 
 
 def _split_hostport(hostport: str) -> tuple[str, int]:
@@ -278,23 +272,7 @@ class LocalKafka:
         """Tell whether `pid` is a live (not zombie) process that is this data directory's broker."""
         if self._proc is not None and self._proc.pid == pid:
             return self._proc.poll() is None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return False  # someone else's process reusing the pid
-        proc_dir = Path(f"/proc/{pid}")
-        if proc_dir.is_dir():
-            try:
-                stat = (proc_dir / "stat").read_text()
-                if stat.rpartition(")")[2].split()[0] == "Z":
-                    return False
-                cmdline = (proc_dir / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                return False
-            return b"kafka.Kafka" in cmdline and str(self.config_file).encode() in cmdline
-        return True
+        return alive(pid, b"kafka.Kafka", str(self.config_file).encode())
 
     def _running_pid(self) -> int | None:
         pid = self._read_pid()
@@ -357,7 +335,7 @@ class LocalKafka:
 
     def _logs_tail(self) -> str:
         """Collect the last lines of server.log and of the console output (the latter if it adds news)."""
-        console, server = _tail(self.console_log).strip(), _tail(self.server_log).strip()
+        console, server = tail(self.console_log).strip(), tail(self.server_log).strip()
         parts = []
         if console and console not in server:
             parts.append(f"--- last lines of {self.console_log} ---\n{console}")

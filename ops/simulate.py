@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,6 +39,25 @@ def catalog_from_reference(docs: Sequence[ReferenceDoc]) -> Catalog:
     models = tuple(sorted((str(m["provider"]), str(m["model"])) for m in card.body["models"]))
     keys = tuple(sorted(owners.body.get("api_keys", {}) or {}))
     return Catalog(features, models, keys)
+
+
+def publish_paced(publish: Callable[[bytes], None], lines: Iterable[bytes], rate: float,
+                  stop: Callable[[], bool] = lambda: False, sent: list[int] | None = None) -> int:
+    """Hand lines to `publish` at `rate` per second until they run out or `stop()` says so; returns how many.
+
+    `sent[0]`, when given, follows the count as it grows (another thread reads it for a status line).
+    """
+    sent = sent if sent is not None else [0]
+    started = time.monotonic()
+    for line in lines:
+        if stop():
+            break
+        publish(line)
+        sent[0] += 1
+        ahead = sent[0] / rate - (time.monotonic() - started)
+        if ahead > 0.05:
+            time.sleep(ahead)
+    return sent[0]
 
 
 def _rfc3339(ts: datetime) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from ops.kafka_local import LocalKafka, ensure_topics, wait_for_broker
+from ops.proc import alive, tail
 from tally.config import Settings
 from tally.errors import TallyError
 
@@ -33,17 +34,7 @@ def log_file(settings: Settings, role: str) -> Path:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child of ours counts as dead
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return True
+    return alive(pid, b"ops.cli", b"worker")
 
 
 def worker_pid(settings: Settings, role: str) -> int | None:
@@ -117,14 +108,6 @@ def stop_worker(settings: Settings, role: str = "all", timeout: float = 30.0) ->
         os.kill(pid, signal.SIGKILL)
     path.unlink(missing_ok=True)
     return True
-
-
-def tail(path: Path, lines: int = 25) -> str:
-    """The last lines of a log file, for error messages."""
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def ensure_kafka(settings: Settings) -> bool:

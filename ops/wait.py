@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ops.kafka_admin import committed_offsets, covered, end_offsets, lag
+from ops.kafka_admin import GroupOffsets, covered, end_offsets, lag
 from tally.config import Settings
 from tally.errors import TallyError
 
@@ -27,21 +27,25 @@ class WaitReport:
 def _wait_topic(settings: Settings, topic: str, roles: tuple[str, ...], deadline: float,
                 progress: Callable[[str], None] | None) -> int:
     ends = end_offsets(settings.kafka_bootstrap, topic)
-    groups = [settings.group_id(r) for r in roles]
-    while True:
-        lags = {}
-        for g in groups:
-            committed = committed_offsets(settings.kafka_bootstrap, g, topic, list(ends))
-            if covered(ends, committed):
-                return sum(ends.values())
-            lags[g] = lag(ends, committed)
-        if time.monotonic() > deadline:
-            detail = ", ".join(f"{g}: {n} behind" for g, n in lags.items())
-            raise WaitTimeout(f"{topic} not fully processed in time ({detail}); is a worker with role "
-                              f"{' or '.join(roles)} running? (`tally status`)")
-        if progress is not None:
-            progress(f"{topic}: {min(lags.values())} messages to go")
-        time.sleep(0.25)
+    readers = {settings.group_id(r): GroupOffsets(settings.kafka_bootstrap, settings.group_id(r)) for r in roles}
+    try:
+        while True:
+            lags = {}
+            for g, reader in readers.items():
+                committed = reader.committed(topic, list(ends))
+                if covered(ends, committed):
+                    return sum(ends.values())
+                lags[g] = lag(ends, committed)
+            if time.monotonic() > deadline:
+                detail = ", ".join(f"{g}: {n} behind" for g, n in lags.items())
+                raise WaitTimeout(f"{topic} not fully processed in time ({detail}); is a worker with role "
+                                  f"{' or '.join(roles)} running? (`tally status`)")
+            if progress is not None:
+                progress(f"{topic}: {min(lags.values())} messages to go")
+            time.sleep(0.25)
+    finally:
+        for reader in readers.values():
+            reader.close()
 
 
 def wait_processed(settings: Settings, timeout: float = 120.0,

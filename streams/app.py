@@ -44,9 +44,6 @@ class WorkerStats:
     messages: int = 0
     events_accepted: int = 0
     events_rejected: int = 0
-    sink_rows_inserted: int = 0
-    sink_duplicates_skipped: int = 0
-    sink_retries: int = 0
     reference_ready: bool = False
 
 
@@ -158,9 +155,6 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     logging.shutdown()
                     os._exit(EXIT_SINK_GAVE_UP)
                 await publish(dlq_topic, bad_lines)
-                stats.sink_rows_inserted = writer.stats.rows_inserted
-                stats.sink_duplicates_skipped = writer.stats.duplicates_in_batch + writer.stats.already_saved
-                stats.sink_retries = writer.stats.retries
                 stats.events_rejected += sum(len(v) for v in bad_lines.values())
 
         @app.page("/api/query")
@@ -185,7 +179,10 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             """Worker counters as JSON."""
 
             async def get(self, request: Request) -> Response:
-                return _json_response(self, {**asdict(stats), "pid": os.getpid(),
+                sink = writer.stats  # only sink and all roles serve the web API
+                return _json_response(self, {**asdict(stats), "sink_rows_inserted": sink.rows_inserted,
+                                             "sink_duplicates_skipped": sink.duplicates_in_batch + sink.already_saved,
+                                             "sink_retries": sink.retries, "pid": os.getpid(),
                                              "uptime_s": round(time.time() - stats.started_at, 1)})
 
     app.tally_stats = stats  # type: ignore[attr-defined]
