@@ -522,5 +522,5 @@ def _check_compacted(admin: AdminClient, names: Sequence[str], bootstrap: str, t
     if not_compacted:
         raise KafkaLocalError(
             f"topics exist without cleanup.policy=compact: {', '.join(sorted(not_compacted))}; "
-            "they hold reference data keyed by id and must be compacted"
+            "they hold reference data or state keyed by id and must be compacted"
         )

@@ -17,10 +17,11 @@ import orjson
 from confluent_kafka import Consumer, KafkaException
 from faust.web import Request, Response, View
 
-from streams.pipeline import process_messages
+from streams.fold import FoldConfig, Folder
+from streams.pipeline import FoldStep, group_requests, process_messages
 from streams.records import Source
 from streams.reference_feed import ReferenceFeed
-from streams.sink import SinkWriter, decode_batch, write_with_retry
+from streams.sink import REQUEST_ROWS, RequestWriter, SinkStats, SinkWriter, decode_batch, write_with_retry
 from streams.validate import Validator
 from tally.config import Settings
 from tally.errors import SinkGaveUp, StoreError, TallyError
@@ -45,6 +46,7 @@ class WorkerStats:
     events_accepted: int = 0
     events_rejected: int = 0
     reference_ready: bool = False
+    requests_emitted: int = 0
 
 
 def _json_response(web: Any, payload: Any, status: int = 200) -> Response:
@@ -52,18 +54,28 @@ def _json_response(web: Any, payload: Any, status: int = 200) -> Response:
     return web.bytes(body, content_type="application/json", status=status)  # type: ignore[no-any-return]
 
 
+def fold_config(settings: Settings) -> FoldConfig:
+    """The fold's durations, from seconds in settings to event-time milliseconds."""
+    return FoldConfig(settle_ms=int(settings.fold_settle_s * 1000),
+                      inactivity_ms=int(settings.fold_inactivity_s * 1000),
+                      grace_ms=int(settings.fold_grace_s * 1000), idle_s=settings.fold_idle_s)
+
+
 def create_app(settings: Settings, role: str, store: Store | None = None,
-               input_partitions: int | None = None) -> faust.App:
+               input_partitions: int | None = None, request_partitions: int | None = None) -> faust.App:
     """Build the worker for a role: "process" (validate, enrich, price), "sink" (ClickHouse) or "all".
 
-    Topics: in llm.usage.v1; out llm.cost.attempts.v1 and llm.usage.dlq.v1 (process); in llm.cost.attempts.v1 (sink).
+    Topics: in llm.usage.v1; out llm.cost.attempts.v1, llm.cost.requests.v1 and llm.usage.dlq.v1 (process); in
+    llm.cost.attempts.v1 and llm.cost.requests.v1 (sink).
     Guarantees: at-least-once from Kafka, exactly-once effect in ClickHouse (see streams.sink.SinkWriter);
     per-partition order is kept from input to output. Faust's exactly_once mode and agent concurrency > 1 are not
     used (open upstream bugs). `input_partitions` is the input topic's real partition count (the wrong_partition
-    check hashes logical ids over it); it defaults to settings.partitions.
+    check hashes logical ids over it, and the fold state is partitioned like it); it defaults to
+    settings.partitions, as does `request_partitions` (llm.cost.requests.v1, keyed by feature_id).
     """
     topics = settings.topics
     partitions = input_partitions or settings.partitions
+    req_partitions = request_partitions or settings.partitions
     serves_web = role in ("sink", "all")
     datadir = settings.data_dir / "faust" / role
     datadir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +95,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         producer_max_request_size=4 * 1024 * 1024,
         producer_linger_ms=5,
         producer_acks=-1,
+        table_standby_replicas=0,
         stream_buffer_maxsize=settings.process_batch_messages * 4,
         web_enabled=serves_web,
         web_bind=settings.web_host,
@@ -94,16 +107,51 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     usage_topic = app.topic(topics.usage, value_type=bytes)
     attempts_topic = app.topic(topics.attempts, value_type=bytes)
     dlq_topic = app.topic(topics.dlq, value_type=bytes)
+    requests_topic = app.topic(topics.requests, value_type=bytes)
 
     async def publish(topic: faust.TopicT, lines_by_partition: dict[int, list[bytes]]) -> None:
         for partition, lines in lines_by_partition.items():
             for chunk in pack_ndjson(lines, OUTPUT_MESSAGE_BYTES):
-                await topic.send(value=chunk, partition=partition)
+                await topic.send(value=chunk, partition=partition, force=True)
 
     if role in ("process", "all"):
         refs = ReferenceStore()
         feed = ReferenceFeed(settings.kafka_bootstrap, topics.reference(), refs)
         validator = Validator(settings.max_line_bytes, settings.max_message_bytes)
+        # Fold state: one entry per open (or recently emitted) logical request, keyed by its id. The changelog is
+        # partitioned like llm.usage.v1 and written with the same murmur2 partitioner, so an entry lives on the
+        # partition of its attempts and moves with it on a rebalance (Faust restores it before the agent resumes).
+        fold_table = app.Table(
+            "fold-state", partitions=partitions, use_partitioner=True, key_serializer="raw",
+            value_serializer="raw",
+            changelog_topic=app.topic(topics.fold_state, partitions=partitions, compacting=True,
+                                      key_serializer="raw", value_serializer="raw"))
+        folder = Folder(fold_config(settings), partitions)
+        fold_lock = asyncio.Lock()
+        rebalanced = [False]
+        # Validation, pricing and folding are CPU work: a thread keeps the event loop (heartbeats, commits) responsive.
+        cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="process")
+
+        @app.on_rebalance_complete.connect  # type: ignore[arg-type]
+        async def _forget_fold_index(sender: Any, **kwargs: Any) -> None:
+            rebalanced[0] = True  # the folder rebuilds its clocks and heaps from the restored state
+
+        async def commit_fold(requests: dict[int, list[bytes]], writes: dict[bytes, bytes | None]) -> None:
+            """Publish emitted requests, then the state saying they were emitted, each durably, in that order.
+
+            A crash between the two replays the batch against the old state: the same revisions are emitted again
+            and the sink skips them. The other order could lose an emission.
+            """
+            if requests:
+                await publish(requests_topic, requests)
+                await app.producer.flush()
+                stats.requests_emitted += sum(len(v) for v in requests.values())
+            for key, value in writes.items():
+                if value is not None:
+                    fold_table[key] = value
+                elif key in fold_table.data:
+                    del fold_table[key]
+            await app.producer.flush()
 
         @app.task
         async def follow_reference_data() -> None:
@@ -111,44 +159,66 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
 
         @app.agent(usage_topic)
         async def process(stream: faust.StreamT) -> None:
-            """llm.usage.v1 → validate → enrich → llm.cost.attempts.v1 and llm.usage.dlq.v1, batch by batch."""
+            """llm.usage.v1 → validate → enrich → fold → llm.cost.attempts.v1, llm.cost.requests.v1, DLQ."""
             await feed.ready.wait()
             stats.reference_ready = True
             loop = asyncio.get_running_loop()
-            # Validation and pricing are CPU work: a thread keeps the event loop (heartbeats, commits) responsive.
-            cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="process")
+            step = FoldStep(folder, fold_table.data, req_partitions)
             async for events in stream.take_events(  # type: ignore[attr-defined]
                     settings.process_batch_messages, settings.batch_within_s):
                 batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
                          for e in events]
-                out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
-                                                 partitions, datetime.now(UTC))
-                await publish(attempts_topic, out.attempts)
-                await publish(dlq_topic, out.dead_letters)
+                async with fold_lock:
+                    if rebalanced[0]:
+                        folder.forget()
+                        rebalanced[0] = False
+                    out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
+                                                     partitions, datetime.now(UTC), step, time.time())
+                    await publish(attempts_topic, out.attempts)
+                    await publish(dlq_topic, out.dead_letters)
+                    # Attempts and dead letters are delivered before the batch's offsets can be committed.
+                    await commit_fold(out.requests, out.fold_writes)
                 stats.messages += len(events)
                 stats.events_accepted += out.accepted
                 stats.events_rejected += out.rejected
+
+        @app.timer(interval=1.0)
+        async def fold_tick() -> None:
+            """Event time runs on for idle partitions: settle and inactivity decisions still fall due."""
+            if not stats.reference_ready or app.rebalancing:
+                return
+            assigned = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == topics.usage)
+            if not assigned:
+                return
+            loop = asyncio.get_running_loop()
+            async with fold_lock:
+                if rebalanced[0]:
+                    folder.forget()
+                    rebalanced[0] = False
+                result = await loop.run_in_executor(cpu, folder.tick, assigned, fold_table.data, time.time(),
+                                                    datetime.now(UTC))
+                await commit_fold(group_requests(result.emitted, req_partitions), result.writes)
 
     if role in ("sink", "all"):
         if store is None:
             raise ValueError("the sink role needs a Store")
         writer = SinkWriter(store)
+        request_writer = RequestWriter(store, SinkStats())
         # One thread owns the ClickHouse client: inserts and API queries are serialized on it, and the event loop
         # (Faust's consumer) keeps running while an insert is in flight.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
 
-        @app.agent(attempts_topic)
-        async def sink(stream: faust.StreamT) -> None:
-            """llm.cost.attempts.v1 → usage_events; offsets are acked only after ClickHouse acknowledged."""
+        async def sink_batches(stream: faust.StreamT, write: Any, shape: Any, sink_stats: SinkStats) -> None:
+            """Decode → write with retry → dead-letter bad lines; offsets are acked only after ClickHouse acked."""
             loop = asyncio.get_running_loop()
             async for events in stream.take_events(  # type: ignore[attr-defined]
                     settings.sink_batch_messages, settings.batch_within_s):
                 batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
                          for e in events]
                 # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
-                rows, bad_lines = await loop.run_in_executor(executor, decode_batch, batch)
+                rows, bad_lines = await loop.run_in_executor(executor, decode_batch, batch, shape)
                 try:
-                    await write_with_retry(writer.write, rows, executor, settings.sink_retry_s, writer.stats)
+                    await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
                 except SinkGaveUp as exc:
                     # Going on would let Faust commit offsets of unsaved rows: stop hard, commit nothing.
                     log.critical("sink gave up, stopping the worker without committing: %s", exc)
@@ -156,6 +226,16 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     os._exit(EXIT_SINK_GAVE_UP)
                 await publish(dlq_topic, bad_lines)
                 stats.events_rejected += sum(len(v) for v in bad_lines.values())
+
+        @app.agent(attempts_topic)
+        async def sink(stream: faust.StreamT) -> None:
+            """llm.cost.attempts.v1 → usage_events (each event_id once)."""
+            await sink_batches(stream, writer.write, None, writer.stats)
+
+        @app.agent(requests_topic)
+        async def sink_requests(stream: faust.StreamT) -> None:
+            """llm.cost.requests.v1 → logical_requests (each request once, at its latest revision)."""
+            await sink_batches(stream, request_writer.write, REQUEST_ROWS, request_writer.stats)
 
         @app.page("/api/query")
         class QueryView(View):
@@ -182,7 +262,10 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                 sink = writer.stats  # only sink and all roles serve the web API
                 return _json_response(self, {**asdict(stats), "sink_rows_inserted": sink.rows_inserted,
                                              "sink_duplicates_skipped": sink.duplicates_in_batch + sink.already_saved,
-                                             "sink_retries": sink.retries, "pid": os.getpid(),
+                                             "sink_retries": sink.retries,
+                                             "sink_request_rows_inserted": request_writer.stats.rows_inserted,
+                                             "sink_request_revisions_skipped": request_writer.stats.already_saved,
+                                             "pid": os.getpid(),
                                              "uptime_s": round(time.time() - stats.started_at, 1)})
 
     app.tally_stats = stats  # type: ignore[attr-defined]
@@ -211,7 +294,8 @@ def run_worker(settings: Settings, role: str) -> None:
         applied = store.migrate()
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-    app = create_app(settings, role, store, _partition_count(settings.kafka_bootstrap, settings.topics.usage))
+    app = create_app(settings, role, store, _partition_count(settings.kafka_bootstrap, settings.topics.usage),
+                     _partition_count(settings.kafka_bootstrap, settings.topics.requests))
     # A batch holds ~100k short-lived objects that are all alive at once; with the default thresholds the cyclic
     # collector walks them (and every import) many times per batch. Start-up objects are frozen out of it and
     # young-generation collections are rarer. Measured: tests/bench (validate+enrich per event).

@@ -258,8 +258,14 @@ def _row(acc: Accepted, card: PriceCard | None, registry: OwnerRegistry | None,
     row["stream_terminated_at_token_n"] = ev.get("stream_terminated_at_token_n")
     row["latency_ms"] = ev.get("latency_ms")
     row["input_tokens"] = usage.get("input_tokens", 0)
-    row["output_tokens"] = usage.get("output_tokens", 0)
-    row["reasoning_tokens"] = usage.get("reasoning_tokens", 0)
+    if status == ESTIMATED:
+        # The tokens priced are the tokens counted: the cut point stands in for the unreported output, so token
+        # rollups and costs agree. The original event (payload) keeps what the gateway sent.
+        row["output_tokens"] = ev["stream_terminated_at_token_n"]
+        row["reasoning_tokens"] = 0
+    else:
+        row["output_tokens"] = usage.get("output_tokens", 0)
+        row["reasoning_tokens"] = usage.get("reasoning_tokens", 0)
     row["cache_read_tokens"] = usage.get("cache_read_tokens", 0)
     row["cache_write_tokens"] = usage.get("cache_write_tokens", 0)
     row["cache_write_1h_tokens"] = usage.get("cache_write_1h_tokens", 0)

@@ -1,15 +1,18 @@
-"""The process role's batch step: validate → enrich → encode, grouped by partition for publishing."""
+"""The process role's batch step: validate → enrich → encode → fold, grouped by partition for publishing."""
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any
 
 from streams.enrich import enrich
+from streams.fold import Folder
 from streams.records import Accepted, Rejection, Source, encode_record, encode_row
 from streams.validate import Validator
+from tally.partitioning import partition_for
 from tally.reference import ReferenceSnapshot
 
 
@@ -17,19 +20,41 @@ from tally.reference import ReferenceSnapshot
 class ProcessedBatch:
     """What one batch of llm.usage.v1 messages turned into, as JSON lines keyed by output partition.
 
-    Output partition = the source partition: every event of a logical request stays on one partition from
-    llm.usage.v1 through llm.cost.attempts.v1, so the stages after it can keep per-request state locally.
+    Attempts keep the source partition: every event of a logical request stays on one partition from llm.usage.v1
+    through llm.cost.attempts.v1, so the fold can keep per-request state locally. Logical requests go to the
+    partition of their feature_id on llm.cost.requests.v1. `fold_writes` are the fold's state changes, applied by
+    the caller after the rows are published.
     """
 
     attempts: dict[int, list[bytes]] = field(default_factory=lambda: defaultdict(list))
     dead_letters: dict[int, list[bytes]] = field(default_factory=lambda: defaultdict(list))
+    requests: dict[int, list[bytes]] = field(default_factory=lambda: defaultdict(list))
+    fold_writes: dict[bytes, bytes | None] = field(default_factory=dict)
     accepted: int = 0
     rejected: int = 0
 
 
+@dataclass(frozen=True)
+class FoldStep:
+    """The fold's inputs for one batch: the folder, its durable state, and the requests topic's partition count."""
+
+    folder: Folder
+    state: Mapping[bytes, bytes]
+    request_partitions: int
+
+
+def group_requests(rows: Iterable[dict[str, Any]], partitions: int) -> dict[int, list[bytes]]:
+    """Encoded logical-request rows keyed by the partition of their feature_id (llm.cost.requests.v1)."""
+    out: dict[int, list[bytes]] = defaultdict(list)
+    for row in rows:
+        out[partition_for(row["feature_id"], partitions)].append(encode_row(row))
+    return out
+
+
 def process_messages(messages: Sequence[tuple[bytes | None, Source]], validator: Validator,
-                     refs: ReferenceSnapshot, partitions: int | None, now: datetime) -> ProcessedBatch:
-    """Validate every line of every message, enrich the good ones in one call, encode both outcomes."""
+                     refs: ReferenceSnapshot, partitions: int | None, now: datetime,
+                     fold: FoldStep | None = None, wall: float = 0.0) -> ProcessedBatch:
+    """Validate every line of every message, enrich the good ones in one call, encode both outcomes, fold."""
     accepted: list[Accepted] = []
     rejected: list[Rejection] = []
     for value, source in messages:
@@ -43,4 +68,8 @@ def process_messages(messages: Sequence[tuple[bytes | None, Source]], validator:
         out.attempts[row["source_partition"]].append(encode_row(row))
     for rej in rejected:
         out.dead_letters[rej.source.partition if rej.source else 0].append(encode_record(rej.to_record(now)))
+    if fold is not None:
+        result = fold.folder.fold(rows, fold.state, wall, now)
+        out.requests = group_requests(result.emitted, fold.request_partitions)
+        out.fold_writes = result.writes
     return out

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,6 +15,14 @@ from typing import Any
 
 import orjson
 
+from streams.fold import (
+    REQUEST_COLUMNS,
+    REQUEST_COST_COLUMNS,
+    REQUEST_TIME_COLUMNS,
+    Fact,
+    facts_of_detail,
+    summarize,
+)
 from streams.records import (
     ATTEMPT_COLUMNS,
     COST_COLUMNS,
@@ -29,57 +37,75 @@ from tally.store import Store
 
 log = logging.getLogger(__name__)
 
-_COLUMN_SET = frozenset(ATTEMPT_COLUMNS)
-TABLE = "usage_events"
+
+@dataclass(frozen=True)
+class RowShape:
+    """The rows one sink agent reads: their columns, which hold exact decimals and which hold times."""
+
+    what: str
+    reason: str  # the dead-letter reason for a line that is not such a row
+    columns: tuple[str, ...]
+    decimals: tuple[str, ...]
+    times: tuple[str, ...]
+
+    @property
+    def column_set(self) -> frozenset[str]:
+        return frozenset(self.columns)
 
 
-def decode_attempts(value: bytes, source: Source) -> tuple[list[dict[str, Any]], list[Rejection]]:
-    """Decode one NDJSON message of priced attempts into rows ready to insert (Decimal costs, aware datetimes).
+ATTEMPT_ROWS = RowShape("priced attempt", "bad_attempt_row", ATTEMPT_COLUMNS, COST_COLUMNS, TIME_COLUMNS)
+REQUEST_ROWS = RowShape("logical request", "bad_request_row", REQUEST_COLUMNS, REQUEST_COST_COLUMNS,
+                        REQUEST_TIME_COLUMNS)
 
-    A line that is not a complete attempt row is a rejection (stage sink), never an exception.
+
+def decode_rows(value: bytes, source: Source, shape: RowShape = ATTEMPT_ROWS
+                ) -> tuple[list[dict[str, Any]], list[Rejection]]:
+    """Decode one NDJSON message of rows ready to insert (Decimal costs, aware datetimes).
+
+    A line that is not a complete row of the shape is a rejection (stage sink), never an exception.
     """
     rows: list[dict[str, Any]] = []
     bad: list[Rejection] = []
+    column_set = shape.column_set
     for n, line in enumerate(value.split(b"\n"), start=1):
         if not line:
             continue
         try:
             row = orjson.loads(line)
-            if type(row) is not dict or row.keys() != _COLUMN_SET:
-                missing = sorted(_COLUMN_SET - row.keys()) if isinstance(row, dict) else []
-                raise ValueError(f"not an attempt row (missing {missing[:5]})")
-            for c in COST_COLUMNS:
+            if type(row) is not dict or row.keys() != column_set:
+                missing = sorted(column_set - row.keys()) if isinstance(row, dict) else []
+                raise ValueError(f"not a {shape.what} row (missing {missing[:5]})")
+            for c in shape.decimals:
                 row[c] = Decimal(row[c])
-            for c in TIME_COLUMNS:
+            for c in shape.times:
                 row[c] = datetime.fromisoformat(row[c])
         except (orjson.JSONDecodeError, ValueError, TypeError, InvalidOperation) as exc:
-            bad.append(Rejection("bad_attempt_row", STAGE_SINK, f"cannot decode priced attempt: {exc}", line,
-                                 source, n))
+            bad.append(Rejection(shape.reason, STAGE_SINK, f"cannot decode {shape.what}: {exc}", line, source, n))
             continue
         rows.append(row)
     return rows, bad
 
 
-def decode_batch(messages: Sequence[tuple[bytes | None, Source]]
+def decode_batch(messages: Sequence[tuple[bytes | None, Source]], shape: RowShape = ATTEMPT_ROWS
                  ) -> tuple[list[dict[str, Any]], dict[int, list[bytes]]]:
-    """Decode a batch of attempt messages: rows to insert, and dead-letter lines keyed by partition."""
+    """Decode a batch of messages: rows to insert, and dead-letter lines keyed by partition."""
     rows: list[dict[str, Any]] = []
     dead: dict[int, list[bytes]] = {}
     for value, source in messages:
-        ok, bad = decode_attempts(value or b"", source)
+        ok, bad = decode_rows(value or b"", source, shape)
         rows.extend(ok)
         if bad:
             dead.setdefault(source.partition, []).extend(encode_record(r.to_record()) for r in bad)
     return rows, dead
 
 
-def insert_token(event_ids: Sequence[str]) -> str:
+def insert_token(table: str, keys: Iterable[str]) -> str:
     """Deterministic insert_deduplication_token: the same set of rows always gets the same token."""
     h = hashlib.blake2b(digest_size=16)
-    for eid in sorted(event_ids):
-        h.update(eid.encode())
+    for key in sorted(keys):
+        h.update(key.encode())
         h.update(b"\0")
-    return f"{TABLE}:{h.hexdigest()}"
+    return f"{table}:{h.hexdigest()}"
 
 
 @dataclass
@@ -111,6 +137,7 @@ class SinkWriter:
 
     store: Store
     stats: SinkStats = field(default_factory=SinkStats)
+    table: str = "usage_events"
 
     def write(self, rows: Sequence[dict[str, Any]]) -> int:
         """Insert the rows not yet saved; returns how many were inserted. Runs in the sink's executor thread."""
@@ -123,13 +150,93 @@ class SinkWriter:
         if fresh:
             started = time.perf_counter()
             columns = [[r[c] for r in fresh] for c in ATTEMPT_COLUMNS]
-            self.store.insert_columns(TABLE, columns, ATTEMPT_COLUMNS, insert_token([r["event_id"] for r in fresh]))
+            self.store.insert_columns(self.table, columns, ATTEMPT_COLUMNS,
+                                      insert_token(self.table, (r["event_id"] for r in fresh)))
             self.stats.last_insert_s = time.perf_counter() - started
         self.stats.batches += 1
         self.stats.rows_inserted += len(fresh)
         self.stats.duplicates_in_batch += dup_in_batch
         self.stats.already_saved += len(saved)
         return len(fresh)
+
+
+@dataclass
+class _Head:
+    """The latest revision of a logical request as ClickHouse holds it (or as this batch is about to write it)."""
+
+    revision: int
+    emitted_at: datetime
+    detail: str
+    _facts: list[Fact] | None = None
+
+    @property
+    def facts(self) -> list[Fact]:
+        if self._facts is None:
+            self._facts = facts_of_detail(self.detail)
+        return self._facts
+
+    def event_ids(self) -> set[str]:
+        return {f["event_id"] for f in self.facts}
+
+
+@dataclass
+class RequestWriter:
+    """Writes logical requests to logical_requests so each request counts once, at its latest revision.
+
+    Per batch (rows in topic order; the agent acks offsets only after `write` returns):
+      1. Look up the latest revision ClickHouse holds of each request (table logical_request_heads).
+      2. For each incoming revision: if the head already holds all of its attempts (a replay, a duplicate emission,
+         a stale revision), skip it. Otherwise write the new revision — the union of both attempt sets when the
+         incoming one lacks some of the head's (a late attempt folded without its request's state) — numbered
+         max(incoming, head + 1), together with a cancel row (sign = -1) of the head.
+      3. Insert cancel and new rows in one insert with a deterministic deduplication token.
+    A replayed batch finds its own revisions as heads and writes nothing; every decision is a function of attempt
+    sets, so it does not depend on timing. Requests are keyed by feature_id, so one sink handles a request at a time.
+    """
+
+    store: Store
+    stats: SinkStats = field(default_factory=SinkStats)
+    table: str = "logical_requests"
+
+    def plan(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows to insert for these incoming revisions (cancel rows included)."""
+        found = self.store.request_heads(list({r["logical_request_id"] for r in rows}))
+        heads = {lid: _Head(rev, at, detail) for lid, (rev, at, detail) in found.items()}
+        out: list[dict[str, Any]] = []
+        for row in rows:
+            lid = row["logical_request_id"]
+            head = heads.get(lid)
+            if head is None:
+                out.append(row)
+                heads[lid] = _Head(row["revision"], row["emitted_at"], row["attempts_detail"])
+                continue
+            held = head.event_ids()
+            incoming = set(row["attempt_event_ids"])
+            if incoming <= held:
+                self.stats.already_saved += 1
+                continue
+            facts = facts_of_detail(row["attempts_detail"])
+            if not held <= incoming:
+                facts += [f for f in head.facts if f["event_id"] not in incoming]
+            revision = max(row["revision"], head.revision + 1)
+            new = summarize(lid, facts, revision, row["emitted_at"])
+            out.append(summarize(lid, head.facts, head.revision, head.emitted_at, sign=-1))
+            out.append(new)
+            heads[lid] = _Head(revision, new["emitted_at"], new["attempts_detail"], facts)
+        return out
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert what `plan` decides; returns how many rows were inserted. Runs in the sink's executor thread."""
+        out = self.plan(rows)
+        if out:
+            started = time.perf_counter()
+            columns = [[r[c] for r in out] for c in REQUEST_COLUMNS]
+            keys = (f"{r['logical_request_id']}#{r['revision']}#{r['sign']}" for r in out)
+            self.store.insert_columns(self.table, columns, REQUEST_COLUMNS, insert_token(self.table, keys))
+            self.stats.last_insert_s = time.perf_counter() - started
+        self.stats.batches += 1
+        self.stats.rows_inserted += len(out)
+        return len(out)
 
 
 def _too_large(exc: BaseException) -> bool:

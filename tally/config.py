@@ -62,12 +62,17 @@ class Topics:
     def budget_state(self) -> str:
         return f"{self.prefix}llm.budget.state.v1"
 
+    @property
+    def fold_state(self) -> str:
+        """The fold stage's durable state: the changelog of its Faust table (one entry per open request)."""
+        return f"{self.prefix}tally.fold.state.changelog"
+
     def reference(self) -> tuple[str, ...]:
         """The compacted reference topics, in load order."""
         return (self.price_cards, self.owners, self.budgets)
 
     def compacted(self) -> tuple[str, ...]:
-        return (*self.reference(), self.budget_state)
+        return (*self.reference(), self.budget_state, self.fold_state)
 
     def all(self) -> tuple[str, ...]:
         return (self.usage, self.dlq, self.attempts, self.requests, self.alerts, *self.compacted())
@@ -102,6 +107,14 @@ class Settings:
     dedup_window_days: int = 7
     # The sink retries a failed insert with backoff for this long, then stops the worker without committing.
     sink_retry_s: float = 300.0
+    # Fold (event time, seconds): an ok attempt without `final` is emitted after `fold_settle_s` with no further
+    # attempt; a request with no ok attempt is emitted as abandoned after `fold_inactivity_s`; an emitted request's
+    # state is kept `fold_grace_s` for late attempts. A partition without input for `fold_idle_s` of wall time lets
+    # its event clock run on with wall time, so the last requests of a quiet stream are emitted too.
+    fold_settle_s: float = 30.0
+    fold_inactivity_s: float = 600.0
+    fold_grace_s: float = 120.0
+    fold_idle_s: float = 5.0
     # A worker killed without leaving the group holds its partitions until this expires (then a rebalance).
     session_timeout_s: float = 10.0
     max_line_bytes: int = 16 * 1024
@@ -169,6 +182,11 @@ class Settings:
             out.append(f"batch_within_s must be positive, got {self.batch_within_s}")
         if not 3 <= self.session_timeout_s <= 300:
             out.append(f"session_timeout_s must be between 3 and 300, got {self.session_timeout_s}")
+        for name in ("fold_settle_s", "fold_inactivity_s", "fold_grace_s", "fold_idle_s"):
+            if getattr(self, name) < 0:
+                out.append(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.fold_inactivity_s < self.fold_settle_s:
+            out.append("fold_inactivity_s must be at least fold_settle_s")
         if self.sink_retry_s < 0:
             out.append(f"sink_retry_s must not be negative, got {self.sink_retry_s}")
         if self.max_line_bytes > self.max_message_bytes:

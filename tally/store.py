@@ -8,6 +8,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
@@ -193,6 +194,25 @@ class Store:
                 "WHERE event_id IN (SELECT arrayJoin({ids:Array(String)}))",
                 parameters={"ids": list(event_ids[start:start + chunk])})
             found.update(r[0] for r in res.result_rows)
+        return found
+
+    def request_heads(self, logical_ids: Sequence[str], chunk: int = 10_000
+                      ) -> dict[str, tuple[int, datetime, str]]:
+        """The latest revision ClickHouse holds of each of these logical requests.
+
+        Returns id → (revision, emitted_at, attempts_detail); ids it does not hold are absent.
+        """
+        found: dict[str, tuple[int, datetime, str]] = {}
+        for start in range(0, len(logical_ids), chunk):
+            res = self.client.query(
+                f"SELECT logical_request_id, revision, emitted_at, attempts_detail "
+                f"FROM {self.db}.logical_request_heads "
+                "WHERE logical_request_id IN (SELECT arrayJoin({ids:Array(String)})) "
+                "ORDER BY revision DESC LIMIT 1 BY logical_request_id",
+                parameters={"ids": list(logical_ids[start:start + chunk])})
+            for lid, revision, emitted_at, detail in res.result_rows:
+                at = emitted_at if emitted_at.tzinfo is not None else emitted_at.replace(tzinfo=UTC)
+                found[lid] = (int(revision), at, detail)
         return found
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import itertools
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
 import orjson
 
-from streams.records import Accepted, Source
+from streams.records import ATTEMPT_COLUMNS, COST_COLUMNS, Accepted, Source
+from tally.partitioning import partition_for
 
 DEFAULT_SOURCE = Source("llm.usage.v1", 0, 0)
 DEFAULT_TIMESTAMP = "2026-11-15T12:00:00.000Z"
@@ -70,3 +72,32 @@ def accepted_factory(event: dict[str, Any] | None = None, *, source: Source = DE
         raise TypeError("give either an event or overrides, not both")
     logical = event.get("parent_request_id") or event["request_id"]
     return Accepted(event, orjson.dumps(event), source, line, _ts(event["timestamp"]), logical)
+
+
+def attempt_row_factory(logical_id: str, *, event_id: str | None = None, request_id: str | None = None,
+                        attempt: int = 0, final: bool = False, status: str = "ok", ts_ms: int = 1_763_208_000_000,
+                        cost: Decimal = Decimal("0.001"), model: str = "gpt-4.1-mini", model_requested: str = "",
+                        fallback_from: str = "", usage_reported: bool = True, token_n: int | None = None,
+                        partitions: int = 4, feature_id: str = "summarize_email_v2", output_tokens: int = 300,
+                        pricing_status: str = "priced") -> dict[str, Any]:
+    """A priced attempt row (streams.records.ATTEMPT_COLUMNS) as the enrich stage hands it to the fold.
+
+    The whole cost sits in the output class; the source partition is the logical id's murmur2 partition.
+    """
+    n = next(_ids)
+    row: dict[str, Any] = dict.fromkeys(ATTEMPT_COLUMNS, "")
+    row.update(
+        event_id=event_id or f"evt-{n:08d}", request_id=request_id or f"req-{n:08d}", logical_request_id=logical_id,
+        attempt=attempt, final=final, ts=datetime.fromtimestamp(ts_ms / 1000, UTC), ingested_at=datetime.now(UTC),
+        provider="openai", model_requested=model_requested or model, model_actual=model, fallback_from=fallback_from,
+        status=status, batch=False, usage_reported=usage_reported, stream_terminated_at_token_n=token_n,
+        latency_ms=100, input_tokens=1000, output_tokens=output_tokens, reasoning_tokens=0, cache_read_tokens=0,
+        cache_write_tokens=0, cache_write_1h_tokens=0, tool_calls={},
+        pricing_status=pricing_status, price_card_version="openai-2026-06", team_id="inbox", feature_id=feature_id,
+        tenant_id="tenant_acme", ownership_version="org-2026-10", attribution_status="attributed",
+        source_topic="llm.usage.v1", source_partition=partition_for(logical_id, partitions), source_offset=n,
+        source_line=1, tags={}, payload="{}")
+    for c in COST_COLUMNS:
+        row[c] = Decimal(0)
+    row["cost_output_usd"] = row["cost_total_usd"] = cost
+    return row

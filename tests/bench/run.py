@@ -189,7 +189,7 @@ def _table(results: dict[str, Any]) -> str:
     if sk and "error" not in sk:
         lookups = sk.get("lookup_s_by_ids") or {}
         rows += [
-            ("1 sink decode_attempts", _fmt(sk.get("decode_us"), " µs/row"),
+            ("1 sink decode_rows", _fmt(sk.get("decode_us"), " µs/row"),
              f"attempt lines {_fmt(sk.get('attempt_line_bytes'))} B"),
             (f"1 sink write ({_fmt(sk.get('write_batch_rows'))}-row batches)", _fmt(sk.get("write_us"), " µs/row"),
              "lookup + chDB insert"),

@@ -14,7 +14,7 @@ from typing import Any
 from streams.enrich import enrich
 from streams.pipeline import process_messages
 from streams.records import Source, encode_row
-from streams.sink import SinkWriter, decode_attempts
+from streams.sink import SinkWriter, decode_rows
 from streams.validate import Validator
 from tally.config import Settings
 from tally.reference import snapshot_of
@@ -92,7 +92,7 @@ def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int =
                  lookup_sizes: tuple[int, ...] = (10_000, 20_000, 30_000)) -> dict[str, Any]:
     """The sink's per-row cost in process (embedded chDB in a temporary directory, no Kafka).
 
-    decode_attempts over the process stage's output, SinkWriter.write (lookup + column insert) in batches of
+    decode_rows over the process stage's output, SinkWriter.write (lookup + column insert) in batches of
     `batch_rows`, then the already-saved lookup alone for batches of fresh ids of each size in `lookup_sizes`
     against the `count` rows just written (that lookup is what every sink batch pays first).
     """
@@ -102,7 +102,7 @@ def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int =
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for offset, value in enumerate(values):
-        ok, _bad = decode_attempts(value, Source("bench.llm.cost.attempts.v1", 0, offset))
+        ok, _bad = decode_rows(value, Source("bench.llm.cost.attempts.v1", 0, offset))
         rows.extend(ok)
     decode_s = time.perf_counter() - t0
     result: dict[str, Any] = {"rows": len(rows), "attempt_line_bytes": round(sum(map(len, values)) / len(rows)),

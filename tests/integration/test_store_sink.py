@@ -2,37 +2,20 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 
 from ops.simulate import TrafficGenerator, catalog_from_reference
 from streams.pipeline import process_messages
 from streams.records import Source
-from streams.sink import SinkWriter, decode_attempts, insert_token, write_with_retry
+from streams.sink import SinkWriter, decode_rows, insert_token, write_with_retry
 from streams.validate import Validator
 from tally.config import load_settings
 from tally.errors import SinkGaveUp, StoreError, StoreLockedError
-from tally.reference import load_reference_files, snapshot_of
+from tally.reference import snapshot_of
 from tally.store import Store
 
 pytestmark = pytest.mark.integration
-
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "reference"
-
-
-@pytest.fixture(scope="module")
-def docs():
-    return load_reference_files(sorted(EXAMPLES.glob("*.yaml")))
-
-
-@pytest.fixture
-def store(tmp_path):
-    s = Store(load_settings(env={}, data_dir=tmp_path))
-    s.migrate()
-    yield s
-    s.close()
-
 
 def priced_rows(docs, n=300, seed=5):
     gen = TrafficGenerator(catalog_from_reference(docs), seed=seed, bad_rate=0.0,
@@ -42,7 +25,7 @@ def priced_rows(docs, n=300, seed=5):
                            datetime(2026, 11, 20, 1, tzinfo=UTC))
     rows = []
     for lines in out.attempts.values():
-        got, bad = decode_attempts(b"\n".join(lines), Source("llm.cost.attempts.v1", 0, 1))
+        got, bad = decode_rows(b"\n".join(lines), Source("llm.cost.attempts.v1", 0, 1))
         assert not bad
         rows.extend(got)
     return rows
@@ -77,7 +60,7 @@ def test_same_insert_token_is_absorbed_by_clickhouse(store, docs):
 
     rows = priced_rows(docs, 50)
     cols = [[r[c] for r in rows] for c in ATTEMPT_COLUMNS]
-    token = insert_token([r["event_id"] for r in rows])
+    token = insert_token("usage_events", (r["event_id"] for r in rows))
     store.insert_columns("usage_events", cols, ATTEMPT_COLUMNS, token)
     store.insert_columns("usage_events", cols, ATTEMPT_COLUMNS, token)  # a retry after a timeout
     assert totals(store)[0] == len(rows)

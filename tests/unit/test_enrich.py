@@ -322,8 +322,8 @@ def test_terminated_stream_is_estimated_from_tokens_before_the_cut(test_refs):
     assert row["pricing_status"] == "estimated"
     assert row["pricing_note"] == ("estimated: usage not reported; priced input usage plus 50 output tokens "
                                    "generated before the cut")
-    # The token columns are the usage as reported; the cut point has its own column.
-    assert (row["output_tokens"], row["stream_terminated_at_token_n"]) == (0, 50)
+    # The output tokens counted are the tokens priced (the cut point); the payload keeps the event as sent.
+    assert (row["output_tokens"], row["reasoning_tokens"], row["stream_terminated_at_token_n"]) == (50, 0, 50)
     # With usage reported, a terminated stream is priced from its usage.
     reported = acme(test_refs, status="terminated", usage={"input_tokens": 1000, "output_tokens": 7},
                     stream_terminated_at_token_n=50)

@@ -1,0 +1,380 @@
+"""Fold stage: priced attempts → logical requests (retries, fallbacks, terminated streams, retry waste).
+
+Pure functions and one state machine, tested without Kafka. The Faust agent (streams.app) owns the durable state
+(a Faust table: one entry per open or recently emitted logical request) and hands this module plain mappings.
+
+Vocabulary
+- A *fact* is the part of a priced attempt that the fold needs (event_id, request_id, order, status, models, tokens,
+  exact costs, owner). Facts are compact dicts whose costs are decimal strings; they are what the state stores and
+  what a logical-request row carries in `attempts_detail`, so a row can always be recomputed from its facts.
+- `summarize(facts)` is the one definition of a logical request. The fold, the sink's merge and the tests all use it.
+- A logical request is *emitted* when a final attempt arrives, when an ok attempt has settled (no further attempt
+  within `settle` of event time), or when it has been inactive for `inactivity` (final_status = abandoned).
+  An attempt that arrives for an emitted request re-emits it with the next revision.
+
+Event time: each input partition has a clock, the largest event timestamp seen on it. When a partition receives no
+input for `idle` seconds of wall time, its clock runs on with wall time, so the last requests of a quiet partition
+are still emitted.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from streams.records import TOKEN_CLASSES
+from tally.partitioning import partition_for
+
+CLASS_COSTS: tuple[str, ...] = (
+    "cost_input_usd", "cost_output_usd", "cost_reasoning_usd", "cost_cache_read_usd", "cost_cache_write_usd",
+    "cost_tools_usd",
+)
+OWNER_COLUMNS: tuple[str, ...] = (
+    "tenant_id", "team_id", "feature_id", "product", "endpoint", "environment", "cost_center", "business_unit",
+    "deploy_version", "ownership_version", "attribution_status",
+)
+_FACT_FIELDS: tuple[str, ...] = (
+    "event_id", "request_id", "attempt", "final", "status", "error", "usage_reported",
+    "stream_terminated_at_token_n", "provider", "model_requested", "model_actual", "fallback_from",
+    "pricing_status", "price_card_version", *TOKEN_CLASSES, *OWNER_COLUMNS,
+)
+# The logical_requests columns (schemas/migrations/004), in order.
+REQUEST_COLUMNS: tuple[str, ...] = (
+    "logical_request_id", "revision", "sign", "first_ts", "last_ts", "emitted_at", "closed_by",
+    "attempts", "retries", "fallbacks", "fallback_chain", "requested_model", "final_model", "final_provider",
+    "final_status", "final_event_id", "terminated", "terminated_at_token_n", "usage_complete", "pricing_status",
+    *TOKEN_CLASSES, *CLASS_COSTS, "cost_total_usd", "cost_final_usd", "cost_wasted_usd",
+    *OWNER_COLUMNS, "price_card_versions", "attempt_event_ids", "attempts_detail",
+)
+REQUEST_COST_COLUMNS: tuple[str, ...] = (*CLASS_COSTS, "cost_total_usd", "cost_final_usd", "cost_wasted_usd")
+REQUEST_TIME_COLUMNS: tuple[str, ...] = ("first_ts", "last_ts", "emitted_at")
+
+# Severity order of pricing statuses: a request is as uncertain as its most uncertain attempt.
+_PRICING_ORDER = {"priced": 0, "partial": 1, "estimated": 2, "unpriced": 3, "no_usage": 4}
+
+Fact = dict[str, Any]
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def fact_of(row: Mapping[str, Any]) -> Fact:
+    """The fold's view of one priced attempt row (streams.records.ATTEMPT_COLUMNS)."""
+    fact = {k: row[k] for k in _FACT_FIELDS}
+    fact["ts_ms"] = (row["ts"] - _EPOCH) // _MS  # exact integer milliseconds, no float
+    for c in (*CLASS_COSTS, "cost_total_usd"):
+        fact[c] = format(row[c], "f")
+    return fact
+
+
+def effective(facts: Iterable[Fact]) -> list[Fact]:
+    """The facts that count, in attempt order.
+
+    - One fact per event_id (a duplicate changes nothing).
+    - One fact per physical call (request_id): a record with real usage supersedes one without (a cut stream whose
+      usage arrives later); among several, the latest (timestamp, then event_id) wins.
+    Order: attempt number, then timestamp, then event_id.
+    """
+    by_call: dict[str, Fact] = {}
+    seen: set[str] = set()
+    for f in facts:
+        if f["event_id"] in seen:
+            continue
+        seen.add(f["event_id"])
+        cur = by_call.get(f["request_id"])
+        if cur is None or _supersedes(f, cur):
+            by_call[f["request_id"]] = f
+    return sorted(by_call.values(), key=lambda f: (f["attempt"], f["ts_ms"], f["event_id"]))
+
+
+def _supersedes(new: Fact, old: Fact) -> bool:
+    if new["usage_reported"] != old["usage_reported"]:
+        return bool(new["usage_reported"])
+    return (new["ts_ms"], new["event_id"]) > (old["ts_ms"], old["event_id"])
+
+
+def _answer(ordered: Sequence[Fact]) -> tuple[Fact, str, str]:
+    """(the attempt whose outcome is the request's, final_status, closed_by)."""
+    finals = [f for f in ordered if f["final"]]
+    if finals:
+        last = finals[-1]
+        return last, last["status"], "final"
+    oks = [f for f in ordered if f["status"] == "ok"]
+    if oks:
+        return oks[-1], "ok", "settled"
+    return ordered[-1], "abandoned", "inactive"
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def summarize(logical_id: str, facts: Sequence[Fact], revision: int, emitted_at: datetime,
+              sign: int = 1) -> dict[str, Any]:
+    """The logical_requests row for these facts: a pure function of the facts (plus revision, sign, emitted_at).
+
+    cost_wasted_usd = cost of every attempt except the one whose outcome is the request's (the final attempt, else
+    the last ok one, else for an abandoned request the last one), so waste + cost_final_usd = cost_total_usd exactly.
+    """
+    ordered = effective(facts)
+    if not ordered:
+        raise ValueError(f"logical request {logical_id} has no attempts")
+    answer, final_status, closed_by = _answer(ordered)
+    first = ordered[0]
+    chain = [first["model_requested"] or first["model_actual"]]
+    fallbacks = 0
+    prev_model = None
+    for f in ordered:
+        if prev_model is not None and (f["fallback_from"] or f["model_actual"] != prev_model):
+            fallbacks += 1
+        prev_model = f["model_actual"]
+        if f["fallback_from"] and chain[-1] != f["fallback_from"]:
+            chain.append(f["fallback_from"])
+        if chain[-1] != f["model_actual"]:
+            chain.append(f["model_actual"])
+    costs = {c: sum((Decimal(f[c]) for f in ordered), Decimal(0)) for c in (*CLASS_COSTS, "cost_total_usd")}
+    cost_final = Decimal(answer["cost_total_usd"])
+    cut = [f for f in ordered if f["status"] == "terminated"]
+    row: dict[str, Any] = {
+        "logical_request_id": logical_id,
+        "revision": revision,
+        "sign": sign,
+        "first_ts": _ts(min(f["ts_ms"] for f in ordered)),
+        "last_ts": _ts(max(f["ts_ms"] for f in ordered)),
+        "emitted_at": emitted_at,
+        "closed_by": closed_by,
+        "attempts": len(ordered),
+        "retries": len(ordered) - 1 - fallbacks,
+        "fallbacks": fallbacks,
+        "fallback_chain": chain,
+        "requested_model": chain[0],
+        "final_model": answer["model_actual"],
+        "final_provider": answer["provider"],
+        "final_status": final_status,
+        "final_event_id": answer["event_id"],
+        "terminated": bool(cut),
+        "terminated_at_token_n": cut[-1]["stream_terminated_at_token_n"] if cut else None,
+        "usage_complete": all(f["usage_reported"] for f in ordered),
+        "pricing_status": max((f["pricing_status"] for f in ordered), key=lambda s: _PRICING_ORDER.get(s, 5)),
+    }
+    for c in TOKEN_CLASSES:
+        row[c] = sum(f[c] for f in ordered)
+    row.update(costs)
+    row["cost_final_usd"] = cost_final
+    row["cost_wasted_usd"] = costs["cost_total_usd"] - cost_final
+    for c in OWNER_COLUMNS:
+        row[c] = answer[c]
+    row["price_card_versions"] = sorted({f["price_card_version"] for f in ordered if f["price_card_version"]})
+    row["attempt_event_ids"] = sorted({f["event_id"] for f in facts})
+    row["attempts_detail"] = orjson.dumps(sorted(facts, key=lambda f: f["event_id"])).decode()
+    return row
+
+
+def facts_of_detail(detail: str) -> list[Fact]:
+    """The facts a logical_requests row was computed from (its attempts_detail column)."""
+    facts: list[Fact] = orjson.loads(detail)
+    return facts
+
+
+# --- state -------------------------------------------------------------------------------------------------------
+
+OPEN = 0      # attempts seen, not emitted yet (or emitted and changed since: re-emitted at the next decision)
+EMITTED = 1   # emitted; kept for the grace period so a late attempt still finds it
+
+
+@dataclass(slots=True)
+class Entry:
+    """The durable state of one logical request (a Faust table value, serialized with `dump`)."""
+
+    facts: list[Fact]
+    revision: int = 0          # revisions emitted so far
+    emitted_ids: int = 0       # how many distinct event_ids the last emission held
+    phase: int = OPEN
+    due_ms: int = 0            # event time of the next decision (settle / inactivity / expiry)
+
+    def dump(self) -> bytes:
+        return orjson.dumps([self.facts, self.revision, self.emitted_ids, self.phase, self.due_ms])
+
+    @classmethod
+    def load(cls, raw: bytes) -> Entry:
+        facts, revision, emitted_ids, phase, due_ms = orjson.loads(raw)
+        return cls(facts, revision, emitted_ids, phase, due_ms)
+
+    def event_ids(self) -> set[str]:
+        return {f["event_id"] for f in self.facts}
+
+
+@dataclass(frozen=True)
+class FoldConfig:
+    """Event-time durations in milliseconds, and the wall-clock idle threshold in seconds."""
+
+    settle_ms: int = 30_000
+    inactivity_ms: int = 600_000
+    grace_ms: int = 120_000
+    idle_s: float = 5.0
+
+
+@dataclass
+class FoldResult:
+    """What one fold step produced: logical-request rows to publish and state writes (None = delete)."""
+
+    emitted: list[dict[str, Any]] = field(default_factory=list)
+    writes: dict[bytes, bytes | None] = field(default_factory=dict)
+
+
+@dataclass
+class _Clock:
+    event_ms: int = 0          # largest event timestamp seen on the partition
+    input_wall: float = 0.0    # wall time of the last input
+    now_ms: int = 0            # the clock decisions use: event time, advanced by wall time while idle
+
+
+class Folder:
+    """Folds priced attempts into logical requests, one input partition at a time.
+
+    `state` is the durable store (the Faust table: key = logical id as bytes, value = Entry.dump()); the folder
+    reads it and returns writes; the caller applies them after it has published the emitted rows. The folder keeps
+    only derived, rebuildable data of its own: per-partition clocks and a heap of decision times.
+    """
+
+    def __init__(self, config: FoldConfig, partitions: int) -> None:
+        self.config = config
+        self.partitions = partitions
+        self.clocks: dict[int, _Clock] = {}
+        self.heaps: dict[int, list[tuple[int, bytes]]] = {}
+
+    # -- index ---------------------------------------------------------------------------------------------------
+
+    def forget(self) -> None:
+        """Drop derived data (after a rebalance); it is rebuilt from the state on the next step per partition."""
+        self.clocks.clear()
+        self.heaps.clear()
+
+    def _index(self, partition: int, state: Mapping[bytes, bytes], wall: float) -> list[tuple[int, bytes]]:
+        heap = self.heaps.get(partition)
+        if heap is not None:
+            return heap
+        heap = []
+        clock = _Clock(input_wall=wall)
+        for key, raw in list(state.items()):
+            if raw is None or partition_for(key.decode(), self.partitions) != partition:
+                continue
+            entry = Entry.load(raw)
+            heap.append((entry.due_ms, key))
+            clock.event_ms = max(clock.event_ms, *(f["ts_ms"] for f in entry.facts))
+        heapq.heapify(heap)
+        clock.now_ms = clock.event_ms
+        self.heaps[partition] = heap
+        self.clocks[partition] = clock
+        return heap
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+
+    def fold(self, rows: Sequence[Mapping[str, Any]], state: Mapping[bytes, bytes], wall: float,
+             emitted_at: datetime) -> FoldResult:
+        """Fold a batch of priced attempt rows (any partitions, in arrival order)."""
+        out = FoldResult()
+        by_partition: dict[int, dict[str, list[Fact]]] = {}
+        for row in rows:
+            by_partition.setdefault(row["source_partition"], {}).setdefault(
+                row["logical_request_id"], []).append(fact_of(row))
+        for partition, groups in by_partition.items():
+            heap = self._index(partition, state, wall)
+            clock = self.clocks[partition]
+            for facts in groups.values():
+                clock.event_ms = max(clock.event_ms, *(f["ts_ms"] for f in facts))
+            clock.input_wall = wall
+            clock.now_ms = max(clock.now_ms, clock.event_ms)
+            for lid, facts in groups.items():
+                self._add(lid, facts, state, heap, clock.now_ms, out, emitted_at)
+            self._sweep(heap, clock.now_ms, state, out, emitted_at)
+        return out
+
+    def tick(self, partitions: Iterable[int], state: Mapping[bytes, bytes], wall: float,
+             emitted_at: datetime) -> FoldResult:
+        """Advance the clocks of idle partitions with wall time and make the decisions that fall due."""
+        out = FoldResult()
+        for partition in partitions:
+            heap = self._index(partition, state, wall)
+            clock = self.clocks[partition]
+            idle = wall - clock.input_wall - self.config.idle_s
+            if idle > 0:
+                clock.now_ms = max(clock.now_ms, clock.event_ms + int(idle * 1000))
+            self._sweep(heap, clock.now_ms, state, out, emitted_at)
+        return out
+
+    def _get(self, key: bytes, state: Mapping[bytes, bytes], out: FoldResult) -> Entry | None:
+        raw = out.writes[key] if key in out.writes else state.get(key)
+        return Entry.load(raw) if raw is not None else None
+
+    def _add(self, lid: str, facts: list[Fact], state: Mapping[bytes, bytes], heap: list[tuple[int, bytes]],
+             now_ms: int, out: FoldResult, emitted_at: datetime) -> None:
+        key = lid.encode()
+        entry = self._get(key, state, out)
+        if entry is None:
+            if len(facts) == 1 and facts[0]["final"]:
+                # The common case: one attempt, marked final. Emitted at once; no state is written.
+                out.emitted.append(summarize(lid, facts, 1, emitted_at))
+                return
+            entry = Entry([])
+        known = entry.event_ids()
+        before = len(known)
+        for f in facts:
+            if f["event_id"] not in known:
+                known.add(f["event_id"])
+                entry.facts.append(f)
+        if len(known) == before:
+            return  # duplicates change nothing
+        if any(f["final"] for f in entry.facts) or entry.phase == EMITTED:
+            self._emit(lid, entry, now_ms, out, emitted_at)
+        else:
+            entry.due_ms = self._decision_time(entry)
+        self._store(key, entry, heap, now_ms, out)
+
+    def _decision_time(self, entry: Entry) -> int:
+        last = max(f["ts_ms"] for f in entry.facts)
+        if any(f["status"] == "ok" for f in entry.facts):
+            return last + self.config.settle_ms
+        return last + self.config.inactivity_ms
+
+    def _emit(self, lid: str, entry: Entry, now_ms: int, out: FoldResult, emitted_at: datetime) -> None:
+        if len(entry.facts) > entry.emitted_ids:
+            entry.revision += 1
+            entry.emitted_ids = len(entry.facts)
+            out.emitted.append(summarize(lid, entry.facts, entry.revision, emitted_at))
+        entry.phase = EMITTED
+        entry.due_ms = max(now_ms, *(f["ts_ms"] for f in entry.facts)) + self.config.grace_ms
+
+    def _store(self, key: bytes, entry: Entry, heap: list[tuple[int, bytes]], now_ms: int, out: FoldResult) -> None:
+        if entry.phase == EMITTED and entry.due_ms <= now_ms:
+            out.writes[key] = None
+            return
+        out.writes[key] = entry.dump()
+        heapq.heappush(heap, (entry.due_ms, key))
+
+    def _sweep(self, heap: list[tuple[int, bytes]], now_ms: int, state: Mapping[bytes, bytes], out: FoldResult,
+               emitted_at: datetime) -> None:
+        while heap and heap[0][0] <= now_ms:
+            due, key = heapq.heappop(heap)
+            entry = self._get(key, state, out)
+            if entry is None or entry.due_ms != due:
+                continue  # superseded heap entry
+            if entry.phase == EMITTED:
+                out.writes[key] = None  # grace period over
+                continue
+            self._emit(key.decode(), entry, now_ms, out, emitted_at)
+            self._store(key, entry, heap, now_ms, out)
+
+
+def apply_writes(state: MutableMapping[bytes, bytes], writes: Mapping[bytes, bytes | None]) -> None:
+    """Apply a FoldResult's writes to a plain mapping (tests, benchmarks; the worker writes its Faust table)."""
+    for key, value in writes.items():
+        if value is None:
+            state.pop(key, None)
+        else:
+            state[key] = value
