@@ -353,7 +353,7 @@ def wait_cmd(c: Ctx, timeout: float) -> None:
 
     report = wait_processed(c.settings, timeout)
     console.print(f"processed: {report.usage_messages:,} input messages, {report.attempt_messages:,} attempt "
-                  f"messages ({report.seconds:.1f}s)")
+                  f"messages, {report.request_messages:,} logical-request messages ({report.seconds:.1f}s)")
 
 
 def run_query(s: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:

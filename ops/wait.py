@@ -21,6 +21,7 @@ class WaitReport:
 
     usage_messages: int
     attempt_messages: int
+    request_messages: int
     seconds: float
 
 
@@ -52,7 +53,9 @@ def wait_processed(settings: Settings, timeout: float = 120.0,
                    progress: Callable[[str], None] | None = None) -> WaitReport:
     """Wait until the process role, then the sink role, have committed past everything published so far.
 
-    First llm.usage.v1 as it is now, then llm.cost.attempts.v1 as it is once the first wait is over.
+    First llm.usage.v1 as it is now, then llm.cost.attempts.v1 and llm.cost.requests.v1 as they are once the first
+    wait is over. Logical requests still open in the fold (waiting for a final attempt, the settle time or the
+    inactivity timeout) are not emitted yet, so they are not waited for.
 
     Both roles commit only after their outputs are durable (the process role after Faust flushed its producer,
     the sink after ClickHouse acknowledged), so when this returns every line published before the call is in
@@ -62,4 +65,5 @@ def wait_processed(settings: Settings, timeout: float = 120.0,
     deadline = started + timeout
     usage = _wait_topic(settings, settings.topics.usage, ("all", "process"), deadline, progress)
     attempts = _wait_topic(settings, settings.topics.attempts, ("all", "sink"), deadline, progress)
-    return WaitReport(usage, attempts, time.monotonic() - started)
+    requests = _wait_topic(settings, settings.topics.requests, ("all", "sink"), deadline, progress)
+    return WaitReport(usage, attempts, requests, time.monotonic() - started)

@@ -21,10 +21,19 @@ from streams.fold import FoldConfig, Folder
 from streams.pipeline import FoldStep, group_requests, process_messages
 from streams.records import Source
 from streams.reference_feed import ReferenceFeed
-from streams.sink import REQUEST_ROWS, RequestWriter, SinkStats, SinkWriter, decode_batch, write_with_retry
+from streams.sink import (
+    ATTEMPT_ROWS,
+    REQUEST_ROWS,
+    RequestWriter,
+    SinkStats,
+    SinkWriter,
+    decode_batch,
+    write_with_retry,
+)
 from streams.validate import Validator
 from tally.config import Settings
 from tally.errors import SinkGaveUp, StoreError, TallyError
+from tally.partitioning import partition_for_bytes
 from tally.reference import ReferenceStore
 from tally.sdk.batching import pack_ndjson
 from tally.store import Store
@@ -34,6 +43,17 @@ log = logging.getLogger("tally.worker")
 # Output messages stay well under the producer's max request size (and Kafka's default 1 MiB message limit).
 OUTPUT_MESSAGE_BYTES = 900 * 1024
 EXIT_SINK_GAVE_UP = 70
+EXIT_AGENT_FAILED = 71
+
+
+def _stop_hard(code: int, message: str, *args: Any) -> None:
+    """Stop the worker at once, committing nothing more: the batch in hand is processed again after a restart.
+
+    Faust would restart a crashed agent in place and could then commit offsets of a batch never written.
+    """
+    log.critical(message, *args, exc_info=code == EXIT_AGENT_FAILED)
+    logging.shutdown()
+    os._exit(code)
 
 
 @dataclass
@@ -52,6 +72,17 @@ class WorkerStats:
 def _json_response(web: Any, payload: Any, status: int = 200) -> Response:
     body = orjson.dumps(payload, default=str)
     return web.bytes(body, content_type="application/json", status=status)  # type: ignore[no-any-return]
+
+
+class FoldTable(faust.Table):  # type: ignore[misc]
+    """The fold state table: an entry's changelog partition is its logical id's murmur2 partition.
+
+    That is the partition of its attempts on llm.usage.v1 (the validate stage refuses any other), so the entry
+    moves with its partition on a rebalance. Keys and values are raw bytes (the app's default serializers).
+    """
+
+    def partition_for_key(self, key: Any) -> int:
+        return partition_for_bytes(key, self.partitions or 1)
 
 
 def fold_config(settings: Settings) -> FoldConfig:
@@ -121,11 +152,11 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         # Fold state: one entry per open (or recently emitted) logical request, keyed by its id. The changelog is
         # partitioned like llm.usage.v1 and written with the same murmur2 partitioner, so an entry lives on the
         # partition of its attempts and moves with it on a rebalance (Faust restores it before the agent resumes).
-        fold_table = app.Table(
-            "fold-state", partitions=partitions, use_partitioner=True, key_serializer="raw",
-            value_serializer="raw",
+        fold_table = FoldTable(
+            app, name="fold-state", beacon=app.tables.beacon, partitions=partitions,
             changelog_topic=app.topic(topics.fold_state, partitions=partitions, compacting=True,
                                       key_serializer="raw", value_serializer="raw"))
+        app.tables.add(fold_table)
         folder = Folder(fold_config(settings), partitions)
         fold_lock = asyncio.Lock()
         rebalanced = [False]
@@ -164,23 +195,26 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             stats.reference_ready = True
             loop = asyncio.get_running_loop()
             step = FoldStep(folder, fold_table.data, req_partitions)
-            async for events in stream.take_events(  # type: ignore[attr-defined]
-                    settings.process_batch_messages, settings.batch_within_s):
-                batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
-                         for e in events]
-                async with fold_lock:
-                    if rebalanced[0]:
-                        folder.forget()
-                        rebalanced[0] = False
-                    out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
-                                                     partitions, datetime.now(UTC), step, time.time())
-                    await publish(attempts_topic, out.attempts)
-                    await publish(dlq_topic, out.dead_letters)
-                    # Attempts and dead letters are delivered before the batch's offsets can be committed.
-                    await commit_fold(out.requests, out.fold_writes)
-                stats.messages += len(events)
-                stats.events_accepted += out.accepted
-                stats.events_rejected += out.rejected
+            try:
+                async for events in stream.take_events(  # type: ignore[attr-defined]
+                        settings.process_batch_messages, settings.batch_within_s):
+                    batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
+                             for e in events]
+                    async with fold_lock:
+                        if rebalanced[0]:
+                            folder.forget()
+                            rebalanced[0] = False
+                        out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
+                                                         partitions, datetime.now(UTC), step, time.time())
+                        await publish(attempts_topic, out.attempts)
+                        await publish(dlq_topic, out.dead_letters)
+                        # Attempts and dead letters are delivered before the batch's offsets can be committed.
+                        await commit_fold(out.requests, out.fold_writes)
+                    stats.messages += len(events)
+                    stats.events_accepted += out.accepted
+                    stats.events_rejected += out.rejected
+            except Exception:
+                _stop_hard(EXIT_AGENT_FAILED, "the process agent failed; stopping without committing its batch")
 
         @app.timer(interval=1.0)
         async def fold_tick() -> None:
@@ -195,9 +229,12 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                 if rebalanced[0]:
                     folder.forget()
                     rebalanced[0] = False
-                result = await loop.run_in_executor(cpu, folder.tick, assigned, fold_table.data, time.time(),
-                                                    datetime.now(UTC))
-                await commit_fold(group_requests(result.emitted, req_partitions), result.writes)
+                try:
+                    result = await loop.run_in_executor(cpu, folder.tick, assigned, fold_table.data, time.time(),
+                                                        datetime.now(UTC))
+                    await commit_fold(group_requests(result.emitted, req_partitions), result.writes)
+                except Exception:
+                    _stop_hard(EXIT_AGENT_FAILED, "the fold timer failed; stopping")
 
     if role in ("sink", "all"):
         if store is None:
@@ -211,26 +248,27 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         async def sink_batches(stream: faust.StreamT, write: Any, shape: Any, sink_stats: SinkStats) -> None:
             """Decode → write with retry → dead-letter bad lines; offsets are acked only after ClickHouse acked."""
             loop = asyncio.get_running_loop()
-            async for events in stream.take_events(  # type: ignore[attr-defined]
-                    settings.sink_batch_messages, settings.batch_within_s):
-                batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
-                         for e in events]
-                # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
-                rows, bad_lines = await loop.run_in_executor(executor, decode_batch, batch, shape)
-                try:
+            try:
+                async for events in stream.take_events(  # type: ignore[attr-defined]
+                        settings.sink_batch_messages, settings.batch_within_s):
+                    batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
+                             for e in events]
+                    # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
+                    rows, bad_lines = await loop.run_in_executor(executor, decode_batch, batch, shape)
                     await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
-                except SinkGaveUp as exc:
-                    # Going on would let Faust commit offsets of unsaved rows: stop hard, commit nothing.
-                    log.critical("sink gave up, stopping the worker without committing: %s", exc)
-                    logging.shutdown()
-                    os._exit(EXIT_SINK_GAVE_UP)
-                await publish(dlq_topic, bad_lines)
-                stats.events_rejected += sum(len(v) for v in bad_lines.values())
+                    await publish(dlq_topic, bad_lines)
+                    await app.producer.flush()
+                    stats.events_rejected += sum(len(v) for v in bad_lines.values())
+            except SinkGaveUp as exc:
+                # Going on would let Faust commit offsets of unsaved rows: stop hard, commit nothing.
+                _stop_hard(EXIT_SINK_GAVE_UP, "sink gave up, stopping the worker without committing: %s", exc)
+            except Exception:
+                _stop_hard(EXIT_AGENT_FAILED, "a sink agent failed; stopping without committing its batch")
 
         @app.agent(attempts_topic)
         async def sink(stream: faust.StreamT) -> None:
             """llm.cost.attempts.v1 → usage_events (each event_id once)."""
-            await sink_batches(stream, writer.write, None, writer.stats)
+            await sink_batches(stream, writer.write, ATTEMPT_ROWS, writer.stats)
 
         @app.agent(requests_topic)
         async def sink_requests(stream: faust.StreamT) -> None:

@@ -6,7 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import datetime
 from decimal import Decimal
@@ -58,6 +58,29 @@ class Stack:
         by_team = self.query("SELECT team_id, toString(sum(cost_total_usd)) AS total FROM tally.usage_events "
                              "GROUP BY team_id")
         assert {r["team_id"]: Fraction(Decimal(r["total"])) for r in by_team} == dict(expected)
+
+    def assert_requests_match_ground_truth(self, events: list[dict[str, Any]]) -> None:
+        """Per feature, the logical requests (each once, at its latest revision) and their cost equal the oracle's.
+
+        Ground truth: one logical request per parent_request_id (or request_id), costed as the exact sum of its
+        attempts; its feature is the feature tag of its attempts.
+        """
+        oracle = Oracle(REFERENCE_FILES)
+        requests: dict[str, str] = {}
+        cost: dict[str, Fraction] = defaultdict(Fraction)
+        for e in events:
+            lid = e.get("parent_request_id") or e["request_id"]
+            requests[lid] = e["tags"].get("feature_id", "")
+            cost[requests[lid]] += oracle.cost(e, datetime.fromisoformat(e["timestamp"]))
+        expected = {f: (n, cost[f]) for f, n in Counter(requests.values()).items()}
+        rows = self.query("SELECT feature_id, toInt64(sum(sign)) AS n, toString(sum(sign * cost_total_usd)) AS c, "
+                          "toString(sum(sign * (cost_wasted_usd + cost_final_usd - cost_total_usd))) AS gap "
+                          "FROM tally.logical_requests GROUP BY feature_id")
+        assert {r["feature_id"]: (r["n"], Fraction(Decimal(r["c"]))) for r in rows} == expected
+        assert all(Decimal(r["gap"]) == 0 for r in rows)
+        current = self.query("SELECT count() AS n, uniqExact(logical_request_id) AS u "
+                             "FROM tally.logical_requests_current")[0]
+        assert current == {"n": len(requests), "u": len(requests)}
 
     def worker_pid(self) -> int:
         return int((self.settings.data_dir / "run" / "worker-all.pid").read_text())

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 import orjson
 import pytest
 
+from ops.kafka_admin import end_offsets
 from ops.simulate import TrafficGenerator, catalog_from_reference
 from tally.reference import load_reference_files
 from tally.sdk.publisher import Publisher
@@ -16,28 +17,48 @@ pytestmark = pytest.mark.e2e
 
 
 
-def test_two_process_workers_and_one_sink_with_a_clean_leave(stack, tmp_path):
-    """Scale-out on one machine: process workers share the input partitions; one sink owns chDB."""
+def test_two_process_workers_one_sink_kill_9_and_a_clean_leave(stack, tmp_path):
+    """Scale-out on one machine: process workers share the input partitions (and the fold state); one sink owns
+    chDB. 50k logical requests stream in; one process worker is killed with SIGKILL mid-stream and restarted, later
+    one leaves cleanly (a rebalance). Every event and every logical request lands exactly once."""
     stack.tally("up", "--role", "sink", timeout=180)
     stack.tally("reference", "load", str(EXAMPLES))
-    workers = [subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", "--role", "process"], env=stack.env,
-                                cwd=REPO, stdout=(tmp_path / f"p{i}.log").open("wb"), stderr=subprocess.STDOUT)
-               for i in range(2)]
+
+    def start(i: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", "--role", "process"], env=stack.env,
+                                cwd=REPO, stdout=(tmp_path / f"p{i}.log").open("ab"), stderr=subprocess.STDOUT)
+
+    workers = [start(0), start(1)]
     try:
         gen = TrafficGenerator(catalog_from_reference(load_reference_files(REFERENCE_FILES)), seed=41,
-                               bad_rate=0.0, rate=20.0, start=datetime(2026, 11, 15, tzinfo=UTC))
-        events = [orjson.loads(line) for line in gen.lines(30_000)]
+                               bad_rate=0.0, rate=40.0, start=datetime(2026, 11, 15, tzinfo=UTC))
+        requests = [gen.logical_request() for _ in range(50_000)]
+        # In timestamp order, the attempts of a multi-attempt request are spread over many messages and batches,
+        # so fold state is in flight when the worker dies.
+        events = sorted((e for r in requests for e in r), key=lambda e: e["timestamp"])
         with Publisher(stack.settings.kafka_bootstrap, stack.settings.topics.usage) as pub:
             for i, e in enumerate(events):
                 pub.publish(e)
-                if i == 15_000:
+                if i % 2000 == 1999:
+                    time.sleep(0.1)
+                if i == 20_000:
+                    time.sleep(5)  # both workers have joined and are consuming by now
+                    workers[0].kill()  # SIGKILL: no commit, no leave; its partitions move after the session timeout
+                    workers[0].wait(timeout=30)
+                    workers[0] = start(0)
+                if i == 45_000:
                     pub.flush()
-                    time.sleep(8)  # both workers have joined and are consuming by now
+                    time.sleep(3)
                     workers[1].send_signal(signal.SIGTERM)  # a clean leave: its partitions move over
         assert workers[1].wait(timeout=60) == 0
-        stack.tally("wait", "--timeout", "300", timeout=360)
+        stack.tally("wait", "--timeout", "400", timeout=450)
         stack.assert_matches_ground_truth(events)
-        # both process workers did part of the work before the leave
+        stack.assert_requests_match_ground_truth(events)
+        multi = stack.query("SELECT toInt64(sum(sign)) AS n FROM tally.logical_requests WHERE attempts > 1")[0]["n"]
+        assert multi > 5000
+        # the fold really kept state in its changelog (requests open across batches, then expired)
+        assert sum(end_offsets(stack.settings.kafka_bootstrap, stack.settings.topics.fold_state).values()) > 1000
+        # both process workers did part of the work
         logs = [(tmp_path / f"p{i}.log").read_text(errors="replace") for i in range(2)]
         assert all("llm.usage.v1" in log for log in logs)
     finally:

@@ -137,3 +137,4 @@ def test_kill_9_three_times_while_streaming(stack):
     assert done.is_set() and kills == 3
     stack.tally("wait", "--timeout", "400", timeout=450)
     stack.assert_matches_ground_truth(events)
+    stack.assert_requests_match_ground_truth(events)
