@@ -67,6 +67,7 @@ class WorkerStats:
     events_rejected: int = 0
     reference_ready: bool = False
     requests_emitted: int = 0
+    fold_state_writes: int = 0
 
 
 def _json_response(web: Any, payload: Any, status: int = 200) -> Response:
@@ -177,6 +178,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                 await publish(requests_topic, requests)
                 await app.producer.flush()
                 stats.requests_emitted += sum(len(v) for v in requests.values())
+            stats.fold_state_writes += len(writes)
             for key, value in writes.items():
                 if value is not None:
                     fold_table[key] = value

@@ -35,13 +35,15 @@ class EventPool:
     """A pool of distinct generated events, replicated to any count with rewritten (still unique) event ids.
 
     Generating events costs ~65 µs each; the bench needs millions, so copy k of pool line i is line i with its
-    event_id `ev-…` renamed `ev{k}-…`. The logical request id (hence the partition) is unchanged, so a copy is
-    routed exactly as the original; the pipeline dedups by event_id only, so every copy lands as its own row.
+    event_id `ev-…` renamed `ev{k}-…` and its logical request id `L` renamed `c{k}-L` (request_id and
+    parent_request_id), so every copy lands as its own row and belongs to its own logical request, routed by the
+    murmur2 partition of its renamed id.
     """
 
     def __init__(self, size: int, partitions: int, seed: int = 7) -> None:
         gen = TrafficGenerator(catalog_from_reference(reference_docs()), seed=seed, bad_rate=0.0,
                                start=EVENT_START)
+        self.partitions = partitions
         self.lines: list[bytes] = list(gen.lines(size))
         events = [orjson.loads(line) for line in self.lines]
         self.event_ids: list[str] = [e["event_id"] for e in events]
@@ -56,12 +58,14 @@ class EventPool:
     def item(self, n: int) -> tuple[bytes, str, str, int]:
         """Event number `n` (any n ≥ 0): (line, event_id, logical request id, partition)."""
         copy, i = divmod(n, len(self.lines))
-        line, eid = self.lines[i], self.event_ids[i]
-        if copy:
-            tag = f"ev{copy}-"
-            line = line.replace(_EVENT_ID_FIELD, b'"event_id":"' + tag.encode(), 1)
-            eid = tag + eid[3:]
-        return line, eid, self.logical_ids[i], self.partition_of[i]
+        line, eid, lid = self.lines[i], self.event_ids[i], self.logical_ids[i]
+        if not copy:
+            return line, eid, lid, self.partition_of[i]
+        tag = f"ev{copy}-"
+        line = line.replace(_EVENT_ID_FIELD, b'"event_id":"' + tag.encode(), 1)
+        copied = f"c{copy}-{lid}"
+        line = line.replace(f'"{lid}"'.encode(), f'"{copied}"'.encode())  # request_id / parent_request_id
+        return line, tag + eid[3:], copied, partition_for(copied, self.partitions)
 
 
 def publish_batches(bootstrap: str, topic: str, pool: EventPool, start: int, count: int, partitions: int) -> float:

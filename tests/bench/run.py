@@ -184,7 +184,18 @@ def _table(results: dict[str, Any]) -> str:
             ("1 encode attempt rows", _fmt(st.get("encode_us"), " µs/event"), ""),
             ("1 process_messages (all three)", _fmt(st.get("process_messages_us"), " µs/event"),
              f"= {_fmt(st.get('process_messages_events_per_s'))} events/s on one core"),
+            ("1 fold (alone)", _fmt(st.get("fold_us"), " µs/event"),
+             f"{_fmt(st.get('fold_logical_requests'))} requests, {_fmt(st.get('fold_multi_attempt_share'))} "
+             f"multi-attempt, {_fmt(st.get('fold_state_writes_per_event'))} state writes/event"),
+            ("1 process_messages + fold", _fmt(st.get("process_with_fold_us"), " µs/event"),
+             f"= {_fmt(st.get('process_with_fold_events_per_s'))} events/s on one core"),
         ]
+    fm = results.get("fold_memory") or {}
+    if fm and "error" not in fm:
+        rows.append((f"6 fold state, {_fmt(fm.get('in_flight'))} open requests", _fmt(fm.get("state_mib"), " MiB"),
+                     f"{_fmt(fm.get('state_bytes_per_request'))} B/request (value "
+                     f"{_fmt(fm.get('value_bytes_per_request'))} B); "
+                     f"fold {_fmt(fm.get('fold_open_us'))} µs/open request"))
     sk = results.get("sink_stages") or {}
     if sk and "error" not in sk:
         lookups = sk.get("lookup_s_by_ids") or {}
@@ -264,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         if "stages" in only:
             _step(results, "stages", lambda: stages.measure_stages(pool, args.stage_events, args.partitions))
             _step(results, "sink_stages", lambda: stages.measure_sink(pool, args.stage_events, args.partitions))
+            _step(results, "fold_memory", lambda: stages.measure_fold_memory(pool))
         if only - {"stages"}:
             broker = _start_kafka(root, args.partitions)
             print(f"   Kafka at {broker.bootstrap}", flush=True)

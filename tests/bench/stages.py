@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+import tracemalloc
 import uuid
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -12,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from streams.enrich import enrich
-from streams.pipeline import process_messages
+from streams.fold import FoldConfig, Folder, apply_writes
+from streams.pipeline import FoldStep, process_messages
 from streams.records import Source, encode_row
 from streams.sink import SinkWriter, decode_rows
 from streams.validate import Validator
 from tally.config import Settings
+from tally.partitioning import partition_for
 from tally.reference import snapshot_of
 from tally.sdk.batching import pack_ndjson, partition_of_line
 from tally.store import Store
@@ -49,7 +52,9 @@ def measure_stages(pool: EventPool, count: int, partitions: int, repeats: int = 
     enrich_s: list[float] = []
     encode_s: list[float] = []
     whole_s: list[float] = []
-    accepted_n = rejected_n = 0
+    fold_s: list[float] = []
+    folded_s: list[float] = []
+    accepted_n = rejected_n = emitted_n = writes_n = multi_n = 0
     for _ in range(repeats):
         t0 = time.perf_counter()
         accepted = []
@@ -64,10 +69,20 @@ def measure_stages(pool: EventPool, count: int, partitions: int, repeats: int = 
         t3 = time.perf_counter()
         out = process_messages(messages, validator, refs, partitions, now)
         t4 = time.perf_counter()
+        folder, state = Folder(FoldConfig(), partitions), {}
+        res = folder.fold(rows, state, time.time(), now)
+        t5 = time.perf_counter()
+        process_messages(messages, validator, refs, partitions, now,
+                         FoldStep(Folder(FoldConfig(), partitions), {}, partitions), time.time())
+        t6 = time.perf_counter()
         validate_s.append(t1 - t0)
         enrich_s.append(t2 - t1)
         encode_s.append(t3 - t2)
         whole_s.append(t4 - t3)
+        fold_s.append(t5 - t4)
+        folded_s.append(t6 - t5)
+        emitted_n, writes_n = len(res.emitted), len(res.writes)
+        multi_n = sum(1 for r in res.emitted if r["attempts"] > 1)
         accepted_n, rejected_n = out.accepted, out.rejected
     if accepted_n != count:
         raise RuntimeError(f"process_messages accepted {accepted_n} of {count} events ({rejected_n} rejected)")
@@ -85,6 +100,12 @@ def measure_stages(pool: EventPool, count: int, partitions: int, repeats: int = 
         "encode_us": per_event(encode_s),
         "process_messages_us": whole,
         "process_messages_events_per_s": round(1e6 / whole),
+        "fold_us": per_event(fold_s),
+        "fold_logical_requests": emitted_n,
+        "fold_multi_attempt_share": round(multi_n / max(emitted_n, 1), 3),
+        "fold_state_writes_per_event": round(writes_n / count, 4),
+        "process_with_fold_us": per_event(folded_s),
+        "process_with_fold_events_per_s": round(1e6 / per_event(folded_s)),
     }
 
 
@@ -126,3 +147,39 @@ def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int =
         finally:
             store.close()
     return result
+
+
+def measure_fold_memory(pool: EventPool, in_flight: int = 100_000, batch: int = 10_000) -> dict[str, Any]:
+    """Memory held by `in_flight` open logical requests: the fold state (the bytes a Faust memory store keeps per
+    key, here a dict) plus the folder's heaps, measured with tracemalloc; and the fold's cost per open request.
+
+    Each request is one non-final attempt, priced from a pool event (real tags and sizes), so it stays open.
+    """
+    refs = snapshot_of(reference_docs())
+    now = datetime.now(UTC)
+    template, _ = enrich([a for v, s in _messages(pool, 2000, 4) for a in Validator().validate_message(v, s, 4)[0]],
+                         refs, now)
+    partitions = 4
+    folder, state = Folder(FoldConfig(), partitions), {}
+    rows = []
+    for n in range(in_flight):
+        r = dict(template[n % len(template)])
+        lid = f"open-{n:07d}-{r['logical_request_id']}"
+        r.update(logical_request_id=lid, event_id=f"ev-open-{n}", final=False,
+                 source_partition=partition_for(lid, partitions))
+        rows.append(r)
+    tracemalloc.start()
+    base = tracemalloc.get_traced_memory()[0]
+    t0 = time.perf_counter()
+    for start in range(0, len(rows), batch):
+        res = folder.fold(rows[start:start + batch], state, time.time(), now)
+        apply_writes(state, res.writes)
+    elapsed = time.perf_counter() - t0
+    held = tracemalloc.get_traced_memory()[0] - base
+    tracemalloc.stop()
+    if len(state) != in_flight:
+        raise RuntimeError(f"expected {in_flight} open requests, state holds {len(state)}")
+    return {"in_flight": in_flight, "state_mib": round(held / 2**20, 1),
+            "state_bytes_per_request": round(held / in_flight),
+            "value_bytes_per_request": round(sum(map(len, state.values())) / in_flight),
+            "fold_open_us": round(elapsed / in_flight * 1e6, 2)}

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +21,9 @@ from streams.fold import (
     effective,
     fact_of,
     facts_of_detail,
+    from_atto,
     summarize,
+    to_atto,
 )
 from streams.sink import RequestWriter
 from tally.partitioning import partition_for
@@ -262,3 +265,10 @@ def test_effective_orders_by_attempt_and_supersedes_missing_usage():
     b = fact_of(row("L", request_id="c1", attempt=0, ts_ms=T0 + 1))
     c = fact_of(row("L", request_id="c0", attempt=1, ts_ms=T0))
     assert [f["event_id"] for f in effective([c, a, b, a])] == [b["event_id"], c["event_id"]]
+
+
+def test_costs_travel_as_exact_atto_dollars():
+    assert to_atto(Decimal("0.000000400000000001")) == 400_000_000_001
+    assert from_atto(to_atto(Decimal("12345.678"))) == Decimal("12345.678")
+    with pytest.raises(ValueError, match="more than 18 decimal places"):
+        to_atto(Decimal("1E-19"))
