@@ -250,6 +250,9 @@ class FoldConfig:
     inactivity_ms: int = 600_000
     grace_ms: int = 120_000
     idle_s: float = 5.0
+    # An event timestamp moves its partition's clock at most this far past the wall clock: one event stamped a day
+    # ahead (a skewed gateway clock) must not settle or abandon every open request on its partition.
+    future_tolerance_ms: int = 300_000
 
 
 @dataclass
@@ -319,8 +322,9 @@ class Folder:
         for partition, groups in by_partition.items():
             heap = self._index(partition, state, wall)
             clock = self.clocks[partition]
+            horizon = int(wall * 1000) + self.config.future_tolerance_ms
             for facts in groups.values():
-                clock.event_ms = max(clock.event_ms, *(f["ts_ms"] for f in facts))
+                clock.event_ms = max(clock.event_ms, min(horizon, max(f["ts_ms"] for f in facts)))
             clock.input_wall = wall
             clock.now_ms = max(clock.now_ms, clock.event_ms)
             for lid, facts in groups.items():

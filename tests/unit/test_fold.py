@@ -32,7 +32,7 @@ from tests.factories import attempt_row_factory as row
 NOW = datetime(2026, 11, 20, 8, 30, tzinfo=UTC)
 T0 = 1_763_208_000_000  # ms
 CONFIG = FoldConfig(settle_ms=30_000, inactivity_ms=600_000, grace_ms=120_000, idle_s=5.0)
-WALL = 1_000_000.0
+WALL = T0 / 1000 + 60  # wall clock a minute after the events
 
 
 class Run:
@@ -182,6 +182,18 @@ def test_duplicates_change_nothing_and_late_attempts_make_revisions():
     [rev2] = run.fold(late)
     assert (rev1["revision"], rev2["revision"], rev2["attempts"]) == (1, 2, 3)
     assert rev2["cost_total_usd"] == rev1["cost_total_usd"] + Decimal("0.5")
+
+
+def test_a_clock_skewed_event_does_not_close_every_open_request():
+    run = Run()
+    others = [f"S{i}" for i in range(200) if partition_for(f"S{i}", 4) == partition_for("L11", 4)]
+    run.fold(row("L11", status="error", ts_ms=T0))
+    # stamped a day ahead: the partition clock moves only to the wall clock + 5 minutes, short of L11's
+    # inactivity timeout (10 minutes), so L11 stays open
+    out = run.fold(row(others[0], final=True, ts_ms=T0 + 86_400_000))
+    assert [r["logical_request_id"] for r in out] == [others[0]]
+    assert list(run.state) == [b"L11"]
+    assert run.folder.clocks[partition_for("L11", 4)].now_ms == int(WALL * 1000) + 300_000
 
 
 def test_entry_round_trips():
