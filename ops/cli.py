@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -125,8 +126,10 @@ def _status_line(s: Settings, last: tuple[float, int], published: int) -> tuple[
 
     try:
         st = stack.api(s, "/api/status", timeout=2)
-        spend = stack.api(s, "/api/query", {"sql": "SELECT sum(cost_total_usd), count() FROM tally.usage_events"},
-                          timeout=5)["rows"][0]
+        spend = stack.api(s, "/api/query", {"sql": "SELECT toString(sum(cost_total_usd)), count() "
+                                                   "FROM tally.usage_events"}, timeout=5)["rows"][0]
+        folded = stack.api(s, "/api/query", {"sql": "SELECT sum(sign), toString(sum(sign * cost_wasted_usd)) "
+                                                    "FROM tally.logical_requests"}, timeout=5)["rows"][0]
         ends = end_offsets(s.kafka_bootstrap, s.topics.usage)
         behind = lag(ends, committed_offsets(s.kafka_bootstrap, s.group_id("all"), s.topics.usage, list(ends)))
     except (OSError, TallyError) as exc:
@@ -135,7 +138,8 @@ def _status_line(s: Settings, last: tuple[float, int], published: int) -> tuple[
     done = int(st["events_accepted"]) + int(st["events_rejected"])
     rate = (done - last[1]) / max(now - last[0], 1e-6)
     line = (f"published {published:>9,}  processed {done:>9,}  [bold]{rate:8,.0f} ev/s[/]  lag {behind:>5} msgs  "
-            f"DLQ {st['events_rejected']:>6,}  rows {int(spend[1]):>9,}  spend [bold green]${float(spend[0]):,.4f}[/]")
+            f"DLQ {st['events_rejected']:>6,}  rows {int(spend[1]):>9,}  spend [bold green]${Decimal(spend[0]):,.4f}[/]"
+            f"  requests {int(folded[0]):>9,}  waste ${Decimal(folded[1]):,.4f}")
     return line, (now, done)
 
 

@@ -141,10 +141,13 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     dlq_topic = app.topic(topics.dlq, value_type=bytes)
     requests_topic = app.topic(topics.requests, value_type=bytes)
 
-    async def publish(topic: faust.TopicT, lines_by_partition: dict[int, list[bytes]]) -> None:
+    async def publish(topic: faust.TopicT, lines_by_partition: dict[int, list[bytes]]) -> list[Any]:
+        """Hand batch messages to the producer; returns their delivery futures (Faust flushes before commits)."""
+        pending = []
         for partition, lines in lines_by_partition.items():
             for chunk in pack_ndjson(lines, OUTPUT_MESSAGE_BYTES):
-                await topic.send(value=chunk, partition=partition, force=True)
+                pending.append(await topic.send(value=chunk, partition=partition, force=True))
+        return pending
 
     if role in ("process", "all"):
         refs = ReferenceStore()
@@ -169,14 +172,14 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             rebalanced[0] = True  # the folder rebuilds its clocks and heaps from the restored state
 
         async def commit_fold(requests: dict[int, list[bytes]], writes: dict[bytes, bytes | None]) -> None:
-            """Publish emitted requests, then the state saying they were emitted, each durably, in that order.
+            """Publish emitted requests and wait for their delivery, then write the state saying they were emitted.
 
             A crash between the two replays the batch against the old state: the same revisions are emitted again
-            and the sink skips them. The other order could lose an emission.
+            and the sink skips them. The other order could lose an emission. Faust flushes the producer (so the
+            state too) before it commits the batch's offsets.
             """
             if requests:
-                await publish(requests_topic, requests)
-                await app.producer.flush()
+                await asyncio.gather(*await publish(requests_topic, requests))
                 stats.requests_emitted += sum(len(v) for v in requests.values())
             stats.fold_state_writes += len(writes)
             for key, value in writes.items():
@@ -184,7 +187,6 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     fold_table[key] = value
                 elif key in fold_table.data:
                     del fold_table[key]
-            await app.producer.flush()
 
         @app.task
         async def follow_reference_data() -> None:
@@ -210,7 +212,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                                                          partitions, datetime.now(UTC), step, time.time())
                         await publish(attempts_topic, out.attempts)
                         await publish(dlq_topic, out.dead_letters)
-                        # Attempts and dead letters are delivered before the batch's offsets can be committed.
+                        # Faust flushes the producer before it commits offsets: outputs are delivered first.
                         await commit_fold(out.requests, out.fold_writes)
                     stats.messages += len(events)
                     stats.events_accepted += out.accepted
@@ -259,7 +261,6 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     rows, bad_lines = await loop.run_in_executor(executor, decode_batch, batch, shape)
                     await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
                     await publish(dlq_topic, bad_lines)
-                    await app.producer.flush()
                     stats.events_rejected += sum(len(v) for v in bad_lines.values())
             except SinkGaveUp as exc:
                 # Going on would let Faust commit offsets of unsaved rows: stop hard, commit nothing.
