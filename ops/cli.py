@@ -192,7 +192,8 @@ def status(c: Ctx) -> None:
         if pid:
             table.add_row(f"worker {role}", f"pid {pid}  log {stack.log_file(s, role)}")
     try:
-        for topic, roles in ((s.topics.usage, ("all", "process")), (s.topics.attempts, ("all", "sink"))):
+        for topic, roles in ((s.topics.usage, ("all", "process")), (s.topics.attempts, ("all", "sink")),
+                             (s.topics.requests, ("all", "sink"))):
             ends = end_offsets(s.kafka_bootstrap, topic)
             for role in roles:
                 committed = committed_offsets(s.kafka_bootstrap, s.group_id(role), topic, list(ends))
