@@ -192,7 +192,8 @@ def _table(results: dict[str, Any]) -> str:
         ]
     fm = results.get("fold_memory") or {}
     if fm and "error" not in fm:
-        rows.append((f"6 fold state, {_fmt(fm.get('in_flight'))} open requests", _fmt(fm.get("state_mib"), " MiB"),
+        rows.append((f"6 fold state, {_fmt(fm.get('in_flight'))} open requests", _fmt(fm.get("state_mib"), " MiB")
+                     + f" (RSS +{_fmt(fm.get('rss_growth_mib'), ' MiB')})",
                      f"{_fmt(fm.get('state_bytes_per_request'))} B/request (value "
                      f"{_fmt(fm.get('value_bytes_per_request'))} B); "
                      f"fold {_fmt(fm.get('fold_open_us'))} µs/open request"))

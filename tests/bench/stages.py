@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -149,6 +150,11 @@ def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int =
     return result
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def measure_fold_memory(pool: EventPool, in_flight: int = 100_000, batch: int = 10_000) -> dict[str, Any]:
     """Memory held by `in_flight` open logical requests: the fold state (the bytes a Faust memory store keeps per
     key, here a dict) plus the folder's heaps, measured with tracemalloc; and the fold's cost per open request.
@@ -168,6 +174,7 @@ def measure_fold_memory(pool: EventPool, in_flight: int = 100_000, batch: int = 
         r.update(logical_request_id=lid, event_id=f"ev-open-{n}", final=False,
                  source_partition=partition_for(lid, partitions))
         rows.append(r)
+    rss_before = _rss_bytes()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     t0 = time.perf_counter()
@@ -177,9 +184,10 @@ def measure_fold_memory(pool: EventPool, in_flight: int = 100_000, batch: int = 
     elapsed = time.perf_counter() - t0
     held = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
+    rss_growth = _rss_bytes() - rss_before
     if len(state) != in_flight:
         raise RuntimeError(f"expected {in_flight} open requests, state holds {len(state)}")
-    return {"in_flight": in_flight, "state_mib": round(held / 2**20, 1),
+    return {"in_flight": in_flight, "state_mib": round(held / 2**20, 1), "rss_growth_mib": round(rss_growth / 2**20, 1),
             "state_bytes_per_request": round(held / in_flight),
             "value_bytes_per_request": round(sum(map(len, state.values())) / in_flight),
             "fold_open_us": round(elapsed / in_flight * 1e6, 2)}

@@ -39,7 +39,7 @@ def test_revisions_collapse_and_replays_change_nothing(store):
     folder, state = Folder(FoldConfig(grace_ms=0), 4), {}
     writer = RequestWriter(store)
 
-    def fold(*rows, wall=1000.0):
+    def fold(*rows, wall=T0 / 1000 + 60):
         res = folder.fold(list(rows), state, wall, NOW)
         apply_writes(state, res.writes)
         return res.emitted
@@ -53,7 +53,7 @@ def test_revisions_collapse_and_replays_change_nothing(store):
     # Neither is final: the fold holds them until event time says they are abandoned (a quiet stream here).
     assert fold(row("A", attempt=2, status="error", cost=Decimal("0.5"), ts_ms=T0 + 9),
                 row("B", attempt=1, status="error", cost=Decimal("0.125"), ts_ms=T0 + 1)) == []
-    res = folder.tick(range(4), state, 10**6, NOW)
+    res = folder.tick(range(4), state, T0 / 1000 + 10**6, NOW)
     late = sorted(res.emitted, key=lambda r: r["logical_request_id"])
     assert [(r["revision"], r["final_status"]) for r in late] == [(1, "abandoned")] * 2
     assert writer.write(late) == 4  # two cancel rows, two new revisions
