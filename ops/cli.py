@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import signal
 import sys
 import threading
 import time
@@ -346,6 +347,41 @@ def reference_load(c: Ctx, paths: tuple[Path, ...]) -> None:
     docs = _load_reference(c.settings, files)
     for d in docs:
         console.print(f"loaded {d.kind} {d.version} effective {d.effective_at.isoformat()}")
+
+
+# ---------------------------------------------------------------- paging
+@cli.command("alerts")
+@click.option("--sink", "sinks", multiple=True, default=("stdout",), show_default=True,
+              type=click.Choice(["stdout", "pagerduty", "slack", "webhook"]), envvar="TALLY_ALERTS_SINKS",
+              help="Where to page (repeatable).")
+@click.option("--pagerduty-url", envvar="TALLY_PAGERDUTY_URL", default=None,
+              help="PagerDuty Events API v2 endpoint (default: PagerDuty's).")
+@click.option("--pagerduty-routing-key", envvar="TALLY_PAGERDUTY_ROUTING_KEY", default="", show_envvar=True,
+              help="Integration key of the PagerDuty service.")
+@click.option("--slack-webhook-url", envvar="TALLY_SLACK_WEBHOOK_URL", default="", show_envvar=True,
+              help="Slack-compatible incoming webhook.")
+@click.option("--webhook-url", envvar="TALLY_WEBHOOK_URL", default="", show_envvar=True,
+              help="Generic JSON webhook.")
+@click.option("--renotify", "renotify_s", type=float, default=1800.0, show_default=True,
+              help="Seconds between reminders while an incident stays open.")
+@click.option("--http-timeout", "http_timeout_s", type=float, default=10.0, show_default=True)
+@click.option("--max-messages", type=int, default=None, help="Stop after this many Kafka messages (scripts).")
+@pass_ctx
+def alerts_cmd(c: Ctx, sinks: tuple[str, ...], pagerduty_url: str | None, pagerduty_routing_key: str,
+               slack_webhook_url: str, webhook_url: str, renotify_s: float, http_timeout_s: float,
+               max_messages: int | None) -> None:
+    """Consume llm.cost.alerts.v1 and page: one page per open incident, reminders, resolves; commits after delivery."""
+    from ops.alerts import DEFAULT_PAGERDUTY_URL, AlertsConfig, run_alerts
+
+    config = AlertsConfig(sinks=tuple(sinks), pagerduty_url=pagerduty_url or DEFAULT_PAGERDUTY_URL,
+                          pagerduty_routing_key=pagerduty_routing_key, slack_webhook_url=slack_webhook_url,
+                          webhook_url=webhook_url, renotify_s=renotify_s, http_timeout_s=http_timeout_s).validated()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    stats = run_alerts(c.settings, config, stop, max_messages)
+    console.print(f"alerts: {stats.messages:,} messages, {stats.records:,} records, {stats.open_incidents} open "
+                  f"incidents; delivered {dict(stats.delivered) or 'nothing'}")
 
 
 # ---------------------------------------------------------------- reading

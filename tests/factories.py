@@ -101,3 +101,18 @@ def attempt_row_factory(logical_id: str, *, event_id: str | None = None, request
         row[c] = Decimal(0)
     row["cost_output_usd"] = row["cost_total_usd"] = cost
     return row
+
+
+ALERT_KEY = "anomaly:search_answer:cost_per_request"
+
+
+def alert_record(**overrides: Any) -> dict[str, Any]:
+    """A valid alert record (contract v1), firing and warning by default; overrides replace top-level keys."""
+    record: dict[str, Any] = {
+        "alert_version": 1, "incident_key": ALERT_KEY, "kind": "anomaly", "state": "firing",
+        "feature_id": "search_answer", "team_id": "search", "signal": "cost_per_request", "severity": "warning",
+        "value": Decimal("0.4213"), "baseline": Decimal("0.1100"), "score": Decimal("5.2"), "dimension": "model",
+        "explanation": "cost per request is 3.8x its 7-day baseline", "detected_at": "2026-11-23T10:00:00Z",
+    }
+    record.update(overrides)
+    return record

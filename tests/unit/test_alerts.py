@@ -1,0 +1,196 @@
+"""The alert consumer's pure parts: decide (dedup, renotify, escalation, resolve), record checks, sink bodies."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+
+from ops.alerts import (
+    AlertsConfig,
+    Incident,
+    MalformedAlert,
+    decide,
+    decode_line,
+    dumps,
+    pagerduty_event,
+    slack_text,
+    webhook_body,
+)
+from tally.errors import ConfigError, TallyError
+from tests.factories import ALERT_KEY as KEY
+from tests.factories import alert_record
+
+T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+
+
+def test_first_firing_opens_and_triggers_then_duplicates_are_suppressed() -> None:
+    incidents: dict[str, Incident] = {}
+    notes = decide(alert_record(), incidents, T0)
+    assert [(n.action, n.reason, n.severity) for n in notes] == [("trigger", "opened", "warning")]
+    assert list(incidents) == [KEY]
+    assert incidents[KEY].last_notified_at == T0
+    assert decide(alert_record(), incidents, T0 + timedelta(minutes=29)) == []
+    assert incidents[KEY].notifications == 1
+
+
+def test_renotify_once_the_interval_has_passed_since_the_last_notification() -> None:
+    incidents: dict[str, Incident] = {}
+    decide(alert_record(), incidents, T0, renotify_s=600)
+    assert decide(alert_record(), incidents, T0 + timedelta(seconds=599), renotify_s=600) == []
+    notes = decide(alert_record(), incidents, T0 + timedelta(seconds=600), renotify_s=600)
+    assert [(n.action, n.reason) for n in notes] == [("renotify", "reminder")]
+    # The clock restarts at the reminder.
+    assert decide(alert_record(), incidents, T0 + timedelta(seconds=900), renotify_s=600) == []
+    assert incidents[KEY].notifications == 2
+
+
+def test_escalation_pages_at_once_and_de_escalation_does_not() -> None:
+    incidents: dict[str, Incident] = {}
+    decide(alert_record(), incidents, T0)
+    notes = decide(alert_record(severity="critical"), incidents, T0 + timedelta(seconds=1))
+    assert [(n.action, n.reason, n.severity) for n in notes] == [("trigger", "escalated", "critical")]
+    assert decide(alert_record(severity="warning"), incidents, T0 + timedelta(seconds=2)) == []
+    assert decide(alert_record(severity="critical"), incidents, T0 + timedelta(seconds=3)) == []
+    # A reminder pages with the highest severity seen while open.
+    later = decide(alert_record(severity="warning"), incidents, T0 + timedelta(hours=1))
+    assert [(n.action, n.severity) for n in later] == [("renotify", "critical")]
+
+
+def test_resolved_closes_an_open_incident_and_a_new_firing_opens_it_again() -> None:
+    incidents: dict[str, Incident] = {}
+    decide(alert_record(), incidents, T0)
+    notes = decide(alert_record(state="resolved"), incidents, T0 + timedelta(minutes=5))
+    assert [(n.action, n.incident_key) for n in notes] == [("resolve", KEY)]
+    assert incidents == {}
+    again = decide(alert_record(), incidents, T0 + timedelta(minutes=6))
+    assert [n.action for n in again] == ["trigger"]
+
+
+def test_resolved_for_an_unknown_incident_is_ignored() -> None:
+    incidents: dict[str, Incident] = {}
+    assert decide(alert_record(state="resolved"), incidents, T0) == []
+    assert incidents == {}
+
+
+def test_incidents_are_independent_per_key() -> None:
+    incidents: dict[str, Incident] = {}
+    decide(alert_record(), incidents, T0)
+    other = alert_record(incident_key="anomaly:search_answer:reasoning_share", signal="reasoning_share")
+    assert [n.action for n in decide(other, incidents, T0)] == ["trigger"]
+    assert len(incidents) == 2
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"alert_version": 2}, "alert_version"),
+    ({"alert_version": True}, "alert_version"),
+    ({"incident_key": ""}, "incident_key must not be empty"),
+    ({"incident_key": "x" * 256}, "incident_key is longer"),
+    ({"kind": "spike"}, "kind must be one of"),
+    ({"state": "open"}, "state must be one of"),
+    ({"severity": "info"}, "severity must be one of"),
+    ({"feature_id": None}, "feature_id must be a string"),
+    ({"value": None}, "value must be a finite number or a string"),
+    ({"baseline": True}, "baseline must be"),
+    ({"score": "high"}, "score must be a finite number"),
+    ({"score": float("nan")}, "score must be a finite number"),
+    ({"detected_at": "2026-11-23 10:00"}, "detected_at must be an RFC 3339"),
+    ({"detected_at": "2026-11-23T10:00:00"}, "detected_at must be an RFC 3339"),
+])
+def test_malformed_records_raise_and_change_nothing(overrides: dict[str, Any], message: str) -> None:
+    incidents: dict[str, Incident] = {}
+    decide(alert_record(), incidents, T0)
+    before = {k: Incident(**vars(v)) for k, v in incidents.items()}
+    with pytest.raises(MalformedAlert, match=message):
+        decide(alert_record(**{"state": "resolved", **overrides}), incidents, T0 + timedelta(hours=2))
+    assert incidents == before
+
+
+def test_non_objects_and_bad_json_are_malformed() -> None:
+    with pytest.raises(MalformedAlert, match="JSON object"):
+        decide([1, 2], {}, T0)  # type: ignore[arg-type]
+    for line in (b"{not json", b'{"score": NaN}', b"\xff\xfe"):
+        with pytest.raises(MalformedAlert, match="not valid JSON"):
+            decode_line(line)
+    assert issubclass(MalformedAlert, TallyError)
+
+
+def test_numbers_pass_through_exactly_never_as_floats() -> None:
+    line = orjson.dumps(alert_record(value="12.30", baseline=3, score=0)).replace(b'"12.30"', b"12.300000000000000001")
+    record = decode_line(line)
+    assert record["value"] == Decimal("12.300000000000000001")
+    note = decide(record, {}, T0)[0]
+    assert b'"value":12.300000000000000001' in dumps(webhook_body(note))
+    assert b'"value":12.300000000000000001' in dumps(pagerduty_event(note, "rk"))
+
+
+def test_pagerduty_event_fields() -> None:
+    note = decide(alert_record(severity="critical", explanation="line one\nline two " + "x" * 2000), {}, T0)[0]
+    event = pagerduty_event(note, "rk-1")
+    assert {k: event[k] for k in ("routing_key", "event_action", "dedup_key")} == {
+        "routing_key": "rk-1", "event_action": "trigger", "dedup_key": KEY}
+    payload = event["payload"]
+    assert payload["source"] == "tally"
+    assert payload["severity"] == "critical"
+    assert payload["timestamp"] == "2026-11-23T10:00:00Z"
+    assert (payload["component"], payload["group"], payload["class"]) == ("search_answer", "search",
+                                                                           "cost_per_request")
+    assert payload["custom_details"] == {"value": Decimal("0.4213"), "baseline": Decimal("0.1100"),
+                                         "score": Decimal("5.2"), "dimension": "model"}
+    assert len(payload["summary"]) == 1024
+    assert payload["summary"].startswith("line one line two xxx")
+    incidents: dict[str, Incident] = {}
+    decide(alert_record(), incidents, T0)
+    resolve = decide(alert_record(state="resolved"), incidents, T0)[0]
+    assert pagerduty_event(resolve, "rk-1") == {"routing_key": "rk-1", "event_action": "resolve", "dedup_key": KEY}
+
+
+def test_slack_text_is_one_escaped_line() -> None:
+    incidents: dict[str, Incident] = {}
+    fire = decide(alert_record(explanation="spend <x> & \n more"), incidents, T0)[0]
+    text = slack_text(fire)
+    assert text.startswith(":rotating_light: [WARNING] anomaly cost_per_request on search_answer (team search)")
+    assert "spend &lt;x&gt; &amp; more" in text
+    assert "\n" not in text
+    assert KEY in text
+    escalated = decide(alert_record(severity="critical"), incidents, T0)[0]
+    assert slack_text(escalated).startswith(":rotating_light: Escalated: [CRITICAL]")
+    reminder = decide(alert_record(), incidents, T0 + timedelta(hours=1))[0]
+    assert slack_text(reminder).startswith(":rotating_light: Reminder, still firing: [CRITICAL]")
+    resolved = decide(alert_record(state="resolved"), incidents, T0)[0]
+    assert slack_text(resolved).startswith(":white_check_mark: Resolved: anomaly cost_per_request on search_answer")
+
+
+def test_webhook_body_is_the_record_plus_the_notification() -> None:
+    record = alert_record(extra_field="kept")
+    note = decide(record, {}, T0)[0]
+    assert webhook_body(note) == {**record, "notification": "trigger"}
+
+
+def test_config_reports_every_problem_without_echoing_secrets() -> None:
+    AlertsConfig().validated()
+    bad = AlertsConfig(sinks=("pagerduty", "slack", "webhook", "sms"), slack_webhook_url="ftp://hooks/SECRET",
+                       renotify_s=0, retry_initial_s=2, retry_max_s=1)
+    with pytest.raises(ConfigError) as err:
+        bad.validated()
+    text = str(err.value)
+    for expected in ("pagerduty sink needs --pagerduty-routing-key", "webhook sink needs --webhook-url",
+                     "unknown sink 'sms'", "slack_webhook_url must be an http:// or https:// URL",
+                     "renotify_s must be positive", "retry_max_s must be at least retry_initial_s"):
+        assert expected in text
+    assert "SECRET" not in text
+    assert "slack sink needs" not in text
+    assert isinstance(err.value, TallyError)
+
+
+def test_config_repr_and_redacted_hide_secrets() -> None:
+    config = AlertsConfig(sinks=("pagerduty", "slack"), pagerduty_routing_key="rk-SECRET",
+                          slack_webhook_url="https://hooks.example/SECRET")
+    assert "SECRET" not in repr(config)
+    shown = config.redacted()
+    assert "SECRET" not in str(shown)
+    assert shown["pagerduty_routing_key"] == "***"
+    assert shown["webhook_url"] == ""
