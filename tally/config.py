@@ -105,6 +105,10 @@ class Settings:
     batch_within_s: float = 0.2
     # Exactly-once effect: the window in which ClickHouse remembers event_ids and insert tokens.
     dedup_window_days: int = 7
+    # Rollup retention per grain (TTL, whole parts dropped); re-applied by every migrate.
+    rollup_minute_retention_days: int = 14
+    rollup_hour_retention_days: int = 400
+    rollup_day_retention_days: int = 3660
     # The sink retries a failed insert with backoff for this long, then stops the worker without committing.
     sink_retry_s: float = 300.0
     # Fold (event time, seconds): an ok attempt without `final` is emitted after `fold_settle_s` with no further
@@ -175,7 +179,8 @@ class Settings:
                 out.append(f"{name} must be a TCP port, got {port}")
         if self.kafka_controller_port == self.web_port:
             out.append("web_port and kafka_controller_port must differ")
-        for name in ("process_batch_messages", "sink_batch_messages", "dedup_window_days"):
+        for name in ("process_batch_messages", "sink_batch_messages", "dedup_window_days",
+                     "rollup_minute_retention_days", "rollup_hour_retention_days", "rollup_day_retention_days"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.batch_within_s <= 0:

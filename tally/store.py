@@ -133,8 +133,14 @@ class Store:
         self.close()
 
     def render(self, sql: str) -> str:
-        """Substitute the migration placeholders ({db}, {dedup_window_days})."""
-        return sql.replace("{db}", self.db).replace("{dedup_window_days}", str(self.settings.dedup_window_days))
+        """Substitute the migration placeholders: {db}, {dedup_window_days} and the rollup retention days."""
+        s = self.settings
+        for name, value in (("db", self.db), ("dedup_window_days", s.dedup_window_days),
+                            ("rollup_minute_retention_days", s.rollup_minute_retention_days),
+                            ("rollup_hour_retention_days", s.rollup_hour_retention_days),
+                            ("rollup_day_retention_days", s.rollup_day_retention_days)):
+            sql = sql.replace("{" + name + "}", str(value))
+        return sql
 
     def command(self, sql: str, settings: dict[str, Any] | None = None) -> Any:
         try:
@@ -158,6 +164,9 @@ class Store:
                 self.command(statement)
             self.client.insert(f"{self.db}.schema_migrations", [[number, name]], column_names=["version", "name"])
             applied.append(name)
+        for grain in ("minute", "hour", "day"):  # retention follows the settings, not the day the table was made
+            self.command(f"ALTER TABLE {{db}}.rollup_{grain} MODIFY TTL bucket + INTERVAL "
+                         f"{{rollup_{grain}_retention_days}} DAY")
         return applied
 
     def query(self, sql: str, parameters: dict[str, Any] | None = None, readonly: bool = True) -> QueryResult:
