@@ -14,12 +14,13 @@ from typing import Any
 
 import faust
 import orjson
-from confluent_kafka import Consumer, KafkaException
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 from faust.web import Request, Response, View
 
+from streams.budget import evaluate, read_spend
 from streams.fold import FoldConfig, Folder
 from streams.pipeline import FoldStep, group_requests, process_messages
-from streams.records import Source
+from streams.records import Source, encode_record
 from streams.reference_feed import ReferenceFeed
 from streams.sink import (
     ATTEMPT_ROWS,
@@ -70,6 +71,7 @@ class WorkerStats:
     fold_state_writes: int = 0
     messages_out: int = 0     # attempt and request messages the process agent produced
     messages_sunk: int = 0    # attempt and request messages the sink agents wrote to ClickHouse
+    budget_alerts: int = 0
 
 
 def _json_response(web: Any, payload: Any, status: int = 200) -> Response:
@@ -86,41 +88,6 @@ class FoldTable(faust.Table):  # type: ignore[misc]
 
     def partition_for_key(self, key: Any) -> int:
         return partition_for_bytes(key, self.partitions or 1)
-
-
-@dataclass
-class _Throttle:
-    """Role all: pause fetching llm.usage.v1 while the sink agents are more than `limit` messages behind.
-
-    Both stages share one interpreter (one GIL). Left alone, the process stage runs far ahead and the sink starves:
-    measured in tests/bench, rows landed per second fell to a third. Pausing the input partitions (rather than
-    waiting inside the agent, which blocks Faust's fetcher for every topic) lets the sink catch up.
-    """
-
-    app: faust.App
-    stats: WorkerStats
-    topic: str
-    limit: int
-    enabled: bool
-    max_pause_s: float = 5.0
-    paused: set[Any] = field(default_factory=set)
-    paused_at: float = 0.0
-
-    def update(self) -> None:
-        """Pause or resume; called after every batch of either agent and once a second."""
-        if not self.enabled:
-            return
-        behind = self.stats.messages_out - self.stats.messages_sunk
-        assigned = {tp for tp in self.app.consumer.assignment() if tp.topic == self.topic}
-        if behind > self.limit and not self.paused:
-            self.paused, self.paused_at = assigned, time.monotonic()
-            self.app.consumer.pause_partitions(assigned)
-        elif self.paused and (behind <= self.limit // 2 or time.monotonic() - self.paused_at > self.max_pause_s):
-            if behind > self.limit // 2:
-                # Another worker's sink took these messages (several role-all workers share the topics): forgive.
-                self.stats.messages_sunk = self.stats.messages_out
-            self.app.consumer.resume_partitions(self.paused & assigned)
-            self.paused = set()
 
 
 def fold_config(settings: Settings) -> FoldConfig:
@@ -173,7 +140,6 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         datadir=str(datadir),
     )
     stats = WorkerStats(role)
-    throttle = _Throttle(app, stats, topics.usage, 2 * settings.sink_batch_messages, enabled=role == "all")
     usage_topic = app.topic(topics.usage, value_type=bytes)
     attempts_topic = app.topic(topics.attempts, value_type=bytes)
     dlq_topic = app.topic(topics.dlq, value_type=bytes)
@@ -257,14 +223,12 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     stats.messages += len(events)
                     stats.events_accepted += out.accepted
                     stats.events_rejected += out.rejected
-                    throttle.update()
             except Exception:
                 _stop_hard(EXIT_AGENT_FAILED, "the process agent failed; stopping without committing its batch")
 
         @app.timer(interval=1.0)
         async def fold_tick() -> None:
             """Event time runs on for idle partitions: settle and inactivity decisions still fall due."""
-            throttle.update()
             if not stats.reference_ready or app.rebalancing:
                 return
             assigned = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == topics.usage)
@@ -303,7 +267,6 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     rows, bad_lines = await loop.run_in_executor(executor, decode_batch, batch, shape)
                     await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
                     stats.messages_sunk += len(events)
-                    throttle.update()
                     await publish(dlq_topic, bad_lines)
                     stats.events_rejected += sum(len(v) for v in bad_lines.values())
             except SinkGaveUp as exc:
@@ -311,6 +274,45 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                 _stop_hard(EXIT_SINK_GAVE_UP, "sink gave up, stopping the worker without committing: %s", exc)
             except Exception:
                 _stop_hard(EXIT_AGENT_FAILED, "a sink agent failed; stopping without committing its batch")
+
+        budget_refs = ReferenceStore()
+        budget_feed = ReferenceFeed(settings.kafka_bootstrap, (topics.budgets,), budget_refs)
+        budget_topic = app.topic(topics.budget_state, value_type=bytes)
+        alerts_topic = app.topic(topics.alerts, value_type=bytes)
+        budget_states: dict[str, dict[str, Any]] = {}
+
+        @app.task
+        async def follow_budgets() -> None:
+            loop = asyncio.get_running_loop()
+            # The last published states remember which thresholds already alerted in this period.
+            budget_states.update(await loop.run_in_executor(None, read_compacted, settings.kafka_bootstrap,
+                                                            topics.budget_state))
+            await budget_feed.run()
+
+        @app.timer(interval=settings.budget_interval_s)
+        async def budget_tick() -> None:
+            """Spend to date (rollups) against budgets → llm.budget.state.v1 and budget alerts."""
+            if not budget_feed.ready.is_set():
+                return
+            loop = asyncio.get_running_loop()
+            now = datetime.now(UTC)
+            budgets = budget_refs.snapshot().budgets_at(now)
+            if budgets is None:
+                return
+            try:
+                spend, recent = await loop.run_in_executor(
+                    executor, read_spend, lambda sql: store.query(sql).rows, budgets, now, settings.budget_window_s)
+            except StoreError as exc:
+                log.warning("budget: cannot read spend (%s); next try in %.0fs", exc, settings.budget_interval_s)
+                return
+            ev = evaluate(budgets, spend, recent, settings.budget_window_s, now, budget_states)
+            sent = [await alerts_topic.send(key=a["incident_key"].encode(), value=encode_record(a), force=True)
+                    for a in ev.alerts]
+            sent += [await budget_topic.send(key=k.encode(), value=encode_record(v), force=True)
+                     for k, v in ev.states.items()]
+            await asyncio.gather(*sent)
+            budget_states.update({k: orjson.loads(encode_record(v)) for k, v in ev.states.items()})
+            stats.budget_alerts += len(ev.alerts)
 
         @app.agent(attempts_topic)
         async def sink(stream: faust.StreamT) -> None:
@@ -355,6 +357,42 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
 
     app.tally_stats = stats  # type: ignore[attr-defined]
     return app
+
+
+def read_compacted(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
+    """The latest JSON value per key of a compacted topic, read from the beginning to the current end."""
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "tally-compacted-reader",
+                         "enable.auto.commit": False})
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return out
+        ends = {}
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout_s)
+            if high > low:
+                ends[p] = high
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in ends])
+        deadline = time.monotonic() + timeout_s
+        while ends and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is None or msg.error() is not None:
+                continue
+            key, value, offset = (msg.key() or b"").decode(), msg.value(), msg.offset() or 0
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = orjson.loads(value)
+            if offset + 1 >= ends.get(msg.partition() or 0, 0):
+                ends.pop(msg.partition() or 0, None)
+        if ends:
+            raise TallyError(f"could not read {topic} to its end within {timeout_s:.0f}s")
+    except KafkaException as exc:
+        raise TallyError(f"cannot read {topic} from {bootstrap}: {exc}") from exc
+    finally:
+        consumer.close()
+    return out
 
 
 def _partition_count(bootstrap: str, topic: str) -> int:

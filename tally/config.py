@@ -119,6 +119,10 @@ class Settings:
     fold_inactivity_s: float = 600.0
     fold_grace_s: float = 120.0
     fold_idle_s: float = 5.0
+    # Budgets (sink role): evaluated every `budget_interval_s`; the burn rate is the spend of the last
+    # `budget_window_s` seconds.
+    budget_interval_s: float = 10.0
+    budget_window_s: float = 900.0
     # A worker killed without leaving the group holds its partitions until this expires (then a rebalance).
     session_timeout_s: float = 10.0
     max_line_bytes: int = 16 * 1024
@@ -190,6 +194,9 @@ class Settings:
         for name in ("fold_settle_s", "fold_inactivity_s", "fold_grace_s", "fold_idle_s"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("budget_interval_s", "budget_window_s"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.fold_inactivity_s < self.fold_settle_s:
             out.append("fold_inactivity_s must be at least fold_settle_s")
         if self.sink_retry_s < 0:

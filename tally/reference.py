@@ -29,9 +29,11 @@ from tally.errors import ReferenceDataError
 
 KIND_PRICE_CARD = "price_card"
 KIND_OWNERS = "owners"
-# Extension point: budgets get their own parser in _PARSERS and their own timeline in ReferenceSnapshot.
 KIND_BUDGETS = "budgets"
-KINDS: tuple[str, ...] = (KIND_PRICE_CARD, KIND_OWNERS)
+KINDS: tuple[str, ...] = (KIND_PRICE_CARD, KIND_OWNERS, KIND_BUDGETS)
+BUDGET_SCOPES: tuple[str, ...] = ("feature", "tenant")
+BUDGET_PERIODS: tuple[str, ...] = ("day", "month")
+DEFAULT_THRESHOLDS: tuple[int, ...] = (50, 80, 100)
 
 # Exactness bound. A token price has at most 6 decimal places per million tokens (12 per token) and each
 # of the at most two multipliers that can apply to it (batch_discount, service tier) at most 3, so every
@@ -45,6 +47,7 @@ PRICE_MAX = Decimal(1_000_000)
 MULTIPLIER_MAX = Decimal(100)
 TOOL_PRICE_MAX = Decimal(1_000_000)
 _PRICE = (PRICE_PLACES, PRICE_MAX, "price per million tokens")
+_BUDGET = (6, Decimal("1000000000"), "budget amount in USD")
 _MULTIPLIER = (MULTIPLIER_PLACES, MULTIPLIER_MAX, "multiplier")
 _TOOL_PRICE = (TOOL_PRICE_PLACES, TOOL_PRICE_MAX, "USD per call")
 
@@ -299,6 +302,31 @@ class OwnerRegistry:
 
 
 @dataclass(frozen=True)
+class Budget:
+    """A spend limit for one feature or tenant per day or month (UTC periods), with alert thresholds in %."""
+
+    scope: str
+    ident: str
+    period: str
+    amount: Decimal
+    thresholds: tuple[int, ...]
+
+    @property
+    def key(self) -> str:
+        """The budget's id on llm.budget.state.v1: scope:id:period."""
+        return f"{self.scope}:{self.ident}:{self.period}"
+
+
+@dataclass(frozen=True)
+class BudgetSet:
+    """One effective-dated version of all budgets."""
+
+    version: str
+    effective_at: datetime
+    budgets: tuple[Budget, ...]
+
+
+@dataclass(frozen=True)
 class ReferenceDoc:
     """One validated version of one kind of reference data.
 
@@ -310,7 +338,7 @@ class ReferenceDoc:
     version: str
     effective_at: datetime
     body: dict[str, Any]
-    parsed: PriceCard | OwnerRegistry = field(compare=False, repr=False)
+    parsed: PriceCard | OwnerRegistry | BudgetSet = field(compare=False, repr=False)
 
     def key(self) -> bytes:
         """Return the compacted-topic key b"kind:version" (a later record with it replaces this version)."""
@@ -666,9 +694,60 @@ def _parse_owners(p: _Problems, body: Mapping[str, Any], version: str,
                          MappingProxyType(api_keys))
 
 
-_PARSERS: dict[str, Callable[[_Problems, Mapping[str, Any], str, datetime], PriceCard | OwnerRegistry]] = {
+def _parse_budgets(p: _Problems, body: Mapping[str, Any], version: str, effective_at: datetime) -> BudgetSet:
+    _keys(p, (), body, ("kind", "version", "effective_at", "budgets"), ("currency", "thresholds", "description"))
+    if "currency" in body and body["currency"] != "USD":
+        p.add(("currency",), f"only USD is supported, got {_describe(body['currency'])}")
+    default = _thresholds(p, ("thresholds",), body["thresholds"]) if "thresholds" in body else DEFAULT_THRESHOLDS
+    raw = body.get("budgets")
+    if not isinstance(raw, list):
+        if "budgets" in body:
+            p.add(("budgets",), f"must be a list of budgets, got {_describe(raw)}")
+        return BudgetSet(version, effective_at, ())
+    out: list[Budget] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(raw):
+        path: Path_ = ("budgets", i)
+        entry = _mapping(p, path, item, "scope, id, period, amount")
+        if entry is None:
+            continue
+        before = len(p.items)
+        _keys(p, path, entry, ("scope", "id", "period", "amount"), ("thresholds", "description"))
+        scope, period = entry.get("scope"), entry.get("period")
+        if "scope" in entry and scope not in BUDGET_SCOPES:
+            p.add(path + ("scope",), f"must be one of {', '.join(BUDGET_SCOPES)}, got {_describe(scope)}")
+        if "period" in entry and period not in BUDGET_PERIODS:
+            p.add(path + ("period",), f"must be one of {', '.join(BUDGET_PERIODS)}, got {_describe(period)}")
+        ident = _string(p, path + ("id",), entry["id"]) if "id" in entry else None
+        amount = _decimal(p, path + ("amount",), entry["amount"], _BUDGET) if "amount" in entry else None
+        if amount is not None and amount <= 0:
+            p.add(path + ("amount",), "must be more than 0")
+        thresholds = _thresholds(p, path + ("thresholds",), entry["thresholds"]) if "thresholds" in entry \
+            else default
+        if len(p.items) > before or ident is None or amount is None:
+            continue
+        budget = Budget(str(scope), ident, str(period), amount, thresholds)
+        if budget.key in seen:
+            p.add(path, f"duplicate budget {budget.key} (also budgets[{seen[budget.key]}])")
+            continue
+        seen[budget.key] = i
+        out.append(budget)
+    return BudgetSet(version, effective_at, tuple(out))
+
+
+def _thresholds(p: _Problems, path: Path_, value: Any) -> tuple[int, ...]:
+    if (not isinstance(value, list) or not value
+            or not all(type(t) is int and 1 <= t <= 1000 for t in value) or len(set(value)) != len(value)):
+        p.add(path, f"must be a list of distinct whole percentages between 1 and 1000, got {_describe(value)}")
+        return DEFAULT_THRESHOLDS
+    return tuple(sorted(value))
+
+
+_PARSERS: dict[str, Callable[[_Problems, Mapping[str, Any], str, datetime],
+                             PriceCard | OwnerRegistry | BudgetSet]] = {
     KIND_PRICE_CARD: _parse_price_card,
     KIND_OWNERS: _parse_owners,
+    KIND_BUDGETS: _parse_budgets,
 }
 
 
@@ -680,9 +759,6 @@ def _parse_document(body: Any, p: _Problems) -> ReferenceDoc | None:
                   f"{_describe(body)}")
         return None
     kind = body.get("kind")
-    if kind == KIND_BUDGETS:
-        p.add(("kind",), "kind 'budgets' is reserved for budgets, which are not supported yet")
-        return None
     if kind not in _PARSERS:
         p.add(("kind",) if "kind" in body else (),
               f"kind must be one of {', '.join(KINDS)}, got {_describe(kind)}")
@@ -809,6 +885,11 @@ class ReferenceSnapshot:
 
     price_cards: Timeline[PriceCard] = field(default_factory=Timeline)
     owners: Timeline[OwnerRegistry] = field(default_factory=Timeline)
+    budgets: Timeline[BudgetSet] = field(default_factory=Timeline)
+
+    def budgets_at(self, ts: datetime) -> BudgetSet | None:
+        """Return the budgets in effect at ts (latest effective_at ≤ ts), or None."""
+        return self.budgets.at(ts)
 
     def price_card_at(self, ts: datetime) -> PriceCard | None:
         """Return the price card in effect at ts (latest effective_at ≤ ts), or None."""
@@ -822,6 +903,7 @@ class ReferenceSnapshot:
         """Return every loaded version, by kind then effective_at."""
         out = [VersionInfo(KIND_PRICE_CARD, c.version, c.effective_at) for c in self.price_cards.items]
         out += [VersionInfo(KIND_OWNERS, o.version, o.effective_at) for o in self.owners.items]
+        out += [VersionInfo(KIND_BUDGETS, b.version, b.effective_at) for b in self.budgets.items]
         return out
 
 
@@ -891,7 +973,9 @@ class ReferenceStore:
     def _rebuild(self) -> None:
         cards = [d.parsed for d in self._docs.values() if isinstance(d.parsed, PriceCard)]
         owners = [d.parsed for d in self._docs.values() if isinstance(d.parsed, OwnerRegistry)]
+        budgets = [d.parsed for d in self._docs.values() if isinstance(d.parsed, BudgetSet)]
         self._snapshot = ReferenceSnapshot(
             _timeline(cards, lambda c: c.effective_at, lambda c: c.version),
             _timeline(owners, lambda o: o.effective_at, lambda o: o.version),
+            _timeline(budgets, lambda b: b.effective_at, lambda b: b.version),
         )

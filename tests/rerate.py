@@ -28,7 +28,8 @@ class Oracle:
                 if not doc:
                     continue
                 at = datetime.fromisoformat(doc["effective_at"])
-                (self.cards if doc["kind"] == "price_card" else self.owners).append((at, doc))
+                if doc["kind"] in ("price_card", "owners"):
+                    (self.cards if doc["kind"] == "price_card" else self.owners).append((at, doc))
         self.cards.sort(key=lambda x: x[0])
         self.owners.sort(key=lambda x: x[0])
 

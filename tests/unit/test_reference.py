@@ -209,9 +209,37 @@ def test_yaml_syntax_error_names_the_line():
     assert len(problems) == 1 and problems[0].startswith("f.yaml:") and "YAML syntax error" in problems[0]
 
 
-def test_budgets_are_reserved_and_unknown_kinds_refused():
-    assert "reserved for budgets" in problems_of("kind: budgets\nversion: b1\n")[0]
-    assert "kind must be one of price_card, owners" in problems_of("kind: prices\n")[0]
+BUDGETS = """\
+kind: budgets
+version: "b1"
+effective_at: "2026-11-01T00:00:00Z"
+thresholds: [50, 90, 100]
+budgets:
+  - {scope: feature, id: summarize_email_v2, period: day, amount: "25.00"}
+  - {scope: tenant, id: tenant-000, period: month, amount: "500", thresholds: [100, 75]}
+"""
+
+
+def test_budgets_parse_with_default_and_own_thresholds():
+    [doc] = parse_reference_yaml(BUDGETS, "b.yaml")
+    budgets = doc.parsed.budgets
+    assert [(b.key, b.amount, b.thresholds) for b in budgets] == [
+        ("feature:summarize_email_v2:day", Decimal("25.00"), (50, 90, 100)),
+        ("tenant:tenant-000:month", Decimal("500"), (75, 100))]
+    assert snapshot_of([doc]).budgets_at(datetime(2026, 11, 2, tzinfo=UTC)) == doc.parsed
+
+
+def test_budget_problems_are_all_reported():
+    text = BUDGETS.replace("scope: tenant", "scope: team").replace('"25.00"', "25") + (
+        "  - {scope: feature, id: summarize_email_v2, period: day, amount: \"1\", thresholds: [0]}\n")
+    problems = problems_of(text)
+    assert any("scope" in p and "must be one of feature, tenant" in p for p in problems)
+    assert any("quoted decimal string" in p for p in problems)
+    assert any("distinct whole percentages" in p for p in problems)
+
+
+def test_unknown_kinds_are_refused():
+    assert "kind must be one of price_card, owners, budgets" in problems_of("kind: prices\n")[0]
     assert "must be a mapping" in problems_of("- 1\n- 2\n")[0]
 
 
