@@ -15,9 +15,9 @@ def test_defaults_are_valid_and_embedded():
 
 
 def test_env_then_flags_win():
-    s = load_settings(env={"TALLY_PARTITIONS": "8", "TALLY_TOPIC_PREFIX": "a.", "TALLY_DATA_DIR": "/tmp/x"},
+    s = load_settings(env={"TALLY_PARTITIONS": "8", "TALLY_TOPIC_PREFIX": "a.", "TALLY_DATA_DIR": "relative/x"},
                       topic_prefix="b.", partitions=None)
-    assert s.partitions == 8 and s.topic_prefix == "b." and s.data_dir == Path("/tmp/x")
+    assert s.partitions == 8 and s.topic_prefix == "b." and s.data_dir == Path("relative/x").resolve()
     assert s.topics.attempts == "b.llm.cost.attempts.v1"
 
 
