@@ -21,6 +21,10 @@ def test_publish_paced_keeps_the_rate_and_stops_on_request():
 def test_alive_checks_command_line_and_zombies(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", "marker-arg"])
     try:
+        # Until the child has exec'd, /proc shows the parent's command line: wait for it (bounded).
+        deadline = time.monotonic() + 10
+        while not alive(proc.pid, b"marker-arg") and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert alive(proc.pid, b"marker-arg")
         assert not alive(proc.pid, b"kafka.Kafka")  # a reused pid running something else is not ours
     finally:
