@@ -69,8 +69,6 @@ class WorkerStats:
     reference_ready: bool = False
     requests_emitted: int = 0
     fold_state_writes: int = 0
-    messages_out: int = 0     # attempt and request messages the process agent produced
-    messages_sunk: int = 0    # attempt and request messages the sink agents wrote to ClickHouse
     budget_alerts: int = 0
 
 
@@ -183,9 +181,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             state too) before it commits the batch's offsets.
             """
             if requests:
-                sent = await publish(requests_topic, requests)
-                await asyncio.gather(*sent)
-                stats.messages_out += len(sent)
+                await asyncio.gather(*await publish(requests_topic, requests))
                 stats.requests_emitted += sum(len(v) for v in requests.values())
             stats.fold_state_writes += len(writes)
             for key, value in writes.items():
@@ -216,7 +212,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                             rebalanced[0] = False
                         out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
                                                          partitions, datetime.now(UTC), step, time.time())
-                        stats.messages_out += len(await publish(attempts_topic, out.attempts))
+                        await publish(attempts_topic, out.attempts)
                         await publish(dlq_topic, out.dead_letters)
                         # Faust flushes the producer before it commits offsets: outputs are delivered first.
                         await commit_fold(out.requests, out.fold_writes)
@@ -266,7 +262,6 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
                     rows, bad_lines = await loop.run_in_executor(executor, decode_batch, batch, shape)
                     await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
-                    stats.messages_sunk += len(events)
                     await publish(dlq_topic, bad_lines)
                     stats.events_rejected += sum(len(v) for v in bad_lines.values())
             except SinkGaveUp as exc:

@@ -192,8 +192,8 @@ def _table(results: dict[str, Any]) -> str:
         ]
     fm = results.get("fold_memory") or {}
     if fm and "error" not in fm:
-        rows.append((f"6 fold state, {_fmt(fm.get('in_flight'))} open requests", _fmt(fm.get("state_mib"), " MiB")
-                     + f" (RSS +{_fmt(fm.get('rss_growth_mib'), ' MiB')})",
+        rows.append((f"6 fold state, {_fmt(fm.get('in_flight'))} open requests (traced)",
+                     _fmt(fm.get("state_mib"), " MiB"),
                      f"{_fmt(fm.get('state_bytes_per_request'))} B/request (value "
                      f"{_fmt(fm.get('value_bytes_per_request'))} B); "
                      f"fold {_fmt(fm.get('fold_open_us'))} µs/open request"))
@@ -205,6 +205,9 @@ def _table(results: dict[str, Any]) -> str:
              f"attempt lines {_fmt(sk.get('attempt_line_bytes'))} B"),
             (f"1 sink write ({_fmt(sk.get('write_batch_rows'))}-row batches)", _fmt(sk.get("write_us"), " µs/row"),
              "lookup + chDB insert"),
+            ("1 sink decode + write a logical-request row",
+             f"{_fmt(sk.get('request_decode_us'))} + {_fmt(sk.get('request_write_us'))} µs/row",
+             f"request lines {_fmt(sk.get('request_line_bytes'))} B"),
             (f"1 sink lookup vs {_fmt(sk.get('rows'))} saved rows", ", ".join(f"{k} ids {v} s" for k, v in
                                                                          lookups.items()), "one call each"),
         ]

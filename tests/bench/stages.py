@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import statistics
 import tempfile
 import time
@@ -17,7 +16,7 @@ from streams.enrich import enrich
 from streams.fold import FoldConfig, Folder, apply_writes
 from streams.pipeline import FoldStep, process_messages
 from streams.records import Source, encode_row
-from streams.sink import SinkWriter, decode_rows
+from streams.sink import ATTEMPT_ROWS, REQUEST_ROWS, RequestWriter, RowShape, SinkWriter, decode_rows
 from streams.validate import Validator
 from tally.config import Settings
 from tally.partitioning import partition_for
@@ -119,16 +118,14 @@ def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int =
     against the `count` rows just written (that lookup is what every sink batch pays first).
     """
     messages = _messages(pool, count, partitions)
-    out = process_messages(messages, Validator(), snapshot_of(reference_docs()), partitions, datetime.now(UTC))
-    values = [b"\n".join(lines[i:i + 400]) for lines in out.attempts.values() for i in range(0, len(lines), 400)]
-    t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    for offset, value in enumerate(values):
-        ok, _bad = decode_rows(value, Source("bench.llm.cost.attempts.v1", 0, offset))
-        rows.extend(ok)
-    decode_s = time.perf_counter() - t0
-    result: dict[str, Any] = {"rows": len(rows), "attempt_line_bytes": round(sum(map(len, values)) / len(rows)),
-                              "decode_us": round(decode_s / len(rows) * 1e6, 2), "write_batch_rows": batch_rows}
+    out = process_messages(messages, Validator(), snapshot_of(reference_docs()), partitions, datetime.now(UTC),
+                           FoldStep(Folder(FoldConfig(), partitions), {}, partitions), time.time())
+    rows, line_bytes, decode_s = _decoded(out.attempts, ATTEMPT_ROWS)
+    requests, request_bytes, request_decode_s = _decoded(out.requests, REQUEST_ROWS)
+    result: dict[str, Any] = {"rows": len(rows), "attempt_line_bytes": round(line_bytes / len(rows)),
+                              "decode_us": round(decode_s / len(rows) * 1e6, 2), "write_batch_rows": batch_rows,
+                              "requests": len(requests), "request_line_bytes": round(request_bytes / len(requests)),
+                              "request_decode_us": round(request_decode_s / len(requests) * 1e6, 2)}
     with tempfile.TemporaryDirectory(prefix="tally-bench-sink-") as tmp:
         store = Store(Settings(data_dir=Path(tmp)))
         try:
@@ -138,6 +135,11 @@ def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int =
             for start in range(0, len(rows), batch_rows):
                 writer.write(rows[start:start + batch_rows])
             result["write_us"] = round((time.perf_counter() - t0) / len(rows) * 1e6, 2)
+            request_writer = RequestWriter(store)
+            t0 = time.perf_counter()
+            for start in range(0, len(requests), batch_rows):
+                request_writer.write(requests[start:start + batch_rows])
+            result["request_write_us"] = round((time.perf_counter() - t0) / len(requests) * 1e6, 2)
             lookups: dict[str, float] = {}
             for size in lookup_sizes:
                 fresh = [f"ev-lookup-{uuid.uuid4().hex}" for _ in range(size)]
@@ -150,9 +152,15 @@ def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int =
     return result
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _decoded(lines_by_partition: dict[int, list[bytes]], shape: RowShape) -> tuple[list[dict[str, Any]], int, float]:
+    """Decode a stage's output as the sink does (400-line messages): rows, total line bytes, seconds spent."""
+    values = [b"\n".join(lines[i:i + 400]) for lines in lines_by_partition.values()
+              for i in range(0, len(lines), 400)]
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    for offset, value in enumerate(values):
+        rows.extend(decode_rows(value, Source("bench", 0, offset), shape)[0])
+    return rows, sum(map(len, values)), time.perf_counter() - t0
 
 
 def measure_fold_memory(pool: EventPool, in_flight: int = 100_000, batch: int = 10_000) -> dict[str, Any]:
@@ -174,7 +182,6 @@ def measure_fold_memory(pool: EventPool, in_flight: int = 100_000, batch: int = 
         r.update(logical_request_id=lid, event_id=f"ev-open-{n}", final=False,
                  source_partition=partition_for(lid, partitions))
         rows.append(r)
-    rss_before = _rss_bytes()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     t0 = time.perf_counter()
@@ -184,10 +191,9 @@ def measure_fold_memory(pool: EventPool, in_flight: int = 100_000, batch: int = 
     elapsed = time.perf_counter() - t0
     held = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
-    rss_growth = _rss_bytes() - rss_before
     if len(state) != in_flight:
         raise RuntimeError(f"expected {in_flight} open requests, state holds {len(state)}")
-    return {"in_flight": in_flight, "state_mib": round(held / 2**20, 1), "rss_growth_mib": round(rss_growth / 2**20, 1),
+    return {"in_flight": in_flight, "state_mib": round(held / 2**20, 1),
             "state_bytes_per_request": round(held / in_flight),
             "value_bytes_per_request": round(sum(map(len, state.values())) / in_flight),
             "fold_open_us": round(elapsed / in_flight * 1e6, 2)}
