@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 KAFKA_JARS := deploy/kafka/libs/.complete
 
 .DEFAULT_GOAL := help
-.PHONY: help run test install kafka-jars lint typecheck test-unit test-integration test-e2e bench clean
+.PHONY: help run test install kafka-jars lint typecheck test-unit test-integration test-e2e bench bench-detect clean \
+	grafana dashboard-assets
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -47,6 +48,15 @@ test-e2e: install kafka-jars ## End-to-end tests (the CLI driving the whole loca
 
 bench: install kafka-jars ## Benchmarks: per-stage cost, Kafka/Faust baselines, end-to-end throughput and latency
 	$(PY) -m tests.bench.run
+
+bench-detect: install ## Detection benchmark: precision, recall, delay per incident kind, against the seed's z-score
+	$(PY) -m tests.bench.detect
+
+grafana: install ## Regenerate the Grafana dashboard (deploy/grafana/) from tally/dashboard/panels.py
+	$(PY) -m tally.dashboard.grafana
+
+dashboard-assets: ## Rebuild the live page's charting library (npm ci, then copy into tally/dashboard/static/vendor)
+	cd tally/dashboard && npm ci --no-audit --no-fund && npm run build
 
 clean: ## Remove the data directory (Kafka logs, chDB) — not the virtualenv or jars
 	rm -rf .tally

@@ -272,7 +272,7 @@ def parse_alert(record: Any) -> Alert:
     key = text("incident_key", limit=MAX_INCIDENT_KEY)
     kind = choice("kind", KINDS)
     state = choice("state", STATES)
-    feature_id = text("feature_id")
+    feature_id = text("feature_id", non_empty=kind != "budget")  # a tenant's budget has no feature
     team_id = text("team_id", non_empty=False)
     signal = text("signal")
     severity = choice("severity", tuple(SEVERITY_RANK))

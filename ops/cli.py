@@ -21,6 +21,7 @@ from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ops.simulate import INCIDENT_KINDS
 from tally.config import ROLES, Settings, load_settings
 from tally.errors import TallyError
 
@@ -78,6 +79,7 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
     """Run the whole local stack in the foreground: Kafka, worker, traffic simulator, live status. Ctrl-C stops."""
     from ops import stack
     from ops.kafka_local import LocalKafka
+    from tally.dashboard import PAGE_PATH
 
     s = c.settings
     console.print(f"[bold]tally[/] starting the local stack in {s.data_dir}")
@@ -85,6 +87,7 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
     console.print(f"  kafka      {s.kafka_bootstrap} ({'started' if info['kafka_started'] else 'already running'})")
     console.print(f"  worker     pid {info['worker_pid']}, role all, log {info['worker_log']}")
     console.print(f"  clickhouse {s.redacted_ch_url()}")
+    console.print(f"  dashboard  {s.web_url}{PAGE_PATH}  (live; Grafana dashboards in deploy/grafana/)")
     docs = _load_reference(s, references or _example_reference_files())
     console.print(f"  reference  {len(docs)} versions loaded")
     stop = threading.Event()
@@ -95,6 +98,9 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
                                       args=(s, docs, rate, seed, stop, sim_counter), daemon=True)
         sim_thread.start()
         console.print(f"  simulator  {rate:g} events/s")
+    pager = threading.Thread(target=_page_to_stdout, name="pager", args=(s, stop), daemon=True)
+    pager.start()
+    console.print("  pager      anomaly and budget alerts print here (the stdout sink of `tally alerts`)")
     console.print('\nQuery it from another shell:\n  tally query "SELECT team_id, sum(cost_total_usd) '
                   'FROM tally.usage_events GROUP BY team_id ORDER BY 2 DESC"\nCtrl-C stops everything.\n')
     try:
@@ -115,6 +121,7 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
         stop.set()
         if sim_thread is not None:
             sim_thread.join(timeout=30)
+        pager.join(timeout=30)
         stack.stop_worker(s, "all")
         if info["kafka_started"]:
             LocalKafka(s).stop()
@@ -144,13 +151,22 @@ def _status_line(s: Settings, last: tuple[float, int], published: int) -> tuple[
     return line, (now, done)
 
 
+def _page_to_stdout(s: Settings, stop: threading.Event) -> None:
+    from ops.alerts import AlertsConfig, run_alerts
+
+    try:
+        run_alerts(s, AlertsConfig(sinks=("stdout",)).validated(), stop)
+    except TallyError as exc:
+        console.print(f"[red]pager stopped: {exc}[/]")
+
+
 def _simulate_until(s: Settings, docs: Sequence[Any], rate: float, seed: int | None, stop: threading.Event,
                     counter: list[int]) -> None:
     from ops.simulate import TrafficGenerator, catalog_from_reference, publish_paced
     from tally.sdk.publisher import Publisher
 
     gen = TrafficGenerator(catalog_from_reference(docs), seed=seed if seed is not None else int(time.time()),
-                           rate=rate)
+                           rate=rate, live=True)
     with Publisher(s.kafka_bootstrap, s.topics.usage, partitions=s.partitions) as pub:
         publish_paced(pub.publish_line, gen.lines(10**12), rate, stop.is_set, counter)
 
@@ -271,15 +287,40 @@ def publish(c: Ctx, file: str, topic: str | None) -> None:
 @click.option("--reference", "references", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Reference files the traffic is drawn from (default: the samples).")
 @click.option("--output", type=click.Path(path_type=Path), help="Write JSONL here instead of publishing.")
+@click.option("--incident", type=click.Choice(INCIDENT_KINDS), default=None,
+              help="Send only an incident's traffic (on top of a running stack's): e.g. retry_storm.")
+@click.option("--incident-feature", default=None,
+              help="The feature the incident hits (default: the busiest feature of the traffic).")
+@click.option("--incident-tenant", default="tenant-031", show_default=True, help="The tenant of a runaway_loop.")
 @pass_ctx
 def simulate(c: Ctx, rate: float, duration: float | None, count: int | None, seed: int, bad_rate: float,
-             references: tuple[Path, ...], output: Path | None) -> None:
-    """Realistic synthetic gateway traffic through the SDK (or to a file with --output)."""
-    from ops.simulate import TrafficGenerator, catalog_from_reference
+             references: tuple[Path, ...], output: Path | None, incident: str | None, incident_feature: str | None,
+             incident_tenant: str) -> None:
+    """Realistic synthetic gateway traffic through the SDK (or to a file with --output).
+
+    With --incident, only that incident's requests are sent (every request on one feature, shaped by the
+    incident), so that with `tally run` going the feature's traffic changes the way the incident changes it, and
+    the detectors page once they have warmed up (TALLY_DETECT_WARMUP_WINDOWS windows of that feature).
+    """
+    from datetime import UTC, datetime, timedelta
+
+    from ops.simulate import Incident, Profile, TrafficGenerator, catalog_from_reference
     from tally.reference import load_reference_files
 
     docs = load_reference_files(list(references or _example_reference_files()))
-    gen = TrafficGenerator(catalog_from_reference(docs), seed=seed, rate=rate, bad_rate=bad_rate)
+    catalog = catalog_from_reference(docs)
+    profile = None
+    if incident is not None:
+        feature = incident_feature or catalog.features[0][0]
+        if feature not in {f[0] for f in catalog.features}:
+            raise click.BadParameter(f"{feature!r} is not a feature of the owners registry",
+                                     param_hint="--incident-feature")
+        now = datetime.now(UTC)
+        profile = Profile(incidents=(Incident(incident, feature, now, now + timedelta(days=365), incident_tenant),),
+                          only_incident=True)
+        console.print(f"incident {incident} on {feature} from {now:%H:%M:%S} UTC")
+    gen = TrafficGenerator(catalog, seed=seed, rate=rate, bad_rate=0.0 if incident else bad_rate, profile=profile,
+                           live=output is None)
     limit = count if count is not None else (int(rate * duration) if duration else 10**12)
     if output is not None:
         with output.open("wb") as fh:
@@ -440,6 +481,236 @@ def query(c: Ctx, sql: str, fmt: str) -> None:
         for r in rows:
             table.add_row(*(_cell(v) for v in r))
         out.print(table)
+
+
+# ---------------------------------------------------------------- reports
+REPORT_DESTINATION = "tally.report.destination"
+
+
+@cli.group("report")
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "html"]), default="table",
+              show_default=True, help="table (terminal), csv (one table: --table, default the first), json, or "
+                                      "html (one self-contained file with charts).")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the report to this file (default: stdout).")
+@click.option("--table", "table_name", default=None, help="Only this table of the report (its machine name).")
+@click.pass_context
+def report(ctx: click.Context, fmt: str, output: Path | None, table_name: str | None) -> None:
+    """Reports from what ClickHouse holds (in embedded mode, through the running worker).
+
+    The options here apply to every report and go before its name, e.g.
+    `tally report --format html --output nov.html chargeback --period 2026-11`. Money is exact in every format.
+    A long report shows progress on stderr when that is a terminal (never while CSV or JSON go to stdout).
+    """
+    from ops.reports.output import Destination
+
+    ctx.meta[REPORT_DESTINATION] = Destination(fmt, output, table_name)  # type: ignore[arg-type]
+
+
+def report_destination() -> Any:
+    """The `report` group's Destination (format, output file, table), for its subcommands."""
+    return click.get_current_context().meta[REPORT_DESTINATION]
+
+
+def _chargeback_options(f: Any) -> Any:
+    for option in reversed((
+            click.option("--period", help="A month, YYYY-MM (default: the current UTC month)."),
+            click.option("--from", "start", type=click.DateTime(["%Y-%m-%d"]), help="First day (UTC), with --to."),
+            click.option("--to", "last", type=click.DateTime(["%Y-%m-%d"]), help="Last day (UTC, inclusive)."),
+            click.option("--rules", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                         help="Shared-costs rules file (YAML, docs/chargeback.md)."),
+            click.option("--jump-pp", type=click.FloatRange(0.01, 100), default=5.0, show_default=True,
+                         help="A day-over-day change of a team's reasoning share this big (points) is a jump."))):
+        f = option(f)
+    return pass_ctx(f)
+
+
+def _run_chargeback(c: Ctx, kind: str, period: str | None, start: Any, last: Any, rules: Path | None,
+                    jump_pp: float) -> None:
+    from datetime import UTC, datetime
+
+    from ops.reports.chargeback import build_queries, parse_period, run_report
+    from ops.reports.output import progress, write_report
+
+    dest = report_destination()
+    now = datetime.now(UTC)
+    span = parse_period(period, start.date() if start else None, last.date() if last else None, now.date())
+    s = c.settings
+    source = "embedded chDB" if s.embedded else s.redacted_ch_url()
+    with progress(len(build_queries(span, now)), kind, dest.shows_progress) as step:
+        rep = run_report("showback" if kind == "showback" else "chargeback", lambda sql: run_query(s, sql), span,
+                         rules, now, source, step, Decimal(str(jump_pp)))
+    write_report(rep, dest, sys.stdout)
+    if dest.output is not None:
+        console.print(f"wrote {dest.output}")
+
+
+@report.command("chargeback")
+@_chargeback_options
+def report_chargeback(c: Ctx, period: str | None, start: Any, last: Any, rules: Path | None,
+                      jump_pp: float) -> None:
+    """Per team: direct cost by class, reasoning share and endpoints, retry waste, week over week, unattributed.
+
+    Also deploy markers next to reasoning-share jumps, and shared costs allocated by the rules file (--rules).
+    """
+    _run_chargeback(c, "chargeback", period, start, last, rules, jump_pp)
+
+
+@report.command("showback")
+@_chargeback_options
+def report_showback(c: Ctx, period: str | None, start: Any, last: Any, rules: Path | None, jump_pp: float) -> None:
+    """The chargeback's figures as information: nothing is billed; shared costs show what would be charged."""
+    _run_chargeback(c, "showback", period, start, last, rules, jump_pp)
+
+
+def _percent(text: str) -> Decimal:
+    from decimal import InvalidOperation
+
+    try:
+        value = Decimal(text)
+    except InvalidOperation:
+        value = Decimal(-1)
+    if not value.is_finite() or value < 0:
+        raise click.BadParameter(f"{text!r} is not a percentage ≥ 0", param_hint="--threshold")
+    return value
+
+
+def _wrote(dest: Any) -> None:
+    if dest.output is not None:
+        console.print(f"wrote {dest.output}")
+
+
+@report.command("reconcile")
+@click.argument("invoice", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--threshold", default="1", show_default=True,
+              help="Flag lines, and fail the run, when the variance is over this many percent of the invoice.")
+@pass_ctx
+def report_reconcile(c: Ctx, invoice: Path, threshold: str) -> None:
+    """Compare a provider cost export (CSV) with tally's exact sums per UTC day × provider × model (× class).
+
+    Accepted shapes (detected by header; docs/reports.md): canonical, OpenAI costs export, Anthropic cost report.
+    Flags lines over --threshold and lines present on one side only. Exits 3 when the total variance is over
+    --threshold (for a weekly job); 2 on bad input.
+    """
+    from ops.reports.output import progress, write_report
+    from ops.reports.reconcile import EXIT_OVER_THRESHOLD, build_report, parse_invoice, reconcile
+
+    dest, s = report_destination(), c.settings
+    pct = _percent(threshold)
+    inv = parse_invoice(invoice)
+    first, last = min(ln.day for ln in inv.lines), max(ln.day for ln in inv.lines)
+    with progress((last - first).days + 1, "reconcile", dest.shows_progress) as step:
+        rec = reconcile(lambda sql: run_query(s, sql), inv, pct, step)
+    source = "embedded chDB" if s.embedded else s.redacted_ch_url()
+    write_report(build_report(inv, rec, f"{invoice.name}: {first} … {last} (UTC); tally from {source}"), dest,
+                 sys.stdout)
+    _wrote(dest)
+    if rec.over:
+        raise SystemExit(EXIT_OVER_THRESHOLD)
+
+
+@report.command("focus")
+@click.option("--period", required=True, help="YYYY-MM, YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD (UTC days, inclusive).")
+@click.option("--price-cards", "card_paths", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Price-card YAML files or directories (default: the cards loaded in the stack).")
+@click.option("--validate", is_flag=True, help="Check the rows against the FOCUS column rules; exit 2 if any fails.")
+@click.option("--rules", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Shared-costs rules file (YAML, docs/chargeback.md): adds the allocated shared costs as rows.")
+@pass_ctx
+def report_focus(c: Ctx, period: str, card_paths: tuple[Path, ...], validate: bool, rules: Path | None) -> None:
+    """FOCUS 1.2 export (CSV unless --format says otherwise): one row per day × owner × model × token class.
+
+    PricingQuantity × ListUnitPrice = cost exactly (unit: 1000000 Tokens); SkuPriceId names the price-card version;
+    Tags carry team, cost center, product, feature and tenant; the FOCUS 1.3 Allocated* columns are included.
+    With --rules, shared costs allocated as by `chargeback --rules` are split-cost-allocation rows (docs/reports.md).
+    """
+    import dataclasses
+
+    from ops.reports.chargeback import ALLOCATION_QUERIES, load_rules
+    from ops.reports.focus import COLUMNS, add_shared_costs, build_report, export_focus, parse_period
+    from ops.reports.focus_spec import validate as validate_rows
+    from ops.reports.output import progress, write_report
+    from ops.reports.rating import price_cards
+    from tally.errors import ReportError
+
+    dest, s = report_destination(), c.settings
+    fmt_source = click.get_current_context().parent.get_parameter_source("fmt")  # type: ignore[union-attr]
+    if fmt_source == click.core.ParameterSource.DEFAULT:
+        dest = dataclasses.replace(dest, fmt="csv")
+    start, end = parse_period(period)
+    items = load_rules(rules) if rules is not None else None  # a bad rules file fails before any query
+    cards = price_cards(s, card_paths)
+    steps = (end - start).days + (len(ALLOCATION_QUERIES) if items is not None else 0)
+    with progress(steps, "focus", dest.shows_progress) as step:
+        export = export_focus(lambda sql: run_query(s, sql), cards, start, end, step)
+        if items is not None:
+            add_shared_costs(lambda sql: run_query(s, sql), items, start, end, export, step)
+    if validate:
+        problems = validate_rows(COLUMNS, export.rows)
+        if problems:
+            raise ReportError(f"the export breaks {len(problems)} FOCUS rules:\n"
+                              + "\n".join(f"  - {p}" for p in problems[:20]))
+        console.print(f"valid: {len(export.rows):,} rows pass the FOCUS column rules")
+    source = ", ".join(map(str, card_paths)) if card_paths else f"topic {s.topics.price_cards}"
+    write_report(build_report(export, start, end, source), dest, sys.stdout)
+    _wrote(dest)
+
+
+@report.command("reprice")
+@click.option("--from", "start_text", required=True, help="First UTC day, YYYY-MM-DD (inclusive).")
+@click.option("--to", "end_text", required=True, help="End UTC day, YYYY-MM-DD (exclusive).")
+@click.option("--price-card", "version", required=True, help="The price-card version to re-rate with.")
+@click.option("--price-cards", "card_paths", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Price-card YAML files or directories holding it (default: the cards loaded in the stack).")
+@click.option("--apply", is_flag=True, help="Store the re-rated rows in repriced_events (default: dry run).")
+@pass_ctx
+def report_reprice(c: Ctx, start_text: str, end_text: str, version: str, card_paths: tuple[Path, ...],
+                   apply: bool) -> None:
+    """Re-rate every event of a window with a corrected price card: as billed beside re-rated, per team and model.
+
+    A dry run by default. --apply stores the re-rated rows in repriced_events (idempotent; usage_events stays as
+    billed). In embedded mode --apply needs the chDB directory: stop the worker first (`tally down`).
+    """
+    from ops.reports.output import progress, write_report
+    from ops.reports.rating import days, parse_day, price_cards
+    from ops.reports.reprice import build_report, reprice, write_repriced
+    from tally.errors import ReportError, StoreLockedError
+    from tally.store import Store
+
+    dest, s = report_destination(), c.settings
+    start, end = parse_day(start_text, "--from"), parse_day(end_text, "--to")
+    cards = price_cards(s, card_paths)
+    card = cards.get(version)
+    if card is None:
+        raise ReportError(f"--price-card {version!r}: no such version; known: {', '.join(sorted(cards))}")
+    source = ", ".join(map(str, card_paths)) if card_paths else f"topic {s.topics.price_cards}"
+    n_days = len(days(start, end))
+    if not apply:
+        with progress(n_days, "reprice (dry run)", dest.shows_progress) as step:
+            result = reprice(lambda sql: run_query(s, sql), card, start, end, False, step)
+        write_report(build_report(result, None, source), dest, sys.stdout)
+        _wrote(dest)
+        return
+    try:
+        with Store(s) as store:
+            if s.embedded:
+                store.migrate()
+            elif not store.query("EXISTS TABLE {db}.repriced_events").rows[0][0]:
+                raise ReportError("table repriced_events is missing: run `tally db migrate` with an admin URL")
+
+            def query(sql: str) -> tuple[list[str], list[list[Any]]]:
+                r = store.query(sql)
+                return r.columns, [list(row) for row in r.rows]
+
+            with progress(2 * n_days, "reprice", dest.shows_progress) as step:
+                result = reprice(query, card, start, end, True, step)
+                applied = write_repriced(store, result, step)
+    except StoreLockedError as exc:
+        raise ReportError(f"reprice --apply writes to the embedded ClickHouse, which a running worker holds "
+                          f"({exc}). Stop it (`tally down`), run the apply, then `tally up` again; a dry run works "
+                          "while the worker runs.") from None
+    write_report(build_report(result, applied, source), dest, sys.stdout)
+    _wrote(dest)
 
 
 @cli.group()

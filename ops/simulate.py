@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,41 @@ from tally.reference import ReferenceDoc
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5", "gemini-2.5", "claude-opus", "claude-sonnet")
 _ENVIRONMENTS = (("prod", 0.88), ("staging", 0.09), ("dev", 0.03))
 _SEGMENTS = ("free", "pro", "enterprise")
+INCIDENT_KINDS = ("prompt_regression", "output_inflation", "reasoning_spike", "retry_storm", "silent_fallback",
+                  "runaway_loop")
+_DAY_S = 86_400.0
+
+
+@dataclass(frozen=True)
+class Incident:
+    """An injected incident: `kind` on `feature_id` between `start` and `end` (event time); `tenant` for loops."""
+
+    kind: str
+    feature_id: str
+    start: datetime
+    end: datetime
+    tenant: str = ""
+
+    def active(self, ts: datetime) -> bool:
+        """Whether the incident shapes traffic at event time `ts`."""
+        return self.start <= ts < self.end
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How traffic varies in event time: daily seasonality, steady growth, incidents and huge one-off requests.
+
+    The request rate at time t is rate × (1 + seasonality × cos(2π (hour − 14) / 24)) × (1 + growth_per_day × days
+    since the start). `one_offs` are (time, feature_id): the first request of that feature after the time is ~200
+    times its usual size. `only_incident` sends every request to the incidents' features (the traffic a
+    `tally simulate --incident` adds on top of a running stack).
+    """
+
+    seasonality: float = 0.0
+    growth_per_day: float = 0.0
+    incidents: tuple[Incident, ...] = ()
+    one_offs: tuple[tuple[datetime, str], ...] = ()
+    only_incident: bool = False
 
 
 @dataclass(frozen=True)
@@ -45,6 +81,8 @@ def publish_paced(publish: Callable[[bytes], None], lines: Iterable[bytes], rate
                   stop: Callable[[], bool] = lambda: False, sent: list[int] | None = None) -> int:
     """Hand lines to `publish` at `rate` per second until they run out or `stop()` says so; returns how many.
 
+    After a stall of more than a second the pace resumes from there: a gateway does not send a backlog in a burst.
+
     `sent[0]`, when given, follows the count as it grows (another thread reads it for a status line).
     """
     sent = sent if sent is not None else [0]
@@ -57,6 +95,8 @@ def publish_paced(publish: Callable[[bytes], None], lines: Iterable[bytes], rate
         ahead = sent[0] / rate - (time.monotonic() - started)
         if ahead > 0.05:
             time.sleep(ahead)
+        elif ahead < -1.0:  # fell behind (a busy machine): go on at the rate, never catch up in a burst
+            started += -ahead
     return sent[0]
 
 
@@ -74,12 +114,18 @@ class TrafficGenerator:
     """
 
     def __init__(self, catalog: Catalog, seed: int = 1, start: datetime | None = None, rate: float = 100.0,
-                 bad_rate: float = 0.003, tenants: int = 60) -> None:
+                 bad_rate: float = 0.003, tenants: int = 60, profile: Profile | None = None,
+                 live: bool = False) -> None:
         self.catalog = catalog
         self.rng = random.Random(seed)
         self.seed = seed
         self.clock = start or datetime.now(UTC)
+        self.started = self.clock
+        self.rate = rate
         self.step = timedelta(seconds=1.0 / rate)
+        self.profile = profile or Profile()
+        self.live = live  # stamp requests with the wall clock, as a gateway does, whatever the pace
+        self._pending_one_offs = sorted(self.profile.one_offs)
         self.bad_rate = bad_rate
         self.tenants = [f"tenant-{i:03d}" for i in range(tenants)]
         self._tenant_weights = [1.0 / (i + 1) ** 1.1 for i in range(tenants)]
@@ -114,24 +160,110 @@ class TrafficGenerator:
             tags["api_key_id"] = r.choice(self.catalog.api_keys)
         return tags
 
-    def logical_request(self) -> list[dict[str, Any]]:
-        """The attempts of one logical request, in the order a gateway emits them."""
+    def _tick(self) -> None:
+        if self.live:
+            self.clock = max(self.clock, datetime.now(UTC))
+            return
+        p = self.profile
+        if not (p.seasonality or p.growth_per_day):
+            self.clock += self.step
+            return
+        hour = (self.clock.timestamp() % _DAY_S) / 3600.0
+        days = (self.clock - self.started).total_seconds() / _DAY_S
+        factor = (1.0 + p.seasonality * math.cos(2 * math.pi * (hour - 14.0) / 24.0)) * (1.0 + p.growth_per_day * days)
+        self.clock += self.step / max(factor, 0.05)
+
+    def feature_models(self, feature_id: str) -> list[tuple[str, str]]:
+        """The two models a feature normally calls (stable per feature); never the catalog's flagship."""
+        pick = random.Random(zlib.crc32(feature_id.encode()))
+        usual = [m for m in self.catalog.models if m != self.flagship()] or list(self.catalog.models)
+        return pick.sample(usual, min(2, len(usual)))
+
+    def flagship(self) -> tuple[str, str]:
+        """The catalog's most expensive model (claude-opus in the samples): where silent fallbacks land."""
+        names = {m: i for i, m in enumerate(self.catalog.models)}
+        return max(self.catalog.models, key=lambda m: ("opus" in m[1], "pro" in m[1], -names[m]))
+
+    def _active(self, feature_id: str | None) -> Incident | None:
+        for inc in self.profile.incidents:
+            if inc.feature_id == feature_id and inc.active(self.clock):
+                return inc
+        return None
+
+    def _pick_feature(self, tenant: str) -> tuple[tuple[str, str, str] | None, str]:
         r = self.rng
-        self._n += 1
-        self.clock += self.step
-        tenant = r.choices(self.tenants, self._tenant_weights)[0]
+        for inc in self.profile.incidents:
+            if inc.kind == "runaway_loop" and inc.active(self.clock) and (self.profile.only_incident
+                                                                          or r.random() < 0.15):
+                return self._feature(inc.feature_id), inc.tenant or tenant
+        if self.profile.only_incident and self.profile.incidents:
+            return self._feature(r.choice(self.profile.incidents).feature_id), tenant
         roll = r.random()
         if roll < 0.02:
-            feature: tuple[str, str, str] | None = ("experimental_" + r.choice(("agent", "rerank", "vision")),
-                                                    "", "")
-        elif roll < 0.03:
-            feature = None
-        else:
-            feature = r.choices(self.catalog.features, self._feature_weights)[0]
+            return ("experimental_" + r.choice(("agent", "rerank", "vision")), "", ""), tenant
+        if roll < 0.03:
+            return None, tenant
+        return r.choices(self.catalog.features, self._feature_weights)[0], tenant
+
+    def _feature(self, feature_id: str) -> tuple[str, str, str]:
+        for f in self.catalog.features:
+            if f[0] == feature_id:
+                return f
+        raise ValueError(f"feature {feature_id!r} is not in the owners registry the traffic is drawn from")
+
+    def logical_request(self) -> list[dict[str, Any]]:
+        """The attempts of one logical request, in the order a gateway emits them."""
+        self._n += 1
+        self._tick()
+        feature, tenant = self._pick_feature(self.rng.choices(self.tenants, self._tenant_weights)[0])
+        events = self._request(feature, tenant)
+        fid = feature[0] if feature else None
+        if fid is not None:
+            self._shape(events, fid)
+        return events
+
+    def _shape(self, events: list[dict[str, Any]], feature_id: str) -> None:
+        """Apply an active incident's or a one-off's effect to a request's attempts."""
+        inc = self._active(feature_id)
+        kind = inc.kind if inc else ""
+        one_off = bool(self._pending_one_offs) and self._pending_one_offs[0][1] == feature_id \
+            and self._pending_one_offs[0][0] <= self.clock
+        if one_off:
+            self._pending_one_offs.pop(0)
+        for e in events:
+            usage = e.get("usage") or {}
+            if one_off:
+                usage["input_tokens"] = usage.get("input_tokens", 0) * 200 + 100_000
+            if kind == "prompt_regression":
+                usage["input_tokens"] = usage.get("input_tokens", 0) * 4 + 3000
+            elif kind == "output_inflation" and usage.get("output_tokens"):
+                usage["output_tokens"] *= 4
+            elif kind == "reasoning_spike" and e["status"] == "ok":
+                usage["reasoning_tokens"] = (usage.get("reasoning_tokens", 0) + usage.get("output_tokens", 0)) * 5
+            if usage:
+                e["usage"] = usage
+        if kind == "silent_fallback" and self.rng.random() < 0.6:
+            provider, model = self.flagship()
+            for e in events:
+                e.update(provider=provider, model_requested=model, model_actual=model)
+                e.pop("fallback_from", None)
+        elif kind == "retry_storm" and len(events) == 1 and events[0]["status"] == "ok" and self.rng.random() < 0.7:
+            ok = events[0]
+            failures = []
+            for i in range(self.rng.randint(1, 3)):
+                failed = {**ok, "event_id": f"ev-{self._id()}", "request_id": ok["request_id"] if i == 0 else
+                          self._id(), "status": "error", "error": "rate_limited", "final": False, "attempt": i,
+                          "usage": {"input_tokens": 0}}
+                failures.append(failed)
+            ok.update(request_id=self._id(), attempt=len(failures), parent_request_id=failures[0]["request_id"])
+            events[:] = [*failures, ok]
+
+    def _request(self, feature: tuple[str, str, str] | None, tenant: str) -> list[dict[str, Any]]:
+        r = self.rng
         tags = self._base(feature, tenant)
         if feature is not None and not feature[1]:
             tags.pop("team_id", None)
-        provider, model = r.choice(self.catalog.models)
+        provider, model = r.choice(self.feature_models(feature[0]) if feature else self.catalog.models)
         shape = r.random()
         logical = self._id()
         ok: tuple[str, str, str | None] = ("ok", model, None)  # (status, model, fallback_from)

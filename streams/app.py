@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -18,6 +19,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 from faust.web import Request, Response, View
 
 from streams.budget import evaluate, read_spend
+from streams.detect import DetectConfig, Detector
 from streams.fold import FoldConfig, Folder
 from streams.pipeline import FoldStep, group_requests, process_messages
 from streams.records import Source, encode_record
@@ -25,9 +27,11 @@ from streams.reference_feed import ReferenceFeed
 from streams.sink import (
     ATTEMPT_ROWS,
     REQUEST_ROWS,
+    AnomalyWriter,
     RequestWriter,
     SinkStats,
     SinkWriter,
+    decode_anomalies,
     decode_batch,
     write_with_retry,
 )
@@ -70,6 +74,9 @@ class WorkerStats:
     requests_emitted: int = 0
     fold_state_writes: int = 0
     budget_alerts: int = 0
+    detect_requests: int = 0
+    anomaly_alerts: int = 0
+    detect_snapshots: int = 0
 
 
 def _json_response(web: Any, payload: Any, status: int = 200) -> Response:
@@ -77,15 +84,22 @@ def _json_response(web: Any, payload: Any, status: int = 200) -> Response:
     return web.bytes(body, content_type="application/json", status=status)  # type: ignore[no-any-return]
 
 
-class FoldTable(faust.Table):  # type: ignore[misc]
-    """The fold state table: an entry's changelog partition is its logical id's murmur2 partition.
+class KeyedTable(faust.Table):  # type: ignore[misc]
+    """A state table whose entry lives on the murmur2 partition of its key, like the topic it follows.
 
-    That is the partition of its attempts on llm.usage.v1 (the validate stage refuses any other), so the entry
-    moves with its partition on a rebalance. Keys and values are raw bytes (the app's default serializers).
+    Fold state: the key is a logical id, the partition of its attempts on llm.usage.v1 (the validate stage refuses
+    any other). Detect state: the key is a feature_id, the partition of its requests on llm.cost.requests.v1. So an
+    entry moves with its input partition on a rebalance. Keys and values are raw bytes.
     """
 
     def partition_for_key(self, key: Any) -> int:
         return partition_for_bytes(key, self.partitions or 1)
+
+
+def detect_config(settings: Settings) -> DetectConfig:
+    """The detectors' windows and warm-up, from settings."""
+    return DetectConfig(window_s=settings.detect_window_s, lateness_s=settings.detect_lateness_s,
+                        min_requests=settings.detect_min_requests, warmup_windows=settings.detect_warmup_windows)
 
 
 def fold_config(settings: Settings) -> FoldConfig:
@@ -142,6 +156,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     attempts_topic = app.topic(topics.attempts, value_type=bytes)
     dlq_topic = app.topic(topics.dlq, value_type=bytes)
     requests_topic = app.topic(topics.requests, value_type=bytes)
+    alerts_topic = app.topic(topics.alerts, value_type=bytes)
 
     async def publish(topic: faust.TopicT, lines_by_partition: dict[int, list[bytes]]) -> list[Any]:
         """Hand batch messages to the producer; returns their delivery futures (Faust flushes before commits)."""
@@ -158,7 +173,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         # Fold state: one entry per open (or recently emitted) logical request, keyed by its id. The changelog is
         # partitioned like llm.usage.v1 and written with the same murmur2 partitioner, so an entry lives on the
         # partition of its attempts and moves with it on a rebalance (Faust restores it before the agent resumes).
-        fold_table = FoldTable(
+        fold_table = KeyedTable(
             app, name="fold-state", beacon=app.tables.beacon, partitions=partitions,
             changelog_topic=app.topic(topics.fold_state, partitions=partitions, compacting=True,
                                       key_serializer="raw", value_serializer="raw"))
@@ -242,16 +257,108 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                 except Exception:
                     _stop_hard(EXIT_AGENT_FAILED, "the fold timer failed; stopping")
 
+        # Detect: per-feature detectors over llm.cost.requests.v1 (keyed by feature_id). Their durable state is one
+        # snapshot per feature in a table partitioned like that topic, written at most every detect_snapshot_s.
+        detector = Detector(detect_config(settings))
+        detect_table = KeyedTable(
+            app, name="detect-state", beacon=app.tables.beacon, partitions=req_partitions,
+            changelog_topic=app.topic(topics.detect_state, partitions=req_partitions, compacting=True,
+                                      key_serializer="raw", value_serializer="raw"))
+        app.tables.add(detect_table)
+        detect_lock = asyncio.Lock()
+        detect_restore = [True]
+        detect_seen: dict[int, float] = {}  # requests partition → wall time of its last message since the restore
+        last_snapshot = [0.0]
+
+        @app.on_rebalance_complete.connect  # type: ignore[arg-type]
+        async def _restore_detectors(sender: Any, **kwargs: Any) -> None:
+            detect_restore[0] = True
+
+        def restore_detectors() -> None:
+            if not detect_restore[0]:
+                return
+            assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == topics.requests}
+            owned = {}
+            for key, blob in detect_table.data.items():
+                fid = key.decode()
+                if partition_for_bytes(key, req_partitions) in assigned:
+                    owned[fid] = blob
+            detector.restore(owned, {fid: partition_for_bytes(fid.encode(), req_partitions) for fid in owned})
+            detect_seen.clear()
+            detect_restore[0] = False
+
+        async def publish_detected(alerts: list[dict[str, Any]], force_snapshot: bool = False) -> None:
+            """Deliver alerts (keyed by incident), then write changed features' snapshots (every detect_snapshot_s).
+
+            A crash replays requests not yet committed against the last snapshots: an alert raised again carries
+            the same incident key, which the alert consumer pages once.
+            """
+            sent = [await alerts_topic.send(key=a["incident_key"].encode(), value=encode_record(a), force=True)
+                    for a in alerts]
+            await asyncio.gather(*sent)
+            stats.anomaly_alerts += len(alerts)
+            if force_snapshot or time.time() - last_snapshot[0] >= settings.detect_snapshot_s:
+                snapshots = detector.take_dirty()
+                for fid, blob in snapshots.items():
+                    detect_table[fid.encode()] = blob
+                stats.detect_snapshots += len(snapshots)
+                last_snapshot[0] = time.time()
+
+        def observe(batch: dict[int, list[bytes]]) -> list[dict[str, Any]]:
+            alerts: list[dict[str, Any]] = []
+            for partition, values in batch.items():
+                rows = [orjson.loads(line) for value in values for line in value.split(b"\n") if line]
+                stats.detect_requests += len(rows)
+                alerts.extend(detector.observe(rows, partition))
+            return alerts
+
+        @app.agent(requests_topic)
+        async def detect(stream: faust.StreamT) -> None:
+            """llm.cost.requests.v1 → per-feature detectors → llm.cost.alerts.v1 (anomaly records)."""
+            loop = asyncio.get_running_loop()
+            try:
+                async for events in stream.take_events(  # type: ignore[attr-defined]
+                        settings.process_batch_messages, settings.batch_within_s):
+                    batch: dict[int, list[bytes]] = {}
+                    for e in events:
+                        batch.setdefault(e.message.partition, []).append(e.message.value)
+                        detect_seen[e.message.partition] = time.time()
+                    async with detect_lock:
+                        restore_detectors()
+                        await publish_detected(await loop.run_in_executor(cpu, observe, batch))
+            except Exception:
+                _stop_hard(EXIT_AGENT_FAILED, "the detect agent failed; stopping without committing its batch")
+
+        @app.timer(interval=1.0)
+        async def detect_tick() -> None:
+            """Idle requests partitions: their event clock runs on with wall time, so incidents resolve.
+
+            The clock is wall time less the fold's settle time (the longest a request can still be emitted late).
+            """
+            if app.rebalancing:
+                return
+            now = time.time()
+            async with detect_lock:
+                restore_detectors()
+                idle = [p for p, seen in detect_seen.items() if now - seen >= settings.detect_idle_s]
+                clock = now - settings.fold_settle_s - settings.detect_idle_s
+                try:
+                    alerts = [a for p in idle for a in detector.advance(p, clock)]
+                    await publish_detected(alerts, force_snapshot=bool(alerts))
+                except Exception:
+                    _stop_hard(EXIT_AGENT_FAILED, "the detect timer failed; stopping")
+
     if role in ("sink", "all"):
         if store is None:
             raise ValueError("the sink role needs a Store")
         writer = SinkWriter(store)
         request_writer = RequestWriter(store, SinkStats())
+        anomaly_writer = AnomalyWriter(store, SinkStats())
         # One thread owns the ClickHouse client: inserts and API queries are serialized on it, and the event loop
         # (Faust's consumer) keeps running while an insert is in flight.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
 
-        async def sink_batches(stream: faust.StreamT, write: Any, shape: Any, sink_stats: SinkStats) -> None:
+        async def sink_batches(stream: faust.StreamT, write: Any, decode: Any, sink_stats: SinkStats) -> None:
             """Decode → write with retry → dead-letter bad lines; offsets are acked only after ClickHouse acked."""
             loop = asyncio.get_running_loop()
             try:
@@ -260,7 +367,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
                              for e in events]
                     # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
-                    rows, bad_lines = await loop.run_in_executor(executor, decode_batch, batch, shape)
+                    rows, bad_lines = await loop.run_in_executor(executor, decode, batch)
                     await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
                     await publish(dlq_topic, bad_lines)
                     stats.events_rejected += sum(len(v) for v in bad_lines.values())
@@ -273,7 +380,6 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         budget_refs = ReferenceStore()
         budget_feed = ReferenceFeed(settings.kafka_bootstrap, (topics.budgets,), budget_refs)
         budget_topic = app.topic(topics.budget_state, value_type=bytes)
-        alerts_topic = app.topic(topics.alerts, value_type=bytes)
         budget_states: dict[str, dict[str, Any]] = {}
 
         @app.task
@@ -312,12 +418,19 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         @app.agent(attempts_topic)
         async def sink(stream: faust.StreamT) -> None:
             """llm.cost.attempts.v1 → usage_events (each event_id once)."""
-            await sink_batches(stream, writer.write, ATTEMPT_ROWS, writer.stats)
+            await sink_batches(stream, writer.write, functools.partial(decode_batch, shape=ATTEMPT_ROWS),
+                               writer.stats)
 
         @app.agent(requests_topic)
         async def sink_requests(stream: faust.StreamT) -> None:
             """llm.cost.requests.v1 → logical_requests (each request once, at its latest revision)."""
-            await sink_batches(stream, request_writer.write, REQUEST_ROWS, request_writer.stats)
+            await sink_batches(stream, request_writer.write, functools.partial(decode_batch, shape=REQUEST_ROWS),
+                               request_writer.stats)
+
+        @app.agent(alerts_topic)
+        async def sink_anomalies(stream: faust.StreamT) -> None:
+            """llm.cost.alerts.v1 → anomalies (anomaly records; budget alerts are passed over)."""
+            await sink_batches(stream, anomaly_writer.write, decode_anomalies, anomaly_writer.stats)
 
         @app.page("/api/query")
         class QueryView(View):
@@ -349,6 +462,9 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                                              "sink_request_revisions_skipped": request_writer.stats.already_saved,
                                              "pid": os.getpid(),
                                              "uptime_s": round(time.time() - stats.started_at, 1)})
+
+        from streams.dashboard import register_dashboard  # the live page: /dashboard/ and /api/panels
+        register_dashboard(app, writer.store, executor, budget_states)
 
     app.tally_stats = stats  # type: ignore[attr-defined]
     return app

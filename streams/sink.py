@@ -239,6 +239,74 @@ class RequestWriter:
         return len(out)
 
 
+ANOMALY_COLUMNS: tuple[str, ...] = (
+    "detected_at", "feature_id", "team_id", "signal", "state", "severity", "value", "baseline", "score", "dimension",
+    "dimension_value", "explanation", "incident_id", "incident_key", "started_at", "window_start", "window_end",
+    "requests",
+)
+_ANOMALY_TIMES = ("detected_at", "started_at", "window_start", "window_end")
+_ANOMALY_NUMBERS = ("value", "baseline", "score")
+
+
+def decode_anomalies(messages: Sequence[tuple[bytes | None, Source]]
+                     ) -> tuple[list[dict[str, Any]], dict[int, list[bytes]]]:
+    """Anomaly rows from a batch of llm.cost.alerts.v1 messages, and dead-letter lines keyed by partition.
+
+    Records of another kind (budget alerts) are not anomalies and are passed over; a line that is not an alert
+    record of kind anomaly with every anomalies column is dead-lettered (reason bad_alert_row).
+    """
+    rows: list[dict[str, Any]] = []
+    dead: dict[int, list[bytes]] = {}
+    for value, source in messages:
+        for n, line in enumerate((value or b"").split(b"\n"), start=1):
+            if not line:
+                continue
+            try:
+                record = orjson.loads(line)
+                if type(record) is not dict:
+                    raise ValueError("an alert record is a JSON object")
+                if record.get("kind") != "anomaly":
+                    continue
+                missing = [c for c in ANOMALY_COLUMNS if c not in record]
+                if missing:
+                    raise ValueError(f"not an anomaly record (missing {missing[:5]})")
+                row = {c: record[c] for c in ANOMALY_COLUMNS}
+                for c in _ANOMALY_TIMES:
+                    row[c] = datetime.fromisoformat(row[c])
+                for c in _ANOMALY_NUMBERS:
+                    row[c] = float(row[c])
+                row["requests"] = int(row["requests"])
+            except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+                rej = Rejection("bad_alert_row", STAGE_SINK, f"cannot decode anomaly: {exc}", line, source, n)
+                dead.setdefault(source.partition, []).append(encode_record(rej.to_record()))
+                continue
+            rows.append(row)
+    return rows, dead
+
+
+@dataclass
+class AnomalyWriter:
+    """Writes anomaly records to the anomalies table.
+
+    Per batch: insert every row with a deterministic token (a hash of the records' keys), async_insert = 0; the
+    agent acks offsets only after `write` returns. A record written twice is one key of the ReplacingMergeTree.
+    """
+
+    store: Store
+    stats: SinkStats = field(default_factory=SinkStats)
+    table: str = "anomalies"
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Insert the rows; returns how many. Runs in the sink's executor thread."""
+        if rows:
+            columns = [[r[c] for r in rows] for c in ANOMALY_COLUMNS]
+            keys = (f"{r['incident_id']}#{r['state']}#{r['detected_at'].isoformat()}" for r in rows)
+            self.store.insert_columns(self.table, columns, ANOMALY_COLUMNS, insert_token(self.table, keys))
+        self.stats.batches += 1
+        self.stats.rows_inserted += len(rows)
+        return len(rows)
+
+
 def _too_large(exc: BaseException) -> bool:
     text = str(exc)
     return any(k in text for k in ("MEMORY_LIMIT_EXCEEDED", "TOO_LARGE", "Entity Too Large", "max_query_size"))

@@ -67,12 +67,17 @@ class Topics:
         """The fold stage's durable state: the changelog of its Faust table (one entry per open request)."""
         return f"{self.prefix}tally.fold.state.changelog"
 
+    @property
+    def detect_state(self) -> str:
+        """The detect stage's durable state: the changelog of its Faust table (one snapshot per feature)."""
+        return f"{self.prefix}tally.detect.state.changelog"
+
     def reference(self) -> tuple[str, ...]:
         """The compacted reference topics, in load order."""
         return (self.price_cards, self.owners, self.budgets)
 
     def compacted(self) -> tuple[str, ...]:
-        return (*self.reference(), self.budget_state, self.fold_state)
+        return (*self.reference(), self.budget_state, self.fold_state, self.detect_state)
 
     def all(self) -> tuple[str, ...]:
         return (self.usage, self.dlq, self.attempts, self.requests, self.alerts, *self.compacted())
@@ -119,6 +124,16 @@ class Settings:
     fold_inactivity_s: float = 600.0
     fold_grace_s: float = 120.0
     fold_idle_s: float = 5.0
+    # Detect (process role, event time, seconds): windows of `detect_window_s`, closed `detect_lateness_s` after
+    # their end and grown until they hold `detect_min_requests`; a signal pages only after
+    # `detect_warmup_windows` windows. A feature's detector snapshot is written at most every `detect_snapshot_s`
+    # of wall time; a requests partition idle for `detect_idle_s` lets its clock run on with wall time.
+    detect_window_s: int = 60
+    detect_lateness_s: int = 60
+    detect_min_requests: int = 20
+    detect_warmup_windows: int = 30
+    detect_snapshot_s: float = 5.0
+    detect_idle_s: float = 10.0
     # Budgets (sink role): evaluated every `budget_interval_s`; the burn rate is the spend of the last
     # `budget_window_s` seconds.
     budget_interval_s: float = 10.0
@@ -192,6 +207,12 @@ class Settings:
         if not 3 <= self.session_timeout_s <= 300:
             out.append(f"session_timeout_s must be between 3 and 300, got {self.session_timeout_s}")
         for name in ("fold_settle_s", "fold_inactivity_s", "fold_grace_s", "fold_idle_s"):
+            if getattr(self, name) < 0:
+                out.append(f"{name} must not be negative, got {getattr(self, name)}")
+        for name in ("detect_window_s", "detect_min_requests", "detect_snapshot_s", "detect_idle_s"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("detect_lateness_s", "detect_warmup_windows"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must not be negative, got {getattr(self, name)}")
         for name in ("budget_interval_s", "budget_window_s"):

@@ -33,6 +33,10 @@ class PublishError(TallyError):
     """The producer could not deliver a message; raised to the caller, never dropped."""
 
 
+class ReportError(TallyError):
+    """A report cannot be built as asked: bad period, bad rules file, unknown table name."""
+
+
 class KafkaLocalError(TallyError):
     """The project's local Kafka broker could not be fetched, formatted, started or stopped."""
 

@@ -182,6 +182,11 @@ class Pricing(NamedTuple):
 _SNAPSHOT_SUFFIX_RE = re.compile(r"-(\d{4}-\d{2}-\d{2}|\d{8})$")
 
 
+def base_model(model: str) -> str:
+    """Return the model name without a trailing date snapshot suffix (-YYYY-MM-DD or -YYYYMMDD), as cards match it."""
+    return _SNAPSHOT_SUFFIX_RE.sub("", model)
+
+
 @dataclass(frozen=True)
 class PriceCard:
     """One version of the price card: what each (provider, model) costs from effective_at until the next one.
@@ -250,7 +255,7 @@ class PriceCard:
             pass
         found = self._index.get(key)
         if found is None:
-            base = _SNAPSHOT_SUFFIX_RE.sub("", model)
+            base = base_model(model)
             if base != model:
                 found = self._index.get((provider, base))
         if len(self._lookup) < _MEMO_MAX:  # bounded: model names come from producers

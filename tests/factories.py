@@ -116,3 +116,17 @@ def alert_record(**overrides: Any) -> dict[str, Any]:
     }
     record.update(overrides)
     return record
+
+
+def request_row(ts: datetime, feature_id: str = "summarize_email_v2", **overrides: Any) -> dict[str, Any]:
+    """A logical-request row as the detect stage reads it from llm.cost.requests.v1 (decoded JSON)."""
+    row: dict[str, Any] = {
+        "logical_request_id": f"lr-{ts.timestamp():.6f}-{feature_id}", "revision": 1, "sign": 1,
+        "last_ts": ts.isoformat().replace("+00:00", "Z"), "feature_id": feature_id, "team_id": "inbox",
+        "tenant_id": "t-1", "endpoint": f"/v1/mail/{feature_id}", "deploy_version": "2026.11.2",
+        "final_model": "gpt-4.1", "cost_total_usd": "0.01", "input_tokens": 1000, "cache_read_tokens": 0,
+        "cache_write_tokens": 0, "cache_write_1h_tokens": 0, "output_tokens": 200, "reasoning_tokens": 50,
+        "retries": 0, "fallbacks": 0,
+    }
+    row.update(overrides)
+    return row

@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from tally.sdk.publisher import Publisher
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_FILES = sorted((REPO / "examples" / "reference").glob("*.yaml"))
 # Events fall after the 2026-11-01 price card, so every one is priced by a loaded card.
-EVENT_START = datetime(2026, 11, 10, tzinfo=UTC)
+EVENT_START = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=1)
 _EVENT_ID_FIELD = b'"event_id":"ev-'
 
 

@@ -238,7 +238,7 @@ def latency(base: Settings, root: Path, pool: EventPool, rate: float, duration_s
         began_window = time.monotonic()
         producer.start()
         deadline = time.monotonic() + duration_s + drain_timeout_s
-        polls = failed_polls = 0
+        polls = failed_polls = rollup_polls = rollup_equal = 0
         while time.monotonic() < deadline:
             with lock:
                 outstanding = [e for e in sent_at if e not in seen_at]
@@ -257,6 +257,16 @@ def latency(base: Settings, root: Path, pool: EventPool, rate: float, duration_s
                 polls += 1
                 for (eid,) in res["rows"]:
                     seen_at.setdefault(eid, now)
+                # The minute rollup is filled by materialized views in the same insert as usage_events: it is
+                # exactly as fresh when both hold the same number of attempts at the same moment.
+                try:
+                    pair = api(settings, "/api/query", {"sql": "SELECT (SELECT toUInt64(sum(attempts)) FROM "
+                                                               "tally.rollup_minute), (SELECT count() FROM "
+                                                               "tally.usage_events)"}, timeout=10)["rows"][0]
+                    rollup_polls += 1
+                    rollup_equal += int(pair[0] == pair[1])
+                except (OSError, TallyError):
+                    failed_polls += 1
             time.sleep(poll_s)
         ended = time.monotonic()
         ws.check_alive()
@@ -292,6 +302,8 @@ def latency(base: Settings, root: Path, pool: EventPool, rate: float, duration_s
         "window_s": round(ended - began_window, 1),
         "polls": polls,
         "failed_polls": failed_polls,
+        "rollup_polls": rollup_polls,
+        "rollup_equal_polls": rollup_equal,
         "peak_rss_mib": rss,
         "pids": pids,
         "worker_status": status,

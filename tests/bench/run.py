@@ -168,6 +168,9 @@ def _latency_rows(lat: dict[str, Any]) -> list[tuple[str, str, str]]:
         (f"5 event→queryable p99 @ {_fmt(lat.get('target_rate'))}/s", p99,
          f"max {_fmt(lat.get('max_ms'), ' ms')}; {_fmt(lat.get('rows_landed'))} of {_fmt(lat.get('events'))} rows "
          f"in {_fmt(lat.get('window_s'), ' s')}"),
+        (f"5 minute rollup as fresh @ {_fmt(lat.get('target_rate'))}/s",
+         f"{_fmt(lat.get('rollup_equal_polls'))}/{_fmt(lat.get('rollup_polls'))}",
+         "polls where sum(attempts) of rollup_minute = count() of usage_events (same insert, same freshness)"),
     ]
 
 

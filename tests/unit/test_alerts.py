@@ -93,6 +93,7 @@ def test_incidents_are_independent_per_key() -> None:
     ({"state": "open"}, "state must be one of"),
     ({"severity": "info"}, "severity must be one of"),
     ({"feature_id": None}, "feature_id must be a string"),
+    ({"feature_id": ""}, "feature_id must not be empty"),
     ({"value": None}, "value must be a finite number or a string"),
     ({"baseline": True}, "baseline must be"),
     ({"score": "high"}, "score must be a finite number"),
@@ -107,6 +108,12 @@ def test_malformed_records_raise_and_change_nothing(overrides: dict[str, Any], m
     with pytest.raises(MalformedAlert, match=message):
         decide(alert_record(**{"state": "resolved", **overrides}), incidents, T0 + timedelta(hours=2))
     assert incidents == before
+
+
+def test_a_tenant_budget_alert_has_no_feature_and_still_pages() -> None:
+    record = alert_record(kind="budget", feature_id="", incident_key="budget:tenant:t-1:2026-11-23:80",
+                          signal="budget_day_80pct", dimension="tenant t-1")
+    assert [n.action for n in decide(record, {}, T0)] == ["trigger"]
 
 
 def test_non_objects_and_bad_json_are_malformed() -> None:

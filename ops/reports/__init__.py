@@ -1,0 +1,1 @@
+"""Reports (`tally report …`): plain builders of a Report from query results, and one renderer for every format."""

@@ -1,0 +1,663 @@
+"""Detect: per-feature online anomaly detectors over logical requests, in event time (river statistics)."""
+
+from __future__ import annotations
+
+import math
+import pickle
+import statistics
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from river import stats
+
+# The sums a window keeps, in total and per dimension value: every signal is a ratio or a rate of two of them.
+REQUESTS, COST, INPUT, OUTPUT, REASONING, RETRIES, FALLBACKS = range(7)
+_WIDTH = 7
+DIMENSIONS: tuple[str, ...] = ("model", "tenant", "endpoint", "deploy_version")
+_DIM_FIELD = {"model": "final_model", "tenant": "tenant_id", "endpoint": "endpoint", "deploy_version": "deploy_version"}
+_MAX_DIM_VALUES = 64  # per feature and dimension; the quietest value is forgotten beyond this
+_MAX_COSTS = 2000
+_ALONE = 0.9  # a model serving this share of a feature's requests needs no feature × model detectors of its own
+_DOMINANT = 0.2  # a dimension value explains an excess when it carries this much more of it than of the traffic
+_SLOTS = 24  # daily seasonality: one profile factor per hour of the day (UTC)
+STATE_VERSION = 1
+
+Kind = Literal["ratio", "rate", "mix", "tenant"]
+Vector = list[float]
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """One signal: how it is computed from a window's sums and how far it must rise to be anomalous.
+
+    `min_rise` is relative (0.5 = +50 % over the baseline), `abs_rise` absolute, in the signal's unit; both must be
+    exceeded, and the z-score must reach the config's z_fire. Only rises are anomalies: cost signals page upwards.
+    """
+
+    name: str
+    label: str
+    unit: Literal["usd", "usd_per_min", "ratio", "share", "per_min"]
+    kind: Kind
+    num: int
+    den: int | None
+    min_rise: float
+    abs_rise: float
+
+
+SIGNALS: tuple[SignalSpec, ...] = (
+    SignalSpec("cost_per_request", "median cost per request", "usd", "ratio", COST, REQUESTS, 0.5, 0.0),
+    SignalSpec("spend_rate", "spend rate", "usd_per_min", "rate", COST, None, 1.0, 0.0),
+    SignalSpec("output_input_ratio", "output:input token ratio", "ratio", "ratio", OUTPUT, INPUT, 0.5, 0.02),
+    SignalSpec("reasoning_share", "reasoning share of output", "share", "ratio", REASONING, -1, 0.3, 0.12),
+    SignalSpec("retry_rate", "retry rate", "ratio", "ratio", RETRIES, REQUESTS, 0.5, 0.12),
+    SignalSpec("fallback_rate", "fallback rate", "share", "ratio", FALLBACKS, REQUESTS, 0.5, 0.1),
+    SignalSpec("model_mix_drift", "share of spend on models new to the feature", "share", "mix", COST, COST,
+               0.0, 0.15),
+    SignalSpec("tenant_request_rate", "request rate", "per_min", "tenant", REQUESTS, None, 2.0, 5.0),
+)
+SPECS = {s.name: s for s in SIGNALS}
+
+
+@dataclass(frozen=True)
+class DetectConfig:
+    """Detector settings (event time, seconds).
+
+    A window is `window_s` long, closes once the partition's event-time clock passes its end by `lateness_s`, and
+    is extended a window at a time until it holds `min_requests` (ratio signals need volume) or spans
+    `max_window_s`. A signal alerts only after `warmup_windows` windows. A signal fires when the CUSUM of its
+    z-scores (each capped at `z_fire`, less `cusum_k`) over consecutive windows that rise past its guards reaches
+    `cusum_h` (so at least two windows: one adds at most z_fire - cusum_k); a tenant's request rate fires after
+    `persistence` anomalous windows. It resolves after `resolve_after` windows back under `z_resolve`.
+    `half_life_windows` is the memory of the baselines (river's exponentially weighted mean and variance).
+    """
+
+    window_s: int = 60
+    lateness_s: int = 60
+    min_requests: int = 20
+    max_window_s: int = 900
+    warmup_windows: int = 30
+    persistence: int = 2
+    resolve_after: int = 5
+    z_fire: float = 4.0
+    cusum_k: float = 2.0
+    cusum_h: float = 6.0
+    z_resolve: float = 2.0
+    critical_ratio: float = 3.0
+    half_life_windows: float = 60.0
+    seasonal_min_samples: int = 1
+    known_model_share: float = 0.03
+    new_model_min_requests: float = 0.2
+
+    @property
+    def fading(self) -> float:
+        """The river fading factor for a half life of `half_life_windows` updates."""
+        return 1.0 - 0.5 ** (1.0 / self.half_life_windows)
+
+
+def _blank() -> Vector:
+    return [0.0] * _WIDTH
+
+
+def request_vector(row: Mapping[str, Any]) -> Vector:
+    """The sums one logical-request row adds to a window (floats: detection estimates, never accounting)."""
+    v = _blank()
+    v[REQUESTS] = 1.0
+    v[COST] = float(row["cost_total_usd"])
+    v[INPUT] = float(row["input_tokens"] + row["cache_read_tokens"] + row["cache_write_tokens"]
+                     + row["cache_write_1h_tokens"])
+    v[OUTPUT] = float(row["output_tokens"])
+    v[REASONING] = float(row["reasoning_tokens"])
+    v[RETRIES] = float(row["retries"])
+    v[FALLBACKS] = 1.0 if row["fallbacks"] else 0.0
+    return v
+
+
+def _add(into: Vector, v: Vector) -> None:
+    for i in range(_WIDTH):
+        into[i] += v[i]
+
+
+def _ratio(v: Vector, spec: SignalSpec) -> float | None:
+    den = v[REASONING] + v[OUTPUT] if spec.den == -1 else v[spec.den] if spec.den is not None else 0.0
+    return v[spec.num] / den if den > 0 else None
+
+
+@dataclass
+class Window:
+    """What a feature's open window has gathered: totals and the same sums per dimension value."""
+
+    start: int
+    end: int
+    total: Vector = field(default_factory=_blank)
+    by: dict[str, dict[str, Vector]] = field(default_factory=lambda: {d: {} for d in DIMENSIONS})
+    team_id: str = ""
+    costs: list[float] = field(default_factory=list)  # the first _MAX_COSTS request costs, for the median
+    # Rows older than the window (a backlog replayed unevenly across input partitions, a skewed producer clock):
+    # they count in ratios but not in rates, which would otherwise show the backlog as a burst.
+    late_cost: float = 0.0
+    late_tenants: dict[str, float] = field(default_factory=dict)
+
+    def add(self, row: Mapping[str, Any], late: bool = False) -> None:
+        v = request_vector(row)
+        if late:
+            self.late_cost += v[COST]
+            tenant = str(row.get("tenant_id") or "")
+            self.late_tenants[tenant] = self.late_tenants.get(tenant, 0.0) + 1.0
+        _add(self.total, v)
+        if len(self.costs) < _MAX_COSTS:
+            self.costs.append(v[COST])
+        for dim in DIMENSIONS:
+            value = str(row.get(_DIM_FIELD[dim]) or "")
+            _add(self.by[dim].setdefault(value, _blank()), v)
+        self.team_id = str(row.get("team_id") or self.team_id)
+
+
+@dataclass
+class Baseline:
+    """One signal's normal level: river EW mean and variance, and whether it is firing."""
+
+    mean: stats.EWMean
+    var: stats.EWVar
+    n: int = 0
+    anomalous_run: int = 0
+    normal_run: int = 0
+    cusum: float = 0.0
+    firing: dict[str, Any] | None = None
+
+    @classmethod
+    def new(cls, fading: float) -> Baseline:
+        return cls(stats.EWMean(fading), stats.EWVar(fading))
+
+    def learn(self, x: float) -> None:
+        self.mean.update(x)
+        self.var.update(x)
+        self.n += 1
+
+
+@dataclass
+class FeatureState:
+    """Everything the detectors know about one feature; pickled whole as its durable snapshot."""
+
+    feature_id: str
+    window: Window | None = None
+    baselines: dict[str, Baseline] = field(default_factory=dict)
+    season: list[float] = field(default_factory=lambda: [1.0] * _SLOTS)
+    season_n: list[int] = field(default_factory=lambda: [0] * _SLOTS)
+    # Per dimension value: exponentially weighted rate (per minute) of each of the window sums.
+    dim_rates: dict[str, dict[str, Vector]] = field(default_factory=lambda: {d: {} for d in DIMENSIONS})
+    tenants: dict[str, Baseline] = field(default_factory=dict)
+    model_requests: dict[str, float] = field(default_factory=dict)  # cumulative, for "a model new to the feature"
+    windows: int = 0
+    model: str = ""  # set on a feature × model detector set (they live in their feature's `by_model`)
+    by_model: dict[str, FeatureState] = field(default_factory=dict)
+    deploy_first_seen: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A closed window's signal values (None: too little volume), for tests and the benchmark."""
+
+    feature_id: str
+    start: int
+    end: int
+    values: dict[str, float | None]
+    model: str = ""
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "usd":
+        return f"${value:.4g}"
+    if unit == "usd_per_min":
+        return f"${value:.4g}/min"
+    if unit == "share":
+        return f"{value * 100:.0f}%"
+    if unit == "per_min":
+        return f"{value:.3g} requests/min"
+    return f"{value:.3g}"
+
+
+def _iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _epoch(ts: Any) -> float:
+    if isinstance(ts, datetime):
+        return ts.timestamp()
+    return datetime.fromisoformat(str(ts)).timestamp()
+
+
+class Detector:
+    """Per-feature detectors over llm.cost.requests.v1 rows, driven by event time; plain logic, no Kafka.
+
+    Input: logical-request rows (decoded JSON, revision 1 only: a revision re-states a request already counted),
+    per partition of the requests topic (keyed by feature_id, so a feature lives on one partition). Each
+    partition has its own event-time clock (the largest last_ts seen); `advance` moves an idle partition's clock.
+    Output: alert records (contract v1 plus the anomalies table's columns), one `firing` when a signal has been
+    anomalous long enough (see DetectConfig; again when it escalates to critical) and one `resolved` when it is back to
+    normal. Deterministic: the same rows in the same order give the same alerts, and a restored snapshot continues
+    exactly where it was taken. `dirty` names the features changed since the last `take_dirty`.
+    """
+
+    def __init__(self, config: DetectConfig) -> None:
+        self.config = config
+        self.features: dict[str, FeatureState] = {}
+        self.partition_of: dict[str, int] = {}
+        self.clocks: dict[int, float] = {}
+        self.dirty: set[str] = set()
+        self.evaluations: list[Evaluation] | None = None  # set to a list to record every closed window
+        self._now = 0.0  # the event clock of the partition being closed: an alert's detected_at
+
+    # ------------------------------------------------------------------ input
+    def observe(self, rows: Iterable[Mapping[str, Any]], partition: int) -> list[dict[str, Any]]:
+        """Add a partition's rows to their features' windows in event-time order, closing windows on the way.
+
+        A batch can span several windows: each closes as the clock passes it.
+        """
+        clock = self.clocks.get(partition, 0.0)
+        alerts: list[dict[str, Any]] = []
+        timed = sorted(((_epoch(r["last_ts"]), r) for r in rows
+                        if int(r.get("revision", 1)) == 1 and int(r.get("sign", 1)) == 1 and r.get("feature_id")),
+                       key=lambda t: t[0])
+        due = self._next_due(partition)
+        for ts, row in timed:
+            if ts > clock:
+                clock = self.clocks[partition] = ts
+                if clock >= due:
+                    alerts.extend(self._close_due(partition))
+                    due = self._next_due(partition)
+            fid = str(row["feature_id"])
+            state = self._state(fid, partition)
+            if state.window is None:
+                start = int(ts // self.config.window_s) * self.config.window_s
+                state.window = Window(start, start + self.config.window_s)
+                due = min(due, state.window.end + self.config.lateness_s)
+            state.window.add(row, late=ts < state.window.start)
+            model = str(row.get("final_model") or "")
+            pair = state.by_model.get(model)
+            if pair is None and len(state.by_model) < _MAX_DIM_VALUES:
+                pair = state.by_model[model] = FeatureState(fid, model=model)
+            if pair is not None:
+                if pair.window is None:
+                    pair.window = Window(state.window.start, state.window.end)
+                pair.window.add(row, late=ts < pair.window.start)
+            dv = str(row.get("deploy_version") or "")
+            if dv and dv not in state.deploy_first_seen:
+                state.deploy_first_seen[dv] = int(ts)
+            self.dirty.add(fid)
+        self.clocks[partition] = clock
+        alerts.extend(self._close_due(partition))
+        return alerts
+
+    def _next_due(self, partition: int) -> float:
+        """The event time at which the partition's next window closes."""
+        ends = [s.window.end for f, s in self.features.items()
+                if s.window is not None and self.partition_of.get(f) == partition]
+        return min(ends) + self.config.lateness_s if ends else math.inf
+
+    def advance(self, partition: int, clock: float) -> list[dict[str, Any]]:
+        """Move an idle partition's clock forward (never back) and close the windows now due."""
+        if clock > self.clocks.get(partition, 0.0):
+            self.clocks[partition] = clock
+        return self._close_due(partition)
+
+    def _state(self, fid: str, partition: int) -> FeatureState:
+        state = self.features.get(fid)
+        if state is None:
+            state = self.features[fid] = FeatureState(fid)
+        self.partition_of[fid] = partition
+        return state
+
+    # ------------------------------------------------------------------ snapshots
+    def take_dirty(self) -> dict[str, bytes]:
+        """Snapshots of the features changed since the last call (what the durable table should hold)."""
+        out = {fid: dump_state(self.features[fid]) for fid in sorted(self.dirty)}
+        self.dirty.clear()
+        return out
+
+    def restore(self, snapshots: Mapping[str, bytes], partition_of: Mapping[str, int]) -> None:
+        """Replace the in-memory state with durable snapshots (after a start or a rebalance)."""
+        self.features = {fid: load_state(blob) for fid, blob in snapshots.items()}
+        self.partition_of = {fid: partition_of[fid] for fid in self.features}
+        self.clocks = {}
+        for fid, state in self.features.items():
+            if state.window is not None:
+                p = self.partition_of[fid]
+                self.clocks[p] = max(self.clocks.get(p, 0.0), float(state.window.start))
+        self.dirty.clear()
+
+    # ------------------------------------------------------------------ windows
+    def _close_due(self, partition: int) -> list[dict[str, Any]]:
+        clock = self._now = self.clocks.get(partition, 0.0)
+        alerts: list[dict[str, Any]] = []
+        for fid, state in self.features.items():
+            if self.partition_of.get(fid) != partition:
+                continue
+            for one in (state, *state.by_model.values()):
+                alerts.extend(self._close_windows(one, clock, state))
+            self.dirty.add(fid)
+        return alerts
+
+    def _close_windows(self, state: FeatureState, clock: float, feature: FeatureState) -> list[dict[str, Any]]:
+        cfg = self.config
+        alerts: list[dict[str, Any]] = []
+        while state.window is not None and clock >= state.window.end + cfg.lateness_s:
+            w = state.window
+            span = w.end - w.start
+            if w.total[REQUESTS] >= cfg.min_requests or span >= cfg.max_window_s:
+                alerts.extend(self._evaluate(state, w, feature))
+                state.window = Window(w.end, w.end + cfg.window_s, team_id=w.team_id)
+            else:
+                w.end += cfg.window_s  # too little volume yet: the window grows
+        return alerts
+
+    def _evaluate(self, state: FeatureState, w: Window, feature: FeatureState) -> list[dict[str, Any]]:
+        cfg = self.config
+        # A feature × model set judges only a model that shares the feature with others: for a model serving
+        # (nearly) all of it, the feature's own detectors already say the same.
+        total = sum(feature.model_requests.values())
+        alone = state.model and total > 0 and feature.model_requests.get(state.model, 0.0) >= _ALONE * total
+        minutes = (w.end - w.start) / 60.0
+        slot = datetime.fromtimestamp(w.start, UTC).hour
+        enough = w.total[REQUESTS] >= cfg.min_requests
+        state.windows += 1
+        values: dict[str, float | None] = {}
+        alerts: list[dict[str, Any]] = []
+        usual_models = self._usual_models(state)
+        for spec in SIGNALS:
+            if state.model and (spec.kind != "ratio" or alone):
+                continue  # a feature × model set watches the per-request signals; rates and mixes are the feature's
+            if spec.kind == "tenant":
+                alerts.extend(self._tenants(state, w, minutes))
+                continue
+            if spec.kind == "rate":
+                raw = (w.total[spec.num] - w.late_cost) / minutes
+                x: float | None = raw / self._season(state, slot)
+            elif spec.kind == "mix":
+                x = self._mix(w, usual_models) if enough and w.total[COST] > 0 else None
+            elif spec.name == "cost_per_request":
+                x = statistics.median(w.costs) if enough and w.costs else None  # one huge request moves no median
+            else:
+                x = _ratio(w.total, spec) if enough else None
+            values[spec.name] = x
+            parent = feature.baselines.get(spec.name) if state.model else None
+            if x is not None and not (parent is not None and parent.firing is not None and
+                                      state.baselines.get(spec.name, parent).firing is None):
+                alerts.extend(self._judge(state, spec, x, w, minutes))  # (one page: the feature's, if it fires)
+        if enough or w.total[REQUESTS] == 0:
+            self._learn_season(state, slot, (w.total[COST] - w.late_cost) / minutes)
+        self._learn_dims(state, w, minutes)
+        for model, v in w.by["model"].items():
+            state.model_requests[model] = state.model_requests.get(model, 0.0) + v[REQUESTS]
+        if len(state.model_requests) > _MAX_DIM_VALUES:
+            for model in sorted(state.model_requests, key=state.model_requests.__getitem__)[:-_MAX_DIM_VALUES]:
+                del state.model_requests[model]
+        if self.evaluations is not None:
+            self.evaluations.append(Evaluation(state.feature_id, w.start, w.end, values, state.model))
+        return alerts
+
+    # ------------------------------------------------------------------ judging one signal
+    def _judge(self, state: FeatureState, spec: SignalSpec, x: float, w: Window,
+               minutes: float) -> list[dict[str, Any]]:
+        cfg = self.config
+        b = state.baselines.get(spec.name)
+        if b is None:
+            b = state.baselines[spec.name] = Baseline.new(cfg.fading)
+        if b.n < cfg.warmup_windows:
+            b.learn(x)
+            return []
+        mean = b.mean.get()
+        z = self._z(x, mean, b.var.get(), spec)
+        # Persistence: a one-sided CUSUM of the z-scores of consecutive windows that rise past the signal's guards
+        # (min_rise, abs_rise), each z capped at z_fire. One window, however extreme, adds at most
+        # z_fire - cusum_k < cusum_h, so only a sustained rise reaches cusum_h; a window within the guards resets it.
+        rises = x >= mean * (1.0 + spec.min_rise) and x - mean >= spec.abs_rise
+        b.cusum = max(0.0, b.cusum + min(z, cfg.z_fire) - cfg.cusum_k) if rises and b.firing is None else 0.0
+        anomalous = rises and (b.cusum >= cfg.cusum_h or b.firing is not None)
+        recovered = z < cfg.z_resolve or x < mean * (1.0 + spec.min_rise / 2) or x - mean < spec.abs_rise / 2
+        # Anomalous windows outside an incident are learned clipped to the alert line: the variance keeps the
+        # signal's real spread (a heavy tail) without one outlier moving the mean far.
+        ceiling = mean + cfg.z_fire * math.sqrt(max(b.var.get(), 0.0))
+        return self._step(state, b, spec.name, anomalous, recovered, x, mean, z, w, 1,
+                          lambda: self._attribute(state, spec, w, minutes, mean),
+                          lambda: b.learn(min(x, ceiling)))
+
+    def _z(self, x: float, mean: float, var: float, spec: SignalSpec) -> float:
+        floor = max(0.1 * abs(mean), spec.abs_rise / self.config.z_fire, 1e-12)
+        return (x - mean) / max(math.sqrt(max(var, 0.0)), floor)
+
+    def _step(self, state: FeatureState, b: Baseline, signal: str, anomalous: bool, recovered: bool, x: float,
+              mean: float, z: float, w: Window, confirm_after: int, attribute: Any,
+              learn: Any) -> list[dict[str, Any]]:
+        """Fire after `confirm_after` anomalous windows, escalate, resolve with hysteresis; the window's alerts.
+
+        Shared by every signal.
+        """
+        cfg = self.config
+        if b.firing is None:
+            learn()  # no learning while an incident is open: the anomaly never becomes the norm
+        if anomalous:
+            b.anomalous_run += 1
+            b.normal_run = 0
+        else:
+            b.anomalous_run = 0
+            b.normal_run = b.normal_run + 1 if recovered else 0
+        severity = "critical" if x >= mean * cfg.critical_ratio else "warning"
+        if b.firing is None and b.anomalous_run >= confirm_after:
+            dim, value, why = attribute()
+            started = w.start
+            b.firing = {"incident_id": f"{_key(state)}:{signal}:{started}", "started": started,
+                        "severity": severity, "dimension": dim, "dimension_value": value, "why": why,
+                        "baseline": mean}
+            return [self._record(state, signal, "firing", x, mean, z, w)]
+        if b.firing is not None and anomalous and severity == "critical" and b.firing["severity"] == "warning":
+            b.firing["severity"] = "critical"
+            return [self._record(state, signal, "firing", x, b.firing["baseline"], z, w)]
+        if b.firing is not None and b.normal_run >= cfg.resolve_after:
+            record = self._record(state, signal, "resolved", x, b.firing["baseline"], z, w)
+            b.firing = None
+            return [record]
+        return []
+
+    # ------------------------------------------------------------------ tenants (runaway loops)
+    def _tenants(self, state: FeatureState, w: Window, minutes: float) -> list[dict[str, Any]]:
+        """Per-tenant request rate against its own baseline; the signal is the worst tenant's (Poisson z-score)."""
+        cfg = self.config
+        spec = SPECS["tenant_request_rate"]
+        seen = w.by["tenant"]
+        worst: tuple[float, str, float, float] | None = None  # (z, tenant, rate, expected)
+        # A tenant new to the feature is judged against the feature's usual rate per tenant.
+        usual_per_tenant = sum(t.mean.get() for t in state.tenants.values() if t.n) / max(len(state.tenants), 1)
+        warmed = state.windows > cfg.warmup_windows
+        for tenant in sorted(set(seen) | set(state.tenants)):
+            rate = (seen.get(tenant, _blank())[REQUESTS] - w.late_tenants.get(tenant, 0.0)) / minutes
+            b = state.tenants.get(tenant)
+            if b is None:
+                b = state.tenants[tenant] = Baseline.new(cfg.fading)
+            expected = b.mean.get() if b.n >= cfg.warmup_windows else max(b.mean.get() if b.n else 0.0,
+                                                                          usual_per_tenant)
+            z = (rate - expected) / math.sqrt((expected + 1.0 / minutes) / minutes)
+            anomalous = (warmed and z >= cfg.z_fire and rate >= expected * (1 + spec.min_rise)
+                         and rate - expected >= spec.abs_rise)
+            if anomalous and (worst is None or z > worst[0]):
+                worst = (z, tenant, rate, expected)
+            elif not anomalous:
+                b.learn(rate)
+        self._forget_quiet_tenants(state)
+        b = state.baselines.get(spec.name)
+        if b is None:
+            b = state.baselines[spec.name] = Baseline.new(cfg.fading)
+        b.n += 1
+        if worst is None:
+            return self._step(state, b, spec.name, False, True, 0.0, 0.0, 0.0, w, cfg.persistence, None,
+                              lambda: None)
+        z, tenant, rate, expected = worst
+        why = f"tenant {tenant} sends {_fmt(rate, 'per_min')} against its usual {_fmt(expected, 'per_min')}"
+        return self._step(state, b, spec.name, True, False, rate, expected, z, w, cfg.persistence,
+                          lambda: ("tenant", tenant, why), lambda: None)
+
+    def _forget_quiet_tenants(self, state: FeatureState) -> None:
+        if len(state.tenants) <= 4 * _MAX_DIM_VALUES:
+            return
+        ranked = sorted(state.tenants, key=lambda t: state.tenants[t].mean.get(), reverse=True)
+        for tenant in ranked[4 * _MAX_DIM_VALUES:]:
+            if state.tenants[tenant].firing is None:
+                del state.tenants[tenant]
+
+    # ------------------------------------------------------------------ seasonality, models, dimensions
+    def _season(self, state: FeatureState, slot: int) -> float:
+        """The hour-of-day factor of the feature's spend rate, once that hour has been seen on a few days."""
+        return state.season[slot] if state.season_n[slot] >= self.config.seasonal_min_samples * 60 else 1.0
+
+    def _learn_season(self, state: FeatureState, slot: int, rate: float) -> None:
+        b = state.baselines.get("spend_rate")
+        level = b.mean.get() if b is not None and b.n else 0.0
+        if level <= 0:
+            return
+        a = 1.0 / min(state.season_n[slot] + 1, 120)  # mean of the first samples, then an EW mean
+        state.season[slot] += a * (rate / level - state.season[slot])
+        state.season_n[slot] += 1
+
+    def _mix(self, w: Window, usual: set[str] | None) -> float | None:
+        """Share of the window's spend on models new to the feature.
+
+        0 unless they also serve `new_model_min_requests` of its requests: one expensive stray fallback is no drift.
+        """
+        if usual is None:
+            return None
+        new = [v for m, v in w.by["model"].items() if m not in usual]
+        if sum(v[REQUESTS] for v in new) < self.config.new_model_min_requests * w.total[REQUESTS]:
+            return 0.0
+        return sum(v[COST] for v in new) / w.total[COST]
+
+    def _usual_models(self, state: FeatureState) -> set[str] | None:
+        """Models that served at least `known_model_share` of the feature's requests so far (None in warm-up)."""
+        if state.windows <= self.config.warmup_windows:
+            return None
+        total = sum(state.model_requests.values())
+        return {m for m, n in state.model_requests.items() if n >= self.config.known_model_share * total}
+
+    def _learn_dims(self, state: FeatureState, w: Window, minutes: float) -> None:
+        a = self.config.fading
+        for dim in DIMENSIONS:
+            rates = state.dim_rates[dim]
+            seen = w.by[dim]
+            for value in set(rates) | set(seen):
+                now = seen.get(value, _blank())
+                old = rates.setdefault(value, _blank())
+                for i in range(_WIDTH):
+                    old[i] += a * (now[i] / minutes - old[i])
+            if len(rates) > _MAX_DIM_VALUES:
+                for value in sorted(rates, key=lambda k: rates[k][REQUESTS])[:len(rates) - _MAX_DIM_VALUES]:
+                    del rates[value]
+
+    def _attribute(self, state: FeatureState, spec: SignalSpec, w: Window, minutes: float,
+                   baseline: float) -> tuple[str, str, str]:
+        """The dimension value that carries more of the excess than its share of traffic, and a clause saying so.
+
+        Excess of value v: for ratio signals num_v - baseline × den_v over the window; for rates and the model mix,
+        v's rate of the numerator now minus its usual rate. A value is scored by its excess minus its share of the
+        window's requests times the total excess, so a dimension with one value (all traffic) explains nothing.
+        """
+        best: tuple[float, str, str] | None = None
+        requests = max(w.total[REQUESTS], 1.0)
+        for dim in DIMENSIONS:
+            excess: dict[str, float] = {}
+            for value, v in w.by[dim].items():
+                if spec.kind == "ratio":
+                    den = v[REASONING] + v[OUTPUT] if spec.den == -1 else v[spec.den] if spec.den is not None else 0
+                    excess[value] = v[spec.num] - baseline * den
+                else:
+                    usual = state.dim_rates[dim].get(value, _blank())
+                    excess[value] = v[spec.num] / minutes - usual[spec.num]
+            total = sum(excess.values())
+            for value, e in excess.items():
+                score = e - w.by[dim][value][REQUESTS] / requests * total
+                if score > _DOMINANT * total and (best is None or score > best[0]):
+                    best = (score, dim, value)
+        if best is None:
+            return "", "", ""
+        _, dim, value = best
+        return dim, value, f"driven by {dim.replace('_', ' ')} {value}"
+
+    # ------------------------------------------------------------------ records
+    def _record(self, state: FeatureState, signal: str, status: str, x: float, baseline: float, z: float,
+                w: Window) -> dict[str, Any]:
+        spec = SPECS[signal]
+        inc = state.baselines[signal].firing
+        assert inc is not None  # noqa: S101 - only called while an incident is open
+        fid = state.feature_id
+        subject = f"{fid} on {state.model}" if state.model else fid
+        if status == "firing":
+            since = self._deploy_since(state, inc["started"])
+            parts = [f"{spec.label} of {subject} rose from {_fmt(baseline, spec.unit)} to {_fmt(x, spec.unit)}"]
+            if signal == "tenant_request_rate":
+                parts = [f"{spec.label} of {fid} rose: {inc['why']}"]
+            elif since:
+                parts.append(f"since deploy {since}")
+            if inc["why"] and signal != "tenant_request_rate":
+                parts.append(inc["why"])
+            explanation = " ".join(parts)
+        else:
+            explanation = (f"{spec.label} of {subject} is back to normal: {_fmt(x, spec.unit)} against a baseline of "
+                           f"{_fmt(baseline, spec.unit)}")
+        dimension, value = (inc["dimension"], inc["dimension_value"]) if inc["dimension"] or not state.model \
+            else ("model", state.model)
+        return {
+            "alert_version": 1, "incident_key": f"anomaly:{_key(state)}:{signal}", "kind": "anomaly",
+            "state": status,
+            "feature_id": fid, "team_id": state.window.team_id if state.window else w.team_id, "signal": signal,
+            "severity": inc["severity"], "value": round(x, 9), "baseline": round(baseline, 9),
+            "score": round(z, 3), "dimension": dimension, "dimension_value": value,
+            "explanation": explanation, "detected_at": _iso(max(self._now, w.end)), "incident_id": inc["incident_id"],
+            "started_at": _iso(inc["started"]), "window_start": _iso(w.start), "window_end": _iso(w.end),
+            "requests": int(w.total[REQUESTS]),
+        }
+
+    def _deploy_since(self, state: FeatureState, started: int) -> str:
+        """A deploy_version first seen shortly before (or during) the incident's first window, if any."""
+        window = self.config.window_s * 8
+        recent = [(t, v) for v, t in state.deploy_first_seen.items() if started - window <= t <= started + window]
+        return max(recent)[1] if recent else ""
+
+
+def _key(state: FeatureState) -> str:
+    """The detector set's name in incident keys: the feature, or feature@model for a feature × model set."""
+    return f"{state.feature_id}@{state.model}" if state.model else state.feature_id
+
+
+def dump_state(state: FeatureState) -> bytes:
+    """A feature's durable snapshot: a version byte and the pickled state (river statistics pickle exactly)."""
+    return bytes([STATE_VERSION]) + pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def load_state(blob: bytes) -> FeatureState:
+    """Inverse of dump_state. Snapshots come only from tally's own changelog topic, never from user input."""
+    if not blob or blob[0] != STATE_VERSION:
+        raise ValueError(f"detector snapshot version {blob[:1]!r} is not {STATE_VERSION}")
+    state = pickle.loads(blob[1:])  # noqa: S301 - written by this module into tally's internal changelog only
+    if not isinstance(state, FeatureState):
+        raise ValueError("a detector snapshot must hold a FeatureState")
+    return state
+
+
+@dataclass
+class ZScoreBaseline:
+    """The seed's detector, the one to beat: per feature, the last 100 request costs, alert when z > 2."""
+
+    window: int = 100
+    threshold: float = 2.0
+    recent: dict[str, list[float]] = field(default_factory=dict)
+
+    def observe(self, feature_id: str, cost: float) -> bool:
+        """True when this request's cost is anomalous against the feature's last `window` costs."""
+        values = self.recent.setdefault(feature_id, [])
+        values.append(cost)
+        if len(values) > self.window:
+            del values[0]
+        if len(values) < 10:
+            return False
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        return std > 0 and abs(cost - mean) / std > self.threshold

@@ -1,0 +1,123 @@
+"""Every dashboard panel's SQL, macros substituted, runs in chDB over data written by the real sink code."""
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from ops.simulate import TrafficGenerator, catalog_from_reference
+from streams.fold import FoldConfig, Folder
+from streams.sink import RequestWriter, SinkWriter
+from tally.dashboard.panels import FILTER_SQL, PANELS, PANELS_BY_ID, PanelFilters, filter_values, render, run_panel
+from tests.integration.test_rollups import run_batch
+
+pytestmark = pytest.mark.integration
+
+END = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+START = END - timedelta(hours=1)
+IN_RANGE = f"ts >= toDateTime({int(START.timestamp())}) AND ts <= toDateTime({int(END.timestamp())})"
+COLUMNS = {
+    "totals": ["spend_usd", "requests", "wasted_usd", "waste_pct", "unattributed_usd", "unattributed_pct"],
+    "spend_by_team": ["time", "team", "usd_per_min"],
+    "spend_by_cost_class": ["time", "input", "output", "cache_read", "cache_write", "tools", "reasoning"],
+    "top_features": ["feature", "team", "spend_usd", "daily_avg_7d_usd"],
+    "reasoning_share": ["feature", "reasoning_share_pct", "reasoning_usd", "spend_usd"],
+    "retry_waste": ["time", "team", "wasted_usd_per_min"],
+    "unattributed_share": ["time", "unattributed_pct"],
+    "open_anomalies": ["started_at", "detected_at", "feature_id", "team_id", "signal", "severity", "value",
+                       "baseline", "score", "dimension", "dimension_value", "explanation"],
+    "budget_burn": ["scope", "id", "spent_today_usd", "spent_month_usd", "burn_usd_per_hour"],
+}
+ANOMALY_COLUMNS = ["detected_at", "started_at", "feature_id", "team_id", "signal", "value", "baseline", "score",
+                   "severity", "state", "dimension", "dimension_value", "explanation", "incident_id", "incident_key"]
+
+
+def write_traffic(store, docs, start, rate, requests, seed):
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=seed, bad_rate=0.0, start=start, rate=rate)
+    events = [e for _ in range(requests) for e in gen.logical_request()]
+    attempts, logical = run_batch(events, docs, Folder(FoldConfig(), 4))
+    SinkWriter(store).write(attempts)
+    RequestWriter(store).write(logical)
+
+
+def anomaly(at, feature, state, severity="warning"):
+    """An anomalies row as the sink writes the detect stage's alert records (migration 006)."""
+    return [at, at - timedelta(minutes=5), feature, "search", "cost_per_request", 0.5, 0.1, 6.0, severity, state,
+            "model", "gpt-5", f"cost per request of {feature} rose", f"{feature}-1", f"anomaly:{feature}:cpr"]
+
+
+@pytest.fixture
+def panel_store(store, docs):
+    # Eight days of sparse history (the 7-day averages) ending before the range, then 27 minutes of dense traffic.
+    write_traffic(store, docs, END - timedelta(days=8, hours=2), rate=500 / (8 * 86400), requests=500, seed=3)
+    write_traffic(store, docs, START + timedelta(minutes=5), rate=0.5, requests=800, seed=4)
+    rows = [anomaly(END - timedelta(minutes=50), "search_answer", "firing"),
+            anomaly(END - timedelta(minutes=20), "search_answer", "resolved"),  # closed since: not open
+            anomaly(END - timedelta(minutes=10), "query_rewrite", "firing", "critical"),
+            anomaly(END + timedelta(minutes=10), "semantic_rerank", "firing")]  # after the range: not yet open
+    store.client.insert(f"{store.db}.anomalies", rows, column_names=ANOMALY_COLUMNS)
+    return store
+
+
+def usage_total(store, where):
+    return store.query(f"SELECT sum(cost_total_usd) FROM {{db}}.usage_events WHERE {where}").rows[0][0]
+
+
+def test_every_panel_runs_and_returns_its_columns(panel_store):
+    f = PanelFilters(START, END, {"team": (), "environment": ()})
+    for panel in PANELS:
+        res = panel_store.query(render(panel.sql, f, panel_store.db))
+        assert res.columns == COLUMNS[panel.id], panel.id
+        assert res.rows, f"{panel.id} returned no rows over data that has them"
+    for name, sql in FILTER_SQL.items():
+        assert panel_store.query(render(sql, f, panel_store.db)).rows, name
+
+
+def test_panel_numbers_equal_the_sources(panel_store):
+    f = PanelFilters(START, END, {"team": (), "environment": ()})
+    q, db = panel_store.query, panel_store.db
+    totals = q(render(PANELS_BY_ID["totals"].sql, f, db)).rows[0]
+    assert totals[0] == usage_total(panel_store, IN_RANGE) > 0
+    assert totals[1] == 800  # logical requests started in the range, each once
+
+    by_team = q(render(PANELS_BY_ID["spend_by_team"].sql, f, db)).rows
+    assert sum(r[2] for r in by_team) == totals[0]  # one-minute buckets over an hour: per minute = per bucket
+
+    burn = {(r[0], r[1]): r for r in q(render(PANELS_BY_ID["budget_burn"].sql, f, db)).rows}
+    month = usage_total(panel_store, "feature_id = 'search_answer'")
+    today = usage_total(panel_store, "feature_id = 'search_answer' AND ts >= toDateTime('2026-11-20 00:00:00', 'UTC')")
+    assert burn[("feature", "search_answer")][2:4] == (today, month)
+
+    top = q(render(PANELS_BY_ID["top_features"].sql, f, db)).rows
+    assert len(top) == 10 and [r[2] for r in top] == sorted((r[2] for r in top), reverse=True)
+    assert all(r[3] > 0 for r in top)  # every top feature also spent in the last seven days
+
+    open_now = q(render(PANELS_BY_ID["open_anomalies"].sql, f, db)).rows
+    assert [(r[2], r[5]) for r in open_now] == [("query_rewrite", "critical")]
+
+
+def test_a_team_filter_narrows_every_panel(panel_store):
+    everything = PanelFilters(START, END, {"team": (), "environment": ()})
+    search = PanelFilters(START, END, {"team": ("search",), "environment": ("prod",)})
+    q, db = panel_store.query, panel_store.db
+    assert run_panel(PANELS_BY_ID["totals"], q, search, db)["data"]["values"]["spend_usd"] == float(
+        usage_total(panel_store, f"{IN_RANGE} AND team_id = 'search' AND environment = 'prod'"))
+    series = run_panel(PANELS_BY_ID["spend_by_team"], q, search, db)["data"]["series"]
+    assert [s["name"] for s in series] == ["search"]
+    for panel in PANELS:
+        narrowed = q(render(panel.sql, search, db)).rows
+        assert len(narrowed) <= len(q(render(panel.sql, everything, db)).rows), panel.id
+    assert filter_values(q, db) == {
+        "team": ["data", "growth", "inbox", "platform", "search", "support"],
+        "environment": sorted({r[0] for r in q("SELECT DISTINCT environment FROM {db}.usage_events "
+                                                "WHERE environment != ''").rows})}
+
+
+def test_budget_panel_joins_budget_states(panel_store):
+    f = PanelFilters(START, END, {"team": (), "environment": ()})
+    states = {"feature:search_answer:month": {"scope": "feature", "id": "search_answer", "period": "month",
+                                              "budget_usd": "10", "recommendation": "allow", "thresholds": [50]}}
+    (budget,) = run_panel(PANELS_BY_ID["budget_burn"], panel_store.query, f, panel_store.db, states)["data"]["budgets"]
+    spent = usage_total(panel_store, "feature_id = 'search_answer'")
+    assert budget["spent_usd"] == float(spent)
+    assert budget["used_pct"] == float((spent * 100 / Decimal(10)).quantize(Decimal("0.01")))

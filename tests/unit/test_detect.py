@@ -1,0 +1,217 @@
+"""The detect stage's logic: warm-up, persistence, resolution, attribution, snapshots, replays."""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+
+from streams.detect import DetectConfig, Detector, ZScoreBaseline, dump_state, load_state
+from tests.factories import request_row
+
+T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+CONFIG = DetectConfig(warmup_windows=20, min_requests=20)
+Shape = Callable[[random.Random, datetime, int], dict[str, Any]]
+
+
+def normal(rng: random.Random, ts: datetime, i: int) -> dict[str, Any]:
+    """Ordinary traffic: noisy costs and tokens, a few retries, two tenants, one model."""
+    return request_row(ts, cost_total_usd=f"{rng.uniform(0.008, 0.012):.6f}", output_tokens=rng.randint(150, 250),
+                       reasoning_tokens=rng.randint(40, 60), retries=1 if rng.random() < 0.05 else 0,
+                       tenant_id=rng.choice(("t-1", "t-2")), logical_request_id=f"lr-{ts.timestamp()}-{i}")
+
+
+def stream(minutes: int, per_minute: int = 30, shape: Shape = normal, start: datetime = T0,
+           seed: int = 1) -> Iterator[dict[str, Any]]:
+    rng = random.Random(seed)
+    for m in range(minutes):
+        for i in range(per_minute):
+            yield shape(rng, start + timedelta(minutes=m, seconds=i * 60 / per_minute), m * per_minute + i)
+
+
+def feed(detector: Detector, rows: Iterator[dict[str, Any]], per_batch: int = 50) -> list[dict[str, Any]]:
+    alerts: list[dict[str, Any]] = []
+    batch: list[dict[str, Any]] = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == per_batch:
+            alerts += detector.observe(batch, 0)
+            batch = []
+    return alerts + detector.observe(batch, 0)
+
+
+def storm(rng: random.Random, ts: datetime, i: int) -> dict[str, Any]:
+    row = normal(rng, ts, i)
+    row["retries"] = rng.randint(1, 3) if rng.random() < 0.7 else 0
+    return row
+
+
+def test_a_sustained_retry_storm_pages_once_then_resolves() -> None:
+    d = Detector(CONFIG)
+    assert feed(d, stream(60)) == []
+    fired = feed(d, stream(10, shape=storm, start=T0 + timedelta(minutes=60)))
+    assert [(a["signal"], a["state"]) for a in fired] == [("retry_rate", "firing")]
+    alert = fired[0]
+    assert alert["incident_key"] == "anomaly:summarize_email_v2:retry_rate"
+    assert alert["value"] > 0.8 and alert["baseline"] < 0.1 and alert["severity"] == "critical"
+    assert re.fullmatch(r"retry rate of summarize_email_v2 rose from 0\.0\d+ to 1\.\d+", alert["explanation"])
+    # At least two windows: one window can never page on its own.
+    assert datetime.fromisoformat(alert["detected_at"]) >= T0 + timedelta(minutes=62)
+    resolved = feed(d, stream(15, start=T0 + timedelta(minutes=70)))
+    assert [(a["signal"], a["state"]) for a in resolved] == [("retry_rate", "resolved")]
+    assert resolved[0]["incident_id"] == alert["incident_id"]
+
+
+def test_nothing_pages_during_warm_up() -> None:
+    d = Detector(CONFIG)
+    assert feed(d, stream(5)) == []
+    assert feed(d, stream(10, shape=storm, start=T0 + timedelta(minutes=5))) == []
+
+
+def test_one_huge_request_does_not_page() -> None:
+    d = Detector(CONFIG)
+    feed(d, stream(60))
+
+    def one_huge(rng: random.Random, ts: datetime, i: int) -> dict[str, Any]:
+        row = normal(rng, ts, i)
+        if i == 1805:
+            row.update(cost_total_usd="25.0", output_tokens=90_000)
+        return row
+    assert feed(d, stream(20, shape=one_huge, start=T0 + timedelta(minutes=60))) == []
+
+
+def test_the_dimension_that_moved_is_named() -> None:
+    d = Detector(CONFIG)
+    feed(d, stream(60, shape=lambda r, ts, i: {**normal(r, ts, i), "final_model": r.choice(("gpt-4.1", "o4-mini"))}))
+
+    def o4_thinks(rng: random.Random, ts: datetime, i: int) -> dict[str, Any]:
+        row = {**normal(rng, ts, i), "final_model": rng.choice(("gpt-4.1", "o4-mini")), "deploy_version": "2026.11.3"}
+        if row["final_model"] == "o4-mini":
+            row["reasoning_tokens"] = 1500
+        return row
+    fired = [a for a in feed(d, stream(8, shape=o4_thinks, start=T0 + timedelta(minutes=60)))
+             if a["signal"] == "reasoning_share"]
+    assert fired and fired[0]["dimension"] == "model" and fired[0]["dimension_value"] == "o4-mini"
+    assert "since deploy 2026.11.3" in fired[0]["explanation"]
+    assert fired[0]["explanation"].endswith("driven by model o4-mini")
+
+
+def test_a_runaway_tenant_is_named() -> None:
+    d = Detector(CONFIG)
+    feed(d, stream(60))
+
+    def loop(rng: random.Random, ts: datetime, i: int) -> dict[str, Any]:
+        return {**normal(rng, ts, i), "tenant_id": "t-9" if i % 3 else "t-1"}
+    rows = list(stream(60, per_minute=30, seed=3, start=T0 + timedelta(minutes=60)))
+    rows += [loop(random.Random(i), T0 + timedelta(minutes=60, seconds=i // 4), i) for i in range(60, 60 + 4 * 360)]
+    rows.sort(key=lambda r: r["last_ts"])
+    fired = [a for a in feed(d, iter(rows)) if a["signal"] == "tenant_request_rate"]
+    assert fired and fired[0]["dimension_value"] == "t-9"
+    assert "tenant t-9 sends" in fired[0]["explanation"]
+
+
+def test_a_restored_snapshot_continues_with_the_same_scores() -> None:
+    rows = list(stream(90, shape=lambda r, ts, i: storm(r, ts, i) if ts >= T0 + timedelta(minutes=70)
+                       else normal(r, ts, i)))
+    whole = Detector(CONFIG)
+    expected = feed(whole, iter(rows))
+    first = Detector(CONFIG)
+    alerts = feed(first, iter(rows[:1500]))
+    snapshots = first.take_dirty()
+    second = Detector(CONFIG)
+    second.restore(snapshots, {fid: 0 for fid in snapshots})
+    second.clocks = dict(first.clocks)
+    alerts += feed(second, iter(rows[1500:]))
+    assert alerts == expected and expected
+    fid = "summarize_email_v2"
+    for name, b in whole.features[fid].baselines.items():
+        other = second.features[fid].baselines[name]
+        assert (b.mean.get(), b.var.get(), b.n, b.cusum) == (other.mean.get(), other.var.get(), other.n, other.cusum)
+
+
+def test_a_replayed_batch_raises_the_same_incident() -> None:
+    rows = list(stream(75, shape=lambda r, ts, i: storm(r, ts, i) if ts >= T0 + timedelta(minutes=66)
+                       else normal(r, ts, i)))
+    d = Detector(CONFIG)
+    feed(d, iter(rows[:1950]))
+    snapshot = d.take_dirty()
+    clocks = dict(d.clocks)
+    first = feed(d, iter(rows[1950:]))
+    again = Detector(CONFIG)
+    again.restore(snapshot, {fid: 0 for fid in snapshot})
+    again.clocks = clocks
+    second = feed(again, iter(rows[1950:]))
+    assert first and [a["incident_key"] for a in first] == [a["incident_key"] for a in second]
+    assert [a["incident_id"] for a in first] == [a["incident_id"] for a in second]
+
+
+def test_revisions_are_counted_once() -> None:
+    d = Detector(CONFIG)
+    d.evaluations = []
+    row = request_row(T0)
+    d.observe([row, {**row, "revision": 2}, {**row, "revision": 1, "sign": -1}], 0)
+    state = d.features["summarize_email_v2"]
+    assert state.window is not None and state.window.total[0] == 1
+
+
+def test_a_batch_spanning_windows_closes_them_in_order() -> None:
+    d = Detector(DetectConfig(warmup_windows=1, min_requests=1))
+    d.evaluations = []
+    d.observe(list(stream(5, per_minute=10)), 0)
+    closed = [e for e in d.evaluations if not e.model]
+    assert [(e.end - e.start) for e in closed] == [60, 60, 60]  # minutes 0-2 closed (lateness 60 s)
+
+
+def test_an_idle_partition_advances_and_closes_its_windows() -> None:
+    d = Detector(DetectConfig(warmup_windows=1, min_requests=1))
+    d.evaluations = []
+    rows = list(stream(1, per_minute=10))
+    d.observe(rows, 0)
+    assert d.evaluations == []
+    d.advance(0, (T0 + timedelta(minutes=30)).timestamp())
+    spent = sum(float(r["cost_total_usd"]) for r in rows)
+    closed = [e for e in d.evaluations if not e.model]
+    assert closed[0].values["spend_rate"] == pytest.approx(spent)  # one minute: USD per minute
+    assert [e.values["spend_rate"] for e in closed[1:]] == [0.0] * (len(closed) - 1)
+
+
+def test_snapshots_refuse_a_foreign_version() -> None:
+    d = Detector(CONFIG)
+    d.observe([request_row(T0)], 0)
+    blob = d.take_dirty()["summarize_email_v2"]
+    assert load_state(blob).feature_id == "summarize_email_v2"
+    assert load_state(dump_state(load_state(blob))).by_model.keys() == {"gpt-4.1"}
+    with pytest.raises(ValueError, match="version"):
+        load_state(b"\x09" + blob[1:])
+
+
+def test_the_seed_baseline_flags_any_request_two_sigma_out() -> None:
+    z = ZScoreBaseline()
+    assert not any(z.observe("f", 0.01 + (i % 5) * 0.001) for i in range(50))
+    assert z.observe("f", 0.05)
+
+
+def test_a_model_with_a_minority_share_has_its_own_detectors() -> None:
+    def mixed(rng: random.Random, ts: datetime, i: int) -> dict[str, Any]:
+        return {**normal(rng, ts, i), "final_model": "o4-mini" if i % 5 == 0 else "gpt-4.1"}
+    d = Detector(CONFIG)
+    feed(d, stream(60, per_minute=50, shape=mixed))
+
+    def o4_costs_more(rng: random.Random, ts: datetime, i: int) -> dict[str, Any]:
+        row = mixed(rng, ts, i)
+        if row["final_model"] == "o4-mini":
+            row["cost_total_usd"] = f"{3 * float(row['cost_total_usd']):.6f}"
+        return row
+    fired = feed(d, stream(30, per_minute=50, shape=o4_costs_more, start=T0 + timedelta(minutes=60)))
+    keys = {a["incident_key"] for a in fired if a["state"] == "firing"}
+    # The feature's median cost per request does not move (80 % of requests are unchanged); its o4-mini share does.
+    assert "anomaly:summarize_email_v2@o4-mini:cost_per_request" in keys
+    assert "anomaly:summarize_email_v2:cost_per_request" not in keys
+    alert = next(a for a in fired if a["incident_key"].endswith("@o4-mini:cost_per_request"))
+    assert alert["explanation"].startswith("median cost per request of summarize_email_v2 on o4-mini rose from $0.01")
+    assert (alert["feature_id"], alert["dimension"], alert["dimension_value"]) == ("summarize_email_v2", "model",
+                                                                                   "o4-mini")
