@@ -75,6 +75,7 @@ class WorkerStats:
     fold_state_writes: int = 0
     budget_alerts: int = 0
     detect_requests: int = 0
+    detect_errors: int = 0
     anomaly_alerts: int = 0
     detect_snapshots: int = 0
 
@@ -159,7 +160,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     alerts_topic = app.topic(topics.alerts, value_type=bytes)
 
     async def publish(topic: faust.TopicT, lines_by_partition: dict[int, list[bytes]]) -> list[Any]:
-        """Hand batch messages to the producer; returns their delivery futures (Faust flushes before commits)."""
+        """Hand batch messages to the producer; returns their delivery futures (await them before the batch ends)."""
         pending = []
         for partition, lines in lines_by_partition.items():
             for chunk in pack_ndjson(lines, OUTPUT_MESSAGE_BYTES):
@@ -192,8 +193,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             """Publish emitted requests and wait for their delivery, then write the state saying they were emitted.
 
             A crash between the two replays the batch against the old state: the same revisions are emitted again
-            and the sink skips them. The other order could lose an emission. Faust flushes the producer (so the
-            state too) before it commits the batch's offsets.
+            and the sink skips them. The other order could lose an emission. The state writes go through Faust's
+            producer buffer (flushed before a commit, but that flush gives up after 0.1 s without a delivery).
             """
             if requests:
                 await asyncio.gather(*await publish(requests_topic, requests))
@@ -227,10 +228,12 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                             rebalanced[0] = False
                         out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
                                                          partitions, datetime.now(UTC), step, time.time())
-                        await publish(attempts_topic, out.attempts)
-                        await publish(dlq_topic, out.dead_letters)
-                        # Faust flushes the producer before it commits offsets: outputs are delivered first.
+                        sent = await publish(attempts_topic, out.attempts)
+                        sent += await publish(dlq_topic, out.dead_letters)
                         await commit_fold(out.requests, out.fold_writes)
+                        # Delivered before the next batch acks this one: Faust's flush before a commit gives up
+                        # after 0.1 s without a delivery, so it cannot be what keeps outputs ahead of offsets.
+                        await asyncio.gather(*sent)
                     stats.messages += len(events)
                     stats.events_accepted += out.accepted
                     stats.events_rejected += out.rejected
@@ -325,7 +328,13 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                         detect_seen[e.message.partition] = time.time()
                     async with detect_lock:
                         restore_detectors()
-                        await publish_detected(await loop.run_in_executor(cpu, observe, batch))
+                        try:
+                            alerts = await loop.run_in_executor(cpu, observe, batch)
+                        except Exception:  # a detector bug must not stop pricing: the requests are saved anyway
+                            stats.detect_errors += 1
+                            log.exception("detect: a batch of %d messages was not scored", len(events))
+                            continue
+                        await publish_detected(alerts)
             except Exception:
                 _stop_hard(EXIT_AGENT_FAILED, "the detect agent failed; stopping without committing its batch")
 
@@ -338,12 +347,19 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             if app.rebalancing:
                 return
             now = time.time()
+            loop = asyncio.get_running_loop()
             async with detect_lock:
                 restore_detectors()
                 idle = [p for p, seen in detect_seen.items() if now - seen >= settings.detect_idle_s]
                 clock = now - settings.fold_settle_s - settings.detect_idle_s
                 try:
-                    alerts = [a for p in idle for a in detector.advance(p, clock)]
+                    alerts = await loop.run_in_executor(
+                        cpu, lambda: [a for p in idle for a in detector.advance(p, clock)])
+                except Exception:  # as in the agent: log, count, go on
+                    stats.detect_errors += 1
+                    log.exception("detect: idle partitions %s could not advance", idle)
+                    return
+                try:
                     await publish_detected(alerts, force_snapshot=bool(alerts))
                 except Exception:
                     _stop_hard(EXIT_AGENT_FAILED, "the detect timer failed; stopping")
@@ -369,7 +385,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
                     rows, bad_lines = await loop.run_in_executor(executor, decode, batch)
                     await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
-                    await publish(dlq_topic, bad_lines)
+                    await asyncio.gather(*await publish(dlq_topic, bad_lines))  # delivered before the ack
                     stats.events_rejected += sum(len(v) for v in bad_lines.values())
             except SinkGaveUp as exc:
                 # Going on would let Faust commit offsets of unsaved rows: stop hard, commit nothing.

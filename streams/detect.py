@@ -21,7 +21,8 @@ _MAX_DIM_VALUES = 64  # per feature and dimension; the quietest value is forgott
 _MAX_COSTS = 2000
 _ALONE = 0.9  # a model serving this share of a feature's requests needs no feature × model detectors of its own
 _DOMINANT = 0.2  # a dimension value explains an excess when it carries this much more of it than of the traffic
-_SLOTS = 24  # daily seasonality: one profile factor per hour of the day (UTC)
+_SLOTS = 24
+_MIN_SEASON = 0.05  # daily seasonality: one profile factor per hour of the day (UTC)
 STATE_VERSION = 1
 
 Kind = Literal["ratio", "rate", "mix", "tenant"]
@@ -191,6 +192,7 @@ class FeatureState:
     model_requests: dict[str, float] = field(default_factory=dict)  # cumulative, for "a model new to the feature"
     windows: int = 0
     model: str = ""  # set on a feature × model detector set (they live in their feature's `by_model`)
+    quiet: int = 0  # empty windows judged in a row
     by_model: dict[str, FeatureState] = field(default_factory=dict)
     deploy_first_seen: dict[str, int] = field(default_factory=dict)
 
@@ -344,8 +346,15 @@ class Detector:
         alerts: list[dict[str, Any]] = []
         while state.window is not None and clock >= state.window.end + cfg.lateness_s:
             w = state.window
+            if w.total[REQUESTS] == 0 and state.quiet >= cfg.resolve_after and clock - w.end > cfg.max_window_s:
+                # A long silence (traffic stopped, or a replay of old events): enough empty windows have been
+                # judged to resolve what was firing; skip the rest instead of judging every empty window.
+                start = max(w.start, int((clock - cfg.lateness_s) // cfg.window_s) * cfg.window_s)
+                state.window = Window(start, start + cfg.window_s, team_id=w.team_id)
+                continue
             span = w.end - w.start
             if w.total[REQUESTS] >= cfg.min_requests or span >= cfg.max_window_s:
+                state.quiet = state.quiet + 1 if w.total[REQUESTS] == 0 else 0
                 alerts.extend(self._evaluate(state, w, feature))
                 state.window = Window(w.end, w.end + cfg.window_s, team_id=w.team_id)
             else:
@@ -508,7 +517,9 @@ class Detector:
     # ------------------------------------------------------------------ seasonality, models, dimensions
     def _season(self, state: FeatureState, slot: int) -> float:
         """The hour-of-day factor of the feature's spend rate, once that hour has been seen on a few days."""
-        return state.season[slot] if state.season_n[slot] >= self.config.seasonal_min_samples * 60 else 1.0
+        if state.season_n[slot] < self.config.seasonal_min_samples * 60:
+            return 1.0
+        return max(state.season[slot], _MIN_SEASON)  # a silent hour must not divide by zero
 
     def _learn_season(self, state: FeatureState, slot: int, rate: float) -> None:
         b = state.baselines.get("spend_rate")

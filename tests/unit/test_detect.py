@@ -215,3 +215,25 @@ def test_a_model_with_a_minority_share_has_its_own_detectors() -> None:
     assert alert["explanation"].startswith("median cost per request of summarize_email_v2 on o4-mini rose from $0.01")
     assert (alert["feature_id"], alert["dimension"], alert["dimension_value"]) == ("summarize_email_v2", "model",
                                                                                    "o4-mini")
+
+
+def test_a_silent_hour_in_the_daily_profile_divides_nothing_by_zero() -> None:
+    d = Detector(DetectConfig(warmup_windows=1, min_requests=1, seasonal_min_samples=0))
+    d.observe([request_row(T0)], 0)
+    d.features["summarize_email_v2"].season = [0.0] * 24  # learned from hours with no spend at all
+    d.evaluations = []
+    d.advance(0, (T0 + timedelta(days=2)).timestamp())  # two idle days: windows of zero spend
+    assert d.evaluations and all(e.values["spend_rate"] == 0.0 for e in d.evaluations[1:] if not e.model)
+
+
+def test_a_long_silence_is_skipped_after_the_empty_windows_that_resolve() -> None:
+    cfg = DetectConfig(warmup_windows=1, min_requests=1)
+    d = Detector(cfg)
+    d.evaluations = []
+    d.observe(list(stream(1, per_minute=10)), 0)
+    d.advance(0, (T0 + timedelta(days=14)).timestamp())  # old events replayed: two weeks of silence since
+    closed = [e for e in d.evaluations if not e.model]
+    # the window with traffic, then resolve_after empty 15-minute windows: not 1,344 of them
+    assert len(closed) == 1 + cfg.resolve_after
+    d.observe([request_row(T0 + timedelta(days=14, seconds=5))], 0)
+    assert d.features["summarize_email_v2"].window.start >= (T0 + timedelta(days=14, minutes=-2)).timestamp()
