@@ -281,12 +281,9 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             if not detect_restore[0]:
                 return
             assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == topics.requests}
-            owned = {}
-            for key, blob in detect_table.data.items():
-                fid = key.decode()
-                if partition_for_bytes(key, req_partitions) in assigned:
-                    owned[fid] = blob
-            detector.restore(owned, {fid: partition_for_bytes(fid.encode(), req_partitions) for fid in owned})
+            where = {key: partition_for_bytes(key, req_partitions) for key in detect_table.data}
+            owned = {key.decode(): blob for key, blob in detect_table.data.items() if where[key] in assigned}
+            detector.restore(owned, {fid: where[fid.encode()] for fid in owned})
             detect_seen.clear()
             detect_restore[0] = False
 

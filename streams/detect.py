@@ -651,24 +651,3 @@ def load_state(blob: bytes) -> FeatureState:
     if not isinstance(state, FeatureState):
         raise ValueError("a detector snapshot must hold a FeatureState")
     return state
-
-
-@dataclass
-class ZScoreBaseline:
-    """The seed's detector, the one to beat: per feature, the last 100 request costs, alert when z > 2."""
-
-    window: int = 100
-    threshold: float = 2.0
-    recent: dict[str, list[float]] = field(default_factory=dict)
-
-    def observe(self, feature_id: str, cost: float) -> bool:
-        """True when this request's cost is anomalous against the feature's last `window` costs."""
-        values = self.recent.setdefault(feature_id, [])
-        values.append(cost)
-        if len(values) > self.window:
-            del values[0]
-        if len(values) < 10:
-            return False
-        mean = sum(values) / len(values)
-        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
-        return std > 0 and abs(cost - mean) / std > self.threshold

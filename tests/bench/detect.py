@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import statistics
 import sys
 import time
@@ -26,7 +27,7 @@ from typing import Any
 import orjson
 
 from ops.simulate import INCIDENT_KINDS, Incident, Profile, TrafficGenerator, catalog_from_reference
-from streams.detect import DetectConfig, Detector, ZScoreBaseline
+from streams.detect import DetectConfig, Detector
 from streams.fold import FoldConfig, Folder, apply_writes
 from streams.pipeline import FoldStep, process_messages
 from streams.records import Source
@@ -44,6 +45,27 @@ class Outcome:
     """Pages raised by one detector: (feature_id, detected_at, signal)."""
 
     pages: list[tuple[str, datetime, str]] = field(default_factory=list)
+
+
+@dataclass
+class ZScoreBaseline:
+    """The seed's detector, the one to beat: per feature, the last 100 request costs, alert when z > 2."""
+
+    window: int = 100
+    threshold: float = 2.0
+    recent: dict[str, list[float]] = field(default_factory=dict)
+
+    def observe(self, feature_id: str, cost: float) -> bool:
+        """True when this request's cost is anomalous against the feature's last `window` costs."""
+        values = self.recent.setdefault(feature_id, [])
+        values.append(cost)
+        if len(values) > self.window:
+            del values[0]
+        if len(values) < 10:
+            return False
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+        return std > 0 and abs(cost - mean) / std > self.threshold
 
 
 def scenario(start: datetime, days: float, seed: int) -> tuple[Profile, list[Incident]]:

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from streams.detect import DetectConfig, Detector, ZScoreBaseline, dump_state, load_state
+from streams.detect import DetectConfig, Detector, dump_state, load_state
+from tests.bench.detect import ZScoreBaseline
 from tests.factories import request_row
 
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
