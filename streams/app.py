@@ -16,12 +16,23 @@ from typing import Any
 import faust
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from faust.transport.drivers import aiokafka as aiokafka_driver
+from faust.types import TP
 from faust.web import Request, Response, View
 
 from streams.budget import evaluate, read_spend
 from streams.detect import DetectConfig, Detector
 from streams.fold import FoldConfig, Folder
 from streams.pipeline import FoldStep, group_requests, process_messages
+from streams.positions import (
+    PositionGuard,
+    encode_offset,
+    is_position_key,
+    last_offsets,
+    position_key,
+    position_partition,
+    positions_in_state,
+)
 from streams.records import Source, encode_record
 from streams.reference_feed import ReferenceFeed
 from streams.sink import (
@@ -90,11 +101,57 @@ class KeyedTable(faust.Table):  # type: ignore[misc]
 
     Fold state: the key is a logical id, the partition of its attempts on llm.usage.v1 (the validate stage refuses
     any other). Detect state: the key is a feature_id, the partition of its requests on llm.cost.requests.v1. So an
-    entry moves with its input partition on a rebalance. Keys and values are raw bytes.
+    entry moves with its input partition on a rebalance. Keys and values are raw bytes. A position entry
+    (streams.positions) lives on the partition its key names. Every changelog write is remembered until `written`
+    awaits its delivery: state is durable before the position that produced it moves.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unconfirmed: list[Any] = []
+
     def partition_for_key(self, key: Any) -> int:
+        if is_position_key(key):
+            return position_partition(key)
         return partition_for_bytes(key, self.partitions or 1)
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        fut = super().send_changelog(*args, **kwargs)
+        self._unconfirmed.append(fut)
+        return fut
+
+    async def written(self) -> None:
+        """Wait until every changelog write made so far is delivered (acks = all)."""
+        pending, self._unconfirmed = self._unconfirmed, []
+        if pending:
+            await asyncio.gather(*pending)
+
+
+class PositionedConsumer(aiokafka_driver.Consumer):  # type: ignore[misc]
+    """Faust's consumer, but every seek to the committed offsets ends at the positions tally stored.
+
+    Faust seeks to the committed offsets after every assignment (start, rebalance, restart) and when its flow was
+    stopped; tally then moves each partition it owns a position for to that position + 1. Kafka's committed offsets
+    are only a lag hint: a commit past unprocessed input cannot lose it.
+    """
+
+    async def seek_to_committed(self) -> Any:
+        committed = dict(await super().seek_to_committed())
+        recover = getattr(self.app, "recover_positions", None)
+        if recover is not None:
+            for tp, offset in (await recover(self.assignment())).items():
+                await self._seek(tp, offset)
+                committed[tp] = offset
+        return committed
+
+
+class TallyApp(faust.App):  # type: ignore[misc]
+    """The Faust app with tally's positioned consumer (see PositionedConsumer)."""
+
+    def _new_transport(self) -> Any:
+        transport = super()._new_transport()
+        transport.Consumer = PositionedConsumer  # type: ignore[misc]  # this app's transport only
+        return transport
 
 
 def detect_config(settings: Settings) -> DetectConfig:
@@ -128,7 +185,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     serves_web = role in ("sink", "all")
     datadir = settings.data_dir / "faust" / role
     datadir.mkdir(parents=True, exist_ok=True)
-    app = faust.App(
+    app = TallyApp(
         settings.group_id(role),
         broker=f"kafka://{settings.kafka_bootstrap}",
         value_serializer="raw",
@@ -158,6 +215,33 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     dlq_topic = app.topic(topics.dlq, value_type=bytes)
     requests_topic = app.topic(topics.requests, value_type=bytes)
     alerts_topic = app.topic(topics.alerts, value_type=bytes)
+    # Input positions tally owns, per topic: the guard of the stage that consumes it and where its position is stored.
+    guards: dict[str, PositionGuard] = {}
+    stored: dict[str, Any] = {}  # topic → async () -> {partition: last offset whose effects are durable}
+
+    async def recover_positions(assigned: set[TP]) -> dict[TP, int]:
+        """After an assignment: the offset to resume each owned partition from (stored position + 1)."""
+        out: dict[TP, int] = {}
+        for topic, guard in guards.items():
+            partitions = {tp.partition for tp in assigned if tp.topic == topic}
+            if not partitions:
+                continue
+            positions = await stored[topic]()
+            guard.reset(positions, partitions)
+            out.update({TP(topic, p): positions[p] + 1 for p in partitions if p in positions})
+        if out:
+            log.info("resuming from stored positions: %s",
+                     ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(out.items())))
+        return out
+
+    async def admit(batch: list[tuple[bytes | None, Source]], topic: str) -> list[tuple[bytes | None, Source]]:
+        """The batch without replayed input; a partition with skipped input is rewound to its stored position."""
+        admitted = guards[topic].admit(batch)
+        for partition, offset in admitted.rewind.items():
+            await app.consumer.seek(TP(topic, partition), offset)
+        return admitted.messages
+
+    app.recover_positions = recover_positions  # type: ignore[attr-defined]
 
     async def publish(topic: faust.TopicT, lines_by_partition: dict[int, list[bytes]]) -> list[Any]:
         """Hand batch messages to the producer; returns their delivery futures (await them before the batch ends)."""
@@ -189,12 +273,14 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         async def _forget_fold_index(sender: Any, **kwargs: Any) -> None:
             rebalanced[0] = True  # the folder rebuilds its clocks and heaps from the restored state
 
-        async def commit_fold(requests: dict[int, list[bytes]], writes: dict[bytes, bytes | None]) -> None:
-            """Publish emitted requests and wait for their delivery, then write the state saying they were emitted.
+        async def commit_fold(requests: dict[int, list[bytes]], writes: dict[bytes, bytes | None],
+                              positions: dict[int, int] | None = None) -> None:
+            """Deliver emitted requests, then the state saying so and the input positions it covers; await both.
 
-            A crash between the two replays the batch against the old state: the same revisions are emitted again
-            and the sink skips them. The other order could lose an emission. The state writes go through Faust's
-            producer buffer (flushed before a commit, but that flush gives up after 0.1 s without a delivery).
+            A crash between the steps replays the batch against the last state whose position was written: the
+            same revisions are emitted again and the sink skips them. The other order could lose an emission. A
+            position entry is written on the changelog partition of its input partition after that partition's state
+            writes (one producer, in order), so a restored state and its recovered position always agree.
             """
             if requests:
                 await asyncio.gather(*await publish(requests_topic, requests))
@@ -205,6 +291,15 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     fold_table[key] = value
                 elif key in fold_table.data:
                     del fold_table[key]
+            for partition, offset in (positions or {}).items():
+                fold_table[position_key(partition)] = encode_offset(offset)
+            await fold_table.written()
+
+        async def fold_positions() -> dict[int, int]:
+            return positions_in_state(fold_table.data)
+
+        guards[topics.usage] = PositionGuard(topics.usage)
+        stored[topics.usage] = fold_positions
 
         @app.task
         async def follow_reference_data() -> None:
@@ -223,17 +318,19 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
                              for e in events]
                     async with fold_lock:
+                        batch = await admit(batch, topics.usage)
+                        if not batch:
+                            continue
                         if rebalanced[0]:
                             folder.forget()
                             rebalanced[0] = False
                         out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
                                                          partitions, datetime.now(UTC), step, time.time())
+                        # Outputs delivered, then state and position: the position never runs ahead of either.
                         sent = await publish(attempts_topic, out.attempts)
                         sent += await publish(dlq_topic, out.dead_letters)
-                        await commit_fold(out.requests, out.fold_writes)
-                        # Delivered before the next batch acks this one: Faust's flush before a commit gives up
-                        # after 0.1 s without a delivery, so it cannot be what keeps outputs ahead of offsets.
                         await asyncio.gather(*sent)
+                        await commit_fold(out.requests, out.fold_writes, last_offsets(src for _, src in batch))
                     stats.messages += len(events)
                     stats.events_accepted += out.accepted
                     stats.events_rejected += out.rejected
@@ -301,6 +398,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                 snapshots = detector.take_dirty()
                 for fid, blob in snapshots.items():
                     detect_table[fid.encode()] = blob
+                await detect_table.written()
                 stats.detect_snapshots += len(snapshots)
                 last_snapshot[0] = time.time()
 
@@ -371,19 +469,47 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         # (Faust's consumer) keeps running while an insert is in flight.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
 
+        # The sink's input positions live in ClickHouse (sink_offsets), under one name whatever the role.
+        sink_consumer = settings.group_id("sink")
+
+        def sink_positions(topic: str) -> Any:
+            async def read() -> dict[int, int]:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(executor, writer.store.stored_offsets, sink_consumer, topic)
+            return read
+
+        for topic in (topics.attempts, topics.requests, topics.alerts):
+            guards[topic] = PositionGuard(topic)
+            stored[topic] = sink_positions(topic)
+
         async def sink_batches(stream: faust.StreamT, write: Any, decode: Any, sink_stats: SinkStats) -> None:
-            """Decode → write with retry → dead-letter bad lines; offsets are acked only after ClickHouse acked."""
+            """Admit → decode → write with retry → dead-letter bad lines → store the position.
+
+            The position (sink_offsets) is written only after ClickHouse acknowledged the rows and the dead letters
+            were delivered; every assignment resumes from it, so Kafka's committed offsets never decide what is saved.
+            """
             loop = asyncio.get_running_loop()
             try:
                 async for events in stream.take_events(  # type: ignore[attr-defined]
                         settings.sink_batch_messages, settings.batch_within_s):
                     batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
                              for e in events]
+                    topic = batch[0][1].topic if batch else ""
+                    batch = await admit(batch, topic) if batch else batch
+                    if not batch:
+                        continue
                     # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
                     rows, bad_lines = await loop.run_in_executor(executor, decode, batch)
                     await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
-                    await asyncio.gather(*await publish(dlq_topic, bad_lines))  # delivered before the ack
+                    await asyncio.gather(*await publish(dlq_topic, bad_lines))  # delivered before the position
                     stats.events_rejected += sum(len(v) for v in bad_lines.values())
+                    positions = last_offsets(src for _, src in batch)
+
+                    def save_position(_: Any, topic: str = topic, positions: dict[int, int] = positions) -> int:
+                        writer.store.record_offsets(sink_consumer, topic, positions)
+                        return len(positions)
+
+                    await write_with_retry(save_position, [], executor, settings.sink_retry_s, sink_stats)
             except SinkGaveUp as exc:
                 # Going on would let Faust commit offsets of unsaved rows: stop hard, commit nothing.
                 _stop_hard(EXIT_SINK_GAVE_UP, "sink gave up, stopping the worker without committing: %s", exc)

@@ -28,6 +28,7 @@ from typing import Any
 
 import orjson
 
+from streams.positions import is_position_key
 from streams.records import TOKEN_CLASSES
 from tally.partitioning import partition_for
 
@@ -298,7 +299,7 @@ class Folder:
         heap = []
         clock = _Clock(input_wall=wall)
         for key, raw in list(state.items()):
-            if raw is None or partition_for(key.decode(), self.partitions) != partition:
+            if raw is None or is_position_key(key) or partition_for(key.decode(), self.partitions) != partition:
                 continue
             entry = Entry.load(raw)
             heap.append((entry.due_ms, key))

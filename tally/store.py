@@ -190,6 +190,22 @@ class Store:
                 "async_insert": 0,
             })
 
+    def record_offsets(self, consumer: str, topic: str, offsets: dict[int, int]) -> None:
+        """Store the sink's input position: per partition, the last offset whose rows ClickHouse holds."""
+        if offsets:
+            rows = [[consumer, topic, p, o] for p, o in sorted(offsets.items())]
+            self.client.insert(f"{self.db}.sink_offsets", rows,
+                               column_names=["consumer", "topic", "partition", "offset"],
+                               settings={"async_insert": 0})
+
+    def stored_offsets(self, consumer: str, topic: str) -> dict[int, int]:
+        """The sink's stored input position of each partition of `topic` (partitions never written are absent)."""
+        res = self.client.query(
+            f"SELECT partition, max(offset) FROM {self.db}.sink_offsets "
+            "WHERE consumer = {consumer:String} AND topic = {topic:String} GROUP BY partition",
+            parameters={"consumer": consumer, "topic": topic})
+        return {int(p): int(o) for p, o in res.result_rows}
+
     def existing_event_ids(self, event_ids: Sequence[str], chunk: int = 10_000) -> set[str]:
         """The subset of `event_ids` ClickHouse already holds (the dedup lookup table).
 

@@ -1,0 +1,110 @@
+"""Input positions tally owns: stored with what a stage produced, recovered on every assignment, checked per batch."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from streams.records import Source
+
+log = logging.getLogger(__name__)
+
+# A position entry in a state table (the fold state): the input partition it covers is in the key, so the entry
+# lands on the changelog partition of that input partition, after the state writes the same batch made there.
+POSITION_PREFIX = b"\x00position:"
+
+
+def position_key(partition: int) -> bytes:
+    """The state-table key that holds the position of one input partition."""
+    return POSITION_PREFIX + str(partition).encode()
+
+
+def is_position_key(key: bytes) -> bool:
+    """True for a position entry (not a logical request's state)."""
+    return key.startswith(POSITION_PREFIX)
+
+
+def position_partition(key: bytes) -> int:
+    """The input partition a position key covers."""
+    return int(key[len(POSITION_PREFIX):])
+
+
+def encode_offset(offset: int) -> bytes:
+    """A position entry's value: the offset as ASCII digits."""
+    return str(offset).encode()
+
+
+def decode_offset(value: bytes) -> int:
+    """The offset a position entry's value holds."""
+    return int(value)
+
+
+def positions_in_state(state: Mapping[bytes, bytes | None]) -> dict[int, int]:
+    """Input partition → last offset whose effects are in this state (the position entries of a state table)."""
+    return {position_partition(k): decode_offset(v) for k, v in state.items()
+            if is_position_key(k) and v is not None}
+
+
+def last_offsets(sources: Iterable[Source]) -> dict[int, int]:
+    """Partition → the highest offset among these messages' sources."""
+    out: dict[int, int] = {}
+    for s in sources:
+        if s.offset > out.get(s.partition, -1):
+            out[s.partition] = s.offset
+    return out
+
+
+@dataclass
+class Admitted:
+    """What a batch is after the position check: the messages to process and the partitions to rewind."""
+
+    messages: list[tuple[bytes | None, Source]]
+    replayed: int = 0  # messages at or below the stored position: their effects are saved already
+    rewind: dict[int, int] = field(default_factory=dict)  # partition → offset to seek back to (a gap was seen)
+
+
+@dataclass
+class PositionGuard:
+    """Per-partition next expected offset of one consumer of one topic, from the stored position on.
+
+    Offsets of the topics tally reads are contiguous (no transactions, no compaction), so a message above the
+    expected offset means messages were skipped (a commit past unprocessed input, a dropped fetch); it and the rest
+    of its partition in the batch are held back and the partition is rewound to the expected offset. A message below
+    it is a replay of saved input and is passed over. A partition with no stored position starts wherever Kafka
+    delivers first.
+    """
+
+    topic: str
+    expected: dict[int, int] = field(default_factory=dict)
+    gaps: int = 0
+
+    def reset(self, stored: Mapping[int, int], partitions: Iterable[int]) -> None:
+        """After an assignment: expect each assigned partition's stored position + 1 (unknown: no expectation)."""
+        self.expected = {p: stored[p] + 1 for p in partitions if p in stored}
+
+    def admit(self, messages: Sequence[tuple[bytes | None, Source]]) -> Admitted:
+        out = Admitted([])
+        blocked: set[int] = set()
+        for value, source in messages:
+            p = source.partition
+            if p in blocked:
+                continue
+            want = self.expected.get(p)
+            if want is not None and source.offset < want:
+                out.replayed += 1
+                continue
+            if want is not None and source.offset > want:
+                blocked.add(p)
+                out.rewind[p] = want
+                self.gaps += 1
+                log.error("%s[%d]: offset %d arrived while %d was expected (input skipped upstream); rewinding to %d",
+                          self.topic, p, source.offset, want, want)
+                continue
+            self.expected[p] = source.offset + 1
+            out.messages.append((value, source))
+        return out
+
+    def done(self, sources: Iterable[Source]) -> dict[int, int]:
+        """The positions to store after the admitted messages' effects are durable (partition → last offset)."""
+        return last_offsets(sources)

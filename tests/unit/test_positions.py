@@ -1,0 +1,53 @@
+from streams.positions import (
+    PositionGuard,
+    encode_offset,
+    is_position_key,
+    last_offsets,
+    position_key,
+    position_partition,
+    positions_in_state,
+)
+from streams.records import Source
+
+
+def _batch(*pairs: tuple[int, int]) -> list[tuple[bytes | None, Source]]:
+    return [(f"{p}:{o}".encode(), Source("t", p, o)) for p, o in pairs]
+
+
+def test_position_keys_name_their_partition_and_are_not_state():
+    key = position_key(7)
+    assert is_position_key(key) and position_partition(key) == 7
+    assert not is_position_key(b"lr-7")
+    state = {key: encode_offset(41), position_key(2): encode_offset(9), b"lr-1": b"{}", position_key(3): None}
+    assert positions_in_state(state) == {7: 41, 2: 9}
+
+
+def test_last_offsets_takes_the_highest_per_partition():
+    assert last_offsets(s for _, s in _batch((0, 5), (1, 3), (0, 9), (0, 7))) == {0: 9, 1: 3}
+
+
+def test_guard_passes_contiguous_input_and_skips_replayed_input():
+    guard = PositionGuard("t")
+    guard.reset({0: 9}, [0, 1])
+    got = guard.admit(_batch((0, 8), (0, 9), (0, 10), (0, 11), (1, 40), (1, 41)))
+    assert [(s.partition, s.offset) for _, s in got.messages] == [(0, 10), (0, 11), (1, 40), (1, 41)]
+    assert got.replayed == 2 and got.rewind == {}
+    assert guard.expected == {0: 12, 1: 42}
+
+
+def test_guard_rewinds_a_partition_whose_input_was_skipped():
+    guard = PositionGuard("t")
+    guard.reset({0: 9, 1: 0}, [0, 1])
+    got = guard.admit(_batch((0, 10), (0, 14), (0, 15), (1, 1)))
+    # offsets 11..13 never arrived: 14 and the rest of partition 0 wait until the rewind delivers them
+    assert [(s.partition, s.offset) for _, s in got.messages] == [(0, 10), (1, 1)]
+    assert got.rewind == {0: 11} and guard.gaps == 1
+    again = guard.admit(_batch((0, 11), (0, 12)))
+    assert [s.offset for _, s in again.messages] == [11, 12] and again.rewind == {}
+
+
+def test_guard_without_a_stored_position_starts_where_kafka_delivers():
+    guard = PositionGuard("t")
+    guard.reset({}, [0])
+    got = guard.admit(_batch((0, 500), (0, 501)))
+    assert len(got.messages) == 2 and guard.expected == {0: 502}
