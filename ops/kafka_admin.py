@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
@@ -75,3 +76,42 @@ def covered(ends: dict[int, int], committed: dict[int, int]) -> bool:
 def lag(ends: dict[int, int], committed: dict[int, int]) -> int:
     """Messages not yet committed, summed over partitions."""
     return sum(max(0, end - max(committed.get(p, -1), 0)) for p, end in ends.items())
+
+
+def latest_positions(bootstrap: str, changelog: str, window: int = 2000, timeout: float = 30.0) -> dict[int, int]:
+    """Input partition → last offset, from the newest position entry on each partition of a state changelog.
+
+    The process role writes a position entry on the changelog partition of each input partition it covers after
+    every batch, so the newest one is near the end: each partition is read backwards in windows of `window`
+    messages until one is found. Partitions without any are absent.
+    """
+    from streams.positions import decode_offset, is_position_key, position_partition
+
+    c = _consumer(bootstrap)
+    out: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + timeout
+        for p in partitions_of(bootstrap, changelog, timeout):
+            low, high = c.get_watermark_offsets(TopicPartition(changelog, p), timeout=timeout)
+            stop = high
+            while stop > low and p not in out:
+                start = max(low, stop - window)
+                c.assign([TopicPartition(changelog, p, start)])
+                offset = start
+                while offset < stop:
+                    if time.monotonic() > deadline:
+                        raise TallyError(f"could not read {changelog}[{p}] within {timeout:.0f}s")
+                    msg = c.poll(0.5)
+                    if msg is None or msg.error() is not None:
+                        continue
+                    at = msg.offset() or 0
+                    offset = at + 1
+                    key, value = msg.key() or b"", msg.value()
+                    if at < stop and is_position_key(key) and value:
+                        out[position_partition(key)] = decode_offset(value)
+                stop = start
+        return out
+    except KafkaException as exc:
+        raise TallyError(f"cannot read {changelog} from {bootstrap}: {exc}") from exc
+    finally:
+        c.close()

@@ -6,7 +6,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ops.kafka_admin import GroupOffsets, covered, end_offsets, lag
+from ops.kafka_admin import covered, end_offsets, lag, latest_positions
 from tally.config import Settings
 from tally.errors import TallyError
 
@@ -25,45 +25,57 @@ class WaitReport:
     seconds: float
 
 
-def _wait_topic(settings: Settings, topic: str, roles: tuple[str, ...], deadline: float,
-                progress: Callable[[str], None] | None) -> int:
-    ends = end_offsets(settings.kafka_bootstrap, topic)
-    readers = {settings.group_id(r): GroupOffsets(settings.kafka_bootstrap, settings.group_id(r)) for r in roles}
+def process_positions(settings: Settings) -> dict[int, int]:
+    """The process role's input position: per llm.usage.v1 partition, the next offset it has not finished."""
+    return {p: o + 1 for p, o in latest_positions(settings.kafka_bootstrap, settings.topics.fold_state).items()}
+
+
+def sink_positions(settings: Settings, topic: str) -> dict[int, int]:
+    """The sink's input position on `topic` (sink_offsets in ClickHouse): per partition, the next unsaved offset."""
+    from ops.cli import run_query
+
+    sql = ("SELECT partition, max(offset) FROM {db}.sink_offsets "
+           f"WHERE consumer = '{settings.group_id('sink')}' AND topic = '{topic}' GROUP BY partition")
     try:
-        while True:
-            lags = {}
-            for g, reader in readers.items():
-                committed = reader.committed(topic, list(ends))
-                if covered(ends, committed):
-                    return sum(ends.values())
-                lags[g] = lag(ends, committed)
-            if time.monotonic() > deadline:
-                detail = ", ".join(f"{g}: {n} behind" for g, n in lags.items())
-                raise WaitTimeout(f"{topic} not fully processed in time ({detail}); is a worker with role "
-                                  f"{' or '.join(roles)} running? (`tally status`)")
-            if progress is not None:
-                progress(f"{topic}: {min(lags.values())} messages to go")
-            time.sleep(0.25)
-    finally:
-        for reader in readers.values():
-            reader.close()
+        _, rows = run_query(settings, sql)
+    except TallyError:
+        return {}  # no ClickHouse to ask yet (the sink has not started): nothing is saved
+    return {int(p): int(o) + 1 for p, o in rows}
+
+
+def _wait_topic(settings: Settings, topic: str, positions: Callable[[], dict[int, int]], deadline: float,
+                progress: Callable[[str], None] | None, stage: str) -> int:
+    ends = end_offsets(settings.kafka_bootstrap, topic)
+    while True:
+        done = positions()
+        if covered(ends, done):
+            return sum(ends.values())
+        if time.monotonic() > deadline:
+            raise WaitTimeout(f"{topic} not fully processed in time ({lag(ends, done)} messages behind); is a "
+                              f"worker with the {stage} role running? (`tally status`)")
+        if progress is not None:
+            progress(f"{topic}: {lag(ends, done)} messages to go")
+        time.sleep(0.25)
 
 
 def wait_processed(settings: Settings, timeout: float = 120.0,
                    progress: Callable[[str], None] | None = None) -> WaitReport:
-    """Wait until the process role, then the sink role, have committed past everything published so far.
+    """Wait until the process role, then the sink, have stored positions past everything published so far.
 
     First llm.usage.v1 as it is now, then llm.cost.attempts.v1 and llm.cost.requests.v1 as they are once the first
     wait is over. Logical requests still open in the fold (waiting for a final attempt, the settle time or the
     inactivity timeout) are not emitted yet, so they are not waited for.
 
-    Both roles commit only after their outputs are durable (the process role after Faust flushed its producer,
-    the sink after ClickHouse acknowledged), so when this returns every line published before the call is in
-    usage_events or in the dead-letter topic.
+    The positions are tally's own, not Kafka's committed offsets: the process role writes its position to its
+    state changelog after its outputs were delivered, the sink to ClickHouse after the insert was acknowledged. So
+    when this returns every line published before the call is in usage_events or in the dead-letter topic.
     """
     started = time.monotonic()
     deadline = started + timeout
-    usage = _wait_topic(settings, settings.topics.usage, ("all", "process"), deadline, progress)
-    attempts = _wait_topic(settings, settings.topics.attempts, ("all", "sink"), deadline, progress)
-    requests = _wait_topic(settings, settings.topics.requests, ("all", "sink"), deadline, progress)
+    topics = settings.topics
+    usage = _wait_topic(settings, topics.usage, lambda: process_positions(settings), deadline, progress, "process")
+    attempts = _wait_topic(settings, topics.attempts, lambda: sink_positions(settings, topics.attempts), deadline,
+                           progress, "sink")
+    requests = _wait_topic(settings, topics.requests, lambda: sink_positions(settings, topics.requests), deadline,
+                           progress, "sink")
     return WaitReport(usage, attempts, requests, time.monotonic() - started)

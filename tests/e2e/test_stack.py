@@ -5,7 +5,7 @@ import signal
 import threading
 import time
 from collections import Counter, defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
 
@@ -136,5 +136,49 @@ def test_kill_9_three_times_while_streaming(stack):
     producer.join(timeout=300)
     assert done.is_set() and kills == 3
     stack.tally("wait", "--timeout", "400", timeout=450)
+    stack.assert_matches_ground_truth(events)
+    stack.assert_requests_match_ground_truth(events)
+
+
+def _commit_to_end(bootstrap: str, group: str, topic: str) -> int:
+    """Commit `group`'s offsets of every partition of `topic` at its end, as a commit past unread input would.
+
+    Returns how many messages the commit skips past that the group had not committed before.
+    """
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        parts = consumer.list_topics(topic, timeout=30).topics[topic].partitions
+        before = {tp.partition: tp.offset for tp in consumer.committed(
+            [TopicPartition(topic, p) for p in parts], timeout=30)}
+        ends = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1] for p in parts}
+        consumer.commit(offsets=[TopicPartition(topic, p, end) for p, end in ends.items()], asynchronous=False)
+        return sum(end - max(before[p], 0) for p, end in ends.items())
+    finally:
+        consumer.close()
+
+
+def test_a_commit_past_unprocessed_input_loses_nothing(stack):
+    """Kafka's committed offsets are a lag hint: the worker resumes from the positions it stored with its state."""
+    docs = load_reference_files(REFERENCE_FILES)
+    stack.tally("up", timeout=180)
+    stack.tally("reference", "load", str(EXAMPLES))
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=5, bad_rate=0.0, rate=20.0,
+                           start=datetime.now(UTC) - timedelta(hours=2))
+    events = [orjson.loads(line) for line in gen.lines(6000)]
+    settings = stack.settings
+    with Publisher(settings.kafka_bootstrap, settings.topics.usage) as pub:
+        for e in events[:3000]:
+            pub.publish(e)
+    stack.tally("wait", "--timeout", "240", timeout=300)
+    stack.tally("down", timeout=120)
+    with Publisher(settings.kafka_bootstrap, settings.topics.usage) as pub:  # while no worker runs
+        for e in events[3000:]:
+            pub.publish(e)
+    skipped = _commit_to_end(settings.kafka_bootstrap, settings.group_id("all"), settings.topics.usage)
+    assert skipped > 0  # the group's committed offsets now claim the unread half is done
+    stack.tally("up", timeout=180)
+    stack.tally("wait", "--timeout", "240", timeout=300)
     stack.assert_matches_ground_truth(events)
     stack.assert_requests_match_ground_truth(events)
