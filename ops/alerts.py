@@ -44,6 +44,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 
 from tally.config import Settings
 from tally.errors import ConfigError, TallyError
+from tally.failpoints import Failpoints
 
 log = logging.getLogger("tally.alerts")
 
@@ -662,6 +663,7 @@ def run_alerts(settings: Settings, config: AlertsConfig, stop: threading.Event |
     """
     config = config.validated()
     stop = stop or threading.Event()
+    crash = Failpoints(settings.failpoint)  # tests only: inert unless armed
     sinks = build_sinks(config)
     path = state_path(settings)
     incidents = load_incidents(path)
@@ -708,6 +710,8 @@ def run_alerts(settings: Settings, config: AlertsConfig, stop: threading.Event |
                 log.warning("alerts: stopped while a delivery was failing; %d messages not committed, they are "
                             "read again on the next start", len(offsets))
                 break
+            if notes:
+                crash.hit("alerts.after_delivery")
             # 3. Save the incident table (decide changes it only when it notifies).
             if notes:
                 save_incidents(path, incidents)

@@ -29,8 +29,21 @@ class DeadLetter:
         return base64.b64decode(self.record.get("original_b64") or "")
 
 
+def _identity(rec: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What makes a rejection one rejection: its stage, reason and source line (None: no source to tell by)."""
+    if rec.get("source_topic") is None or rec.get("source_offset") is None:
+        return None
+    return (rec.get("stage"), rec.get("reason"), rec.get("source_topic"), rec.get("source_partition"),
+            rec.get("source_offset"), rec.get("source_line"), rec.get("event_id"))
+
+
 def read_dead_letters(bootstrap: str, topic: str, timeout: float = 30.0) -> list[DeadLetter]:
-    """Every record on the DLQ topic, oldest first per partition (records are NDJSON inside messages)."""
+    """Every rejection on the DLQ topic once, oldest first per partition (records are NDJSON inside messages).
+
+    A stage that crashed after publishing its dead letters but before storing its position publishes them again
+    when it replays the batch; a copy with the same stage, reason and source line is the same rejection and is
+    read once.
+    """
     ends = end_offsets(bootstrap, topic)
     remaining = {p for p, end in ends.items() if end > 0}
     if not remaining:
@@ -39,6 +52,7 @@ def read_dead_letters(bootstrap: str, topic: str, timeout: float = 30.0) -> list
                   "auto.offset.reset": "earliest", "fetch.max.bytes": 64 * 1024 * 1024})
     c.assign([TopicPartition(topic, p, 0) for p in remaining])
     out: list[DeadLetter] = []
+    seen: set[tuple[Any, ...]] = set()
     try:
         deadline = time.monotonic() + timeout
         while remaining and time.monotonic() < deadline:
@@ -52,6 +66,11 @@ def read_dead_letters(bootstrap: str, topic: str, timeout: float = 30.0) -> list
                             rec = orjson.loads(line)
                         except orjson.JSONDecodeError:
                             rec = {"reason": "unreadable_dlq_record", "message": line[:200].decode("utf-8", "replace")}
+                        key = _identity(rec)
+                        if key is not None:
+                            if key in seen:
+                                continue
+                            seen.add(key)
                         out.append(DeadLetter(rec, p, off))
                 if off + 1 >= ends[p]:
                     remaining.discard(p)

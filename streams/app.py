@@ -49,6 +49,7 @@ from streams.sink import (
 from streams.validate import Validator
 from tally.config import Settings
 from tally.errors import SinkGaveUp, StoreError, TallyError
+from tally.failpoints import Failpoints
 from tally.partitioning import partition_for_bytes
 from tally.reference import ReferenceStore
 from tally.sdk.batching import pack_ndjson
@@ -216,6 +217,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     requests_topic = app.topic(topics.requests, value_type=bytes)
     alerts_topic = app.topic(topics.alerts, value_type=bytes)
     # Input positions tally owns, per topic: the guard of the stage that consumes it and where its position is stored.
+    crash = Failpoints(settings.failpoint)  # tests only: named crash points, inert unless armed
     guards: dict[str, PositionGuard] = {}
     stored: dict[str, Any] = {}  # topic → async () -> {partition: last offset whose effects are durable}
 
@@ -227,6 +229,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             if not partitions:
                 continue
             positions = await stored[topic]()
+            crash.hit("rebalance")
             guard.reset(positions, partitions)
             out.update({TP(topic, p): positions[p] + 1 for p in partitions if p in positions})
         if out:
@@ -291,6 +294,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     fold_table[key] = value
                 elif key in fold_table.data:
                     del fold_table[key]
+            if positions:
+                crash.hit("process.mid_state")
             for partition, offset in (positions or {}).items():
                 fold_table[position_key(partition)] = encode_offset(offset)
             await fold_table.written()
@@ -326,10 +331,13 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                             rebalanced[0] = False
                         out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
                                                          partitions, datetime.now(UTC), step, time.time())
+                        crash.hit("process.after_decode")
                         # Outputs delivered, then state and position: the position never runs ahead of either.
                         sent = await publish(attempts_topic, out.attempts)
                         sent += await publish(dlq_topic, out.dead_letters)
+                        crash.hit("process.before_delivery")
                         await asyncio.gather(*sent)
+                        crash.hit("process.after_delivery")
                         await commit_fold(out.requests, out.fold_writes, last_offsets(src for _, src in batch))
                     stats.messages += len(events)
                     stats.events_accepted += out.accepted
@@ -500,7 +508,9 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                         continue
                     # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
                     rows, bad_lines = await loop.run_in_executor(executor, decode, batch)
+                    crash.hit("sink.after_decode")
                     await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
+                    crash.hit("sink.after_insert")
                     await asyncio.gather(*await publish(dlq_topic, bad_lines))  # delivered before the position
                     stats.events_rejected += sum(len(v) for v in bad_lines.values())
                     positions = last_offsets(src for _, src in batch)

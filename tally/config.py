@@ -143,6 +143,8 @@ class Settings:
     max_line_bytes: int = 16 * 1024
     max_message_bytes: int = 1024 * 1024
     log_level: str = "INFO"
+    # Tests only: a named crash point (tally.failpoints), `name` or `name:n` to crash at its n-th pass.
+    failpoint: str = ""
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @property
@@ -226,6 +228,13 @@ class Settings:
             out.append("max_line_bytes must not exceed max_message_bytes")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             out.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if self.failpoint:
+            from tally.failpoints import Failpoints
+
+            try:
+                Failpoints(self.failpoint)
+            except ValueError as exc:
+                out.append(str(exc))
         if self.topic_prefix and not all(ch.isalnum() or ch in "._-" for ch in self.topic_prefix):
             out.append(f"topic_prefix may hold only letters, digits and . _ -, got {self.topic_prefix!r}")
         return out
