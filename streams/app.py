@@ -372,7 +372,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
 
         async def sink_batches(stream: faust.StreamT, write: Any, decode: Any, sink_stats: SinkStats) -> None:
-            """Decode → write with retry → dead-letter bad lines; offsets are acked only after ClickHouse acked."""
+            """Decode → write with retry → dead-letter bad lines and refused rows; ack after both are durable."""
             loop = asyncio.get_running_loop()
             try:
                 async for events in stream.take_events(  # type: ignore[attr-defined]
@@ -381,7 +381,9 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                              for e in events]
                     # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
                     rows, bad_lines = await loop.run_in_executor(executor, decode, batch)
-                    await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
+                    written = await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
+                    for partition, lines in written.dead_letters().items():
+                        bad_lines.setdefault(partition, []).extend(lines)
                     await asyncio.gather(*await publish(dlq_topic, bad_lines))  # delivered before the ack
                     stats.events_rejected += sum(len(v) for v in bad_lines.values())
             except SinkGaveUp as exc:
@@ -431,19 +433,19 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         @app.agent(attempts_topic)
         async def sink(stream: faust.StreamT) -> None:
             """llm.cost.attempts.v1 → usage_events (each event_id once)."""
-            await sink_batches(stream, writer.write, functools.partial(decode_batch, shape=ATTEMPT_ROWS),
+            await sink_batches(stream, writer, functools.partial(decode_batch, shape=ATTEMPT_ROWS),
                                writer.stats)
 
         @app.agent(requests_topic)
         async def sink_requests(stream: faust.StreamT) -> None:
             """llm.cost.requests.v1 → logical_requests (each request once, at its latest revision)."""
-            await sink_batches(stream, request_writer.write, functools.partial(decode_batch, shape=REQUEST_ROWS),
+            await sink_batches(stream, request_writer, functools.partial(decode_batch, shape=REQUEST_ROWS),
                                request_writer.stats)
 
         @app.agent(alerts_topic)
         async def sink_anomalies(stream: faust.StreamT) -> None:
             """llm.cost.alerts.v1 → anomalies (anomaly records; budget alerts are passed over)."""
-            await sink_batches(stream, anomaly_writer.write, decode_anomalies, anomaly_writer.stats)
+            await sink_batches(stream, anomaly_writer, decode_anomalies, anomaly_writer.stats)
 
         @app.page("/api/query")
         class QueryView(View):
@@ -471,6 +473,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                 return _json_response(self, {**asdict(stats), "sink_rows_inserted": sink.rows_inserted,
                                              "sink_duplicates_skipped": sink.duplicates_in_batch + sink.already_saved,
                                              "sink_retries": sink.retries,
+                                             "sink_conflicting_duplicates": sink.conflicting_duplicates,
                                              "sink_request_rows_inserted": request_writer.stats.rows_inserted,
                                              "sink_request_revisions_skipped": request_writer.stats.already_saved,
                                              "pid": os.getpid(),
