@@ -495,8 +495,7 @@ class AnomalyWriter:
 
 # ClickHouse error classes that mean "this insert is too big as one piece": split it.
 _SPLIT_ERRORS = ("TOO_MANY_PARTS", "TOO_MANY_PARTITIONS", "too many partitions", "max_partitions_per_insert_block",
-                 "MEMORY_LIMIT_EXCEEDED", "TOO_LARGE", "Entity Too Large", "max_query_size", "TOO_BIG",
-                 "too large")
+                 "MEMORY_LIMIT_EXCEEDED", "TOO_LARGE", "Entity Too Large", "max_query_size", "TOO_BIG")
 
 
 def _too_large(exc: BaseException) -> bool:
