@@ -483,6 +483,44 @@ def query(c: Ctx, sql: str, fmt: str) -> None:
         out.print(table)
 
 
+@cli.command()
+@click.option("--since", type=click.DateTime(["%Y-%m-%d"]), default=None,
+              help="First UTC day (default: --days before today).")
+@click.option("--until", type=click.DateTime(["%Y-%m-%d"]), default=None, help="Last UTC day (default: today).")
+@click.option("--days", type=int, default=7, show_default=True, help="Days up to --until, when --since is not given.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_ctx
+def verify(c: Ctx, since: Any, until: Any, days: int, fmt: str) -> None:
+    """Audit: every rollup grain against usage_events and logical_requests, per UTC day × team × feature.
+
+    Compares attempts, exact cost, requests (sum(sign)) and retry waste; each grain only within its retention.
+    Lists every difference and exits 1 if there is any (0: consistent).
+    """
+    from datetime import UTC, datetime, timedelta
+
+    from ops.verify import verify as run_verify
+
+    s, now = c.settings, datetime.now(UTC)
+    last = until.date() if until else now.date()
+    first = since.date() if since else last - timedelta(days=max(days, 1) - 1)
+    retention = {"minute": s.rollup_minute_retention_days, "hour": s.rollup_hour_retention_days,
+                 "day": s.rollup_day_retention_days}
+    audit = run_verify(lambda sql: run_query(s, sql), first, last, now, retention)
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps({"since": audit.since, "until": audit.until, "windows": audit.windows,
+                                       "cells": audit.cells, "ok": audit.ok, "differences": audit.differences},
+                                      default=str, option=orjson.OPT_INDENT_2).decode() + "\n")
+    else:
+        for table, (lo, hi) in audit.windows.items():
+            console.print(f"{table}: {lo} … {hi}")
+        for d in audit.differences:
+            out.print(d.describe(), markup=False)
+        console.print(f"{audit.cells:,} cells compared, {len(audit.differences)} differences "
+                      f"({audit.since} … {audit.until}, UTC)")
+    if not audit.ok:
+        raise SystemExit(1)
+
+
 # ---------------------------------------------------------------- reports
 REPORT_DESTINATION = "tally.report.destination"
 

@@ -44,6 +44,7 @@ from streams.sink import (
     SinkWriter,
     decode_anomalies,
     decode_batch,
+    run_with_retry,
     write_with_retry,
 )
 from streams.validate import Validator
@@ -491,7 +492,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             stored[topic] = sink_positions(topic)
 
         async def sink_batches(stream: faust.StreamT, write: Any, decode: Any, sink_stats: SinkStats) -> None:
-            """Admit → decode → write with retry → dead-letter bad lines → store the position.
+            """Admit → decode → write with retry → dead-letter bad lines and refused rows → store the position.
 
             The position (sink_offsets) is written only after ClickHouse acknowledged the rows and the dead letters
             were delivered; every assignment resumes from it, so Kafka's committed offsets never decide what is saved.
@@ -509,17 +510,15 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
                     rows, bad_lines = await loop.run_in_executor(executor, decode, batch)
                     crash.hit("sink.after_decode")
-                    await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
+                    written = await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
                     crash.hit("sink.after_insert")
+                    for partition, lines in written.dead_letters().items():
+                        bad_lines.setdefault(partition, []).extend(lines)
                     await asyncio.gather(*await publish(dlq_topic, bad_lines))  # delivered before the position
                     stats.events_rejected += sum(len(v) for v in bad_lines.values())
-                    positions = last_offsets(src for _, src in batch)
-
-                    def save_position(_: Any, topic: str = topic, positions: dict[int, int] = positions) -> int:
-                        writer.store.record_offsets(sink_consumer, topic, positions)
-                        return len(positions)
-
-                    await write_with_retry(save_position, [], executor, settings.sink_retry_s, sink_stats)
+                    await run_with_retry(functools.partial(writer.store.record_offsets, sink_consumer, topic,
+                                                           last_offsets(src for _, src in batch)),
+                                         executor, settings.sink_retry_s, sink_stats, f"storing the {topic} position")
             except SinkGaveUp as exc:
                 # Going on would let Faust commit offsets of unsaved rows: stop hard, commit nothing.
                 _stop_hard(EXIT_SINK_GAVE_UP, "sink gave up, stopping the worker without committing: %s", exc)
@@ -567,19 +566,19 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         @app.agent(attempts_topic)
         async def sink(stream: faust.StreamT) -> None:
             """llm.cost.attempts.v1 → usage_events (each event_id once)."""
-            await sink_batches(stream, writer.write, functools.partial(decode_batch, shape=ATTEMPT_ROWS),
+            await sink_batches(stream, writer, functools.partial(decode_batch, shape=ATTEMPT_ROWS),
                                writer.stats)
 
         @app.agent(requests_topic)
         async def sink_requests(stream: faust.StreamT) -> None:
             """llm.cost.requests.v1 → logical_requests (each request once, at its latest revision)."""
-            await sink_batches(stream, request_writer.write, functools.partial(decode_batch, shape=REQUEST_ROWS),
+            await sink_batches(stream, request_writer, functools.partial(decode_batch, shape=REQUEST_ROWS),
                                request_writer.stats)
 
         @app.agent(alerts_topic)
         async def sink_anomalies(stream: faust.StreamT) -> None:
             """llm.cost.alerts.v1 → anomalies (anomaly records; budget alerts are passed over)."""
-            await sink_batches(stream, anomaly_writer.write, decode_anomalies, anomaly_writer.stats)
+            await sink_batches(stream, anomaly_writer, decode_anomalies, anomaly_writer.stats)
 
         @app.page("/api/query")
         class QueryView(View):
@@ -607,6 +606,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                 return _json_response(self, {**asdict(stats), "sink_rows_inserted": sink.rows_inserted,
                                              "sink_duplicates_skipped": sink.duplicates_in_batch + sink.already_saved,
                                              "sink_retries": sink.retries,
+                                             "sink_conflicting_duplicates": sink.conflicting_duplicates,
                                              "sink_request_rows_inserted": request_writer.stats.rows_inserted,
                                              "sink_request_revisions_skipped": request_writer.stats.already_saved,
                                              "pid": os.getpid(),

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 
@@ -32,7 +33,7 @@ from streams.records import (
     Source,
     encode_record,
 )
-from tally.errors import SinkGaveUp, StoreError
+from tally.errors import SinkGaveUp, SinkRefused, StoreError
 from tally.store import Store
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,98 @@ def insert_token(table: str, keys: Iterable[str]) -> str:
     return f"{table}:{h.hexdigest()}"
 
 
+def content_hash(payload: str) -> str:
+    """A hash of an event's content: its original fields, whatever their order or spacing on the wire.
+
+    Stable across re-delivery: the same event (same fields, same values) always hashes the same. A payload that is
+    not a JSON object (a foreign producer) is hashed as its bytes.
+    """
+    try:
+        canonical = orjson.dumps(orjson.loads(payload), option=orjson.OPT_SORT_KEYS)
+    except (orjson.JSONDecodeError, orjson.JSONEncodeError):
+        canonical = payload.encode()
+    return hashlib.blake2b(canonical, digest_size=16).hexdigest()
+
+
+def utc_day(at: datetime) -> date:
+    """The UTC day of a time: the partition of rollup_minute, the finest PARTITION BY an insert reaches."""
+    return (at.astimezone(UTC) if at.tzinfo is not None else at).date()
+
+
+Group = tuple[dict[str, Any], ...]  # rows that land in one insert or not at all (a cancel row and its revision)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One insert of a plan: whole groups of rows, their days, and the token that makes a re-send a no-op."""
+
+    table: str
+    groups: tuple[Group, ...]
+    token: str
+    days: tuple[date, ...]
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return [r for g in self.groups for r in g]
+
+
+def make_pieces(table: str, groups: Iterable[Group], key: Callable[[dict[str, Any]], str],
+                days: Callable[[Group], Iterable[date]]) -> list[Piece]:
+    """Split groups into pieces by their set of UTC days (one day per piece unless a group spans two).
+
+    Each piece's token is a hash of its rows' keys, so the same rows always make the same piece.
+    """
+    by_days: dict[tuple[date, ...], list[Group]] = {}
+    for g in groups:
+        by_days.setdefault(tuple(sorted(set(days(g)))), []).append(g)
+    return [Piece(table, tuple(gs), insert_token(table, (key(r) for g in gs for r in g)), d)
+            for d, gs in sorted(by_days.items())]
+
+
+def split_piece(piece: Piece, key: Callable[[dict[str, Any]], str]) -> list[Piece]:
+    """Two halves of a piece ClickHouse found too large, each with the token of its own rows."""
+    half = len(piece.groups) // 2
+    return [Piece(piece.table, gs, insert_token(piece.table, (key(r) for g in gs for r in g)), piece.days)
+            for gs in (piece.groups[:half], piece.groups[half:])]
+
+
+@dataclass
+class Plan:
+    """What a writer decided for one batch: the pieces to insert (in order) and the rows it refused."""
+
+    pieces: list[Piece]
+    rejections: list[Rejection] = field(default_factory=list)
+
+
+@dataclass
+class Written:
+    """The outcome of one batch: rows inserted and the dead letters the agent must publish before it acks."""
+
+    inserted: int
+    rejections: list[Rejection]
+
+    def dead_letters(self) -> dict[int, list[bytes]]:
+        """Dead-letter lines keyed by partition (the partition of the line's source)."""
+        out: dict[int, list[bytes]] = {}
+        for r in self.rejections:
+            out.setdefault(r.source.partition if r.source else 0, []).append(encode_record(r.to_record()))
+        return out
+
+
+class Writer(Protocol):
+    """What write_with_retry drives: plan a batch once, then insert its pieces until each has landed."""
+
+    stats: SinkStats
+
+    def plan(self, rows: Sequence[dict[str, Any]]) -> Plan: ...
+
+    def insert(self, piece: Piece) -> None: ...
+
+    def key(self, row: dict[str, Any]) -> str: ...
+
+    def landed(self, piece: Piece) -> int: ...
+
+
 @dataclass
 class SinkStats:
     """Counters since the worker started."""
@@ -116,48 +209,115 @@ class SinkStats:
     rows_inserted: int = 0
     duplicates_in_batch: int = 0
     already_saved: int = 0
+    conflicting_duplicates: int = 0
     retries: int = 0
     last_insert_s: float = 0.0
 
 
+def run_plan(writer: Writer, rows: Sequence[dict[str, Any]]) -> int:
+    """Plan and insert once, without retry (tools, tests); returns rows inserted.
+
+    Refuses a batch whose plan dead-letters rows (a caller without a dead-letter route would drop them): use
+    write_with_retry, which returns them.
+    """
+    plan = writer.plan(rows)
+    if plan.rejections:
+        raise SinkRefused(f"{len(plan.rejections)} rows need the dead-letter topic "
+                          f"({plan.rejections[0].reason}: {plan.rejections[0].message})")
+    for piece in plan.pieces:
+        writer.insert(piece)
+    return sum(len(p.rows) for p in plan.pieces)
+
+
+def _insert(writer: Writer, store: Store, piece: Piece, columns: Sequence[str]) -> None:
+    started = time.perf_counter()
+    rows = piece.rows
+    store.insert_columns(piece.table, [[r[c] for r in rows] for c in columns], columns, piece.token)
+    writer.stats.last_insert_s = time.perf_counter() - started
+    writer.stats.rows_inserted += len(rows)
+
+
+SINK_COLUMNS: tuple[str, ...] = (*ATTEMPT_COLUMNS, "content_hash")  # usage_events as the sink writes it (008)
+
+
 @dataclass
 class SinkWriter:
-    """Writes priced attempts to usage_events so that each event_id lands exactly once.
+    """Writes priced attempts to usage_events so that each event_id lands exactly once, in every table.
 
-    Protocol, per batch (the Faust agent acks the batch's Kafka offsets only after `write` returns):
-      1. In-batch dedup: copies of one event_id collapse to the first.
-      2. Lookup: event_ids ClickHouse already holds (table event_ids, TTL = the dedup window) are dropped. All copies
-         of an event share its logical request id, hence its partition, hence one sink at a time: no race.
-      3. Insert the rest, column-oriented, with insert_deduplication_token = a hash of their event_ids and
-         async_insert = 0. A retried insert of the same rows after a timeout is absorbed by ClickHouse's dedup window
-         (usage_events and the event_ids view target both have one).
-      4. Return. A failure raises; the caller retries with backoff and never acks unsaved rows.
-    Not guaranteed: a duplicate arriving after the dedup window (default 7 days) is inserted again.
+    Protocol, per batch (the Faust agent acks the batch's Kafka offsets only after every piece has landed):
+      1. Hash each row's content (its original event, `payload`): content_hash.
+      2. Lookup: the event_ids ClickHouse already holds, with their hashes (table event_ids, TTL = the dedup
+         window). All copies of an event share its logical request id, hence its partition, hence one sink at a
+         time: no race.
+      3. Decide, in batch order: a new event_id is inserted once; a copy with the same hash as the saved (or
+         earlier) one is a duplicate, skipped; a copy with another hash is a dead letter conflicting_duplicate
+         (both hashes in its message, the original line as its bytes), never inserted.
+      4. Split the rows to insert by UTC day of ts (rollup_minute, partitioned by day, is the finest partitioning
+         an insert reaches: a piece never hits TOO_MANY_PARTS), each piece with insert_deduplication_token = a
+         hash of its event_ids, async_insert = 0. This plan is made once per batch.
+      5. Insert the pieces; write_with_retry re-sends a failed piece unchanged. A re-sent block is deduplicated in
+         usage_events and event_ids but still pushed through every materialized view, whose targets dedup by
+         their own derived tokens: a view that failed the first time gets its rows, none gets them twice.
+    Not guaranteed: a duplicate arriving after the dedup window (default 7 days) is inserted again; an event saved
+    before migration 008 has no hash, so any later copy of it counts as a duplicate; a batch whose view failure
+    outlasts the retries stops the worker, and its replay (rows already in event_ids) cannot reach the failed view
+    (`tally verify` reports the gap).
     """
 
     store: Store
     stats: SinkStats = field(default_factory=SinkStats)
     table: str = "usage_events"
 
-    def write(self, rows: Sequence[dict[str, Any]]) -> int:
-        """Insert the rows not yet saved; returns how many were inserted. Runs in the sink's executor thread."""
-        unique: dict[str, dict[str, Any]] = {}
+    def plan(self, rows: Sequence[dict[str, Any]]) -> Plan:
+        """Steps 1-4: the pieces to insert and the conflicting duplicates. Reads ClickHouse, writes nothing."""
         for row in rows:
-            unique.setdefault(row["event_id"], row)
-        dup_in_batch = len(rows) - len(unique)
-        saved = self.store.existing_event_ids(list(unique))
-        fresh = [r for eid, r in unique.items() if eid not in saved]
-        if fresh:
-            started = time.perf_counter()
-            columns = [[r[c] for r in fresh] for c in ATTEMPT_COLUMNS]
-            self.store.insert_columns(self.table, columns, ATTEMPT_COLUMNS,
-                                      insert_token(self.table, (r["event_id"] for r in fresh)))
-            self.stats.last_insert_s = time.perf_counter() - started
+            row["content_hash"] = content_hash(row["payload"])
+        saved = self.store.saved_event_hashes(list({row["event_id"]: None for row in rows}))
+        held = dict(saved)  # event_id → hash, as ClickHouse will hold it after this batch
+        fresh: list[dict[str, Any]] = []
+        rejections: list[Rejection] = []
+        for row in rows:
+            eid, digest = row["event_id"], row["content_hash"]
+            known = held.get(eid)
+            if known is None:
+                held[eid] = digest
+                fresh.append(row)
+            elif known in (digest, ""):
+                if eid in saved:
+                    self.stats.already_saved += 1
+                else:
+                    self.stats.duplicates_in_batch += 1
+            else:
+                rejections.append(_conflict(row, known, "saved" if eid in saved else "earlier in this batch"))
+        self.stats.conflicting_duplicates += len(rejections)
         self.stats.batches += 1
-        self.stats.rows_inserted += len(fresh)
-        self.stats.duplicates_in_batch += dup_in_batch
-        self.stats.already_saved += len(saved)
-        return len(fresh)
+        pieces = make_pieces(self.table, ((r,) for r in fresh), self.key, lambda g: (utc_day(g[0]["ts"]),))
+        return Plan(pieces, rejections)
+
+    def key(self, row: dict[str, Any]) -> str:
+        return str(row["event_id"])
+
+    def insert(self, piece: Piece) -> None:
+        """Step 5 for one piece. Runs in the sink's executor thread."""
+        _insert(self, self.store, piece, SINK_COLUMNS)
+
+    def landed(self, piece: Piece) -> int:
+        """How many of the piece's rows usage_events holds (through event_ids)."""
+        return len(self.store.saved_event_hashes([r["event_id"] for r in piece.rows]))
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Plan and insert once (run_plan); returns how many rows were inserted."""
+        return run_plan(self, rows)
+
+
+def _conflict(row: dict[str, Any], known: str, where: str) -> Rejection:
+    eid = row["event_id"]
+    message = (f"event_id {eid} is {where} with content hash {known}; this copy has content hash "
+               f"{row['content_hash']} (model {row['model_actual']}, cost {row['cost_total_usd']} USD): "
+               "not inserted")
+    source = Source(row["source_topic"], row["source_partition"], row["source_offset"])
+    return Rejection("conflicting_duplicate", STAGE_SINK, message, row["payload"].encode(), source,
+                     row["source_line"], event_id=eid)
 
 
 @dataclass
@@ -183,13 +343,17 @@ class _Head:
 class RequestWriter:
     """Writes logical requests to logical_requests so each request counts once, at its latest revision.
 
-    Per batch (rows in topic order; the agent acks offsets only after `write` returns):
+    Per batch (rows in topic order; the agent acks offsets only after every piece has landed):
       1. Look up the latest revision ClickHouse holds of each request (table logical_request_heads).
       2. For each incoming revision: if the head already holds all of its attempts (a replay, a duplicate emission,
          a stale revision), skip it. Otherwise write the new revision — the union of both attempt sets when the
          incoming one lacks some of the head's (a late attempt folded without its request's state) — numbered
          max(incoming, head + 1), together with a cancel row (sign = -1) of the head.
-      3. Insert cancel and new rows in one insert with a deterministic deduplication token.
+      3. Plan once: a request's rows (cancel and new) stay in one piece; pieces split by UTC day of first_ts
+         (rollup_minute, partitioned by day, is the finest partitioning the insert reaches), each piece with a
+         deterministic deduplication token (a hash of its rows' id#revision#sign).
+      4. Insert the pieces; write_with_retry re-sends a failed piece unchanged (never re-deciding through the
+         lookup), which fills a view target that failed the first time and is absorbed everywhere else.
     A replayed batch finds its own revisions as heads and writes nothing; every decision is a function of attempt
     sets, so it does not depend on timing. Requests are keyed by feature_id, so one sink handles a request at a time.
     """
@@ -198,8 +362,8 @@ class RequestWriter:
     stats: SinkStats = field(default_factory=SinkStats)
     table: str = "logical_requests"
 
-    def plan(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The rows to insert for these incoming revisions (cancel rows included)."""
+    def decide(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Steps 1-2: the rows to insert for these incoming revisions (cancel rows included), in order."""
         found = self.store.request_heads(list({r["logical_request_id"] for r in rows}))
         heads = {lid: _Head(rev, at, detail) for lid, (rev, at, detail) in found.items()}
         out: list[dict[str, Any]] = []
@@ -225,18 +389,29 @@ class RequestWriter:
             heads[lid] = _Head(revision, new["emitted_at"], new["attempts_detail"], facts)
         return out
 
-    def write(self, rows: Sequence[dict[str, Any]]) -> int:
-        """Insert what `plan` decides; returns how many rows were inserted. Runs in the sink's executor thread."""
-        out = self.plan(rows)
-        if out:
-            started = time.perf_counter()
-            columns = [[r[c] for r in out] for c in REQUEST_COLUMNS]
-            keys = (f"{r['logical_request_id']}#{r['revision']}#{r['sign']}" for r in out)
-            self.store.insert_columns(self.table, columns, REQUEST_COLUMNS, insert_token(self.table, keys))
-            self.stats.last_insert_s = time.perf_counter() - started
+    def plan(self, rows: Sequence[dict[str, Any]]) -> Plan:
+        """Steps 1-3: the decided rows grouped by request (a request's rows land together), in pieces by day."""
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in self.decide(rows):
+            groups.setdefault(r["logical_request_id"], []).append(r)
         self.stats.batches += 1
-        self.stats.rows_inserted += len(out)
-        return len(out)
+        return Plan(make_pieces(self.table, (tuple(g) for g in groups.values()), self.key,
+                                lambda g: (utc_day(r["first_ts"]) for r in g)))
+
+    def key(self, row: dict[str, Any]) -> str:
+        return f"{row['logical_request_id']}#{row['revision']}#{row['sign']}"
+
+    def insert(self, piece: Piece) -> None:
+        """Step 4 for one piece. Runs in the sink's executor thread."""
+        _insert(self, self.store, piece, REQUEST_COLUMNS)
+
+    def landed(self, piece: Piece) -> int:
+        """How many of the piece's rows logical_requests holds."""
+        return self.store.held_request_rows([self.key(r) for r in piece.rows])
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Plan and insert once (run_plan); returns how many rows were inserted."""
+        return run_plan(self, rows)
 
 
 ANOMALY_COLUMNS: tuple[str, ...] = (
@@ -288,53 +463,121 @@ def decode_anomalies(messages: Sequence[tuple[bytes | None, Source]]
 class AnomalyWriter:
     """Writes anomaly records to the anomalies table.
 
-    Per batch: insert every row with a deterministic token (a hash of the records' keys), async_insert = 0; the
-    agent acks offsets only after `write` returns. A record written twice is one key of the ReplacingMergeTree.
+    Per batch: split by UTC day of detected_at, insert each piece with a deterministic token (a hash of its
+    records' keys), async_insert = 0; the agent acks offsets only after every piece has landed. A record written
+    twice is one key of the ReplacingMergeTree, and the table feeds no view.
     """
 
     store: Store
     stats: SinkStats = field(default_factory=SinkStats)
     table: str = "anomalies"
 
-    def write(self, rows: Sequence[dict[str, Any]]) -> int:
-        """Insert the rows; returns how many. Runs in the sink's executor thread."""
-        if rows:
-            columns = [[r[c] for r in rows] for c in ANOMALY_COLUMNS]
-            keys = (f"{r['incident_id']}#{r['state']}#{r['detected_at'].isoformat()}" for r in rows)
-            self.store.insert_columns(self.table, columns, ANOMALY_COLUMNS, insert_token(self.table, keys))
+    def plan(self, rows: Sequence[dict[str, Any]]) -> Plan:
+        """Every row, by day; nothing is looked up."""
         self.stats.batches += 1
-        self.stats.rows_inserted += len(rows)
-        return len(rows)
+        return Plan(make_pieces(self.table, ((r,) for r in rows), self.key, lambda g: (utc_day(g[0]["detected_at"]),)))
+
+    def key(self, row: dict[str, Any]) -> str:
+        return f"{row['incident_id']}#{row['state']}#{row['detected_at'].isoformat()}"
+
+    def insert(self, piece: Piece) -> None:
+        """Insert one piece. Runs in the sink's executor thread."""
+        _insert(self, self.store, piece, ANOMALY_COLUMNS)
+
+    def landed(self, piece: Piece) -> int:
+        """Always 0: a half re-sent after a partial insert is the same ReplacingMergeTree keys, so splitting is safe."""
+        return 0
+
+    def write(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Plan and insert once (run_plan); returns how many rows were inserted."""
+        return run_plan(self, rows)
+
+
+# ClickHouse error classes that mean "this insert is too big as one piece": split it.
+_SPLIT_ERRORS = ("TOO_MANY_PARTS", "TOO_MANY_PARTITIONS", "too many partitions", "max_partitions_per_insert_block",
+                 "MEMORY_LIMIT_EXCEEDED", "TOO_LARGE", "Entity Too Large", "max_query_size", "TOO_BIG")
 
 
 def _too_large(exc: BaseException) -> bool:
     text = str(exc)
-    return any(k in text for k in ("MEMORY_LIMIT_EXCEEDED", "TOO_LARGE", "Entity Too Large", "max_query_size"))
+    return any(k in text for k in _SPLIT_ERRORS)
 
 
-async def write_with_retry(write: Callable[[Sequence[dict[str, Any]]], int], rows: Sequence[dict[str, Any]],
-                           executor: Executor, retry_for_s: float, stats: SinkStats | None = None) -> int:
-    """Run `write` in the executor until it succeeds, splitting a batch ClickHouse finds too large.
+@dataclass
+class _Backoff:
+    """Retries within one deadline for a whole batch, with doubling delays."""
 
-    Gives up after `retry_for_s` seconds by raising SinkGaveUp: the worker must then stop without committing.
+    retry_for_s: float
+    stats: SinkStats | None
+    deadline: float = 0.0
+    delay: float = 0.2
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.retry_for_s
+
+    async def after(self, what: str, exc: BaseException) -> None:
+        """Sleep before the next try, or raise SinkGaveUp once the deadline would pass."""
+        if time.monotonic() + self.delay > self.deadline:
+            raise SinkGaveUp(f"{what} failed for {self.retry_for_s:.0f}s: {exc}") from exc
+        if self.stats is not None:
+            self.stats.retries += 1
+        log.warning("sink: %s failed (%s); retrying in %.1fs", what,
+                    exc if isinstance(exc, StoreError) else repr(exc), self.delay)
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, 5.0)
+
+    async def run(self, executor: Executor, what: str, call: Callable[[], Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                result = await loop.run_in_executor(executor, call)
+            except Exception as exc:
+                await self.after(what, exc)
+                continue
+            self.delay = 0.2
+            return result
+
+
+async def run_with_retry(call: Callable[[], Any], executor: Executor, retry_for_s: float,
+                         stats: SinkStats | None, what: str) -> Any:
+    """Run one idempotent ClickHouse call in the executor until it succeeds; SinkGaveUp after `retry_for_s`."""
+    return await _Backoff(retry_for_s, stats).run(executor, what, call)
+
+
+async def write_with_retry(writer: Writer, rows: Sequence[dict[str, Any]], executor: Executor,
+                           retry_for_s: float, stats: SinkStats | None = None) -> Written:
+    """Plan a batch once, then insert its pieces until every one has landed in every table its insert reaches.
+
+    A failed piece is re-sent unchanged (same rows, same token); the plan is never re-decided through the lookup,
+    which would find rows the source table took and skip the views that missed them. A piece ClickHouse finds too
+    large (too many partitions, memory, size) is split in halves if its table holds none of its rows yet; if it holds
+    some, a view refused rows its source took and a split would insert them twice: SinkGaveUp. Gives up after
+    `retry_for_s` seconds in all by raising SinkGaveUp: the worker must then stop without committing.
+    Returns the rows inserted and the plan's dead letters (the agent publishes them before it acks).
     """
     loop = asyncio.get_running_loop()
-    deadline = time.monotonic() + retry_for_s
-    delay = 0.2
-    while True:
+    backoff = _Backoff(retry_for_s, stats if stats is not None else writer.stats)
+    # Planning writes nothing, so a failed lookup is simply planned again.
+    plan: Plan = await backoff.run(executor, f"planning {len(rows)} rows", functools.partial(writer.plan, rows))
+    queue = list(plan.pieces)
+    inserted = 0
+    while queue:
+        piece = queue[0]
         try:
-            return await loop.run_in_executor(executor, write, rows)
+            await loop.run_in_executor(executor, writer.insert, piece)
         except Exception as exc:
-            if _too_large(exc) and len(rows) > 1:
-                half = len(rows) // 2
-                log.warning("sink batch of %d rows too large for ClickHouse (%s); splitting", len(rows), exc)
-                first = await write_with_retry(write, rows[:half], executor, retry_for_s, stats)
-                return first + await write_with_retry(write, rows[half:], executor, retry_for_s, stats)
-            if time.monotonic() + delay > deadline:
-                raise SinkGaveUp(f"insert of {len(rows)} rows failed for {retry_for_s:.0f}s: {exc}") from exc
-            if stats is not None:
-                stats.retries += 1
-            log.warning("sink insert of %d rows failed (%s); retrying in %.1fs", len(rows),
-                        exc if isinstance(exc, StoreError) else repr(exc), delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            what = f"insert of {len(piece.rows)} rows into {piece.table} ({', '.join(map(str, piece.days))})"
+            if _too_large(exc) and len(piece.groups) > 1:
+                held = await backoff.run(executor, f"checking {what}", functools.partial(writer.landed, piece))
+                if held:
+                    raise SinkGaveUp(f"{what}: {piece.table} took {held} rows but a materialized view refused them "
+                                     f"({exc}); splitting would insert them twice. Run `tally verify`.") from exc
+                log.warning("sink: %s too large for ClickHouse (%s); splitting", what, exc)
+                queue[:1] = split_piece(piece, writer.key)
+                continue
+            await backoff.after(what, exc)
+            continue
+        backoff.delay = 0.2
+        queue.pop(0)
+        inserted += len(piece.rows)
+    return Written(inserted, plan.rejections)

@@ -51,3 +51,7 @@ class StoreLockedError(StoreError):
 
 class SinkGaveUp(StoreError):
     """The sink exhausted its insert retries; the worker must stop without committing offsets."""
+
+
+class SinkRefused(StoreError):
+    """A batch has rows that must go to the dead-letter topic, and the caller has no route for them."""

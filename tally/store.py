@@ -206,20 +206,32 @@ class Store:
             parameters={"consumer": consumer, "topic": topic})
         return {int(p): int(o) for p, o in res.result_rows}
 
-    def existing_event_ids(self, event_ids: Sequence[str], chunk: int = 10_000) -> set[str]:
-        """The subset of `event_ids` ClickHouse already holds (the dedup lookup table).
+    def saved_event_hashes(self, event_ids: Sequence[str], chunk: int = 10_000) -> dict[str, str]:
+        """The subset of `event_ids` ClickHouse already holds (the dedup lookup table), each with its content hash.
 
-        `IN (SELECT arrayJoin(…))` builds one hash set and stays linear; a literal `IN {ids:Array}` of more than
-        ~20k ids took seconds (tests/bench). Chunks bound each query's size.
+        The hash is '' for an event saved before migration 008. `IN (SELECT arrayJoin(…))` builds one hash set and
+        stays linear; a literal `IN {ids:Array}` of more than ~20k ids took seconds (tests/bench). Chunks bound each
+        query's size.
         """
-        found: set[str] = set()
+        found: dict[str, str] = {}
         for start in range(0, len(event_ids), chunk):
             res = self.client.query(
-                f"SELECT DISTINCT event_id FROM {self.db}.event_ids "
-                "WHERE event_id IN (SELECT arrayJoin({ids:Array(String)}))",
+                f"SELECT event_id, max(content_hash) FROM {self.db}.event_ids "
+                "WHERE event_id IN (SELECT arrayJoin({ids:Array(String)})) GROUP BY event_id",
                 parameters={"ids": list(event_ids[start:start + chunk])})
-            found.update(r[0] for r in res.result_rows)
+            found.update((r[0], r[1]) for r in res.result_rows)
         return found
+
+    def held_request_rows(self, keys: Sequence[str]) -> int:
+        """How many logical_requests rows have one of these keys (logical_request_id#revision#sign)."""
+        ids = sorted({k.split("#", 1)[0] for k in keys})
+        res = self.client.query(
+            f"SELECT count() FROM {self.db}.logical_requests "
+            "WHERE logical_request_id IN (SELECT arrayJoin({ids:Array(String)})) "
+            "AND concat(logical_request_id, '#', toString(revision), '#', toString(sign)) "
+            "IN (SELECT arrayJoin({keys:Array(String)}))",
+            parameters={"ids": ids, "keys": list(keys)})
+        return int(res.result_rows[0][0])
 
     def request_heads(self, logical_ids: Sequence[str], chunk: int = 10_000
                       ) -> dict[str, tuple[int, datetime, str]]:

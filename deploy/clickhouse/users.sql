@@ -13,6 +13,8 @@ CREATE USER IF NOT EXISTS tally_writer IDENTIFIED WITH sha256_password BY 'chang
 GRANT INSERT ON tally.* TO tally_writer;
 GRANT SELECT ON tally.event_ids TO tally_writer;
 GRANT SELECT ON tally.logical_request_heads TO tally_writer;
+-- logical_requests: before splitting a request insert ClickHouse found too large, the sink checks it took none of it.
+GRANT SELECT ON tally.logical_requests TO tally_writer;
 GRANT SELECT ON tally.rollup_minute TO tally_writer;
 GRANT SELECT ON tally.rollup_hour TO tally_writer;
 

@@ -1,5 +1,3 @@
-import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -8,10 +6,10 @@ import pytest
 from ops.simulate import TrafficGenerator, catalog_from_reference
 from streams.pipeline import process_messages
 from streams.records import Source
-from streams.sink import SinkWriter, decode_rows, insert_token, write_with_retry
+from streams.sink import SinkWriter, decode_rows, insert_token
 from streams.validate import Validator
 from tally.config import load_settings
-from tally.errors import SinkGaveUp, StoreError, StoreLockedError
+from tally.errors import StoreError, StoreLockedError
 from tally.reference import snapshot_of
 from tally.store import Store
 
@@ -95,37 +93,3 @@ def test_query_is_read_only(store):
         store.query("INSERT INTO {db}.event_ids VALUES ('x', now64(3))")
     with pytest.raises(StoreError):
         store.query("DROP TABLE {db}.usage_events")
-
-
-def test_retry_then_give_up():
-    calls = []
-
-    def flaky(rows):
-        calls.append(len(rows))
-        if len(calls) < 3:
-            raise StoreError("connection reset")
-        return len(rows)
-
-    with ThreadPoolExecutor(1) as ex:
-        assert asyncio.run(write_with_retry(flaky, [{}] * 5, ex, retry_for_s=30)) == 5
-        assert calls == [5, 5, 5]
-
-        def down(rows):
-            raise StoreError("ClickHouse is down")
-
-        with pytest.raises(SinkGaveUp):
-            asyncio.run(write_with_retry(down, [{}], ex, retry_for_s=0.5))
-
-
-def test_too_large_batches_are_split():
-    seen = []
-
-    def picky(rows):
-        if len(rows) > 2:
-            raise StoreError("Code: 241. DB::Exception: MEMORY_LIMIT_EXCEEDED")
-        seen.append(len(rows))
-        return len(rows)
-
-    with ThreadPoolExecutor(1) as ex:
-        assert asyncio.run(write_with_retry(picky, [{}] * 7, ex, retry_for_s=5)) == 7
-    assert sum(seen) == 7 and max(seen) <= 2
