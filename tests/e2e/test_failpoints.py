@@ -59,3 +59,4 @@ def test_a_crash_at_every_failpoint_loses_nothing(stack):
     stack.assert_requests_match_ground_truth(events)
     dlq = orjson.loads(stack.tally("dlq", "show", "--format", "json", "--limit", "1000").stdout)
     assert dlq["by_reason"] == dict(bad)
+    stack.tally("verify")  # every rollup grain agrees with usage_events and logical_requests

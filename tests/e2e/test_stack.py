@@ -138,6 +138,7 @@ def test_kill_9_three_times_while_streaming(stack):
     stack.tally("wait", "--timeout", "400", timeout=450)
     stack.assert_matches_ground_truth(events)
     stack.assert_requests_match_ground_truth(events)
+    stack.tally("verify")
 
 
 def _commit_to_end(bootstrap: str, group: str, topic: str) -> int:
@@ -182,3 +183,4 @@ def test_a_commit_past_unprocessed_input_loses_nothing(stack):
     stack.tally("wait", "--timeout", "240", timeout=300)
     stack.assert_matches_ground_truth(events)
     stack.assert_requests_match_ground_truth(events)
+    stack.tally("verify")
