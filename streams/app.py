@@ -10,7 +10,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import faust
@@ -170,7 +170,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     if role in ("process", "all"):
         refs = ReferenceStore()
         feed = ReferenceFeed(settings.kafka_bootstrap, topics.reference(), refs)
-        validator = Validator(settings.max_line_bytes, settings.max_message_bytes)
+        validator = Validator(settings.max_line_bytes, settings.max_message_bytes,
+                              max_future_skew=timedelta(seconds=settings.max_future_skew_s))
         # Fold state: one entry per open (or recently emitted) logical request, keyed by its id. The changelog is
         # partitioned like llm.usage.v1 and written with the same murmur2 partitioner, so an entry lives on the
         # partition of its attempts and moves with it on a rebalance (Faust restores it before the agent resumes).
