@@ -14,7 +14,7 @@ from tally.reference import MONEY_CONTEXT, ClassPrices, OwnerRegistry, PriceCard
 PRICED = "priced"          # every token class, tool and multiplier had a price
 PARTIAL = "partial"        # a class with tokens, a tool, a service tier or batch had no price: see the note
 UNPRICED = "unpriced"      # no card in effect, or the model is not in it: costs 0, row kept and flagged
-NO_USAGE = "no_usage"      # usage_reported false and no stream_terminated_at_token_n: cost unknown, costs 0
+NO_USAGE = "no_usage"      # usage not reported (see usage_reported) and no stream_terminated_at_token_n: unknown, 0
 ESTIMATED = "estimated"    # usage not reported but the cut point is known: input usage + n output tokens
 
 # attribution_status values and attribution_reason codes.
@@ -123,6 +123,17 @@ class Costs(NamedTuple):
     note: str
 
 
+def usage_reported(event: Mapping[str, Any]) -> bool:
+    """Whether the provider reported the event's usage: the row's `usage_reported` column.
+
+    Not reported: `usage_reported` is false, or the status is ok and the usage object holds no token class at all
+    (`usage: {}`: a successful call always used tokens, so an empty object is a missing report, not a zero; the
+    cost is unknown). A class present with 0 is the provider's explicit zero and is priced as one; an error or a
+    terminated attempt may really have used nothing, so its empty usage counts as reported zeros.
+    """
+    return bool(event["usage"] or event["status"] != "ok") and bool(event.get("usage_reported", True))
+
+
 def price_event(event: Mapping[str, Any], card: PriceCard | None) -> Costs:
     """Price one event with the card in effect at its timestamp (enrich's pricing, for callers and tests).
 
@@ -151,10 +162,13 @@ def _price(ev: Mapping[str, Any], card: PriceCard | None) -> tuple[Any, ...]:
         return (*_NOT_PRICED, UNPRICED, f"{provider}/{model} is not in price card {card.version}")
     usage = ev["usage"]
     n_cut = None
-    if not ev.get("usage_reported", True):
+    if not ev.get("usage_reported", True) or (not usage and ev["status"] == "ok"):  # = not usage_reported(ev)
         n_cut = ev.get("stream_terminated_at_token_n")
         if n_cut is None:
-            return (*_NOT_PRICED, NO_USAGE, "usage not reported by the provider: cost unknown, not zero")
+            if usage or not ev.get("usage_reported", True):
+                return (*_NOT_PRICED, NO_USAGE, "usage not reported by the provider: cost unknown, not zero")
+            return (*_NOT_PRICED, NO_USAGE, "status ok but the usage object is empty (no token count at all): "
+                    "cost unknown, not zero")
     n_in = usage.get("input_tokens", 0)
     n_cr = usage.get("cache_read_tokens", 0)
     n_cw = usage.get("cache_write_tokens", 0)
@@ -254,7 +268,7 @@ def _row(acc: Accepted, card: PriceCard | None, registry: OwnerRegistry | None,
     row["error"] = ev.get("error") or ""
     row["batch"] = ev.get("batch", False)
     row["service_tier"] = ev.get("service_tier", "")
-    row["usage_reported"] = ev.get("usage_reported", True)
+    row["usage_reported"] = usage_reported(ev)
     row["stream_terminated_at_token_n"] = ev.get("stream_terminated_at_token_n")
     row["latency_ms"] = ev.get("latency_ms")
     row["input_tokens"] = usage.get("input_tokens", 0)

@@ -279,7 +279,8 @@ def test_long_context_tier_of_the_example_card(examples):
 
 
 def test_tools_are_priced_per_call_and_unknown_tools_are_partial(test_refs):
-    row = acme(test_refs, usage={}, tool_calls={"web_search": 3, "code_interpreter": 2, "file_search": 0})
+    row = acme(test_refs, usage={"input_tokens": 0},  # explicit zero: an ok call with `usage: {}` is no_usage
+               tool_calls={"web_search": 3, "code_interpreter": 2, "file_search": 0})
     assert row["cost_tools_usd"] == Decimal("0.03") and row["cost_total_usd"] == Decimal("0.03")
     assert row["pricing_status"] == "partial"
     assert row["pricing_note"] == "no price for tool 'code_interpreter' of acme/full: 2 calls unpriced"
@@ -313,6 +314,27 @@ def test_usage_not_reported_is_no_usage_not_zero(test_refs):
     assert costs(row) == ("0",) * 7
     assert (row["pricing_status"], row["usage_reported"]) == ("no_usage", False)
     assert row["pricing_note"] == "usage not reported by the provider: cost unknown, not zero"
+
+
+def test_an_ok_event_with_an_empty_usage_object_is_no_usage_not_a_priced_zero(examples):
+    # Issue 11: `status: ok` with `usage: {}` used to be stored at $0 as priced.
+    row = one(examples, usage={})
+    assert costs(row) == ("0",) * 7
+    assert (row["pricing_status"], row["usage_reported"], row["price_card_version"]) == (
+        "no_usage", False, "2026-11-01")
+    assert row["pricing_note"] == ("status ok but the usage object is empty (no token count at all): cost unknown, "
+                                   "not zero")
+    assert [r["pricing_status"] for r in (one(examples, usage={}, tool_calls={"web_search": 2}),
+                                          one(examples, usage={}, usage_reported=True))] == ["no_usage"] * 2
+
+
+def test_an_explicit_zero_from_the_provider_is_a_real_zero(examples):
+    for usage in ({"input_tokens": 0, "output_tokens": 0}, {"input_tokens": 0}):
+        row = one(examples, usage=usage)
+        assert (row["pricing_status"], row["usage_reported"], row["cost_total_usd"]) == ("priced", True, 0)
+    for status in ("error", "terminated"):  # a failed call may really have used nothing
+        row = one(examples, usage={}, status=status)
+        assert (row["pricing_status"], row["usage_reported"], row["cost_total_usd"]) == ("priced", True, 0)
 
 
 def test_terminated_stream_is_estimated_from_tokens_before_the_cut(test_refs):
@@ -475,7 +497,7 @@ def rerate(cards, event) -> dict:
     usage = event["usage"]
     n = {c: usage.get("cache_write_tokens" if c == "cache_write_5m" else f"{c}_tokens", 0) for c in CLASSES}
     status = "priced"
-    if not event["usage_reported"]:
+    if not event["usage_reported"] or (not usage and event.get("status", "ok") == "ok"):
         cut = event.get("stream_terminated_at_token_n")
         if cut is None:
             return {**zero, "status": "no_usage", "version": version}
