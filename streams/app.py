@@ -310,7 +310,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             for partition, values in batch.items():
                 rows = [orjson.loads(line) for value in values for line in value.split(b"\n") if line]
                 stats.detect_requests += len(rows)
-                alerts.extend(detector.observe(rows, partition))
+                alerts.extend(detector.observe(rows, partition, time.time()))
             return alerts
 
         @app.agent(requests_topic)
