@@ -22,10 +22,13 @@ ATTRIBUTED = "attributed"
 UNATTRIBUTED = "unattributed"
 FROM_TAG = "tag"                            # the gateway sent team_id
 FROM_FEATURE = "feature_registry"           # team of the feature_id in the registry
-FROM_API_KEY = "api_key_registry"           # team of the api_key_id (feature_id unknown or absent)
+FROM_API_KEY = "api_key_registry"           # team of the api_key_id (no feature_id tag)
 NO_FEATURE_TAG = "no_feature_tag"           # no team_id, feature_id nor api_key_id tag: nothing to look up
 NO_REGISTRY = "no_registry"                 # no owners version in effect at the event's timestamp
-UNKNOWN_FEATURE = "unknown_feature"         # feature_id not in the registry (nor a known api_key_id)
+UNKNOWN_TEAM = "unknown_team"               # a team_id tag the registry does not know
+UNKNOWN_FEATURE = "unknown_feature"         # a feature_id tag the registry does not know
+UNKNOWN_COST_CENTER = "unknown_cost_center"  # a cost_center tag the registry does not know
+UNKNOWN_TENANT = "unknown_tenant"           # a tenant_id tag not in a registry that lists its tenants
 UNKNOWN_API_KEY = "unknown_api_key"         # no feature_id; api_key_id not in the registry
 
 # Rejection reasons of this stage (both should never happen with validated input and cards).
@@ -56,6 +59,13 @@ def resolve_owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> Ow
     from `teams` unless the entry overrides them (and its team is the resolved team). A tag that disagrees
     with the registry is kept and recorded in `conflict` ("team_id: tag=search registry=inbox; ..."). No team
     after resolution → unattributed, with the most precise reason code above.
+
+    A team_id, feature_id or cost_center tag the registry in effect does not know, or a tenant_id tag absent
+    from a registry that lists its tenants (`tenants`; a registry without that list leaves tenants open-ended),
+    makes the row unattributed: reason unknown_team, unknown_feature, unknown_cost_center or unknown_tenant (the
+    first, in that order), team '' (the bucket no chargeback bills), and every unknown tag named in `conflict`
+    ("team_id: tag=ghost_team not in registry 2026-02-01"). The tags themselves stay on the row (its `tags`;
+    product, cost center and business unit keep the tag's value). With no registry in effect nothing is checked.
     """
     return Owner(*_owner(tags, registry))
 
@@ -68,6 +78,11 @@ def _owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> tuple[str
     entry = None
     source = FROM_TAG
     if registry is not None:
+        unknown = _unknown_tags(tags, registry)
+        if unknown:
+            note = "; ".join(f"{name}: tag={tags[name]} not in registry {registry.version}" for name, _ in unknown)
+            return ("", tags.get("product", ""), tags.get("cost_center", ""), tags.get("business_unit", ""),
+                    UNATTRIBUTED, unknown[0][1], note)
         if feature:
             entry = registry.features.get(feature)
             source = FROM_FEATURE
@@ -84,7 +99,7 @@ def _owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> tuple[str
             elif registry is None:
                 reason = NO_REGISTRY
             else:
-                reason = UNKNOWN_FEATURE if feature else UNKNOWN_API_KEY
+                reason = UNKNOWN_API_KEY  # (an unknown feature_id was caught above)
             return ("", tag_product, tag_cc, tag_bu, UNATTRIBUTED, reason, "")
         known = registry.teams.get(team) if registry is not None else None
         return (team, tag_product, tag_cc or (known.cost_center if known else ""),
@@ -107,6 +122,14 @@ def _owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> tuple[str
                  if tag and reg and tag != reg]
     return (team or entry.team, tag_product or entry.product, tag_cc or cc, tag_bu or bu, ATTRIBUTED,
             FROM_TAG if team else source, "; ".join(conflicts))
+
+
+def _unknown_tags(tags: Mapping[str, str], registry: OwnerRegistry) -> list[tuple[str, str]]:
+    """(tag, reason) of every checked tag whose value the registry does not know, in the order of precedence."""
+    return [(name, reason) for name, reason, known in (
+        ("team_id", UNKNOWN_TEAM, registry.teams), ("feature_id", UNKNOWN_FEATURE, registry.features),
+        ("cost_center", UNKNOWN_COST_CENTER, registry.cost_centers), ("tenant_id", UNKNOWN_TENANT, registry.tenants))
+        if known is not None and tags.get(name) and tags[name] not in known]
 
 
 class Costs(NamedTuple):
