@@ -284,7 +284,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == topics.requests}
             where = {key: partition_for_bytes(key, req_partitions) for key in detect_table.data}
             owned = {key.decode(): blob for key, blob in detect_table.data.items() if where[key] in assigned}
-            detector.restore(owned, {fid: where[fid.encode()] for fid in owned})
+            detector.restore(owned, {fid: where[fid.encode()] for fid in owned}, time.time())
             detect_seen.clear()
             detect_restore[0] = False
 

@@ -321,16 +321,27 @@ class Detector:
         self.dirty.clear()
         return out
 
-    def restore(self, snapshots: Mapping[str, bytes], partition_of: Mapping[str, int]) -> None:
-        """Replace the in-memory state with durable snapshots (after a start or a rebalance)."""
+    def restore(self, snapshots: Mapping[str, bytes], partition_of: Mapping[str, int], now: float) -> None:
+        """Replace the in-memory state with durable snapshots (after a start or a rebalance).
+
+        `now` is the wall clock: a window that starts after it (opened by a row stamped ahead, in a snapshot taken
+        before row times were capped) moves to the window holding `now`, its sums kept, and is marked dirty so the
+        repaired snapshot is written back; no restored clock is later than `now`.
+        """
         self.features = {fid: load_state(blob) for fid, blob in snapshots.items()}
         self.partition_of = {fid: partition_of[fid] for fid in self.features}
         self.clocks = {}
+        self.dirty.clear()
+        current = int(now // self.config.window_s) * self.config.window_s
         for fid, state in self.features.items():
+            for one in (state, *state.by_model.values()):
+                w = one.window
+                if w is not None and w.start > now:
+                    w.start, w.end = current, current + (w.end - w.start)
+                    self.dirty.add(fid)
             if state.window is not None:
                 p = self.partition_of[fid]
                 self.clocks[p] = max(self.clocks.get(p, 0.0), float(state.window.start))
-        self.dirty.clear()
 
     # ------------------------------------------------------------------ windows
     def _close_due(self, partition: int) -> list[dict[str, Any]]:

@@ -129,7 +129,7 @@ def test_a_restored_snapshot_continues_with_the_same_scores() -> None:
     alerts = feed(first, iter(rows[:1500]))
     snapshots = first.take_dirty()
     second = Detector(CONFIG)
-    second.restore(snapshots, {fid: 0 for fid in snapshots})
+    second.restore(snapshots, {fid: 0 for fid in snapshots}, live(rows[:1500]))
     second.clocks = dict(first.clocks)
     alerts += feed(second, iter(rows[1500:]))
     assert alerts == expected and expected
@@ -148,7 +148,7 @@ def test_a_replayed_batch_raises_the_same_incident() -> None:
     clocks = dict(d.clocks)
     first = feed(d, iter(rows[1950:]))
     again = Detector(CONFIG)
-    again.restore(snapshot, {fid: 0 for fid in snapshot})
+    again.restore(snapshot, {fid: 0 for fid in snapshot}, live(rows[:1950]))
     again.clocks = clocks
     second = feed(again, iter(rows[1950:]))
     assert first and [a["incident_key"] for a in first] == [a["incident_key"] for a in second]
@@ -166,6 +166,24 @@ def test_a_row_stamped_far_in_the_future_does_not_silence_its_partition() -> Non
     assert d.clocks[0] == wall.timestamp()
     window = d.features["clock_skewed_feature"].window
     assert window is not None and window.start <= wall.timestamp() < window.end
+    fired = feed(d, stream(10, shape=storm, start=wall))
+    assert [(a["signal"], a["state"]) for a in fired] == [("retry_rate", "firing")]
+
+
+def test_a_snapshot_with_a_window_in_the_future_is_repaired_on_restore() -> None:
+    # A snapshot taken before row times were capped can hold a window opened by a row stamped 2099 (and the restored
+    # clock would start there): the window moves to the wall clock's, so the feature is judged again.
+    before = Detector(CONFIG)
+    feed(before, stream(60))
+    ahead = datetime(2099, 6, 1, tzinfo=UTC)
+    before.observe([request_row(ahead)], 0, ahead.timestamp())  # what an uncapped clock did
+    snapshots = before.take_dirty()
+    wall = T0 + timedelta(minutes=60)
+    d = Detector(CONFIG)
+    d.restore(snapshots, {fid: 0 for fid in snapshots}, wall.timestamp())
+    window = d.features["summarize_email_v2"].window
+    assert window is not None and window.start <= wall.timestamp() < window.end
+    assert d.clocks[0] <= wall.timestamp() and "summarize_email_v2" in d.take_dirty()
     fired = feed(d, stream(10, shape=storm, start=wall))
     assert [(a["signal"], a["state"]) for a in fired] == [("retry_rate", "firing")]
 
