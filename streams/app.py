@@ -10,7 +10,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import faust
@@ -263,7 +263,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     if role in ("process", "all"):
         refs = ReferenceStore()
         feed = ReferenceFeed(settings.kafka_bootstrap, topics.reference(), refs)
-        validator = Validator(settings.max_line_bytes, settings.max_message_bytes)
+        validator = Validator(settings.max_line_bytes, settings.max_message_bytes,
+                              max_future_skew=timedelta(seconds=settings.max_future_skew_s))
         # Fold state: one entry per open (or recently emitted) logical request, keyed by its id. The changelog is
         # partitioned like llm.usage.v1 and written with the same murmur2 partitioner, so an entry lives on the
         # partition of its attempts and moves with it on a rebalance (Faust restores it before the agent resumes).
@@ -394,7 +395,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == topics.requests}
             where = {key: partition_for_bytes(key, req_partitions) for key in detect_table.data}
             owned = {key.decode(): blob for key, blob in detect_table.data.items() if where[key] in assigned}
-            detector.restore(owned, {fid: where[fid.encode()] for fid in owned})
+            detector.restore(owned, {fid: where[fid.encode()] for fid in owned}, time.time())
             detect_seen.clear()
             detect_restore[0] = False
 
@@ -421,7 +422,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             for partition, values in batch.items():
                 rows = [orjson.loads(line) for value in values for line in value.split(b"\n") if line]
                 stats.detect_requests += len(rows)
-                alerts.extend(detector.observe(rows, partition))
+                alerts.extend(detector.observe(rows, partition, time.time()))
             return alerts
 
         @app.agent(requests_topic)

@@ -159,23 +159,27 @@ def read_spend(query: Callable[[str], Any], budgets: BudgetSet | None, now: date
     """Spend per budget, read exactly from the rollups.
 
     Returns spend to date in each budget's current period (rollup_hour) and spend in the last `window_s` seconds
-    (rollup_minute). `query(sql)` returns rows of (id, decimal string).
+    (rollup_minute). Both end at the wall clock `now` (bucket ≤ now): spend stamped ahead of it (a skewed gateway
+    clock) counts once `now` reaches its bucket, never earlier, so it cannot inflate the burn rate for ever.
+    `query(sql)` returns rows of (id, decimal string).
     """
     spend: dict[SpendKey, Decimal] = {}
     recent: dict[RecentKey, Decimal] = {}
     if budgets is None or not budgets.budgets:
         return spend, recent
     since = (now - timedelta(seconds=window_s)).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    until = f"bucket <= toDateTime('{now.astimezone(UTC):%Y-%m-%d %H:%M:%S}', 'UTC')"
     for scope in sorted({b.scope for b in budgets.budgets}):
         col = _COLUMN[scope]
         for period in sorted({b.period for b in budgets.budgets if b.scope == scope}):
             start, end = (t.strftime("%Y-%m-%d %H:%M:%S") for t in period_bounds(period, now))
             for ident, total in query(
                     f"SELECT {col}, toString(sum(cost_total_usd)) FROM {{db}}.rollup_hour WHERE bucket >= "
-                    f"toDateTime('{start}', 'UTC') AND bucket < toDateTime('{end}', 'UTC') GROUP BY {col}"):
+                    f"toDateTime('{start}', 'UTC') AND bucket < toDateTime('{end}', 'UTC') AND {until} "
+                    f"GROUP BY {col}"):
                 spend[(scope, ident, period)] = Decimal(total)
         for ident, total in query(
                 f"SELECT {col}, toString(sum(cost_total_usd)) FROM {{db}}.rollup_minute WHERE bucket >= "
-                f"toDateTime('{since}', 'UTC') GROUP BY {col}"):
+                f"toDateTime('{since}', 'UTC') AND {until} GROUP BY {col}"):
             recent[(scope, ident)] = Decimal(total)
     return spend, recent

@@ -235,7 +235,9 @@ class Detector:
 
     Input: logical-request rows (decoded JSON, revision 1 only: a revision re-states a request already counted),
     per partition of the requests topic (keyed by feature_id, so a feature lives on one partition). Each
-    partition has its own event-time clock (the largest last_ts seen); `advance` moves an idle partition's clock.
+    partition has its own event-time clock (the largest last_ts seen, capped at the injected wall clock `now`: a
+    row stamped ahead of it counts as of `now`, so no single row can carry the clock, and with it every window of
+    the partition, into the future); `advance` moves an idle partition's clock.
     Output: alert records (contract v1 plus the anomalies table's columns), one `firing` when a signal has been
     anomalous long enough (see DetectConfig; again when it escalates to critical) and one `resolved` when it is back to
     normal. Deterministic: the same rows in the same order give the same alerts, and a restored snapshot continues
@@ -252,14 +254,15 @@ class Detector:
         self._now = 0.0  # the event clock of the partition being closed: an alert's detected_at
 
     # ------------------------------------------------------------------ input
-    def observe(self, rows: Iterable[Mapping[str, Any]], partition: int) -> list[dict[str, Any]]:
+    def observe(self, rows: Iterable[Mapping[str, Any]], partition: int, now: float) -> list[dict[str, Any]]:
         """Add a partition's rows to their features' windows in event-time order, closing windows on the way.
 
-        A batch can span several windows: each closes as the clock passes it.
+        A batch can span several windows: each closes as the clock passes it. `now` is the wall clock (epoch
+        seconds): a row's time is min(last_ts, now).
         """
         clock = self.clocks.get(partition, 0.0)
         alerts: list[dict[str, Any]] = []
-        timed = sorted(((_epoch(r["last_ts"]), r) for r in rows
+        timed = sorted(((min(_epoch(r["last_ts"]), now), r) for r in rows
                         if int(r.get("revision", 1)) == 1 and int(r.get("sign", 1)) == 1 and r.get("feature_id")),
                        key=lambda t: t[0])
         due = self._next_due(partition)
@@ -318,16 +321,27 @@ class Detector:
         self.dirty.clear()
         return out
 
-    def restore(self, snapshots: Mapping[str, bytes], partition_of: Mapping[str, int]) -> None:
-        """Replace the in-memory state with durable snapshots (after a start or a rebalance)."""
+    def restore(self, snapshots: Mapping[str, bytes], partition_of: Mapping[str, int], now: float) -> None:
+        """Replace the in-memory state with durable snapshots (after a start or a rebalance).
+
+        `now` is the wall clock: a window that starts after it (opened by a row stamped ahead, in a snapshot taken
+        before row times were capped) moves to the window holding `now`, its sums kept, and is marked dirty so the
+        repaired snapshot is written back; no restored clock is later than `now`.
+        """
         self.features = {fid: load_state(blob) for fid, blob in snapshots.items()}
         self.partition_of = {fid: partition_of[fid] for fid in self.features}
         self.clocks = {}
+        self.dirty.clear()
+        current = int(now // self.config.window_s) * self.config.window_s
         for fid, state in self.features.items():
+            for one in (state, *state.by_model.values()):
+                w = one.window
+                if w is not None and w.start > now:
+                    w.start, w.end = current, current + (w.end - w.start)
+                    self.dirty.add(fid)
             if state.window is not None:
                 p = self.partition_of[fid]
                 self.clocks[p] = max(self.clocks.get(p, 0.0), float(state.window.start))
-        self.dirty.clear()
 
     # ------------------------------------------------------------------ windows
     def _close_due(self, partition: int) -> list[dict[str, Any]]:

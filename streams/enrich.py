@@ -14,7 +14,7 @@ from tally.reference import MONEY_CONTEXT, ClassPrices, OwnerRegistry, PriceCard
 PRICED = "priced"          # every token class, tool and multiplier had a price
 PARTIAL = "partial"        # a class with tokens, a tool, a service tier or batch had no price: see the note
 UNPRICED = "unpriced"      # no card in effect, or the model is not in it: costs 0, row kept and flagged
-NO_USAGE = "no_usage"      # usage_reported false and no stream_terminated_at_token_n: cost unknown, costs 0
+NO_USAGE = "no_usage"      # usage not reported (see usage_reported) and no stream_terminated_at_token_n: unknown, 0
 ESTIMATED = "estimated"    # usage not reported but the cut point is known: input usage + n output tokens
 
 # attribution_status values and attribution_reason codes.
@@ -22,10 +22,13 @@ ATTRIBUTED = "attributed"
 UNATTRIBUTED = "unattributed"
 FROM_TAG = "tag"                            # the gateway sent team_id
 FROM_FEATURE = "feature_registry"           # team of the feature_id in the registry
-FROM_API_KEY = "api_key_registry"           # team of the api_key_id (feature_id unknown or absent)
+FROM_API_KEY = "api_key_registry"           # team of the api_key_id (no feature_id tag)
 NO_FEATURE_TAG = "no_feature_tag"           # no team_id, feature_id nor api_key_id tag: nothing to look up
 NO_REGISTRY = "no_registry"                 # no owners version in effect at the event's timestamp
-UNKNOWN_FEATURE = "unknown_feature"         # feature_id not in the registry (nor a known api_key_id)
+UNKNOWN_TEAM = "unknown_team"               # a team_id tag the registry does not know
+UNKNOWN_FEATURE = "unknown_feature"         # a feature_id tag the registry does not know
+UNKNOWN_COST_CENTER = "unknown_cost_center"  # a cost_center tag the registry does not know
+UNKNOWN_TENANT = "unknown_tenant"           # a tenant_id tag not in a registry that lists its tenants
 UNKNOWN_API_KEY = "unknown_api_key"         # no feature_id; api_key_id not in the registry
 
 # Rejection reasons of this stage (both should never happen with validated input and cards).
@@ -56,6 +59,13 @@ def resolve_owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> Ow
     from `teams` unless the entry overrides them (and its team is the resolved team). A tag that disagrees
     with the registry is kept and recorded in `conflict` ("team_id: tag=search registry=inbox; ..."). No team
     after resolution → unattributed, with the most precise reason code above.
+
+    A team_id, feature_id or cost_center tag the registry in effect does not know, or a tenant_id tag absent
+    from a registry that lists its tenants (`tenants`; a registry without that list leaves tenants open-ended),
+    makes the row unattributed: reason unknown_team, unknown_feature, unknown_cost_center or unknown_tenant (the
+    first, in that order), team '' (the bucket no chargeback bills), and every unknown tag named in `conflict`
+    ("team_id: tag=ghost_team not in registry 2026-02-01"). The tags themselves stay on the row (its `tags`;
+    product, cost center and business unit keep the tag's value). With no registry in effect nothing is checked.
     """
     return Owner(*_owner(tags, registry))
 
@@ -68,6 +78,11 @@ def _owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> tuple[str
     entry = None
     source = FROM_TAG
     if registry is not None:
+        unknown = _unknown_tags(tags, registry)
+        if unknown:
+            note = "; ".join(f"{name}: tag={tags[name]} not in registry {registry.version}" for name, _ in unknown)
+            return ("", tags.get("product", ""), tags.get("cost_center", ""), tags.get("business_unit", ""),
+                    UNATTRIBUTED, unknown[0][1], note)
         if feature:
             entry = registry.features.get(feature)
             source = FROM_FEATURE
@@ -84,7 +99,7 @@ def _owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> tuple[str
             elif registry is None:
                 reason = NO_REGISTRY
             else:
-                reason = UNKNOWN_FEATURE if feature else UNKNOWN_API_KEY
+                reason = UNKNOWN_API_KEY  # (an unknown feature_id was caught above)
             return ("", tag_product, tag_cc, tag_bu, UNATTRIBUTED, reason, "")
         known = registry.teams.get(team) if registry is not None else None
         return (team, tag_product, tag_cc or (known.cost_center if known else ""),
@@ -109,6 +124,14 @@ def _owner(tags: Mapping[str, str], registry: OwnerRegistry | None) -> tuple[str
             FROM_TAG if team else source, "; ".join(conflicts))
 
 
+def _unknown_tags(tags: Mapping[str, str], registry: OwnerRegistry) -> list[tuple[str, str]]:
+    """(tag, reason) of every checked tag whose value the registry does not know, in the order of precedence."""
+    return [(name, reason) for name, reason, known in (
+        ("team_id", UNKNOWN_TEAM, registry.teams), ("feature_id", UNKNOWN_FEATURE, registry.features),
+        ("cost_center", UNKNOWN_COST_CENTER, registry.cost_centers), ("tenant_id", UNKNOWN_TENANT, registry.tenants))
+        if known is not None and tags.get(name) and tags[name] not in known]
+
+
 class Costs(NamedTuple):
     """The cost columns of a row (exact Decimal USD) with pricing_status and pricing_note."""
 
@@ -121,6 +144,17 @@ class Costs(NamedTuple):
     total: Decimal
     status: str
     note: str
+
+
+def usage_reported(event: Mapping[str, Any]) -> bool:
+    """Whether the provider reported the event's usage: the row's `usage_reported` column.
+
+    Not reported: `usage_reported` is false, or the status is ok and the usage object holds no token class at all
+    (`usage: {}`: a successful call always used tokens, so an empty object is a missing report, not a zero; the
+    cost is unknown). A class present with 0 is the provider's explicit zero and is priced as one; an error or a
+    terminated attempt may really have used nothing, so its empty usage counts as reported zeros.
+    """
+    return bool(event["usage"] or event["status"] != "ok") and bool(event.get("usage_reported", True))
 
 
 def price_event(event: Mapping[str, Any], card: PriceCard | None) -> Costs:
@@ -151,10 +185,13 @@ def _price(ev: Mapping[str, Any], card: PriceCard | None) -> tuple[Any, ...]:
         return (*_NOT_PRICED, UNPRICED, f"{provider}/{model} is not in price card {card.version}")
     usage = ev["usage"]
     n_cut = None
-    if not ev.get("usage_reported", True):
+    if not ev.get("usage_reported", True) or (not usage and ev["status"] == "ok"):  # = not usage_reported(ev)
         n_cut = ev.get("stream_terminated_at_token_n")
         if n_cut is None:
-            return (*_NOT_PRICED, NO_USAGE, "usage not reported by the provider: cost unknown, not zero")
+            if usage or not ev.get("usage_reported", True):
+                return (*_NOT_PRICED, NO_USAGE, "usage not reported by the provider: cost unknown, not zero")
+            return (*_NOT_PRICED, NO_USAGE, "status ok but the usage object is empty (no token count at all): "
+                    "cost unknown, not zero")
     n_in = usage.get("input_tokens", 0)
     n_cr = usage.get("cache_read_tokens", 0)
     n_cw = usage.get("cache_write_tokens", 0)
@@ -254,7 +291,7 @@ def _row(acc: Accepted, card: PriceCard | None, registry: OwnerRegistry | None,
     row["error"] = ev.get("error") or ""
     row["batch"] = ev.get("batch", False)
     row["service_tier"] = ev.get("service_tier", "")
-    row["usage_reported"] = ev.get("usage_reported", True)
+    row["usage_reported"] = usage_reported(ev)
     row["stream_terminated_at_token_n"] = ev.get("stream_terminated_at_token_n")
     row["latency_ms"] = ev.get("latency_ms")
     row["input_tokens"] = usage.get("input_tokens", 0)

@@ -12,9 +12,10 @@ Vocabulary
   within `settle` of event time), or when it has been inactive for `inactivity` (final_status = abandoned).
   An attempt that arrives for an emitted request re-emits it with the next revision.
 
-Event time: each input partition has a clock, the largest event timestamp seen on it. When a partition receives no
-input for `idle` seconds of wall time, its clock runs on with wall time, so the last requests of a quiet partition
-are still emitted.
+Event time: each input partition has a clock, the largest event timestamp seen on it, capped at the injected wall
+clock plus `future_tolerance_ms` (on every batch and when the clock is rebuilt from the durable state), so no single
+event can carry it into the future. When a partition receives no input for `idle` seconds of wall time, its clock runs
+on with wall time, so the last requests of a quiet partition are still emitted.
 """
 
 from __future__ import annotations
@@ -298,17 +299,22 @@ class Folder:
             return heap
         heap = []
         clock = _Clock(input_wall=wall)
+        horizon = self._horizon(wall)
         for key, raw in list(state.items()):
             if raw is None or is_position_key(key) or partition_for(key.decode(), self.partitions) != partition:
                 continue
             entry = Entry.load(raw)
             heap.append((entry.due_ms, key))
-            clock.event_ms = max(clock.event_ms, *(f["ts_ms"] for f in entry.facts))
+            clock.event_ms = max(clock.event_ms, min(horizon, max(f["ts_ms"] for f in entry.facts)))
         heapq.heapify(heap)
         clock.now_ms = clock.event_ms
         self.heaps[partition] = heap
         self.clocks[partition] = clock
         return heap
+
+    def _horizon(self, wall: float) -> int:
+        """The furthest an event timestamp may move a clock: the wall clock plus the tolerance (epoch ms)."""
+        return int(wall * 1000) + self.config.future_tolerance_ms
 
     # -- steps ---------------------------------------------------------------------------------------------------
 
@@ -323,7 +329,7 @@ class Folder:
         for partition, groups in by_partition.items():
             heap = self._index(partition, state, wall)
             clock = self.clocks[partition]
-            horizon = int(wall * 1000) + self.config.future_tolerance_ms
+            horizon = self._horizon(wall)
             for facts in groups.values():
                 clock.event_ms = max(clock.event_ms, min(horizon, max(f["ts_ms"] for f in facts)))
             clock.input_wall = wall

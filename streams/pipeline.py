@@ -54,11 +54,15 @@ def group_requests(rows: Iterable[dict[str, Any]], partitions: int) -> dict[int,
 def process_messages(messages: Sequence[tuple[bytes | None, Source]], validator: Validator,
                      refs: ReferenceSnapshot, partitions: int | None, now: datetime,
                      fold: FoldStep | None = None, wall: float = 0.0) -> ProcessedBatch:
-    """Validate every line of every message, enrich the good ones in one call, encode both outcomes, fold."""
+    """Validate every line of every message, enrich the good ones in one call, encode both outcomes, fold.
+
+    `now` is the ingest time: the validator compares event timestamps with it (future_timestamp), and it is stamped
+    as `ingested_at` and on dead letters.
+    """
     accepted: list[Accepted] = []
     rejected: list[Rejection] = []
     for value, source in messages:
-        ok, bad = validator.validate_message(value, source, partitions)
+        ok, bad = validator.validate_message(value, source, partitions, now=now)
         accepted.extend(ok)
         rejected.extend(bad)
     rows, enrich_rejects = enrich(accepted, refs, now)

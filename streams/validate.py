@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ TOKEN_OUT_OF_RANGE = "token_out_of_range"  # noqa: S105 - a reason code, not a s
 BAD_TIMESTAMP = "bad_timestamp"
 BAD_EVENT_ID = "bad_event_id"
 WRONG_PARTITION = "wrong_partition"
+FUTURE_TIMESTAMP = "future_timestamp"
 
 _TS_MIN = datetime(2000, 1, 1, tzinfo=UTC)
 _TS_MAX = datetime(2100, 1, 1, tzinfo=UTC)
@@ -82,14 +83,18 @@ class Validator:
 
     Contract: every line of the message ends up in exactly one of the two lists. Nothing raises for bad input.
     A valid event is one the JSON Schema accepts and whose timestamp parses as an RFC 3339 instant with an offset
-    between 2000 and 2100. When `partitions` is given, an event whose logical request id does not hash to the
-    message's partition is rejected as wrong_partition, since splitting a logical request across partitions would
-    split its fold state.
+    between 2000 and 2100, at most `max_future_skew` ahead of the ingest time `now` the caller passes (later is
+    future_timestamp: one event from a skewed gateway clock would otherwise be priced at a future date and carry
+    the event-time clocks downstream with it). When `partitions` is given, an event whose logical request id does
+    not hash to the message's partition is rejected as wrong_partition, since splitting a logical request across
+    partitions would split its fold state.
     """
 
     def __init__(self, max_line_bytes: int = 16 * 1024, max_message_bytes: int = 1024 * 1024,
-                 schema: Mapping[str, Any] | None = None) -> None:
+                 schema: Mapping[str, Any] | None = None,
+                 max_future_skew: timedelta = timedelta(minutes=15)) -> None:
         schema = dict(schema or load_schema())
+        self.max_future_skew = max_future_skew
         self.max_line_bytes = max_line_bytes
         self.max_message_bytes = max_message_bytes
         self._full: Callable[[Any], Any] = fastjsonschema.compile(schema)
@@ -177,9 +182,9 @@ class Validator:
             return _classify(exc)
         return None
 
-    def validate_message(self, value: bytes | None, source: Source, partitions: int | None = None
-                         ) -> tuple[list[Accepted], list[Rejection]]:
-        """Split one Kafka message value into accepted events and rejections (one per bad line)."""
+    def validate_message(self, value: bytes | None, source: Source, partitions: int | None = None, *,
+                         now: datetime) -> tuple[list[Accepted], list[Rejection]]:
+        """Split one Kafka message value into accepted events and rejections (one per bad line); `now` = ingest time."""
         accepted: list[Accepted] = []
         rejected: list[Rejection] = []
         if value is None:
@@ -196,7 +201,7 @@ class Validator:
             line = raw_line[:-1] if raw_line.endswith(b"\r") else raw_line
             if not line.strip():
                 continue
-            ok, bad = self.validate_line(line, source, n, partitions)
+            ok, bad = self.validate_line(line, source, n, partitions, now)
             if ok is not None:
                 accepted.append(ok)
             else:
@@ -204,7 +209,7 @@ class Validator:
                 rejected.append(bad)
         return accepted, rejected
 
-    def validate_line(self, line: bytes, source: Source, n: int, partitions: int | None
+    def validate_line(self, line: bytes, source: Source, n: int, partitions: int | None, now: datetime
                       ) -> tuple[Accepted | None, Rejection | None]:
         """Validate one NDJSON line; exactly one of the two results is set."""
         if len(line) > self.max_line_bytes:
@@ -233,6 +238,14 @@ class Validator:
             return None, Rejection(BAD_TIMESTAMP, STAGE_VALIDATE,
                                    f"timestamp {ts_text!r} is not an RFC 3339 instant with an offset "
                                    "between 2000 and 2100", line, source, n, event["event_id"], "$.timestamp")
+        ahead = ts - now
+        if ahead > self.max_future_skew:
+            return None, Rejection(
+                FUTURE_TIMESTAMP, STAGE_VALIDATE,
+                f"timestamp {ts_text!r} is {_duration(ahead)} ahead of ingest time "
+                f"{now.astimezone(UTC).isoformat(timespec='seconds').replace('+00:00', 'Z')}, more than the "
+                f"{_duration(self.max_future_skew)} allowed (max_future_skew_s): fix the gateway's clock, then "
+                "replay", line, source, n, event["event_id"], "$.timestamp")
         parent = event.get("parent_request_id")
         logical = parent if parent else event["request_id"]
         if partitions is not None:
@@ -271,6 +284,16 @@ def _parse_ts(text: str) -> datetime | None:
     if not _TS_MIN <= ts < _TS_MAX:
         return None
     return ts
+
+
+def _duration(d: timedelta) -> str:
+    """A positive duration, briefly and exactly enough for a rejection message: 2d 3h 4m 5s."""
+    total = int(d.total_seconds())
+    days, rest = divmod(total, 86_400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [f"{n}{unit}" for n, unit in ((days, "d"), (hours, "h"), (minutes, "m"), (seconds, "s")) if n]
+    return " ".join(parts) or f"{d.total_seconds():.3f}s"
 
 
 def _json_type(v: object) -> str:

@@ -142,6 +142,8 @@ class Settings:
     session_timeout_s: float = 10.0
     max_line_bytes: int = 16 * 1024
     max_message_bytes: int = 1024 * 1024
+    # An event stamped more than this far ahead of its ingest time is dead-lettered as future_timestamp.
+    max_future_skew_s: float = 900.0
     log_level: str = "INFO"
     # Tests only: a named crash point (tally.failpoints), `name` or `name:n` to crash at its n-th pass.
     failpoint: str = ""
@@ -224,6 +226,8 @@ class Settings:
             out.append("fold_inactivity_s must be at least fold_settle_s")
         if self.sink_retry_s < 0:
             out.append(f"sink_retry_s must not be negative, got {self.sink_retry_s}")
+        if self.max_future_skew_s < 0:
+            out.append(f"max_future_skew_s must not be negative, got {self.max_future_skew_s}")
         if self.max_line_bytes > self.max_message_bytes:
             out.append("max_line_bytes must not exceed max_message_bytes")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -297,6 +297,10 @@ class OwnerRegistry:
           summarize_email_v2: {team: inbox, product: mail, cost_center: CC-2150}
         api_keys:                    # optional: api_key_id → team, optional product and overrides
           key_reports_batch: {team: data, product: analytics}
+        tenants: [tenant-000, acme]  # optional: the known tenant ids (absent = tenants are open-ended)
+
+    `cost_centers` are every cost center the version names (its teams' and its entries' overrides). `tenants` is
+    None when the version lists none: tenant tags are then not checked (enrich's lenient mode for tenants).
     """
 
     version: str
@@ -304,6 +308,8 @@ class OwnerRegistry:
     teams: Mapping[str, Team]
     features: Mapping[str, OwnerEntry]
     api_keys: Mapping[str, OwnerEntry]
+    cost_centers: frozenset[str] = frozenset()
+    tenants: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -675,7 +681,8 @@ def _owner_entries(p: _Problems, body: Mapping[str, Any], key: str, teams: set[s
 
 def _parse_owners(p: _Problems, body: Mapping[str, Any], version: str,
                   effective_at: datetime) -> OwnerRegistry:
-    _keys(p, (), body, ("kind", "version", "effective_at", "teams", "features"), ("api_keys", "description"))
+    _keys(p, (), body, ("kind", "version", "effective_at", "teams", "features"),
+          ("api_keys", "tenants", "description"))
     teams: dict[str, Team] = {}
     if "teams" in body:
         data = _mapping(p, ("teams",), body["teams"], "team id → cost_center, business_unit")
@@ -695,8 +702,27 @@ def _parse_owners(p: _Problems, body: Mapping[str, Any], version: str,
     named = set(body["teams"]) if isinstance(body.get("teams"), dict) else set()
     features = _owner_entries(p, body, "features", named, product_required=True)
     api_keys = _owner_entries(p, body, "api_keys", named, product_required=False)
+    cost_centers = frozenset(t.cost_center for t in teams.values()) | frozenset(
+        e.cost_center for e in (*features.values(), *api_keys.values()) if e.cost_center)
+    tenants = _tenant_ids(p, body["tenants"]) if "tenants" in body else None
     return OwnerRegistry(version, effective_at, MappingProxyType(teams), MappingProxyType(features),
-                         MappingProxyType(api_keys))
+                         MappingProxyType(api_keys), cost_centers, tenants)
+
+
+def _tenant_ids(p: _Problems, value: Any) -> frozenset[str]:
+    """The `tenants` list of an owners version: distinct, non-empty tenant ids."""
+    if not isinstance(value, list):
+        p.add(("tenants",), f"must be a list of tenant ids, got {_describe(value)}")
+        return frozenset()
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(value):
+        ident = _string(p, ("tenants", i), raw)
+        if ident is None:
+            continue
+        if ident in seen:
+            p.add(("tenants", i), f"duplicate tenant {ident!r} (also tenants[{seen[ident]}])")
+        seen.setdefault(ident, i)
+    return frozenset(seen)
 
 
 def _parse_budgets(p: _Problems, body: Mapping[str, Any], version: str, effective_at: datetime) -> BudgetSet:

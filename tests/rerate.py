@@ -89,11 +89,20 @@ class Oracle:
 
     def team(self, e: Mapping[str, Any], ts: datetime) -> str:
         tags = e.get("tags", {})
-        if tags.get("team_id"):
-            return str(tags["team_id"])
         reg = self._at(self.owners, ts)
         if reg is None:
-            return ""
+            return str(tags.get("team_id", ""))
+        teams = reg.get("teams") or {}
+        entries = [*(reg.get("features") or {}).values(), *(reg.get("api_keys") or {}).values()]
+        centers = {t["cost_center"] for t in teams.values()} | {x["cost_center"] for x in entries if "cost_center" in x}
+        tenants = reg.get("tenants")
+        if ((tags.get("team_id") and tags["team_id"] not in teams)
+                or (tags.get("feature_id") and tags["feature_id"] not in (reg.get("features") or {}))
+                or (tags.get("cost_center") and tags["cost_center"] not in centers)
+                or (tenants is not None and tags.get("tenant_id") and tags["tenant_id"] not in tenants)):
+            return ""  # a tag the registry does not know: unattributed
+        if tags.get("team_id"):
+            return str(tags["team_id"])
         feature = (reg.get("features") or {}).get(tags.get("feature_id", ""))
         if feature:
             return str(feature["team"])

@@ -178,7 +178,8 @@ def detect_stream(days: float, rate: float, seed: int, cache: Path | None
     requests = 0
     for partition, rows in cached_requests(gen, start + timedelta(days=days), cache):
         requests += len(rows)
-        for a in detector.observe(rows, partition):
+        replayed_at = max((datetime.fromisoformat(r["last_ts"]).timestamp() for r in rows), default=0.0)
+        for a in detector.observe(rows, partition, replayed_at):  # a replay, as if live: the wall clock = its events
             if a["state"] == "firing" and a["incident_id"] not in opened:
                 opened.add(a["incident_id"])
                 ours.pages.append((a["feature_id"], datetime.fromisoformat(a["detected_at"]), a["incident_id"]))

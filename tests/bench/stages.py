@@ -59,7 +59,7 @@ def measure_stages(pool: EventPool, count: int, partitions: int, repeats: int = 
         t0 = time.perf_counter()
         accepted = []
         for value, source in messages:
-            ok, _bad = validator.validate_message(value, source, partitions)
+            ok, _bad = validator.validate_message(value, source, partitions, now=now)
             accepted.extend(ok)
         t1 = time.perf_counter()
         rows, _rej = enrich(accepted, refs, now)
@@ -171,8 +171,9 @@ def measure_fold_memory(pool: EventPool, in_flight: int = 100_000, batch: int = 
     """
     refs = snapshot_of(reference_docs())
     now = datetime.now(UTC)
-    template, _ = enrich([a for v, s in _messages(pool, 2000, 4) for a in Validator().validate_message(v, s, 4)[0]],
-                         refs, now)
+    validator = Validator()
+    accepted = [a for v, s in _messages(pool, 2000, 4) for a in validator.validate_message(v, s, 4, now=now)[0]]
+    template, _ = enrich(accepted, refs, now)
     partitions = 4
     folder, state = Folder(FoldConfig(), partitions), {}
     rows = []

@@ -6,12 +6,16 @@ from decimal import Decimal as D
 import orjson
 import pytest
 
-from ops.reports.chargeback import UNATTRIBUTED, Period, build_report, parse_rules, run_report
+from ops.reports.chargeback import UNATTRIBUTED, Period, build_report, parse_rules, pct, run_report
 from ops.reports.chargeback import fetch as fetch_data
 from streams.fold import FoldConfig, Folder, apply_writes
-from streams.records import COST_COLUMNS
-from streams.sink import RequestWriter, SinkWriter
-from tests.factories import attempt_row_factory
+from streams.pipeline import FoldStep, process_messages
+from streams.records import COST_COLUMNS, Source
+from streams.sink import ATTEMPT_ROWS, REQUEST_ROWS, RequestWriter, SinkWriter, decode_rows
+from streams.validate import Validator
+from tally.partitioning import partition_for
+from tally.reference import snapshot_of
+from tests.factories import attempt_row_factory, event_factory
 
 pytestmark = pytest.mark.integration
 
@@ -217,3 +221,36 @@ def test_cli_renders_the_report_from_the_store_when_no_worker_runs(loaded, tmp_p
             main(bad)
         assert exit_.value.code == 2
         assert message in capsys.readouterr().err.replace("\n", " ")
+
+
+def test_spend_tagged_with_a_ghost_team_is_unattributed_not_billed(store, docs):
+    # Issue 11: `team_id: ghost_team` (not in the registry) was stored as attributed and billed to a team with no
+    # cost center. Through the real validate → enrich → fold → sinks, it now lands in the unattributed bucket.
+    ghost, known = (event_factory(timestamp=f"2026-11-15T12:00:0{i}Z", final=True,
+                                  tags={"team_id": team, "feature_id": "search_answer", "endpoint": SEARCH})
+                    for i, team in enumerate(("ghost_team", "search")))
+    messages = [(orjson.dumps(e), Source("llm.usage.v1", partition_for(e["request_id"], 4), i))
+                for i, e in enumerate((ghost, known))]
+    out = process_messages(messages, Validator(), snapshot_of(docs), 4, NOW,
+                           FoldStep(Folder(FoldConfig(), 4), {}, 4), NOW.timestamp())
+    attempts = [r for lines in out.attempts.values()
+                for r in decode_rows(b"\n".join(lines), Source("a", 0, 0), ATTEMPT_ROWS)[0]]
+    requests = [r for lines in out.requests.values()
+                for r in decode_rows(b"\n".join(lines), Source("r", 0, 0), REQUEST_ROWS)[0]]
+    assert (SinkWriter(store).write(attempts), RequestWriter(store).write(requests)) == (2, 2)
+    cost = {r["event_id"]: D(r["cost_total_usd"]) for r in attempts}
+    assert cost[ghost["event_id"]] > 0
+
+    report = build_report("chargeback", fetch_data(query_of(store), NOV, NOW), NOV, parse_rules(RULES, "r.yaml"),
+                          NOW, "chDB")
+    classes = {r["team"]: r["total_usd"] for r in table(report, "classes")}
+    assert classes == {"search": cost[known["event_id"]], UNATTRIBUTED: cost[ghost["event_id"]]}
+    charges = {r["team"]: r for r in table(report, "charges")}
+    assert "ghost_team" not in charges and charges[UNATTRIBUTED]["charged_usd"] is None  # charged to nobody
+    assert table(report, "unattributed") == [
+        {"reason": "unknown_team", "feature_id": "search_answer", "attempts": 1, "cost_usd": cost[ghost["event_id"]],
+         "pct_of_total": pct(cost[ghost["event_id"]], sum(cost.values()))}]
+    stored = store.query("SELECT team_id, tags['team_id'], attribution_reason, attribution_conflict FROM "
+                         f"{{db}}.usage_events WHERE event_id = '{ghost['event_id']}'").rows
+    assert [tuple(r) for r in stored] == [("", "ghost_team", "unknown_team",
+                                           "team_id: tag=ghost_team not in registry 2026-02-01")]

@@ -21,14 +21,17 @@ NOW = datetime(2026, 11, 20, 12, tzinfo=UTC)
 GRAINS = ("minute", "hour", "day")
 
 
-def run_batch(events, docs, folder):
-    """One batch through validate → enrich → fold, decoded as the sink would: (attempt rows, request rows)."""
+def run_batch(events, docs, folder, now=NOW):
+    """One batch through validate → enrich → fold, decoded as the sink would: (attempt rows, request rows).
+
+    `now` is the ingest time: events stamped more than the allowed skew after it are dead-lettered.
+    """
     by_partition: dict[int, list[bytes]] = {}
     for e in events:
         lid = e.get("parent_request_id") or e["request_id"]
         by_partition.setdefault(partition_for(lid, 4), []).append(orjson.dumps(e))
     messages = [(b"\n".join(lines), Source("llm.usage.v1", p, 0)) for p, lines in by_partition.items()]
-    out = process_messages(messages, Validator(), snapshot_of(docs), 4, NOW, FoldStep(folder, {}, 4), 0.0)
+    out = process_messages(messages, Validator(), snapshot_of(docs), 4, now, FoldStep(folder, {}, 4), 0.0)
     attempts, requests = [], []
     for lines in out.attempts.values():
         attempts += decode_rows(b"\n".join(lines), Source("a", 0, 0), ATTEMPT_ROWS)[0]

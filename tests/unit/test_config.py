@@ -47,3 +47,9 @@ def test_password_is_redacted_and_kept_secret():
 def test_to_env_round_trips():
     s = load_settings(env={}, topic_prefix="p.", partitions=6, web_port=7001)
     assert load_settings(env=s.to_env()) == s
+
+
+def test_the_future_skew_is_a_setting_and_must_not_be_negative():
+    assert load_settings(env={}).max_future_skew_s == 900.0
+    assert load_settings(env={"TALLY_MAX_FUTURE_SKEW_S": "60"}).max_future_skew_s == 60.0
+    assert Settings(max_future_skew_s=-1).problems() == ["max_future_skew_s must not be negative, got -1"]

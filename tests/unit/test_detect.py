@@ -40,9 +40,14 @@ def feed(detector: Detector, rows: Iterator[dict[str, Any]], per_batch: int = 50
     for row in rows:
         batch.append(row)
         if len(batch) == per_batch:
-            alerts += detector.observe(batch, 0)
+            alerts += detector.observe(batch, 0, live(batch))
             batch = []
-    return alerts + detector.observe(batch, 0)
+    return alerts + detector.observe(batch, 0, live(batch))
+
+
+def live(rows: list[dict[str, Any]]) -> float:
+    """The wall clock of a live stream: the time of its latest row (T0 when there is none)."""
+    return max((datetime.fromisoformat(r["last_ts"]).timestamp() for r in rows), default=T0.timestamp())
 
 
 def storm(rng: random.Random, ts: datetime, i: int) -> dict[str, Any]:
@@ -124,7 +129,7 @@ def test_a_restored_snapshot_continues_with_the_same_scores() -> None:
     alerts = feed(first, iter(rows[:1500]))
     snapshots = first.take_dirty()
     second = Detector(CONFIG)
-    second.restore(snapshots, {fid: 0 for fid in snapshots})
+    second.restore(snapshots, {fid: 0 for fid in snapshots}, live(rows[:1500]))
     second.clocks = dict(first.clocks)
     alerts += feed(second, iter(rows[1500:]))
     assert alerts == expected and expected
@@ -143,18 +148,51 @@ def test_a_replayed_batch_raises_the_same_incident() -> None:
     clocks = dict(d.clocks)
     first = feed(d, iter(rows[1950:]))
     again = Detector(CONFIG)
-    again.restore(snapshot, {fid: 0 for fid in snapshot})
+    again.restore(snapshot, {fid: 0 for fid in snapshot}, live(rows[:1950]))
     again.clocks = clocks
     second = feed(again, iter(rows[1950:]))
     assert first and [a["incident_key"] for a in first] == [a["incident_key"] for a in second]
     assert [a["incident_id"] for a in first] == [a["incident_id"] for a in second]
 
 
+def test_a_row_stamped_far_in_the_future_does_not_silence_its_partition() -> None:
+    # Issue 11: one request stamped 2099-06-01 used to carry the partition's clock there: every window of every
+    # feature on the partition jumped to 2099 and nothing alerted any more. Its time is now capped at the wall clock.
+    d = Detector(CONFIG)
+    assert feed(d, stream(60)) == []
+    wall = T0 + timedelta(minutes=60)
+    ahead = request_row(datetime(2099, 6, 1, tzinfo=UTC), feature_id="clock_skewed_feature")
+    assert d.observe([ahead], 0, wall.timestamp()) == []
+    assert d.clocks[0] == wall.timestamp()
+    window = d.features["clock_skewed_feature"].window
+    assert window is not None and window.start <= wall.timestamp() < window.end
+    fired = feed(d, stream(10, shape=storm, start=wall))
+    assert [(a["signal"], a["state"]) for a in fired] == [("retry_rate", "firing")]
+
+
+def test_a_snapshot_with_a_window_in_the_future_is_repaired_on_restore() -> None:
+    # A snapshot taken before row times were capped can hold a window opened by a row stamped 2099 (and the restored
+    # clock would start there): the window moves to the wall clock's, so the feature is judged again.
+    before = Detector(CONFIG)
+    feed(before, stream(60))
+    ahead = datetime(2099, 6, 1, tzinfo=UTC)
+    before.observe([request_row(ahead)], 0, ahead.timestamp())  # what an uncapped clock did
+    snapshots = before.take_dirty()
+    wall = T0 + timedelta(minutes=60)
+    d = Detector(CONFIG)
+    d.restore(snapshots, {fid: 0 for fid in snapshots}, wall.timestamp())
+    window = d.features["summarize_email_v2"].window
+    assert window is not None and window.start <= wall.timestamp() < window.end
+    assert d.clocks[0] <= wall.timestamp() and "summarize_email_v2" in d.take_dirty()
+    fired = feed(d, stream(10, shape=storm, start=wall))
+    assert [(a["signal"], a["state"]) for a in fired] == [("retry_rate", "firing")]
+
+
 def test_revisions_are_counted_once() -> None:
     d = Detector(CONFIG)
     d.evaluations = []
     row = request_row(T0)
-    d.observe([row, {**row, "revision": 2}, {**row, "revision": 1, "sign": -1}], 0)
+    d.observe([row, {**row, "revision": 2}, {**row, "revision": 1, "sign": -1}], 0, T0.timestamp())
     state = d.features["summarize_email_v2"]
     assert state.window is not None and state.window.total[0] == 1
 
@@ -162,7 +200,7 @@ def test_revisions_are_counted_once() -> None:
 def test_a_batch_spanning_windows_closes_them_in_order() -> None:
     d = Detector(DetectConfig(warmup_windows=1, min_requests=1))
     d.evaluations = []
-    d.observe(list(stream(5, per_minute=10)), 0)
+    d.observe(list(stream(5, per_minute=10)), 0, (T0 + timedelta(minutes=5)).timestamp())
     closed = [e for e in d.evaluations if not e.model]
     assert [(e.end - e.start) for e in closed] == [60, 60, 60]  # minutes 0-2 closed (lateness 60 s)
 
@@ -171,7 +209,7 @@ def test_an_idle_partition_advances_and_closes_its_windows() -> None:
     d = Detector(DetectConfig(warmup_windows=1, min_requests=1))
     d.evaluations = []
     rows = list(stream(1, per_minute=10))
-    d.observe(rows, 0)
+    d.observe(rows, 0, live(rows))
     assert d.evaluations == []
     d.advance(0, (T0 + timedelta(minutes=30)).timestamp())
     spent = sum(float(r["cost_total_usd"]) for r in rows)
@@ -182,7 +220,7 @@ def test_an_idle_partition_advances_and_closes_its_windows() -> None:
 
 def test_snapshots_refuse_a_foreign_version() -> None:
     d = Detector(CONFIG)
-    d.observe([request_row(T0)], 0)
+    d.observe([request_row(T0)], 0, T0.timestamp())
     blob = d.take_dirty()["summarize_email_v2"]
     assert load_state(blob).feature_id == "summarize_email_v2"
     assert load_state(dump_state(load_state(blob))).by_model.keys() == {"gpt-4.1"}
@@ -220,7 +258,7 @@ def test_a_model_with_a_minority_share_has_its_own_detectors() -> None:
 
 def test_a_silent_hour_in_the_daily_profile_divides_nothing_by_zero() -> None:
     d = Detector(DetectConfig(warmup_windows=1, min_requests=1, seasonal_min_samples=0))
-    d.observe([request_row(T0)], 0)
+    d.observe([request_row(T0)], 0, T0.timestamp())
     d.features["summarize_email_v2"].season = [0.0] * 24  # learned from hours with no spend at all
     d.evaluations = []
     d.advance(0, (T0 + timedelta(days=2)).timestamp())  # two idle days: windows of zero spend
@@ -231,10 +269,10 @@ def test_a_long_silence_is_skipped_after_the_empty_windows_that_resolve() -> Non
     cfg = DetectConfig(warmup_windows=1, min_requests=1)
     d = Detector(cfg)
     d.evaluations = []
-    d.observe(list(stream(1, per_minute=10)), 0)
+    d.observe(list(stream(1, per_minute=10)), 0, (T0 + timedelta(minutes=1)).timestamp())
     d.advance(0, (T0 + timedelta(days=14)).timestamp())  # old events replayed: two weeks of silence since
     closed = [e for e in d.evaluations if not e.model]
     # the window with traffic, then resolve_after empty 15-minute windows: not 1,344 of them
     assert len(closed) == 1 + cfg.resolve_after
-    d.observe([request_row(T0 + timedelta(days=14, seconds=5))], 0)
+    d.observe([request_row(T0 + timedelta(days=14, seconds=5))], 0, (T0 + timedelta(days=14, seconds=5)).timestamp())
     assert d.features["summarize_email_v2"].window.start >= (T0 + timedelta(days=14, minutes=-2)).timestamp()

@@ -155,9 +155,9 @@ def test_tags_win_and_the_conflict_is_recorded(examples):
     assert owner(row) == ("search", "mail", "CC-1100", "consumer", "attributed", "tag",
                           "team_id: tag=search registry=inbox")
     row = one(examples, tags={"team_id": "inbox", "feature_id": "summarize_email_v2", "product": "mail_pro",
-                              "cost_center": "CC-9"})
-    assert owner(row) == ("inbox", "mail_pro", "CC-9", "consumer", "attributed", "tag",
-                          "product: tag=mail_pro registry=mail; cost_center: tag=CC-9 registry=CC-2100")
+                              "cost_center": "CC-1100"})
+    assert owner(row) == ("inbox", "mail_pro", "CC-1100", "consumer", "attributed", "tag",
+                          "product: tag=mail_pro registry=mail; cost_center: tag=CC-1100 registry=CC-2100")
 
 
 def test_feature_cost_center_override(examples):
@@ -169,16 +169,74 @@ def test_feature_cost_center_override(examples):
 def test_api_key_is_the_fallback(examples):
     row = one(examples, tags={"api_key_id": "key_batch_reports"})
     assert owner(row) == ("data", "analytics", "CC-6100", "engineering", "attributed", "api_key_registry", "")
+    # A feature_id the registry does not know is not papered over by the key's team: it is unattributed.
     row = one(examples, tags={"feature_id": "not_registered", "api_key_id": "key_eval_runner"})
-    assert owner(row)[:6] == ("platform", "internal_platform", "CC-5100", "engineering", "attributed",
-                              "api_key_registry")
+    assert owner(row)[4:6] == ("unattributed", "unknown_feature")
 
 
 def test_team_tag_alone_takes_the_teams_cost_center(examples):
     assert owner(one(examples, tags={"team_id": "platform"})) == (
         "platform", "", "CC-5100", "engineering", "attributed", "tag", "")
-    assert owner(one(examples, tags={"team_id": "skunkworks", "feature_id": "nope"})) == (
-        "skunkworks", "", "", "", "attributed", "tag", "")
+
+
+def test_a_ghost_team_is_unattributed_not_billed(examples):
+    # Issue 11: `team_id: ghost_team` (not in the registry) used to be stored as attributed (reason tag), and the
+    # chargeback billed a team with no cost center.
+    row = one(examples, tags={"team_id": "ghost_team", "feature_id": "summarize_email_v2", "tenant_id": "t1"})
+    assert owner(row) == ("", "", "", "", "unattributed", "unknown_team",
+                          "team_id: tag=ghost_team not in registry 2026-02-01")
+    assert row["tags"]["team_id"] == "ghost_team"  # the tag's value stays on the row
+    assert (row["feature_id"], row["tenant_id"], row["ownership_version"]) == ("summarize_email_v2", "t1",
+                                                                               "2026-02-01")
+
+
+@pytest.mark.parametrize(("tags", "reason", "conflict"), [
+    ({"team_id": "inbox", "feature_id": "nope"}, "unknown_feature",
+     "feature_id: tag=nope not in registry 2026-02-01"),
+    ({"feature_id": "summarize_email_v2", "cost_center": "CC-9"}, "unknown_cost_center",
+     "cost_center: tag=CC-9 not in registry 2026-02-01"),
+    ({"team_id": "skunkworks", "feature_id": "nope", "cost_center": "CC-9"}, "unknown_team",
+     "team_id: tag=skunkworks not in registry 2026-02-01; feature_id: tag=nope not in registry 2026-02-01; "
+     "cost_center: tag=CC-9 not in registry 2026-02-01"),
+])
+def test_a_tag_the_registry_does_not_know_is_unattributed_with_its_value_kept(examples, tags, reason, conflict):
+    row = one(examples, tags=tags)
+    assert (row["team_id"], row["attribution_status"], row["attribution_reason"], row["attribution_conflict"]) == (
+        "", "unattributed", reason, conflict)
+    assert row["tags"] == tags and row["cost_center"] == tags.get("cost_center", "")
+
+
+def test_a_cost_center_any_team_or_entry_names_is_known(examples):
+    # CC-3150 is kb_article_draft's override, not a team's: a known cost center all the same.
+    row = one(examples, tags={"feature_id": "summarize_email_v2", "cost_center": "CC-3150"})
+    assert owner(row)[:6] == ("inbox", "mail", "CC-3150", "consumer", "attributed", "feature_registry")
+
+
+TENANTS = """kind: owners
+version: "t-strict"
+effective_at: "2026-11-01T00:00:00Z"
+teams: {inbox: {cost_center: CC-2100, business_unit: consumer}}
+features: {summarize_email_v2: {team: inbox, product: mail}}
+tenants: [tenant_acme, tenant-000]
+"""
+
+
+def test_tenants_are_checked_only_against_a_registry_that_lists_them(examples):
+    tags = {"feature_id": "summarize_email_v2", "tenant_id": "tenant_nobody_signed"}
+    # Lenient: the example registry lists no tenants (they are open-ended), so any tenant id is accepted.
+    assert owner(one(examples, tags=tags))[4:6] == ("attributed", "feature_registry")
+    strict = snapshot_of(parse_reference_yaml(TENANTS, "owners"))
+    row = one(strict, tags=tags)
+    assert owner(row) == ("", "", "", "", "unattributed", "unknown_tenant",
+                          "tenant_id: tag=tenant_nobody_signed not in registry t-strict")
+    assert row["tenant_id"] == "tenant_nobody_signed"
+    assert owner(one(strict, tags={**tags, "tenant_id": "tenant_acme"}))[4:6] == ("attributed", "feature_registry")
+    assert owner(one(strict, tags={"feature_id": "summarize_email_v2"}))[4:6] == ("attributed", "feature_registry")
+
+
+def test_with_no_registry_in_effect_tags_are_not_judged(examples):
+    row = one(examples, timestamp="2025-09-30T23:59:59.999Z", tags={"team_id": "ghost_team"})
+    assert owner(row)[:6] == ("ghost_team", "", "", "", "attributed", "tag")
 
 
 @pytest.mark.parametrize(("tags", "reason"), [
@@ -279,7 +337,8 @@ def test_long_context_tier_of_the_example_card(examples):
 
 
 def test_tools_are_priced_per_call_and_unknown_tools_are_partial(test_refs):
-    row = acme(test_refs, usage={}, tool_calls={"web_search": 3, "code_interpreter": 2, "file_search": 0})
+    row = acme(test_refs, usage={"input_tokens": 0},  # explicit zero: an ok call with `usage: {}` is no_usage
+               tool_calls={"web_search": 3, "code_interpreter": 2, "file_search": 0})
     assert row["cost_tools_usd"] == Decimal("0.03") and row["cost_total_usd"] == Decimal("0.03")
     assert row["pricing_status"] == "partial"
     assert row["pricing_note"] == "no price for tool 'code_interpreter' of acme/full: 2 calls unpriced"
@@ -313,6 +372,27 @@ def test_usage_not_reported_is_no_usage_not_zero(test_refs):
     assert costs(row) == ("0",) * 7
     assert (row["pricing_status"], row["usage_reported"]) == ("no_usage", False)
     assert row["pricing_note"] == "usage not reported by the provider: cost unknown, not zero"
+
+
+def test_an_ok_event_with_an_empty_usage_object_is_no_usage_not_a_priced_zero(examples):
+    # Issue 11: `status: ok` with `usage: {}` used to be stored at $0 as priced.
+    row = one(examples, usage={})
+    assert costs(row) == ("0",) * 7
+    assert (row["pricing_status"], row["usage_reported"], row["price_card_version"]) == (
+        "no_usage", False, "2026-11-01")
+    assert row["pricing_note"] == ("status ok but the usage object is empty (no token count at all): cost unknown, "
+                                   "not zero")
+    assert [r["pricing_status"] for r in (one(examples, usage={}, tool_calls={"web_search": 2}),
+                                          one(examples, usage={}, usage_reported=True))] == ["no_usage"] * 2
+
+
+def test_an_explicit_zero_from_the_provider_is_a_real_zero(examples):
+    for usage in ({"input_tokens": 0, "output_tokens": 0}, {"input_tokens": 0}):
+        row = one(examples, usage=usage)
+        assert (row["pricing_status"], row["usage_reported"], row["cost_total_usd"]) == ("priced", True, 0)
+    for status in ("error", "terminated"):  # a failed call may really have used nothing
+        row = one(examples, usage={}, status=status)
+        assert (row["pricing_status"], row["usage_reported"], row["cost_total_usd"]) == ("priced", True, 0)
 
 
 def test_terminated_stream_is_estimated_from_tokens_before_the_cut(test_refs):
@@ -475,7 +555,7 @@ def rerate(cards, event) -> dict:
     usage = event["usage"]
     n = {c: usage.get("cache_write_tokens" if c == "cache_write_5m" else f"{c}_tokens", 0) for c in CLASSES}
     status = "priced"
-    if not event["usage_reported"]:
+    if not event["usage_reported"] or (not usage and event.get("status", "ok") == "ok"):
         cut = event.get("stream_terminated_at_token_n")
         if cut is None:
             return {**zero, "status": "no_usage", "version": version}

@@ -196,6 +196,20 @@ def test_a_clock_skewed_event_does_not_close_every_open_request():
     assert run.folder.clocks[partition_for("L11", 4)].now_ms == int(WALL * 1000) + 300_000
 
 
+def test_a_future_event_in_the_state_does_not_move_a_rebuilt_clock():
+    # Issue 11: after a rebalance the clock is rebuilt from the state; an open request stamped 2099 in it must not
+    # carry the rebuilt clock to 2099 (which would settle or abandon every other open request of the partition).
+    run = Run()
+    p = partition_for("L12", 4)
+    ahead = next(f"F{i}" for i in range(200) if partition_for(f"F{i}", 4) == p)
+    run.fold(row("L12", status="error", ts_ms=T0))
+    run.fold(row(ahead, status="error", ts_ms=4_083_955_200_000))  # 2099-06-01, not final: it stays in the state
+    run.folder.forget()
+    assert run.fold(row(ahead, attempt=1, status="error", ts_ms=T0 + 1000)) == []
+    assert sorted(run.state) == sorted([b"L12", ahead.encode()])
+    assert run.folder.clocks[p].now_ms == int(WALL * 1000) + CONFIG.future_tolerance_ms
+
+
 def test_entry_round_trips():
     e = Entry([fact_of(row("L9"))], revision=2, emitted_ids=1, phase=1, due_ms=5)
     assert Entry.load(e.dump()) == e

@@ -165,6 +165,24 @@ def test_unknown_team_is_reported_at_its_line_with_suggestion():
     ]
 
 
+def test_owners_know_their_cost_centers_and_optionally_their_tenants():
+    plain = parse_reference_yaml(OWNERS + "  kb: {team: search, product: help, cost_center: CC-7}\n", "o")[0]
+    assert isinstance(plain.parsed, OwnerRegistry)
+    assert plain.parsed.cost_centers == {"CC-1", "CC-7"} and plain.parsed.tenants is None  # tenants open-ended
+    listed = parse_reference_yaml(OWNERS + "tenants: [acme, tenant-000]\n", "o")[0]
+    assert isinstance(listed.parsed, OwnerRegistry) and listed.parsed.tenants == {"acme", "tenant-000"}
+    again = ReferenceDoc.from_json(listed.to_json()).parsed  # the reference topic carries the list too
+    assert isinstance(again, OwnerRegistry) and again.tenants == {"acme", "tenant-000"}
+
+
+def test_tenant_list_problems():
+    assert problems_of(OWNERS + "tenants: acme\n", "o.yaml") == [
+        "o.yaml:8: tenants: must be a list of tenant ids, got str 'acme'"]
+    assert problems_of(OWNERS + "tenants: [acme, 7, acme]\n", "o.yaml") == [
+        "o.yaml:8: tenants[1]: must be a string (quote it), got int 7",
+        "o.yaml:8: tenants[2]: duplicate tenant 'acme' (also tenants[0])"]
+
+
 def test_owner_entry_problems():
     text = OWNERS.replace("{team: search, product: search}", "{team: search}") + \
         "  other: {team: search, product: x, cost_centre: CC-9}\n"

@@ -1,6 +1,6 @@
 import base64
 import copy
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
@@ -12,6 +12,7 @@ from streams.validate import Validator
 from tally.partitioning import partition_for
 
 SRC = Source("llm.usage.v1", 2, 41)
+NOW = datetime(2026, 11, 23, 10, 5, tzinfo=UTC)  # the injected ingest time; good() is stamped 5 minutes before
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def line(e) -> bytes:
 
 
 def check_one(v: Validator, raw: bytes, partitions=None):
-    ok, bad = v.validate_message(raw, SRC, partitions)
+    ok, bad = v.validate_message(raw, SRC, partitions, now=NOW)
     assert len(ok) + len(bad) == 1
     return (ok[0] if ok else None), (bad[0] if bad else None)
 
@@ -46,6 +47,44 @@ def test_valid_event_is_accepted_with_utc_ts_and_logical_id(v):
     assert ok.ts == datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
     assert ok.logical_id == "lr-9"
     assert ok.source == SRC and ok.line == 1
+
+
+def _iso(ts: datetime) -> str:
+    return ts.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def test_an_event_dated_far_ahead_of_ingest_time_is_dead_lettered_not_priced(v):
+    # Issue 11: one event stamped 2099-06-01 used to be accepted and priced, and carried the clocks with it.
+    raw = line(good(timestamp="2099-06-01T00:00:00Z"))
+    ok, bad = check_one(v, raw)
+    assert ok is None
+    assert (bad.reason, bad.stage, bad.path, bad.event_id, bad.raw) == (
+        "future_timestamp", "validate", "$.timestamp", "ev-1", raw)
+    assert bad.message.startswith("timestamp '2099-06-01T00:00:00Z' is 26487d 13h 55m ahead")
+    assert "ahead of ingest time 2026-11-23T10:05:00Z" in bad.message
+    assert "more than the 15m allowed" in bad.message
+
+
+@pytest.mark.parametrize(("ahead", "accepted"), [
+    (timedelta(minutes=15), True),                              # exactly the allowed skew
+    (timedelta(minutes=15, milliseconds=1), False),
+    (timedelta(days=1), False),
+    (-timedelta(days=400), True),                               # old events are late, not wrong
+])
+def test_the_skew_limit_is_measured_from_the_injected_ingest_time(v, ahead, accepted):
+    ok, bad = check_one(v, line(good(timestamp=_iso(NOW + ahead))))
+    assert (ok is not None) is accepted, bad and bad.message
+    # The same line with ingest time moved on by the same amount is always accepted: only `now` decides.
+    later = NOW + max(ahead, timedelta(0))
+    got, rejected = v.validate_message(line(good(timestamp=_iso(NOW + ahead))), SRC, now=later)
+    assert len(got) == 1 and rejected == []
+
+
+def test_the_skew_limit_is_configurable():
+    strict = Validator(max_future_skew=timedelta(0))
+    ok, bad = check_one(strict, line(good(timestamp=_iso(NOW + timedelta(seconds=1)))))
+    assert ok is None and bad.reason == "future_timestamp"
+    assert "more than the 0.000s allowed" in bad.message
 
 
 def test_logical_id_defaults_to_request_id(v):
@@ -95,16 +134,16 @@ def test_rejections_carry_precise_reason_and_path(v, raw, reason, path):
 def test_oversized_line_and_message():
     v = Validator(max_line_bytes=200, max_message_bytes=1000)
     big = line(good(tags={"team_id": "x" * 250}))
-    ok, bad = v.validate_message(big, SRC)
+    ok, bad = v.validate_message(big, SRC, now=NOW)
     assert not ok and bad[0].reason == "oversized" and "exceeds the 200-byte limit" in bad[0].message
-    ok, bad = v.validate_message(b"\n".join([line(good())] * 10), SRC)
+    ok, bad = v.validate_message(b"\n".join([line(good())] * 10), SRC, now=NOW)
     assert not ok and len(bad) == 1 and bad[0].reason == "oversized" and bad[0].line is None
 
 
 def test_bad_line_goes_alone_and_good_lines_of_the_message_survive(v):
     msg = b"\n".join([line(good(event_id="a")), b"{nope", line(good(event_id="b")), b"",
                       line(good(event_id="c", usage={"input_tokens": -2}))]) + b"\n"
-    ok, bad = v.validate_message(msg, SRC)
+    ok, bad = v.validate_message(msg, SRC, now=NOW)
     assert [a.event["event_id"] for a in ok] == ["a", "b"]
     assert [a.line for a in ok] == [1, 3]
     assert [(b.reason, b.line) for b in bad] == [("invalid_json", 2), ("negative_tokens", 5)]
@@ -112,22 +151,22 @@ def test_bad_line_goes_alone_and_good_lines_of_the_message_survive(v):
 
 
 def test_crlf_lines_are_accepted(v):
-    ok, bad = v.validate_message(line(good(event_id="a")) + b"\r\n" + line(good(event_id="b")) + b"\r\n", SRC)
+    ok, bad = v.validate_message(line(good(event_id="a")) + b"\r\n" + line(good(event_id="b")) + b"\r\n", SRC, now=NOW)
     assert len(ok) == 2 and not bad
 
 
 def test_wrong_partition(v):
     lid = "logical-42"
     right = partition_for(lid, 4)
-    ok, bad = v.validate_message(line(good(request_id=lid)), Source("t", right, 0), 4)
+    ok, bad = v.validate_message(line(good(request_id=lid)), Source("t", right, 0), 4, now=NOW)
     assert ok and not bad
-    ok, bad = v.validate_message(line(good(request_id=lid)), Source("t", (right + 1) % 4, 0), 4)
+    ok, bad = v.validate_message(line(good(request_id=lid)), Source("t", (right + 1) % 4, 0), 4, now=NOW)
     assert not ok and bad[0].reason == "wrong_partition"
     assert f"partition {right}" in bad[0].message
 
 
 def test_tombstone_is_rejected_not_raised(v):
-    ok, bad = v.validate_message(None, SRC)
+    ok, bad = v.validate_message(None, SRC, now=NOW)
     assert not ok and bad[0].reason == "invalid_json"
 
 
