@@ -118,6 +118,7 @@ class SinkStats:
     already_saved: int = 0
     retries: int = 0
     last_insert_s: float = 0.0
+    superseded: int = 0
 
 
 @dataclass
@@ -131,7 +132,9 @@ class SinkWriter:
       3. Insert the rest, column-oriented, with insert_deduplication_token = a hash of their event_ids and
          async_insert = 0. A retried insert of the same rows after a timeout is absorbed by ClickHouse's dedup window
          (usage_events and the event_ids view target both have one).
-      4. Return. A failure raises; the caller retries with backoff and never acks unsaved rows.
+      4. Supersede (streams.supersede): rows of the batch's physical calls that no longer count (an estimate
+         corrected by real usage) are subtracted from the rollups, once, in any arrival order.
+      5. Return. A failure raises; the caller retries with backoff and never acks unsaved rows.
     Not guaranteed: a duplicate arriving after the dedup window (default 7 days) is inserted again.
     """
 
@@ -153,6 +156,8 @@ class SinkWriter:
             self.store.insert_columns(self.table, columns, ATTEMPT_COLUMNS,
                                       insert_token(self.table, (r["event_id"] for r in fresh)))
             self.stats.last_insert_s = time.perf_counter() - started
+        from streams.supersede import supersede  # it builds on this module (insert_token)
+        self.stats.superseded += supersede(self.store, list(unique.values()))
         self.stats.batches += 1
         self.stats.rows_inserted += len(fresh)
         self.stats.duplicates_in_batch += dup_in_batch
