@@ -140,3 +140,19 @@ WHERE ingested_at >= now64(3) - INTERVAL {dedup_window_days} DAY;
 -- holds few rows (estimates and republished calls), so the anti-join reads a small set.
 CREATE VIEW IF NOT EXISTS {db}.usage_events_current AS
 SELECT * FROM {db}.usage_events WHERE event_id NOT IN (SELECT event_id FROM {db}.superseded_events);
+
+-- Calls whose rows were all saved before this migration (within the dedup window): supersede them now, as the sink
+-- would (the winner by call_rank: real usage, then latest ts, then event_id). Last, so a failed migration that is
+-- run again has not subtracted anything yet; the token absorbs a retried statement.
+INSERT INTO {db}.superseded_events
+SELECT u.event_id, u.request_id, w.winner AS superseded_by, w.at AS superseded_at, u.ts, u.usage_reported,
+       u.pricing_status, u.team_id, u.product, u.feature_id, u.model_actual, u.provider, u.tenant_id, u.environment,
+       u.attribution_status, u.input_tokens, u.output_tokens, u.reasoning_tokens, u.cache_read_tokens,
+       u.cache_write_tokens, u.cache_write_1h_tokens, u.cost_input_usd, u.cost_output_usd, u.cost_reasoning_usd,
+       u.cost_cache_read_usd, u.cost_cache_write_usd, u.cost_tools_usd, u.cost_total_usd
+FROM {db}.usage_events AS u
+INNER JOIN (SELECT request_id, argMax(event_id, (usage_reported, ts, event_id)) AS winner, max(ingested_at) AS at
+            FROM {db}.call_rows GROUP BY request_id HAVING uniqExact(event_id) > 1) AS w ON u.request_id = w.request_id
+WHERE u.event_id != w.winner AND u.event_id IN (SELECT event_id FROM {db}.call_rows)
+SETTINGS insert_deduplicate = 1, insert_deduplication_token = '009_superseded_events',
+         deduplicate_blocks_in_dependent_materialized_views = 1;

@@ -8,10 +8,14 @@ import pytest
 from ops.reports.chargeback import UNATTRIBUTED, Period, build_report
 from ops.reports.chargeback import fetch as fetch_chargeback
 from streams.budget import read_spend
+from streams.records import ATTEMPT_COLUMNS
 from streams.sink import SinkWriter, insert_token
 from streams.supersede import SUPERSEDED_COLUMNS, SUPERSEDED_TABLE
+from tally import store as store_module
+from tally.config import load_settings
 from tally.errors import StoreError
 from tally.reference import Budget, BudgetSet
+from tally.store import Store
 from tests.factories import attempt_row_factory
 
 pytestmark = pytest.mark.integration
@@ -154,3 +158,25 @@ def test_a_crash_between_the_row_and_its_supersession_is_completed_by_the_replay
     monkeypatch.setattr(store, "insert_columns", insert)
     assert writer.write([real]) == 0  # the replay: the row is saved already, its supersession is written now
     assert counted(store) == expect_once()
+
+
+@pytest.mark.parametrize("saved_before", ["estimate", "estimate and correction"])
+def test_migration_009_applies_to_a_database_that_already_holds_the_call(tmp_path, monkeypatch, saved_before):
+    settings = load_settings(env={}, data_dir=tmp_path)
+    before = [m for m in store_module.migrations() if m[0] < 9]
+    monkeypatch.setattr(store_module, "migrations", lambda: before)
+    estimate, real = call_rows("c-1")
+    old_rows = [estimate] if saved_before == "estimate" else [estimate, real]
+    with Store(settings) as old:
+        old.migrate()
+        # As the sink of before wrote them: usage_events (and its views) only, UInt64 rollup sums.
+        old.insert_columns("usage_events", [[r[c] for r in old_rows] for c in ATTEMPT_COLUMNS], ATTEMPT_COLUMNS,
+                           "before-009")
+        assert rollups(old, "day")[0] == len(old_rows)
+    monkeypatch.undo()
+    with Store(settings) as store:
+        assert store.migrate() == ["009_superseded_events.sql"]
+        if real in old_rows:  # the migration supersedes what is already there
+            assert counted(store) == expect_once()
+        SinkWriter(store).write([real])  # the correction arrives (or is replayed)
+        assert counted(store) == expect_once()
