@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 SUPERSEDED_TABLE = "superseded_events"
 # The usage_events columns a row's rollup contribution came from (migration 005) plus what identifies it.
 _USAGE_COLUMNS: tuple[str, ...] = (
-    "event_id", "request_id", "ts", "usage_reported", "pricing_status", "team_id", "product", "feature_id",
-    "model_actual", "provider", "tenant_id", "environment", "attribution_status", *TOKEN_CLASSES,
+    "event_id", "request_id", "logical_request_id", "ts", "usage_reported", "pricing_status", "team_id", "product",
+    "feature_id", "model_actual", "provider", "tenant_id", "environment", "attribution_status", *TOKEN_CLASSES,
     "cost_input_usd", "cost_output_usd", "cost_reasoning_usd", "cost_cache_read_usd", "cost_cache_write_usd",
     "cost_tools_usd", "cost_total_usd",
 )
@@ -33,6 +33,7 @@ _CHUNK = 10_000
 class CallRow:
     """One usage_events row of a physical call, as the lookup table call_rows holds it."""
 
+    logical_request_id: str
     request_id: str
     event_id: str
     usage_reported: bool
@@ -55,7 +56,10 @@ class Supersession:
     at: datetime
 
 
-def plan(calls: Mapping[str, Iterable[tuple[CallRow, bool]]]) -> list[Supersession]:
+Call = tuple[str, str]  # (logical_request_id, request_id): a physical call, as the fold groups attempts
+
+
+def plan(calls: Mapping[Call, Iterable[tuple[CallRow, bool]]]) -> list[Supersession]:
     """The rows to supersede now, given every (row, already superseded?) marker of each call; a pure function.
 
     Per call, the row of highest streams.fold.call_rank counts (as in the fold) and every other row must be
@@ -63,10 +67,10 @@ def plan(calls: Mapping[str, Iterable[tuple[CallRow, bool]]]) -> list[Supersessi
     `at` is the latest ingested_at of the call's rows: the same on any replay of the same rows.
     """
     out: list[Supersession] = []
-    for request_id in sorted(calls):
+    for call in sorted(calls):
         rows: dict[str, CallRow] = {}
         done: set[str] = set()
-        for row, superseded in calls[request_id]:
+        for row, superseded in calls[call]:
             rows.setdefault(row.event_id, row)
             if superseded:
                 done.add(row.event_id)
@@ -83,18 +87,20 @@ def _aware(t: datetime) -> datetime:
     return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
-def _calls(store: Store, request_ids: Sequence[str]) -> dict[str, list[tuple[CallRow, bool]]]:
-    """The markers of the calls among `request_ids` that have more than one row (table call_rows)."""
-    found: dict[str, list[tuple[CallRow, bool]]] = {}
+def _calls(store: Store, request_ids: Sequence[str]) -> dict[Call, list[tuple[CallRow, bool]]]:
+    """The markers of the calls of `request_ids` that have more than one row (table call_rows)."""
+    found: dict[Call, list[tuple[CallRow, bool]]] = {}
     for start in range(0, len(request_ids), _CHUNK):
         res = store.query(
-            "SELECT request_id, groupArray((event_id, usage_reported, ts, team_id, feature_id, ingested_at, "
-            "superseded)) FROM {db}.call_rows WHERE request_id IN (SELECT arrayJoin({ids:Array(String)})) "
-            "GROUP BY request_id HAVING uniqExact(event_id) > 1",
+            "SELECT logical_request_id, request_id, groupArray((event_id, usage_reported, ts, team_id, feature_id, "
+            "ingested_at, superseded)) FROM {db}.call_rows "
+            "WHERE request_id IN (SELECT arrayJoin({ids:Array(String)})) "
+            "GROUP BY logical_request_id, request_id HAVING uniqExact(event_id) > 1",
             parameters={"ids": list(request_ids[start:start + _CHUNK])})
-        for request_id, markers in res.rows:
-            found[request_id] = [
-                (CallRow(request_id, eid, bool(reported), _aware(ts), team, feature, _aware(at)), bool(superseded))
+        for lid, request_id, markers in res.rows:
+            found[(lid, request_id)] = [
+                (CallRow(lid, request_id, eid, bool(reported), _aware(ts), team, feature, _aware(at)),
+                 bool(superseded))
                 for eid, reported, ts, team, feature, at, superseded in markers]
     return found
 
@@ -120,8 +126,9 @@ def supersede(store: Store, rows: Sequence[Mapping[str, Any]]) -> int:
     """Subtract from every aggregate the rows of these rows' calls that no longer count; returns how many.
 
     Called by the sink after it has saved `rows` (the already-saved ones included), in the same executor thread:
-      1. Look up every row of their physical calls (request_id) and which are superseded already (call_rows, filled
-         by views of usage_events and superseded_events; TTL = the dedup window).
+      1. Look up every row of their physical calls (a request_id within its logical request, as in the fold) and
+         which are superseded already (call_rows, filled by views of usage_events and superseded_events; TTL = the
+         dedup window).
       2. `plan`: per call, the row that counts is the fold's; each other row not superseded yet is to be.
       3. Read those rows back from usage_events and insert them into superseded_events with a deterministic token
          (a hash of their event_ids): its view subtracts them from rollup_minute (→ hour → day), and

@@ -43,6 +43,7 @@ CREATE TABLE IF NOT EXISTS {db}.superseded_events
 (
     event_id               String,
     request_id             String,
+    logical_request_id     String,
     superseded_by          String,
     superseded_at          DateTime64(3, 'UTC'),
     ts                     DateTime64(3, 'UTC'),
@@ -100,7 +101,8 @@ SELECT toStartOfMinute(s.ts) AS bucket, team_id, product, feature_id, model_actu
 FROM {db}.superseded_events AS s
 GROUP BY bucket, team_id, product, feature_id, model_actual, provider, tenant_id, environment;
 
--- call_rows: the sink's "which rows does this physical call have, and which are already superseded?" lookup.
+-- call_rows: the sink's "which rows does this physical call have, and which are already superseded?" lookup. A call
+-- is a request_id within its logical request, as in the fold (two logical requests may reuse a request_id).
 -- One row per usage_events row (superseded = false) and one per superseded_events row (superseded = true), filled by
 -- materialized views in the same inserts. ORDER BY request_id: the sink asks for its batch's request_ids.
 -- (team_id, feature_id, ts, event_id) is usage_events' primary key: the sink reads a superseded row back by it.
@@ -108,14 +110,15 @@ GROUP BY bucket, team_id, product, feature_id, model_actual, provider, tenant_id
 -- A superseded marker lives from superseded_at, later than its row: the row's marker never outlives it.
 CREATE TABLE IF NOT EXISTS {db}.call_rows
 (
-    request_id      String,
-    event_id        String,
-    superseded      Bool,
-    usage_reported  Bool,
-    ts              DateTime64(3, 'UTC'),
-    team_id         LowCardinality(String),
-    feature_id      LowCardinality(String),
-    ingested_at     DateTime64(3, 'UTC')
+    request_id          String,
+    logical_request_id  String,
+    event_id            String,
+    superseded          Bool,
+    usage_reported      Bool,
+    ts                  DateTime64(3, 'UTC'),
+    team_id             LowCardinality(String),
+    feature_id          LowCardinality(String),
+    ingested_at         DateTime64(3, 'UTC')
 )
 ENGINE = ReplacingMergeTree
 ORDER BY (request_id, event_id, superseded)
@@ -123,17 +126,19 @@ TTL toDateTime(ingested_at) + INTERVAL {dedup_window_days} DAY
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.call_rows_mv TO {db}.call_rows AS
-SELECT request_id, event_id, false AS superseded, usage_reported, ts, team_id, feature_id, ingested_at
+SELECT request_id, logical_request_id, event_id, false AS superseded, usage_reported, ts, team_id, feature_id,
+       ingested_at
 FROM {db}.usage_events;
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.call_rows_superseded_mv TO {db}.call_rows AS
-SELECT request_id, event_id, true AS superseded, usage_reported, ts, team_id, feature_id,
+SELECT request_id, logical_request_id, event_id, true AS superseded, usage_reported, ts, team_id, feature_id,
        superseded_at AS ingested_at
 FROM {db}.superseded_events;
 
 -- Rows saved within the dedup window before this migration: a correction arriving after it finds its estimate.
 INSERT INTO {db}.call_rows
-SELECT request_id, event_id, false, usage_reported, ts, team_id, feature_id, ingested_at FROM {db}.usage_events
+SELECT request_id, logical_request_id, event_id, false, usage_reported, ts, team_id, feature_id, ingested_at
+FROM {db}.usage_events
 WHERE ingested_at >= now64(3) - INTERVAL {dedup_window_days} DAY;
 
 -- Each physical call once, at its latest cost (row-level reports: chargeback, FOCUS, reconcile). superseded_events
@@ -145,14 +150,16 @@ SELECT * FROM {db}.usage_events WHERE event_id NOT IN (SELECT event_id FROM {db}
 -- would (the winner by call_rank: real usage, then latest ts, then event_id). Last, so a failed migration that is
 -- run again has not subtracted anything yet; the token absorbs a retried statement.
 INSERT INTO {db}.superseded_events
-SELECT u.event_id, u.request_id, w.winner AS superseded_by, w.at AS superseded_at, u.ts, u.usage_reported,
+SELECT u.event_id, u.request_id, u.logical_request_id, w.winner AS superseded_by, w.at AS superseded_at, u.ts, u.usage_reported,
        u.pricing_status, u.team_id, u.product, u.feature_id, u.model_actual, u.provider, u.tenant_id, u.environment,
        u.attribution_status, u.input_tokens, u.output_tokens, u.reasoning_tokens, u.cache_read_tokens,
        u.cache_write_tokens, u.cache_write_1h_tokens, u.cost_input_usd, u.cost_output_usd, u.cost_reasoning_usd,
        u.cost_cache_read_usd, u.cost_cache_write_usd, u.cost_tools_usd, u.cost_total_usd
 FROM {db}.usage_events AS u
-INNER JOIN (SELECT request_id, argMax(event_id, (usage_reported, ts, event_id)) AS winner, max(ingested_at) AS at
-            FROM {db}.call_rows GROUP BY request_id HAVING uniqExact(event_id) > 1) AS w ON u.request_id = w.request_id
+INNER JOIN (SELECT request_id, logical_request_id, argMax(event_id, (usage_reported, ts, event_id)) AS winner,
+                   max(ingested_at) AS at
+            FROM {db}.call_rows GROUP BY request_id, logical_request_id HAVING uniqExact(event_id) > 1) AS w
+        ON u.request_id = w.request_id AND u.logical_request_id = w.logical_request_id
 WHERE u.event_id != w.winner AND u.event_id IN (SELECT event_id FROM {db}.call_rows)
 SETTINGS insert_deduplicate = 1, insert_deduplication_token = '009_superseded_events',
          deduplicate_blocks_in_dependent_materialized_views = 1;

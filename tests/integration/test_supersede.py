@@ -180,3 +180,12 @@ def test_migration_009_applies_to_a_database_that_already_holds_the_call(tmp_pat
             assert counted(store) == expect_once()
         SinkWriter(store).write([real])  # the correction arrives (or is replayed)
         assert counted(store) == expect_once()
+
+
+def test_a_request_id_reused_by_another_logical_request_is_another_call(store):
+    estimate, real = call_rows("c-1")
+    elsewhere = {**real, "event_id": "c-1-elsewhere", "logical_request_id": "lr-other"}
+    writer = SinkWriter(store)
+    writer.write([estimate, real, elsewhere])
+    assert writer.stats.superseded == 1
+    assert rollups(store, "day")[:3] == (2, 150, str(2 * REAL_COST))
