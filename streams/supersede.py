@@ -71,9 +71,11 @@ def plan(calls: Mapping[Call, Iterable[tuple[CallRow, bool]]]) -> list[Supersess
         rows: dict[str, CallRow] = {}
         done: set[str] = set()
         for row, superseded in calls[call]:
-            rows.setdefault(row.event_id, row)
-            if superseded:
+            if superseded:  # its marker carries superseded_at as ingested_at: the row's own marker wins
                 done.add(row.event_id)
+                rows.setdefault(row.event_id, row)
+            else:
+                rows[row.event_id] = row
         if len(rows) < 2:
             continue
         winner = max(rows.values(), key=lambda r: r.rank)
