@@ -123,10 +123,17 @@ def effective(facts: Iterable[Fact]) -> list[Fact]:
     return sorted(by_call.values(), key=lambda f: (f["attempt"], f["ts_ms"], f["event_id"]))
 
 
+def call_rank(usage_reported: bool, ts_ms: int, event_id: str) -> tuple[bool, int, str]:
+    """The row of a physical call that counts is the one of highest rank: real usage, then latest ts, then event_id.
+
+    The sink ranks the rows of a call the same way (streams.supersede), so aggregates agree with the fold.
+    """
+    return bool(usage_reported), ts_ms, event_id
+
+
 def _supersedes(new: Fact, old: Fact) -> bool:
-    if new["usage_reported"] != old["usage_reported"]:
-        return bool(new["usage_reported"])
-    return (new["ts_ms"], new["event_id"]) > (old["ts_ms"], old["event_id"])
+    return (call_rank(new["usage_reported"], new["ts_ms"], new["event_id"])
+            > call_rank(old["usage_reported"], old["ts_ms"], old["event_id"]))
 
 
 def _answer(ordered: Sequence[Fact]) -> tuple[Fact, str, str]:

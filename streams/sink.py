@@ -170,6 +170,7 @@ class Plan:
 
     pieces: list[Piece]
     rejections: list[Rejection] = field(default_factory=list)
+    finish: Callable[[], int] | None = None  # an idempotent step after every piece landed (supersede)
 
 
 @dataclass
@@ -212,6 +213,7 @@ class SinkStats:
     conflicting_duplicates: int = 0
     retries: int = 0
     last_insert_s: float = 0.0
+    superseded: int = 0
 
 
 def run_plan(writer: Writer, rows: Sequence[dict[str, Any]]) -> int:
@@ -226,6 +228,8 @@ def run_plan(writer: Writer, rows: Sequence[dict[str, Any]]) -> int:
                           f"({plan.rejections[0].reason}: {plan.rejections[0].message})")
     for piece in plan.pieces:
         writer.insert(piece)
+    if plan.finish is not None:
+        plan.finish()
     return sum(len(p.rows) for p in plan.pieces)
 
 
@@ -258,6 +262,9 @@ class SinkWriter:
       5. Insert the pieces; write_with_retry re-sends a failed piece unchanged. A re-sent block is deduplicated in
          usage_events and event_ids but still pushed through every materialized view, whose targets dedup by
          their own derived tokens: a view that failed the first time gets its rows, none gets them twice.
+      6. Supersede (streams.supersede), after every piece landed: rows of the batch's physical calls that no
+         longer count (an estimate corrected by real usage) are subtracted from the rollups, once, in any arrival
+         order; idempotent, so it is retried like an insert and redone by a replay.
     Not guaranteed: a duplicate arriving after the dedup window (default 7 days) is inserted again; an event saved
     before migration 008 has no hash, so any later copy of it counts as a duplicate; a batch whose view failure
     outlasts the retries stops the worker, and its replay (rows already in event_ids) cannot reach the failed view
@@ -292,7 +299,19 @@ class SinkWriter:
         self.stats.conflicting_duplicates += len(rejections)
         self.stats.batches += 1
         pieces = make_pieces(self.table, ((r,) for r in fresh), self.key, lambda g: (utc_day(g[0]["ts"]),))
-        return Plan(pieces, rejections)
+        counted: dict[str, dict[str, Any]] = {}  # each event_id once, as it counts (conflicting copies never do)
+        for row in rows:
+            if held[row["event_id"]] in (row["content_hash"], ""):
+                counted.setdefault(row["event_id"], row)
+        return Plan(pieces, rejections, functools.partial(self.supersede, list(counted.values())))
+
+    def supersede(self, rows: Sequence[dict[str, Any]]) -> int:
+        """Step 6. Runs in the sink's executor thread; returns how many rows it superseded now."""
+        from streams.supersede import supersede  # it builds on this module (insert_token)
+
+        n = supersede(self.store, list(rows))
+        self.stats.superseded += n
+        return n
 
     def key(self, row: dict[str, Any]) -> str:
         return str(row["event_id"])
@@ -580,4 +599,6 @@ async def write_with_retry(writer: Writer, rows: Sequence[dict[str, Any]], execu
         backoff.delay = 0.2
         queue.pop(0)
         inserted += len(piece.rows)
+    if plan.finish is not None:
+        await backoff.run(executor, f"finishing {len(rows)} rows", plan.finish)
     return Written(inserted, plan.rejections)

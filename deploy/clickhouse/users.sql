@@ -17,6 +17,9 @@ GRANT SELECT ON tally.logical_request_heads TO tally_writer;
 GRANT SELECT ON tally.logical_requests TO tally_writer;
 GRANT SELECT ON tally.rollup_minute TO tally_writer;
 GRANT SELECT ON tally.rollup_hour TO tally_writer;
+-- Superseded rows (streams/supersede.py): the lookup of a call's rows, and a superseded row read back by its key.
+GRANT SELECT ON tally.call_rows TO tally_writer;
+GRANT SELECT ON tally.usage_events TO tally_writer;
 
 -- Dashboards (Grafana's datasource, the live page in server mode): read-only, with time and result caps.
 CREATE SETTINGS PROFILE IF NOT EXISTS tally_dashboard_profile SETTINGS
@@ -39,9 +42,13 @@ GRANT SELECT ON tally.logical_requests_current TO tally_team_reader;
 GRANT SELECT ON tally.rollup_minute TO tally_team_reader;
 GRANT SELECT ON tally.rollup_hour TO tally_team_reader;
 GRANT SELECT ON tally.rollup_day TO tally_team_reader;
+GRANT SELECT ON tally.superseded_events TO tally_team_reader;
+GRANT SELECT ON tally.usage_events_current TO tally_team_reader;
 CREATE ROW POLICY IF NOT EXISTS tally_team_usage_events ON tally.usage_events
     USING team_id = replaceOne(currentUser(), 'team_', '') TO tally_team_reader;
 CREATE ROW POLICY IF NOT EXISTS tally_team_logical_requests ON tally.logical_requests
+    USING team_id = replaceOne(currentUser(), 'team_', '') TO tally_team_reader;
+CREATE ROW POLICY IF NOT EXISTS tally_team_superseded_events ON tally.superseded_events
     USING team_id = replaceOne(currentUser(), 'team_', '') TO tally_team_reader;
 CREATE ROW POLICY IF NOT EXISTS tally_team_rollup_minute ON tally.rollup_minute
     USING team_id = replaceOne(currentUser(), 'team_', '') TO tally_team_reader;
@@ -52,6 +59,8 @@ CREATE ROW POLICY IF NOT EXISTS tally_team_rollup_day ON tally.rollup_day
 -- A table with a row policy hides its rows from everyone the policies do not name: everyone else sees all rows.
 CREATE ROW POLICY IF NOT EXISTS tally_all_usage_events ON tally.usage_events USING 1 TO ALL EXCEPT tally_team_reader;
 CREATE ROW POLICY IF NOT EXISTS tally_all_logical_requests ON tally.logical_requests
+    USING 1 TO ALL EXCEPT tally_team_reader;
+CREATE ROW POLICY IF NOT EXISTS tally_all_superseded_events ON tally.superseded_events
     USING 1 TO ALL EXCEPT tally_team_reader;
 CREATE ROW POLICY IF NOT EXISTS tally_all_rollup_minute ON tally.rollup_minute USING 1 TO ALL EXCEPT tally_team_reader;
 CREATE ROW POLICY IF NOT EXISTS tally_all_rollup_hour ON tally.rollup_hour USING 1 TO ALL EXCEPT tally_team_reader;

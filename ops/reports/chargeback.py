@@ -254,8 +254,8 @@ def allocate(amount: Decimal, weights: Mapping[str, int | Decimal],
 #   at its latest revision, dated by its first attempt; waste is a property of a request, not of an attempt).
 # - reasoning tokens per request p50/p90 per endpoint: logical_requests_current (row level, each request once;
 #   exact quantiles: the rollups' t-digest states have no endpoint and weigh revised requests twice).
-# - unattributed cost by reason, deploy_version first seen, cost centers: usage_events (the only table with those
-#   columns per attempt).
+# - unattributed cost by reason, deploy_version first seen, cost centers: usage_events_current (the only table with
+#   those columns per attempt; usage_events without the rows superseded by a later row of the same call).
 # Money columns are read with toString (exact through the worker's JSON API too) and summed or divided in Python:
 # ClickHouse's division of two Decimal(38, 18) sums overflows silently.
 def _dt(d: date | datetime) -> str:
@@ -310,16 +310,17 @@ def build_queries(period: Period, wow_to: datetime) -> dict[str, str]:
         "unattributed": (
             "SELECT attribution_reason, feature_id, toInt64(count()) AS attempts, "
             "toString(sum(cost_total_usd)) AS cost_usd "
-            f"FROM {{db}}.usage_events WHERE {in_period_ts} AND attribution_status = 'unattributed' "
+            f"FROM {{db}}.usage_events_current WHERE {in_period_ts} AND attribution_status = 'unattributed' "
             "GROUP BY attribution_reason, feature_id ORDER BY attribution_reason, feature_id"),
         "deploys": (
             "SELECT team_id, if(endpoint != '', endpoint, feature_id) AS endpoint_key, deploy_version, "
-            "toString(min(ts)) AS first_seen FROM {db}.usage_events "
+            "toString(min(ts)) AS first_seen FROM {db}.usage_events_current "
             f"WHERE ts >= {_dt64(lookback)} AND ts < {_dt64(period.end)} AND deploy_version != '' "
             "GROUP BY team_id, endpoint_key, deploy_version ORDER BY team_id, endpoint_key, first_seen"),
         "cost_centers": (
             "SELECT team_id, arrayStringConcat(arraySort(groupUniqArray(cost_center)), ', ') AS cost_centers "
-            f"FROM {{db}}.usage_events WHERE {in_period_ts} AND team_id != '' GROUP BY team_id ORDER BY team_id"),
+            f"FROM {{db}}.usage_events_current WHERE {in_period_ts} AND team_id != '' "
+            "GROUP BY team_id ORDER BY team_id"),
     }
 
 

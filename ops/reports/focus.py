@@ -107,7 +107,7 @@ def _group_sql(day: date, long_expr: str) -> str:
     return f"""
 SELECT provider, model_actual, price_card_version, batch, service_tier, {long_expr} AS long_context,
        {', '.join(OWNER_TAGS)}, {sums}, {costs}, toString(sum(cost_tools_usd)), sumMap(tool_calls), count()
-FROM {{db}}.usage_events
+FROM {{db}}.usage_events_current
 WHERE {ts_window_sql(day, day + timedelta(days=1))}
 GROUP BY {', '.join(_GROUP)}
 ORDER BY {', '.join(_GROUP)}"""
@@ -251,7 +251,8 @@ def _row(common: Mapping[str, Any], cost: Decimal, consumed: int, consumed_unit:
 def export_focus(query: Query, cards: Mapping[str, PriceCard], start: date, end: date,
                  step: Callable[[str], None] = lambda label: None) -> Export:
     """Build the FOCUS rows of usage_events with ts in the UTC days [start, end); one query per day (`step`)."""
-    _, combos = query(f"SELECT DISTINCT price_card_version, provider, model_actual FROM {{db}}.usage_events "
+    _, combos = query("SELECT DISTINCT price_card_version, provider, model_actual "
+                      f"FROM {{db}}.usage_events_current "
                       f"WHERE {ts_window_sql(start, end)}")
     long_expr = long_context_sql(combos, cards)
     export = Export()

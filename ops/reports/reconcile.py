@@ -314,7 +314,7 @@ SELECT provider, model_actual,
        toString(sum(cost_cache_read_usd)), toString(sum(cost_cache_write_usd)), toString(sum(cost_tools_usd)),
        sum(input_tokens), sum(output_tokens) + sum(reasoning_tokens), sum(cache_read_tokens),
        sum(cache_write_tokens) + sum(cache_write_1h_tokens), sum(arraySum(mapValues(tool_calls)))
-FROM {{db}}.usage_events
+FROM {{db}}.usage_events_current
 WHERE {ts_window_sql(day, day + _ONE_DAY)}
 GROUP BY provider, model_actual"""
 

@@ -37,7 +37,7 @@ SELECT event_id, toString(ts), provider, model_actual, batch, service_tier, usag
        stream_terminated_at_token_n, input_tokens, output_tokens, reasoning_tokens, cache_read_tokens,
        cache_write_tokens, cache_write_1h_tokens, tool_calls, toString(cost_total_usd), price_card_version,
        pricing_status, team_id, product, feature_id, tenant_id, cost_center
-FROM {{db}}.usage_events
+FROM {{db}}.usage_events_current
 WHERE {ts_window_sql(day, date.fromordinal(day.toordinal() + 1))}
 ORDER BY event_id"""
 
