@@ -211,7 +211,7 @@ def test_migration_008_applies_on_an_existing_database(tmp_path, monkeypatch):
         s.insert_columns("usage_events", [[old[c]] for c in ATTEMPT_COLUMNS], ATTEMPT_COLUMNS, "test:old")
     monkeypatch.setattr(store_module, "migrations", real)
     with Store(settings) as s:
-        assert s.migrate() == ["008_content_hash.sql"]
+        assert s.migrate() == [name for n, name, _ in real() if n >= 8]  # 008 and every later one
         assert s.migrate() == []
         assert s.saved_event_hashes([old["event_id"]]) == {old["event_id"]: ""}
         copy = {**old, "payload": orjson.dumps(event_factory()).decode()}

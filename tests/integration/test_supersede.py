@@ -175,7 +175,7 @@ def test_migration_009_applies_to_a_database_that_already_holds_the_call(tmp_pat
         assert rollups(old, "day")[0] == len(old_rows)
     monkeypatch.undo()
     with Store(settings) as store:
-        assert store.migrate() == ["009_superseded_events.sql"]
+        assert store.migrate() == [name for n, name, _ in store_module.migrations() if n >= 9]
         if real in old_rows:  # the migration supersedes what is already there
             assert counted(store) == expect_once()
         SinkWriter(store).write([real])  # the correction arrives (or is replayed)

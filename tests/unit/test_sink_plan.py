@@ -20,6 +20,7 @@ from streams.sink import (
     write_with_retry,
 )
 from tally.errors import SinkGaveUp, SinkRefused, StoreError
+from tally.store import QueryResult
 from tests.factories import attempt_row_factory, event_factory
 
 NOW = datetime.now(UTC)
@@ -33,6 +34,10 @@ class FakeStore:
         self.inserts: list[tuple[str, int, str]] = []  # (table, rows, token) of every insert that landed
         self.fail = list(fail or [])
         self.calls = 0
+
+    def query(self, sql: str, parameters: dict[str, object] | None = None) -> QueryResult:
+        """Reads of other tables (the supersede step's call_rows): this store holds none of their rows."""
+        return QueryResult([], [])
 
     def saved_event_hashes(self, ids: list[str]) -> dict[str, str]:
         return {i: self.hashes[i] for i in ids if i in self.hashes}
