@@ -228,7 +228,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     stored: dict[str, Any] = {}  # topic → async () -> {partition: last offset whose effects are durable}
 
     async def recover_positions(assigned: set[TP]) -> dict[TP, int]:
-        """After an assignment: the offset to resume each owned partition from (stored position + 1)."""
+        """After an assignment: the offset to resume each owned partition from (stored position + 1, else 0)."""
         out: dict[TP, int] = {}
         for topic, guard in guards.items():
             partitions = {tp.partition for tp in assigned if tp.topic == topic}
@@ -237,7 +237,10 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             positions = await stored[topic]()
             crash.hit("rebalance")
             guard.reset(positions, partitions)
-            out.update({TP(topic, p): positions[p] + 1 for p in partitions if p in positions})
+            # No stored position: nothing of this partition is known to be saved, whatever Kafka's committed offset
+            # says (it can run past input whose outputs never landed). Read it from its beginning: every stage is
+            # idempotent, so a replay costs time, never money.
+            out.update({TP(topic, p): positions[p] + 1 if p in positions else 0 for p in partitions})
         if out:
             log.info("resuming from stored positions: %s",
                      ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(out.items())))
