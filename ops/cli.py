@@ -439,7 +439,10 @@ def wait_cmd(c: Ctx, timeout: float) -> None:
 
 
 def run_query(s: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
-    """Read-only SQL: through the running worker in embedded mode, else directly against ClickHouse."""
+    """One SELECT over tally's tables, through Store.api_query's allow-list and caps.
+
+    Embedded mode: through the running worker (with the API token when set); else directly against ClickHouse.
+    """
     from ops import stack
     from tally.store import Store
 
@@ -450,7 +453,7 @@ def run_query(s: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
         except OSError:
             pass  # no worker answers: nobody holds the chDB directory, open it directly
     with Store(s) as store:
-        r = store.query(sql)
+        r = store.api_query(sql)
         return r.columns, [list(row) for row in r.rows]
 
 

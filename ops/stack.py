@@ -50,8 +50,11 @@ def worker_pid(settings: Settings, role: str) -> int | None:
 def api(settings: Settings, path: str, payload: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
     """Call the worker's HTTP API (GET, or POST with a JSON body); raises OSError when nobody answers."""
     data = orjson.dumps(payload) if payload is not None else None
+    headers = {"Content-Type": "application/json"} if data else {}
+    if settings.api_token:
+        headers["Authorization"] = f"Bearer {settings.api_token}"
     req = urllib.request.Request(settings.web_url + path, data=data,  # noqa: S310 - the worker own http URL
-                                 headers={"Content-Type": "application/json"} if data else {})
+                                 headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - the worker's own http URL
             return orjson.loads(resp.read())

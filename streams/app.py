@@ -20,6 +20,7 @@ from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 from faust.web import Request, Response, View
 
+from streams.auth import UNAUTHORIZED, authorized
 from streams.budget import evaluate, read_spend
 from streams.detect import DetectConfig, Detector
 from streams.fold import FoldConfig, Folder
@@ -589,20 +590,34 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             """llm.cost.alerts.v1 → anomalies (anomaly records; budget alerts are passed over)."""
             await sink_batches(stream, anomaly_writer, decode_anomalies, anomaly_writer.stats)
 
+        # API queries: their own connections and threads (Store.api_query), never the sink's executor.
+        query_slots = asyncio.Semaphore(settings.query_max_concurrent)
+        query_executor = ThreadPoolExecutor(max_workers=settings.query_max_concurrent, thread_name_prefix="query")
+
         @app.page("/api/query")
         class QueryView(View):
-            """Read-only SQL through the worker that owns the embedded ClickHouse (what `tally query` uses)."""
+            """Read-only SQL (what `tally query` sends): one SELECT over tally's tables, capped, beside the sink.
+
+            400: refused by the allow-list or cut by a limit (the message says which); 401: no valid token;
+            429: `query_max_concurrent` queries already run.
+            """
 
             async def post(self, request: Request) -> Response:
+                if not authorized(request, settings):
+                    return _json_response(self, UNAUTHORIZED, status=401)
                 body = await request.json()
                 sql = body.get("sql") if isinstance(body, dict) else None
                 if not isinstance(sql, str) or not sql.strip():
                     return _json_response(self, {"error": "POST {\"sql\": \"SELECT …\"}"}, status=400)
+                if query_slots.locked():
+                    return _json_response(self, {"error": f"{settings.query_max_concurrent} queries already run; "
+                                                          "try again later"}, status=429)
                 loop = asyncio.get_running_loop()
-                try:
-                    res = await loop.run_in_executor(executor, writer.store.query, sql)
-                except StoreError as exc:
-                    return _json_response(self, {"error": str(exc)}, status=400)
+                async with query_slots:
+                    try:
+                        res = await loop.run_in_executor(query_executor, writer.store.api_query, sql)
+                    except StoreError as exc:
+                        return _json_response(self, {"error": str(exc)}, status=400)
                 return _json_response(self, {"columns": res.columns, "rows": res.rows})
 
     if serves_web:
@@ -611,6 +626,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             """Worker counters as JSON."""
 
             async def get(self, request: Request) -> Response:
+                if not authorized(request, settings):
+                    return _json_response(self, UNAUTHORIZED, status=401)
                 sink = writer.stats  # only sink and all roles serve the web API
                 return _json_response(self, {**asdict(stats), "sink_rows_inserted": sink.rows_inserted,
                                              "sink_duplicates_skipped": sink.duplicates_in_batch + sink.already_saved,
@@ -623,7 +640,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                                              "uptime_s": round(time.time() - stats.started_at, 1)})
 
         from streams.dashboard import register_dashboard  # the live page: /dashboard/ and /api/panels
-        register_dashboard(app, writer.store, executor, budget_states)
+        register_dashboard(app, writer.store, executor, budget_states, settings)
 
     app.tally_stats = stats  # type: ignore[attr-defined]
     return app

@@ -15,6 +15,8 @@ import orjson
 from faust.web import Request, Response, View
 
 import tally.dashboard
+from streams.auth import UNAUTHORIZED, authorized
+from tally.config import Settings
 from tally.dashboard.panels import (
     DEFAULT_RANGE,
     PANELS_BY_ID,
@@ -50,7 +52,7 @@ def _json(view: View, payload: Any, status: int = 200) -> Response:
 
 
 def register_dashboard(app: faust.App, store: Store, executor: Executor,
-                       budget_states: Mapping[str, Mapping[str, Any]]) -> None:
+                       budget_states: Mapping[str, Mapping[str, Any]], settings: Settings) -> None:
     """Serve the live page and its read-only API on the worker's web port (roles sink and all).
 
     Routes: GET /dashboard/ (the page), /dashboard/static/<file> (its scripts, styles and the charting library;
@@ -59,6 +61,8 @@ def register_dashboard(app: faust.App, store: Store, executor: Executor,
     unknown panel, 502 when ClickHouse refuses the query). Queries run read-only on `executor`, the single thread
     that owns the ClickHouse client, so they queue behind the sink's inserts and never run beside them.
     `budget_states` is the budget stage's latest state per budget (llm.budget.state.v1), read, never written.
+    With an API token in `settings`, /api/panels* answer 401 without it; the page and its static files hold no
+    data and are served to anyone (the page sends the token it was opened with: /dashboard/#token=…).
     """
     files = static_files()
     page = files["index.html"][0]
@@ -105,6 +109,8 @@ def register_dashboard(app: faust.App, store: Store, executor: Executor,
         """The panels' layout, the filters' values and the time ranges the page offers."""
 
         async def get(self, request: Request) -> Response:
+            if not authorized(request, settings):
+                return _json(self, UNAUTHORIZED, status=401)
             try:
                 values = await present()
             except StoreError as exc:
@@ -117,6 +123,8 @@ def register_dashboard(app: faust.App, store: Store, executor: Executor,
         """One panel's data for the filters in the query string."""
 
         async def get(self, request: Request, panel_id: str) -> Response:
+            if not authorized(request, settings):
+                return _json(self, UNAUTHORIZED, status=401)
             panel = PANELS_BY_ID.get(panel_id)
             if panel is None:
                 return _json(self, {"error": f"no panel {panel_id!r}"}, status=404)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -145,6 +146,19 @@ class Settings:
     # An event stamped more than this far ahead of its ingest time is dead-lettered as future_timestamp.
     max_future_skew_s: float = 900.0
     log_level: str = "INFO"
+    # The worker's HTTP API (query, status, dashboard data): a bearer token, required when web_host is not a loopback
+    # address. From TALLY_API_TOKEN or the file TALLY_API_TOKEN_FILE names; a secret, never logged or passed on.
+    api_token: str = field(default="", repr=False)
+    api_token_file: str = ""
+    # Every query the API accepts runs on its own ClickHouse connection, beside the sink's, with these caps; at most
+    # `query_max_concurrent` at once (the API answers 429 past that). `query_max_bytes` caps the SQL text.
+    query_max_execution_s: float = 10.0
+    query_max_memory_bytes: int = 512 * 1024 * 1024
+    query_max_result_rows: int = 100_000
+    query_max_result_bytes: int = 64 * 1024 * 1024
+    query_max_threads: int = 1
+    query_max_concurrent: int = 2
+    query_max_bytes: int = 64 * 1024
     # Tests only: a named crash point (tally.failpoints), `name` or `name:n` to crash at its n-th pass.
     failpoint: str = ""
     secrets: tuple[str, ...] = field(default=(), repr=False)
@@ -167,6 +181,23 @@ class Settings:
     @property
     def web_url(self) -> str:
         return f"http://{self.web_host}:{self.web_port}"
+
+    @property
+    def web_loopback(self) -> bool:
+        """Whether the API binds to a loopback address only (then a token is optional)."""
+        if self.web_host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.web_host).is_loopback
+        except ValueError:
+            return False
+
+    def query_limits(self) -> dict[str, Any]:
+        """The ClickHouse settings every API query runs with; `readonly = 1` last, so nothing can lift the rest."""
+        return {"max_execution_time": self.query_max_execution_s, "timeout_overflow_mode": "throw",
+                "max_memory_usage": self.query_max_memory_bytes, "max_result_rows": self.query_max_result_rows,
+                "max_result_bytes": self.query_max_result_bytes, "result_overflow_mode": "throw",
+                "max_threads": self.query_max_threads, "max_query_size": self.query_max_bytes, "readonly": 1}
 
     def group_id(self, role: str) -> str:
         """Kafka consumer group (and Faust app id) of a worker role."""
@@ -230,6 +261,15 @@ class Settings:
             out.append(f"max_future_skew_s must not be negative, got {self.max_future_skew_s}")
         if self.max_line_bytes > self.max_message_bytes:
             out.append("max_line_bytes must not exceed max_message_bytes")
+        if not self.web_loopback and not self.api_token:
+            out.append(f"web_host {self.web_host} is not a loopback address: the API needs a bearer token "
+                       "(TALLY_API_TOKEN or TALLY_API_TOKEN_FILE)")
+        if self.api_token and (len(self.api_token) < 16 or not self.api_token.isprintable() or " " in self.api_token):
+            out.append("the API token must be at least 16 printable characters without spaces")
+        for name in ("query_max_execution_s", "query_max_memory_bytes", "query_max_result_rows",
+                     "query_max_result_bytes", "query_max_threads", "query_max_concurrent", "query_max_bytes"):
+            if getattr(self, name) <= 0:
+                out.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             out.append(f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         if self.failpoint:
@@ -247,7 +287,7 @@ class Settings:
         """These settings as TALLY_* variables, so a child process (a worker started by `tally up`) gets the same."""
         out: dict[str, str] = {}
         for f in dataclasses.fields(self):
-            if f.name == "secrets":
+            if f.name in ("secrets", "api_token"):  # a child reads the token where this process did
                 continue
             out[ENV_PREFIX + f.name.upper()] = str(getattr(self, f.name))
         return out
@@ -302,8 +342,13 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     if problems:
         raise ConfigError(problems)
     values["data_dir"] = Path(values.get("data_dir", defaults.data_dir)).expanduser().resolve()
+    if values.get("api_token_file") and not values.get("api_token"):
+        try:
+            values["api_token"] = Path(values["api_token_file"]).expanduser().read_text().strip()
+        except OSError as exc:
+            raise ConfigError([f"cannot read the API token file {values['api_token_file']}: {exc.strerror}"]) from None
     settings = Settings(**values)
-    password = urlparse(settings.ch_url).password
-    if password:
-        settings = dataclasses.replace(settings, secrets=(password,))
+    secrets = tuple(filter(None, (urlparse(settings.ch_url).password, settings.api_token)))
+    if secrets:
+        settings = dataclasses.replace(settings, secrets=secrets)
     return settings

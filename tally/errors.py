@@ -55,3 +55,7 @@ class SinkGaveUp(StoreError):
 
 class SinkRefused(StoreError):
     """A batch has rows that must go to the dead-letter topic, and the caller has no route for them."""
+
+
+class QueryRefused(StoreError):
+    """An API query is not one SELECT over tally's tables (tally.query_policy says why), or is too large."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import queue
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -18,7 +19,8 @@ from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
 from tally.config import SCHEMAS_DIR, Settings
-from tally.errors import StoreError, StoreLockedError
+from tally.errors import QueryRefused, StoreError, StoreLockedError
+from tally.query_policy import check_select, parse_explain_ast
 
 MIGRATIONS_DIR = SCHEMAS_DIR / "migrations"
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
@@ -58,6 +60,10 @@ class Store:
     chDB runs the engine in-process and allows one process per data directory; a second process gets a
     StoreLockedError naming the holder's pid instead of the engine's opaque error. Not thread-safe: the sink
     calls it from one executor thread.
+
+    API queries (`api_query`) run on connections of their own, at most `query_max_concurrent`, each safe to use
+    from any one thread at a time: chDB runs queries of different connections side by side (measured: a 38 s scan
+    on one, inserts on another took 9-19 ms each), so the sink's inserts never wait behind an API query.
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -66,6 +72,8 @@ class Store:
         self.db = settings.database
         self._lock_file: IO[str] | None = None
         self._client: Client | None = None
+        self._api_clients: queue.SimpleQueue[Client] = queue.SimpleQueue()
+        self._api_opened: list[Client] = []
 
     @property
     def embedded(self) -> bool:
@@ -83,7 +91,10 @@ class Store:
             path.mkdir(parents=True, exist_ok=True)
             self._lock(path)
             try:
-                return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+                # An empty user_files_path: relative paths in file() find nothing (chDB still reads absolute
+                # paths; readonly = 1 and the API's parser check stop those, see the README's security section).
+                (path / "user_files").mkdir(exist_ok=True)
+                return get_chdb_client(str(path), chdb_options={"user_files_path": str(path / "user_files")})
             except Exception as exc:
                 self._unlock()
                 raise StoreError(f"cannot open chDB at {path}: {exc}") from exc
@@ -117,8 +128,62 @@ class Store:
             self._lock_file.close()
             self._lock_file = None
 
+    def _api_client(self) -> Client:
+        """A connection for API queries: the API's limits and readonly = 1 are its session settings."""
+        try:
+            return self._api_clients.get_nowait()
+        except queue.Empty:
+            pass
+        limits = self.settings.query_limits()
+        if self.embedded:
+            self.client  # noqa: B018 - the sink's connection opens the engine (and takes the lock) first
+            client: Client = get_chdb_client(urlparse(self.url).path, database=self.db, settings=limits)
+        else:
+            try:
+                timeout = int(self.settings.query_max_execution_s) + 10
+                client = clickhouse_connect.get_client(dsn=self.url, database=self.db, settings=limits,
+                                                       connect_timeout=10, send_receive_timeout=timeout)
+            except Exception as exc:
+                raise StoreError(f"cannot connect to ClickHouse at {self.settings.redacted_ch_url()}: {exc}") from exc
+        self._api_opened.append(client)
+        return client
+
+    def api_query(self, sql: str) -> QueryResult:
+        """Run SQL an HTTP client sent: refused (QueryRefused) unless one SELECT over this database's tables.
+
+        Steps: the text is capped at `query_max_bytes`; ClickHouse formats it (its parser refuses a second
+        statement); `EXPLAIN AST` of that one statement is checked by tally.query_policy; the formatted statement
+        (not the text sent, so no comment or spelling trick survives) runs, as `SELECT * FROM (…)`, with the API's
+        limits and readonly = 1.
+        `{db}` is replaced by the database's name first, as in internal queries. A query cut by a limit raises
+        StoreError naming the limit.
+        """
+        if len(sql.encode()) > self.settings.query_max_bytes:
+            raise QueryRefused(f"the query is {len(sql.encode())} bytes; at most {self.settings.query_max_bytes} "
+                               "are accepted")
+        client = self._api_client()
+        try:
+            try:
+                formatted = client.query("SELECT formatQuery({q:String})",
+                                         parameters={"q": self.render(sql)}).result_rows[0][0]
+                tree = [r[0] for r in client.query(f"EXPLAIN AST {formatted}").result_rows]
+            except ClickHouseError as exc:
+                raise QueryRefused(f"not a query tally accepts: {_first_line(exc)}") from exc
+            check_select(parse_explain_ast(tree), self.db)
+            try:
+                # In an outer SELECT: ClickHouse skips the result caps of a query that reads no table at all.
+                res = client.query(f"SELECT * FROM ({formatted})")
+            except ClickHouseError as exc:
+                raise StoreError(_first_line(exc)) from exc
+            return QueryResult(list(res.column_names), [tuple(r) for r in res.result_rows])
+        finally:
+            self._api_clients.put(client)
+
     def close(self) -> None:
-        """Close the client and release the chDB directory."""
+        """Close the clients and release the chDB directory."""
+        while self._api_opened:
+            self._api_opened.pop().close()
+        self._api_clients = queue.SimpleQueue()
         if self._client is not None:
             try:
                 self._client.close()
@@ -175,7 +240,7 @@ class Store:
         try:
             res = self.client.query(self.render(sql), parameters=parameters, settings=settings)
         except ClickHouseError as exc:
-            raise StoreError(str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)) from exc
+            raise StoreError(_first_line(exc)) from exc
         return QueryResult(list(res.column_names), [tuple(r) for r in res.result_rows])
 
     def insert_columns(self, table: str, columns: Sequence[Sequence[Any]], column_names: Sequence[str],
@@ -251,6 +316,16 @@ class Store:
                 at = emitted_at if emitted_at.tzinfo is not None else emitted_at.replace(tzinfo=UTC)
                 found[lid] = (int(revision), at, detail)
         return found
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
+
+
+def get_chdb_client(path: str, **kwargs: Any) -> Client:
+    """A new connection to the process's chDB engine at `path` (each its own handle; any number may be open)."""
+    return clickhouse_connect.get_client(dsn=f"chdb://{path}", **kwargs)
 
 
 @contextmanager

@@ -68,8 +68,20 @@
     return p;
   }
 
+  // The API token (when the worker requires one): opened as /dashboard/#token=…, kept for this tab only and taken
+  // out of the address bar so it is not bookmarked or shared.
+  const apiToken = (() => {
+    const m = /(?:^#|&)token=([^&]+)/.exec(location.hash);
+    if (m) {
+      sessionStorage.setItem("tally.token", decodeURIComponent(m[1]));
+      history.replaceState(null, "", location.pathname + location.search);
+    }
+    return sessionStorage.getItem("tally.token") || "";
+  })();
+
   async function getJSON(url) {
-    const r = await fetch(url, { cache: "no-store" });
+    const headers = apiToken ? { Authorization: "Bearer " + apiToken } : {};
+    const r = await fetch(url, { cache: "no-store", headers });
     const body = await r.json();
     if (!r.ok) throw new Error(body.error || r.statusText);
     return body;
