@@ -13,6 +13,7 @@ import signal
 import socket
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
@@ -22,9 +23,16 @@ from confluent_kafka.admin import AdminClient
 from ops.kafka_local import LocalKafka, ensure_topics, wait_for_broker
 from tally.config import Settings
 from tally.errors import KafkaLocalError
+from tests.factories import clock
 
 BOOTSTRAP_ENV = "TALLY_TEST_BOOTSTRAP"
 TEST_PARTITIONS = 4
+
+
+@pytest.fixture(scope="session")
+def now() -> datetime:
+    """The suite's one clock (tests.factories.clock): derive every time a TTL, window or period meets from it."""
+    return clock()
 
 
 def free_ports(n: int) -> list[int]:

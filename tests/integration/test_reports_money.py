@@ -148,7 +148,7 @@ def folded(store, docs):
     gen = TrafficGenerator(catalog_from_reference(docs), seed=11, bad_rate=0.0, rate=0.02,
                            start=datetime(2026, 11, 20, 20, tzinfo=UTC))
     events = [e for _ in range(600) for e in gen.logical_request()]
-    attempts, requests = run_batch(events, docs, Folder(FoldConfig(), 4))
+    attempts, requests = run_batch(events, docs, Folder(FoldConfig(), 4), datetime(2026, 11, 23, tzinfo=UTC))
     SinkWriter(store).write(attempts)
     RequestWriter(store).write(requests)
     assert store.query("SELECT sum(sign) FROM {db}.logical_requests").rows[0][0] > 0
