@@ -38,6 +38,7 @@ from streams.sink import (
 from streams.validate import Validator
 from tally.config import Settings
 from tally.errors import SinkGaveUp, StoreError, TallyError
+from tally.logs import demote_routine_library_logs
 from tally.partitioning import partition_for_bytes
 from tally.reference import ReferenceStore
 from tally.sdk.batching import pack_ndjson
@@ -551,6 +552,7 @@ def run_worker(settings: Settings, role: str) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    demote_routine_library_logs()  # an ERROR or WARNING in the worker log means an operator has to act
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
     try:
         worker.execute_from_commandline()
