@@ -624,10 +624,9 @@ def deliver(notes: Sequence[Notification], sinks: Sequence[Sink], config: Alerts
 
 
 def _decide_message(msg: Message, incidents: dict[str, Incident], config: AlertsConfig,
-                    stats: AlertsStats) -> list[Notification]:
+                    stats: AlertsStats, now: datetime) -> list[Notification]:
     notes: list[Notification] = []
     where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
-    now = datetime.now(UTC)
     for n, raw in enumerate((msg.value() or b"").split(b"\n"), start=1):
         line = raw.strip()
         if not line:
@@ -651,9 +650,15 @@ def _decide_message(msg: Message, incidents: dict[str, Incident], config: Alerts
     return notes
 
 
+def _wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
 def run_alerts(settings: Settings, config: AlertsConfig, stop: threading.Event | None = None,
-               max_messages: int | None = None) -> AlertsStats:
+               max_messages: int | None = None, clock: Callable[[], datetime] = _wall_clock) -> AlertsStats:
     """Consume `settings.topics.alerts` and page through the configured sinks until `stop` or `max_messages`.
+
+    `clock` is read once per message: the "now" of `decide` (incidents opened, reminders due after renotify_s).
 
     Consumer group `config.group_id` (default `settings.group_id("alerts")`), manual commits; a new group starts
     at the earliest retained alert. Each batch follows the module's numbered protocol: decide, deliver, save the
@@ -704,7 +709,7 @@ def run_alerts(settings: Settings, config: AlertsConfig, stop: threading.Event |
                 partition, offset = msg.partition(), msg.offset()
                 if partition is not None and offset is not None:
                     offsets[(topic, partition)] = offset + 1
-                notes.extend(_decide_message(msg, incidents, config, stats))
+                notes.extend(_decide_message(msg, incidents, config, stats, clock()))
             # 2. Deliver, retrying for as long as it takes (or until stop).
             if not deliver(notes, sinks, config, stop, stats):
                 log.warning("alerts: stopped while a delivery was failing; %d messages not committed, they are "

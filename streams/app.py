@@ -52,6 +52,7 @@ from streams.validate import Validator
 from tally.config import Settings
 from tally.errors import SinkGaveUp, StoreError, TallyError
 from tally.failpoints import Failpoints
+from tally.logs import demote_routine_library_logs
 from tally.partitioning import partition_for_bytes
 from tally.reference import ReferenceStore
 from tally.sdk.batching import pack_ndjson
@@ -272,9 +273,11 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         # Fold state: one entry per open (or recently emitted) logical request, keyed by its id. The changelog is
         # partitioned like llm.usage.v1 and written with the same murmur2 partitioner, so an entry lives on the
         # partition of its attempts and moves with it on a rebalance (Faust restores it before the agent resumes).
+        # acks=False as on Faust's own changelogs: no stream reads it, so an acking changelog makes Faust's livelock
+        # check log "Stream has not started processing" as an ERROR for every partition the worker writes to.
         fold_table = KeyedTable(
             app, name="fold-state", beacon=app.tables.beacon, partitions=partitions,
-            changelog_topic=app.topic(topics.fold_state, partitions=partitions, compacting=True,
+            changelog_topic=app.topic(topics.fold_state, partitions=partitions, compacting=True, acks=False,
                                       key_serializer="raw", value_serializer="raw"))
         app.tables.add(fold_table)
         folder = Folder(fold_config(settings), partitions)
@@ -381,7 +384,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         detector = Detector(detect_config(settings))
         detect_table = KeyedTable(
             app, name="detect-state", beacon=app.tables.beacon, partitions=req_partitions,
-            changelog_topic=app.topic(topics.detect_state, partitions=req_partitions, compacting=True,
+            changelog_topic=app.topic(topics.detect_state, partitions=req_partitions, compacting=True, acks=False,
                                       key_serializer="raw", value_serializer="raw"))
         app.tables.add(detect_table)
         detect_lock = asyncio.Lock()
@@ -712,6 +715,7 @@ def run_worker(settings: Settings, role: str) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
+    demote_routine_library_logs()  # an ERROR or WARNING in the worker log means an operator has to act
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True)
     try:
         worker.execute_from_commandline()

@@ -13,6 +13,7 @@ import signal
 import socket
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 
@@ -22,9 +23,20 @@ from confluent_kafka.admin import AdminClient
 from ops.kafka_local import LocalKafka, ensure_topics, wait_for_broker
 from tally.config import Settings
 from tally.errors import KafkaLocalError
+from tests.factories import clock
 
 BOOTSTRAP_ENV = "TALLY_TEST_BOOTSTRAP"
 TEST_PARTITIONS = 4
+# The faketime tier (`make test-faketime`) moves the clients' clock ahead but not the broker's (libfaketime makes the
+# JVM crawl): the session broker accepts record timestamps up to a year ahead of its own clock (Kafka's default
+# rejects any more than an hour ahead).
+BROKER_PROPERTIES = {"log.message.timestamp.after.max.ms": str(366 * 86_400_000)}
+
+
+@pytest.fixture(scope="session")
+def now() -> datetime:
+    """The suite's one clock (tests.factories.clock): derive every time a TTL, window or period meets from it."""
+    return clock()
 
 
 def free_ports(n: int) -> list[int]:
@@ -64,7 +76,7 @@ def local_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka
             broker = LocalKafka(Settings(
                 data_dir=data_dir / f"try{attempt}", kafka_bootstrap=f"127.0.0.1:{listener}",
                 kafka_controller_port=controller, partitions=TEST_PARTITIONS,
-            ))
+            ), BROKER_PROPERTIES)
             atexit.register(broker.stop)
             try:
                 broker.start(timeout=120.0)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -17,6 +18,19 @@ DEFAULT_SOURCE = Source("llm.usage.v1", 0, 0)
 DEFAULT_TIMESTAMP = "2026-11-15T12:00:00.000Z"
 
 _ids = itertools.count(1)
+
+
+@functools.cache
+def clock() -> datetime:
+    """The suite's one "now" (aware UTC): the latest noon UTC at or before the wall clock when first asked.
+
+    Every time that a TTL, a retention or dedup window, a budget period or the wall clock meets derives from it,
+    so the suite passes on any day. Fixed for the whole session; noon keeps a few hours either side inside one UTC
+    day. Tests take it as the `now` fixture (tests/conftest.py); module constants call it directly.
+    """
+    wall = datetime.now(UTC)
+    noon = wall.replace(hour=12, minute=0, second=0, microsecond=0)
+    return noon if noon <= wall else noon - timedelta(days=1)
 
 # Pass this (...) as an override to drop the key from the event, e.g. event_factory(tags=...).
 DROP = ...
@@ -88,7 +102,7 @@ def attempt_row_factory(logical_id: str, *, event_id: str | None = None, request
     row: dict[str, Any] = dict.fromkeys(ATTEMPT_COLUMNS, "")
     row.update(
         event_id=event_id or f"evt-{n:08d}", request_id=request_id or f"req-{n:08d}", logical_request_id=logical_id,
-        attempt=attempt, final=final, ts=datetime.fromtimestamp(ts_ms / 1000, UTC), ingested_at=datetime.now(UTC),
+        attempt=attempt, final=final, ts=datetime.fromtimestamp(ts_ms / 1000, UTC), ingested_at=clock(),
         provider="openai", model_requested=model_requested or model, model_actual=model, fallback_from=fallback_from,
         status=status, batch=False, usage_reported=usage_reported, stream_terminated_at_token_n=token_n,
         latency_ms=100, input_tokens=1000, output_tokens=output_tokens, reasoning_tokens=0, cache_read_tokens=0,

@@ -70,12 +70,13 @@ def scenario():
 
 
 @pytest.fixture
-def loaded(store):
+def loaded(store, now):
+    """The scenario written by the sinks: attempts ingested and requests emitted at `now` (inside the dedup window)."""
     requests = scenario()
     assert SinkWriter(store).write([a for req in requests for a in req]) == 9
     folder, state, writer = Folder(FoldConfig(), 4), {}, RequestWriter(store)
     for req in requests:
-        res = folder.fold(req, state, req[-1]["ts"].timestamp() + 1, NOW)
+        res = folder.fold(req, state, req[-1]["ts"].timestamp() + 1, now)
         apply_writes(state, res.writes)
         assert writer.write(res.emitted) == 1
     return store

@@ -1,6 +1,6 @@
 """Every dashboard panel's SQL, macros substituted, runs in chDB over data written by the real sink code."""
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -9,12 +9,14 @@ from ops.simulate import TrafficGenerator, catalog_from_reference
 from streams.fold import FoldConfig, Folder
 from streams.sink import RequestWriter, SinkWriter
 from tally.dashboard.panels import FILTER_SQL, PANELS, PANELS_BY_ID, PanelFilters, filter_values, render, run_panel
+from tests.factories import clock
 from tests.integration.test_rollups import run_batch
 
 pytestmark = pytest.mark.integration
 
-END = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+END = clock()  # noon UTC: the range's hour and its dense traffic lie inside END's UTC day
 START = END - timedelta(hours=1)
+MONTH_START = END.replace(day=1, hour=0)  # the history may begin in the month before END's
 IN_RANGE = f"ts >= toDateTime({int(START.timestamp())}) AND ts <= toDateTime({int(END.timestamp())})"
 COLUMNS = {
     "totals": ["spend_usd", "requests", "wasted_usd", "waste_pct", "unattributed_usd", "unattributed_pct"],
@@ -35,7 +37,7 @@ ANOMALY_COLUMNS = ["detected_at", "started_at", "feature_id", "team_id", "signal
 def write_traffic(store, docs, start, rate, requests, seed):
     gen = TrafficGenerator(catalog_from_reference(docs), seed=seed, bad_rate=0.0, start=start, rate=rate)
     events = [e for _ in range(requests) for e in gen.logical_request()]
-    attempts, logical = run_batch(events, docs, Folder(FoldConfig(), 4))
+    attempts, logical = run_batch(events, docs, Folder(FoldConfig(), 4), END)
     SinkWriter(store).write(attempts)
     RequestWriter(store).write(logical)
 
@@ -63,6 +65,12 @@ def usage_total(store, where):
     return store.query(f"SELECT sum(cost_total_usd) FROM {{db}}.usage_events WHERE {where}").rows[0][0]
 
 
+def search_spend_since(store, start):
+    """search_answer's spend from `start` up to END."""
+    return usage_total(store, f"feature_id = 'search_answer' AND ts >= toDateTime({int(start.timestamp())}) "
+                              f"AND ts <= toDateTime({int(END.timestamp())})")
+
+
 def test_every_panel_runs_and_returns_its_columns(panel_store):
     f = PanelFilters(START, END, {"team": (), "environment": ()})
     for panel in PANELS:
@@ -84,8 +92,7 @@ def test_panel_numbers_equal_the_sources(panel_store):
     assert sum(r[2] for r in by_team) == totals[0]  # one-minute buckets over an hour: per minute = per bucket
 
     burn = {(r[0], r[1]): r for r in q(render(PANELS_BY_ID["budget_burn"].sql, f, db)).rows}
-    month = usage_total(panel_store, "feature_id = 'search_answer'")
-    today = usage_total(panel_store, "feature_id = 'search_answer' AND ts >= toDateTime('2026-11-20 00:00:00', 'UTC')")
+    month, today = search_spend_since(panel_store, MONTH_START), search_spend_since(panel_store, END.replace(hour=0))
     assert burn[("feature", "search_answer")][2:4] == (today, month)
 
     top = q(render(PANELS_BY_ID["top_features"].sql, f, db)).rows
@@ -118,6 +125,6 @@ def test_budget_panel_joins_budget_states(panel_store):
     states = {"feature:search_answer:month": {"scope": "feature", "id": "search_answer", "period": "month",
                                               "budget_usd": "10", "recommendation": "allow", "thresholds": [50]}}
     (budget,) = run_panel(PANELS_BY_ID["budget_burn"], panel_store.query, f, panel_store.db, states)["data"]["budgets"]
-    spent = usage_total(panel_store, "feature_id = 'search_answer'")
+    spent = search_spend_since(panel_store, MONTH_START)
     assert budget["spent_usd"] == float(spent)
     assert budget["used_pct"] == float((spent * 100 / Decimal(10)).quantize(Decimal("0.01")))

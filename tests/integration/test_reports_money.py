@@ -27,13 +27,12 @@ def q(store):
 
 
 @pytest.fixture
-def loaded(store, docs):
-    """~1,200 simulated attempts over two UTC days, priced by enrich and written by the sink."""
+def loaded(store, docs, now):
+    """~1,200 simulated attempts over two UTC days of Nov 2026, priced by enrich at `now` and written by the sink."""
     gen = TrafficGenerator(catalog_from_reference(docs), seed=7, bad_rate=0.0, rate=0.02,
                            start=datetime(2026, 11, 20, 20, tzinfo=UTC))
     events = [e for _ in range(900) for e in gen.logical_request()]
-    rows, rejected = enrich([accepted_factory(e) for e in events], snapshot_of(docs),
-                            datetime(2026, 11, 23, tzinfo=UTC))
+    rows, rejected = enrich([accepted_factory(e) for e in events], snapshot_of(docs), now)
     assert not rejected
     SinkWriter(store).write(rows)
     days = store.query("SELECT count(DISTINCT toDate(ts)) FROM {db}.usage_events").rows[0][0]
@@ -139,8 +138,8 @@ def test_reprice_dry_run_then_apply_twice_is_idempotent(loaded, docs):
 
 
 @pytest.fixture
-def folded(store, docs):
-    """Simulated traffic through enrich and the fold: usage_events, logical_requests and the rollups all filled."""
+def folded(store, docs, now):
+    """Simulated Nov 2026 traffic through enrich and the fold at `now`: usage_events, logical_requests, rollups."""
     from streams.fold import FoldConfig, Folder
     from streams.sink import RequestWriter
     from tests.integration.test_rollups import run_batch
@@ -148,8 +147,7 @@ def folded(store, docs):
     gen = TrafficGenerator(catalog_from_reference(docs), seed=11, bad_rate=0.0, rate=0.02,
                            start=datetime(2026, 11, 20, 20, tzinfo=UTC))
     events = [e for _ in range(600) for e in gen.logical_request()]
-    ingested = gen.clock  # the traffic spans 8 hours: ingested once it has all happened
-    attempts, requests = run_batch(events, docs, Folder(FoldConfig(), 4), ingested)
+    attempts, requests = run_batch(events, docs, Folder(FoldConfig(), 4), now)  # ingested after it all happened
     assert len(attempts) == len(events)
     SinkWriter(store).write(attempts)
     RequestWriter(store).write(requests)

@@ -1,6 +1,6 @@
 """logical_requests in real ClickHouse (chDB): revisions collapse, replays and late attempts count once."""
 
-from datetime import UTC, datetime
+from datetime import timedelta
 from decimal import Decimal
 
 import orjson
@@ -17,8 +17,6 @@ from tests.factories import attempt_row_factory as row
 
 pytestmark = pytest.mark.integration
 
-NOW = datetime(2026, 11, 20, 1, tzinfo=UTC)
-T0 = 1_763_208_000_000
 
 
 def per_request(store):
@@ -35,25 +33,26 @@ def current(store):
     return {r[0]: (r[1], r[2], r[3]) for r in res.rows}
 
 
-def test_revisions_collapse_and_replays_change_nothing(store):
+def test_revisions_collapse_and_replays_change_nothing(store, now):
     folder, state = Folder(FoldConfig(grace_ms=0), 4), {}
     writer = RequestWriter(store)
+    t0 = int((now - timedelta(hours=1)).timestamp() * 1000)  # event time (ms) an hour before emission
 
-    def fold(*rows, wall=T0 / 1000 + 60):
-        res = folder.fold(list(rows), state, wall, NOW)
+    def fold(*rows, wall=t0 / 1000 + 60):
+        res = folder.fold(list(rows), state, wall, now)
         apply_writes(state, res.writes)
         return res.emitted
 
-    first = fold(row("A", status="error", cost=Decimal("0.25"), ts_ms=T0),
-                 row("A", attempt=1, final=True, cost=Decimal("1"), ts_ms=T0 + 5))
-    first += fold(row("B", final=True, cost=Decimal("3"), ts_ms=T0))
+    first = fold(row("A", status="error", cost=Decimal("0.25"), ts_ms=t0),
+                 row("A", attempt=1, final=True, cost=Decimal("1"), ts_ms=t0 + 5))
+    first += fold(row("B", final=True, cost=Decimal("3"), ts_ms=t0))
     assert writer.write(first) == 2
     assert writer.write(first) == 0  # replayed batch
     # A late attempt for A (its fold state already gone with grace 0) and one for B (never had state).
     # Neither is final: the fold holds them until event time says they are abandoned (a quiet stream here).
-    assert fold(row("A", attempt=2, status="error", cost=Decimal("0.5"), ts_ms=T0 + 9),
-                row("B", attempt=1, status="error", cost=Decimal("0.125"), ts_ms=T0 + 1)) == []
-    res = folder.tick(range(4), state, T0 / 1000 + 10**6, NOW)
+    assert fold(row("A", attempt=2, status="error", cost=Decimal("0.5"), ts_ms=t0 + 9),
+                row("B", attempt=1, status="error", cost=Decimal("0.125"), ts_ms=t0 + 1)) == []
+    res = folder.tick(range(4), state, t0 / 1000 + 10**6, now)
     late = sorted(res.emitted, key=lambda r: r["logical_request_id"])
     assert [(r["revision"], r["final_status"]) for r in late] == [(1, "abandoned")] * 2
     assert writer.write(late) == 4  # two cancel rows, two new revisions
@@ -66,13 +65,12 @@ def test_revisions_collapse_and_replays_change_nothing(store):
     assert store.query("SELECT count() FROM {db}.logical_requests").rows[0][0] == 2
 
 
-def test_generated_traffic_folds_to_one_row_per_logical_request(store, docs):
-    gen = TrafficGenerator(catalog_from_reference(docs), seed=11, bad_rate=0.0,
-                           start=datetime(2026, 11, 20, tzinfo=UTC))
+def test_generated_traffic_folds_to_one_row_per_logical_request(store, docs, now):
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=11, bad_rate=0.0, start=now - timedelta(hours=1))
     events = [e for _ in range(400) for e in gen.logical_request()]
     msg = b"\n".join(orjson.dumps(e) for e in events)
     folder = Folder(FoldConfig(), 1)
-    out = process_messages([(msg, Source("llm.usage.v1", 0, 1))], Validator(), snapshot_of(docs), 1, NOW,
+    out = process_messages([(msg, Source("llm.usage.v1", 0, 1))], Validator(), snapshot_of(docs), 1, now,
                            FoldStep(folder, {}, 4))
     rows = []
     for lines in out.requests.values():

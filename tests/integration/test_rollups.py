@@ -1,6 +1,6 @@
 """Rollups in real ClickHouse (chDB): replays, retried inserts and late attempts never double count."""
 
-from datetime import UTC, datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import orjson
@@ -17,12 +17,11 @@ from tally.reference import snapshot_of
 
 pytestmark = pytest.mark.integration
 
-NOW = datetime(2026, 11, 20, 12, tzinfo=UTC)
 GRAINS = ("minute", "hour", "day")
 
 
-def run_batch(events, docs, folder, now=NOW):
-    """One batch through validate → enrich → fold, decoded as the sink would: (attempt rows, request rows).
+def run_batch(events, docs, folder, now: datetime):
+    """One batch through validate → enrich → fold at `now`, decoded as the sink would: (attempt rows, request rows).
 
     `now` is the ingest time: events stamped more than the allowed skew after it are dead-lettered.
     """
@@ -53,12 +52,12 @@ def source_totals(store):
     return (a[0], r[0], a[1], r[1], a[2], a[3])
 
 
-def test_rollups_count_each_attempt_and_request_once(store, docs):
-    gen = TrafficGenerator(catalog_from_reference(docs), seed=23, bad_rate=0.0, start=datetime(2026, 11, 20,
-                                                                                               tzinfo=UTC))
+def test_rollups_count_each_attempt_and_request_once(store, docs, now):
+    # Event time an hour back: the minute rollup's retention (14 days by default) keeps every bucket.
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=23, bad_rate=0.0, start=now - timedelta(hours=1))
     events = [e for _ in range(600) for e in gen.logical_request()]
     # A fresh folder per call: every request here ends with a final attempt, so nothing stays open.
-    attempts, requests = run_batch(events, docs, Folder(FoldConfig(), 4))
+    attempts, requests = run_batch(events, docs, Folder(FoldConfig(), 4), now)
     attempt_writer, request_writer = SinkWriter(store), RequestWriter(store)
     attempt_writer.write(attempts)
     request_writer.write(requests)
@@ -80,13 +79,13 @@ def test_rollups_count_each_attempt_and_request_once(store, docs):
     late = {**target, "event_id": "late-attempt-1", "request_id": "late-call-1", "parent_request_id":
             target["request_id"], "attempt": 7, "final": False, "status": "error", "error": "timeout",
             "usage": {"input_tokens": 5000, "reasoning_tokens": 100}}
-    late_attempts, _ = run_batch([late], docs, Folder(FoldConfig(), 4))
+    late_attempts, _ = run_batch([late], docs, Folder(FoldConfig(), 4), now)
     # Not final: the fold holds it until inactivity; a quiet-stream tick emits it (as the live worker would).
     folder = Folder(FoldConfig(), 4)
     state: dict[bytes, bytes] = {}
-    res = folder.fold(late_attempts, state, 0.0, NOW)
+    res = folder.fold(late_attempts, state, 0.0, now)
     state.update({k: v for k, v in res.writes.items() if v is not None})
-    res = folder.tick(range(4), state, 10**10, NOW)
+    res = folder.tick(range(4), state, 10**10, now)
     late_requests = decode_rows(b"\n".join(orjson.dumps(r, default=str) for r in res.emitted), Source("r", 0, 0),
                                 REQUEST_ROWS)[0]
     attempt_writer.write(late_attempts)

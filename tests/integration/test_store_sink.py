@@ -1,4 +1,4 @@
-from datetime import UTC, datetime
+from datetime import timedelta
 from decimal import Decimal
 
 import pytest
@@ -15,12 +15,11 @@ from tally.store import Store
 
 pytestmark = pytest.mark.integration
 
-def priced_rows(docs, n=300, seed=5):
-    gen = TrafficGenerator(catalog_from_reference(docs), seed=seed, bad_rate=0.0,
-                           start=datetime(2026, 11, 20, tzinfo=UTC))
+def priced_rows(docs, now, n=300, seed=5):
+    """N simulated events from an hour before `now`, priced and ingested at `now` (inside the dedup window)."""
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=seed, bad_rate=0.0, start=now - timedelta(hours=1))
     msg = b"\n".join(gen.lines(n))
-    out = process_messages([(msg, Source("llm.usage.v1", 0, 7))], Validator(), snapshot_of(docs), None,
-                           datetime(2026, 11, 20, 1, tzinfo=UTC))
+    out = process_messages([(msg, Source("llm.usage.v1", 0, 7))], Validator(), snapshot_of(docs), None, now)
     rows = []
     for lines in out.attempts.values():
         got, bad = decode_rows(b"\n".join(lines), Source("llm.cost.attempts.v1", 0, 1))
@@ -40,8 +39,8 @@ def test_migrations_are_idempotent(store):
     assert {"usage_events", "event_ids", "event_ids_mv", "schema_migrations"} <= names
 
 
-def test_writer_inserts_each_event_once_whatever_is_replayed(store, docs):
-    rows = priced_rows(docs)
+def test_writer_inserts_each_event_once_whatever_is_replayed(store, docs, now):
+    rows = priced_rows(docs, now)
     expected = sum((r["cost_total_usd"] for r in rows), Decimal(0))
     w = SinkWriter(store)
     assert w.write(rows + rows[:40]) == len(rows)  # in-batch duplicates collapse
@@ -53,10 +52,10 @@ def test_writer_inserts_each_event_once_whatever_is_replayed(store, docs):
     assert total == expected
 
 
-def test_same_insert_token_is_absorbed_by_clickhouse(store, docs):
+def test_same_insert_token_is_absorbed_by_clickhouse(store, docs, now):
     from streams.records import ATTEMPT_COLUMNS
 
-    rows = priced_rows(docs, 50)
+    rows = priced_rows(docs, now, 50)
     cols = [[r[c] for r in rows] for c in ATTEMPT_COLUMNS]
     token = insert_token("usage_events", (r["event_id"] for r in rows))
     store.insert_columns("usage_events", cols, ATTEMPT_COLUMNS, token)
@@ -66,8 +65,8 @@ def test_same_insert_token_is_absorbed_by_clickhouse(store, docs):
     assert ids == len(rows)  # the view target deduplicated too
 
 
-def test_money_is_exact_in_clickhouse(store, docs):
-    rows = priced_rows(docs, 200)
+def test_money_is_exact_in_clickhouse(store, docs, now):
+    rows = priced_rows(docs, now, 200)
     SinkWriter(store).write(rows)
     by_id = {r["event_id"]: r for r in rows}
     got = store.query("SELECT event_id, cost_input_usd, cost_output_usd, cost_reasoning_usd, cost_cache_read_usd, "

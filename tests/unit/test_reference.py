@@ -296,9 +296,9 @@ def test_version_in_effect_by_timestamp():
     assert card is not None and (lo, hi) == (first, change)
 
 
-def test_store_apply_replace_remove_and_snapshot_isolation():
+def test_store_apply_replace_remove_and_snapshot_isolation(now):
     store = ReferenceStore()
-    assert store.describe() == "no reference data" and store.price_card_at(datetime.now(UTC)) is None
+    assert store.describe() == "no reference data" and store.price_card_at(now) is None
     v1 = parse_reference_yaml(CARD, "c")[0]
     store.apply(v1)
     before = store.snapshot()

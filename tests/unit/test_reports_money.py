@@ -270,7 +270,7 @@ def test_parse_period():
 
 
 # ---------------------------------------------------------------- reprice
-def test_reprice_uses_the_enrich_pricer_for_every_path(cards):
+def test_reprice_uses_the_enrich_pricer_for_every_path(cards, now):
     old = cards["2025-10-01"]
     base = {"event_id": "e1", "ts": "2026-11-20 12:00:00.000", "provider": "google", "model_actual": "gemini-2.5-pro",
             "batch": False, "service_tier": "", "usage_reported": True, "stream_terminated_at_token_n": None,
@@ -282,7 +282,7 @@ def test_reprice_uses_the_enrich_pricer_for_every_path(cards):
            "reasoning_tokens": 0, "billed_status": "estimated"}
     unknown = {**base, "event_id": "e3", "model_actual": "mystery", "billed_status": "priced"}
     out = Repricing(old.version, D, date(2026, 11, 21))
-    rows = reprice_rows([list(r.values()) for r in (base, cut, unknown)], old, out, datetime.now(UTC), True)
+    rows = reprice_rows([list(r.values()) for r in (base, cut, unknown)], old, out, now, True)
     expected = [price_event(event_of(r), old) for r in (base, cut, unknown)]
     assert [r["cost_total_usd"] for r in rows] == [e.total for e in expected]
     assert rows[1]["pricing_status"] == "estimated" and rows[2]["pricing_status"] == "unpriced"
