@@ -27,6 +27,7 @@ from streams.fold import FoldConfig, Folder
 from streams.pipeline import FoldStep, group_requests, process_messages
 from streams.positions import (
     PositionGuard,
+    audit_line,
     encode_offset,
     is_position_key,
     last_offsets,
@@ -59,6 +60,8 @@ from tally.sdk.batching import pack_ndjson
 from tally.store import Store
 
 log = logging.getLogger("tally.worker")
+# Debug level: per batch, the input offsets it covers and the outputs it produced, logged once its position is stored.
+audit = logging.getLogger("tally.offsets")
 
 # Output messages stay well under the producer's max request size (and Kafka's default 1 MiB message limit).
 OUTPUT_MESSAGE_BYTES = 900 * 1024
@@ -353,6 +356,11 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                         await asyncio.gather(*sent)
                         crash.hit("process.after_delivery")
                         await commit_fold(out.requests, out.fold_writes, last_offsets(src for _, src in batch))
+                        if audit.isEnabledFor(logging.DEBUG):
+                            audit.debug(audit_line(topics.usage, [src for _, src in batch], {
+                                "attempt_lines": out.accepted, "dead_letters": out.rejected,
+                                "request_rows": sum(len(v) for v in out.requests.values()),
+                                "state_writes": len(out.fold_writes)}))
                     stats.messages += len(events)
                     stats.events_accepted += out.accepted
                     stats.events_rejected += out.rejected
@@ -532,6 +540,10 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     await run_with_retry(functools.partial(writer.store.record_offsets, sink_consumer, topic,
                                                            last_offsets(src for _, src in batch)),
                                          executor, settings.sink_retry_s, sink_stats, f"storing the {topic} position")
+                    if audit.isEnabledFor(logging.DEBUG):
+                        audit.debug(audit_line(topic, [src for _, src in batch], {
+                            "rows": len(rows), "inserted": written.inserted,
+                            "dead_letters": sum(len(v) for v in bad_lines.values())}))
             except SinkGaveUp as exc:
                 # Going on would let Faust commit offsets of unsaved rows: stop hard, commit nothing.
                 _stop_hard(EXIT_SINK_GAVE_UP, "sink gave up, stopping the worker without committing: %s", exc)

@@ -55,6 +55,22 @@ def last_offsets(sources: Iterable[Source]) -> dict[int, int]:
     return out
 
 
+def first_offsets(sources: Iterable[Source]) -> dict[int, int]:
+    """Partition → the lowest offset among these messages' sources."""
+    out: dict[int, int] = {}
+    for s in sources:
+        if s.offset < out.get(s.partition, s.offset + 1):
+            out[s.partition] = s.offset
+    return out
+
+
+def audit_line(topic: str, sources: Sequence[Source], produced: Mapping[str, int]) -> str:
+    """The offsets audit record of one batch: its input range per partition and what it produced."""
+    first, last = first_offsets(sources), last_offsets(sources)
+    ranges = " ".join(f"{topic}[{p}]@{first[p]}..{last[p]}" for p in sorted(last))
+    return f"batch {ranges} -> " + " ".join(f"{k}={v}" for k, v in produced.items())
+
+
 @dataclass
 class Admitted:
     """What a batch is after the position check: the messages to process and the partitions to rewind."""
