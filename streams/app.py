@@ -229,6 +229,20 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     alerts_topic = app.topic(topics.alerts, value_type=bytes)
     # Input positions tally owns, per topic: the guard of the stage that consumes it and where its position is stored.
     crash = Failpoints(settings.failpoint)  # tests only: named crash points, inert unless armed
+    clickhouse_thread: list[ThreadPoolExecutor] = []  # the sink's ClickHouse executor, in roles sink and all
+
+    async def fail_at(name: str) -> None:
+        """Crash at a named point (tests only), between two calls of this process's ClickHouse writer, if any.
+
+        So the crash lands on the boundary it names, not inside another agent's insert (a kill inside an insert is
+        the kill -9 test's and the fault suite's case).
+        """
+        if not crash.armed(name):
+            return
+        if clickhouse_thread:
+            await asyncio.get_running_loop().run_in_executor(clickhouse_thread[0], crash.hit, name)
+        else:
+            crash.hit(name)
     guards: dict[str, PositionGuard] = {}
     stored: dict[str, Any] = {}  # topic → async () -> {partition: last offset whose effects are durable}
 
@@ -240,7 +254,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             if not partitions:
                 continue
             positions = await stored[topic]()
-            crash.hit("rebalance")
+            await fail_at("rebalance")
             guard.reset(positions, partitions)
             # No stored position: nothing of this partition is known to be saved, whatever Kafka's committed offset
             # says (it can run past input whose outputs never landed). Read it from its beginning: every stage is
@@ -312,7 +326,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                 elif key in fold_table.data:
                     del fold_table[key]
             if positions:
-                crash.hit("process.mid_state")
+                await fail_at("process.mid_state")
             for partition, offset in (positions or {}).items():
                 fold_table[position_key(partition)] = encode_offset(offset)
             await fold_table.written()
@@ -348,13 +362,13 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                             rebalanced[0] = False
                         out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
                                                          partitions, datetime.now(UTC), step, time.time())
-                        crash.hit("process.after_decode")
+                        await fail_at("process.after_decode")
                         # Outputs delivered, then state and position: the position never runs ahead of either.
                         sent = await publish(attempts_topic, out.attempts)
                         sent += await publish(dlq_topic, out.dead_letters)
-                        crash.hit("process.before_delivery")
+                        await fail_at("process.before_delivery")
                         await asyncio.gather(*sent)
-                        crash.hit("process.after_delivery")
+                        await fail_at("process.after_delivery")
                         await commit_fold(out.requests, out.fold_writes, last_offsets(src for _, src in batch))
                         if audit.isEnabledFor(logging.DEBUG):
                             audit.debug(audit_line(topics.usage, [src for _, src in batch], {
@@ -498,6 +512,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         # One thread owns the ClickHouse client: inserts and API queries are serialized on it, and the event loop
         # (Faust's consumer) keeps running while an insert is in flight.
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+        clickhouse_thread.append(executor)
 
         # The sink's input positions live in ClickHouse (sink_offsets), under one name whatever the role.
         sink_consumer = settings.group_id("sink")
@@ -530,9 +545,9 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                         continue
                     # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
                     rows, bad_lines = await loop.run_in_executor(executor, decode, batch)
-                    crash.hit("sink.after_decode")
+                    await fail_at("sink.after_decode")
                     written = await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
-                    crash.hit("sink.after_insert")
+                    await fail_at("sink.after_insert")
                     for partition, lines in written.dead_letters().items():
                         bad_lines.setdefault(partition, []).extend(lines)
                     await asyncio.gather(*await publish(dlq_topic, bad_lines))  # delivered before the position

@@ -38,6 +38,10 @@ class Failpoints:
             if self.at < 1:
                 raise ValueError(f"failpoint {spec!r}: the pass number is 1 or more")
 
+    def armed(self, name: str) -> bool:
+        """True if `name` is the armed point (whatever its pass count)."""
+        return name == self.name
+
     def hit(self, name: str) -> None:
         """Crash here (os._exit: no cleanup, no flush, no commit) if this is the armed point's n-th pass."""
         if name != self.name:
