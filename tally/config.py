@@ -147,6 +147,9 @@ class Settings:
     log_level: str = "INFO"
     # Tests only: a named crash point (tally.failpoints), `name` or `name:n` to crash at its n-th pass.
     failpoint: str = ""
+    # Tests only: while a file exists at this path, every ClickHouse call of the worker's store fails as an
+    # unreachable server would (the fault suite's ClickHouse outage); empty: never checked.
+    store_outage_flag: str = ""
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @property
