@@ -122,6 +122,10 @@ class Suite:
     def generator(self, seed: int, start: datetime, rate: float = 20.0) -> TrafficGenerator:
         return TrafficGenerator(catalog_from_reference(self.docs), seed=seed, bad_rate=0.0, rate=rate, start=start)
 
+    def traffic(self, seed: int, requests: int) -> list[Event]:
+        """The attempts of `requests` logical requests at 50 a second, starting 3 h before the suite's clock."""
+        return flat(requests_of(self.generator(seed, self.now - timedelta(hours=3), rate=50.0), requests))
+
     def release(self, st: Stack) -> None:
         """Stop a scenario's workers and delete its topics (its data directory stays, for the logs)."""
         st.tally("down", check=False, timeout=120)

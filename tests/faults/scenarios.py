@@ -112,7 +112,7 @@ def r1_kill_9(suite: Suite, size: Size) -> Row:
     logs = st.settings.data_dir / "logs"
     workers = [start_process_worker(st, logs / f"process-{i}.log") for i in range(2)]
     try:
-        events = flat(requests_of(suite.generator(101, suite.now - timedelta(hours=3), rate=50.0), size.requests))
+        events = suite.traffic(101, size.requests)
         clock, rng, killed = Clock(), random.Random(7), Counter[str]()
         stream = _stream(st, events, pause_every=500, pause_s=0.3)
         time.sleep(3.0)  # the workers have joined and consume
@@ -145,7 +145,7 @@ def r2_broker_killed(suite: Suite, size: Size) -> Row:
         raise RuntimeError("R2 kills the broker: it needs the suite's own broker, not a shared one")
     st = _start(suite, "r2")
     try:
-        events = flat(requests_of(suite.generator(202, suite.now - timedelta(hours=3), rate=50.0), size.requests))
+        events = suite.traffic(202, size.requests)
         clock = Clock()
         stream = _stream(st, events, pause_every=500, pause_s=0.3)
         time.sleep(4.0)
@@ -179,7 +179,7 @@ def r3_clickhouse_down(suite: Suite, size: Size) -> Row:
     st.tally("up", timeout=180)
     st.tally("reference", "load", str(EXAMPLES))
     try:
-        events = flat(requests_of(suite.generator(303, suite.now - timedelta(hours=3), rate=50.0), size.requests))
+        events = suite.traffic(303, size.requests)
         half = len(events) // 2
         publish(st.settings, lines_of(events[:half]))
         wait_all(st)
@@ -224,7 +224,7 @@ def r4_replayed(suite: Suite, size: Size) -> Row:
     """R4: the same file published twice, then the consumer group reset to the earliest offsets and restarted."""
     st = _start(suite, "r4")
     try:
-        events = flat(requests_of(suite.generator(404, suite.now - timedelta(hours=3), rate=50.0), size.requests))
+        events = suite.traffic(404, size.requests)
         path = st.settings.data_dir / "traffic.jsonl"
         path.write_bytes(b"\n".join(lines_of(events)) + b"\n")
         st.tally("publish", str(path))
@@ -264,8 +264,7 @@ def r6_malformed(suite: Suite, size: Size) -> Row:
     st = _start(suite, "r6")
     try:
         s = st.settings
-        events = flat(requests_of(suite.generator(606, suite.now - timedelta(hours=3), rate=50.0),
-                                  size.requests // 4))
+        events = suite.traffic(606, size.requests // 4)
         corpus = [pair for k in range(5) for pair in malformed_lines(events[0], k)]
         lines = lines_of(events) + [line for line, _ in corpus]
         random.Random(6).shuffle(lines)
@@ -326,7 +325,7 @@ def r9_scale(suite: Suite, size: Size) -> Row:
     logs = st.settings.data_dir / "logs"
     workers = [start_process_worker(st, logs / "process-0.log")]
     try:
-        events = flat(requests_of(suite.generator(909, suite.now - timedelta(hours=3), rate=50.0), size.requests))
+        events = suite.traffic(909, size.requests)
         clock = Clock()
         stream = _stream(st, events, pause_every=500, pause_s=0.3)
         time.sleep(4.0)
@@ -360,7 +359,7 @@ def r10_corrections(suite: Suite, size: Size) -> Row:
     """R10: terminated streams priced as estimates, then their real usage arrives late: each call counts once."""
     st = _start(suite, "r10")
     try:
-        events = flat(requests_of(suite.generator(1010, suite.now - timedelta(hours=3), rate=50.0), size.requests))
+        events = suite.traffic(1010, size.requests)
         estimates = [e for e in events if e["status"] == "terminated" and e.get("usage_reported") is False]
         rng = random.Random(10)
         corrections = [_correction(e, rng) for e in estimates]
