@@ -46,6 +46,10 @@ test-integration: install kafka-jars ## Integration tests (real Kafka broker and
 test-e2e: install kafka-jars ## End-to-end tests (the CLI driving the whole local stack)
 	$(PY) -m pytest tests/e2e -q -p no:cacheprovider
 
+.PHONY: faults
+faults: install kafka-jars ## The fault suite: one row per scenario (lost, duplicated, exact cost); exit 1 unless all exact
+	$(PY) -m tests.faults.run $(FAULTS_ARGS)
+
 bench: install kafka-jars ## Benchmarks: per-stage cost, Kafka/Faust baselines, end-to-end throughput and latency
 	$(PY) -m tests.bench.run
 

@@ -138,37 +138,46 @@ class Suite:
             self.broker.stop()
 
 
-def publish(settings: Settings, lines: Iterable[bytes], pause_every: int = 0, pause_s: float = 0.0) -> int:
+def publish(settings: Settings, lines: Iterable[bytes]) -> int:
     """Publish NDJSON lines to the usage topic (delivered when this returns); returns how many."""
     n = 0
     with Publisher(settings.kafka_bootstrap, settings.topics.usage) as pub:
         for line in lines:
             pub.publish_line(line)
             n += 1
-            if pause_every and n % pause_every == 0:
-                time.sleep(pause_s)
     return n
 
 
 class Streaming:
-    """Publishes lines from a thread, paced, while a scenario injects its fault; `join` re-raises its failure."""
+    """Publishes lines from a thread, spread over about `seconds`, while a scenario injects its fault.
 
-    def __init__(self, settings: Settings, lines: Sequence[bytes], pause_every: int = 500,
-                 pause_s: float = 0.1) -> None:
+    `sent` counts the lines handed to the publisher so far (a scenario notes how far the stream was when the fault
+    hit); `join` waits until every line is delivered and re-raises a publishing failure.
+    """
+
+    def __init__(self, settings: Settings, lines: Sequence[bytes], seconds: float) -> None:
         self.error: BaseException | None = None
-        self.published = 0
+        self.sent = 0
+        self.total = len(lines)
+        chunk = 500
+        pause = seconds / max(1, len(lines) // chunk)
 
         def run() -> None:
             try:
-                self.published = publish(settings, lines, pause_every, pause_s)
+                with Publisher(settings.kafka_bootstrap, settings.topics.usage) as pub:
+                    for line in lines:
+                        pub.publish_line(line)
+                        self.sent += 1
+                        if self.sent % chunk == 0:
+                            time.sleep(pause)
             except BaseException as exc:  # noqa: BLE001 - handed to join()
                 self.error = exc
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
 
-    def running(self) -> bool:
-        return self.thread.is_alive()
+    def progress(self) -> str:
+        return f"{self.sent:,} of {self.total:,} lines sent"
 
     def join(self, timeout: float = 600.0) -> int:
         self.thread.join(timeout)
@@ -176,7 +185,7 @@ class Streaming:
             raise TimeoutError(f"publishing did not finish within {timeout:.0f}s")
         if self.error is not None:
             raise self.error
-        return self.published
+        return self.sent
 
 
 def start_process_worker(st: Stack, log_path: Path) -> subprocess.Popen[bytes]:

@@ -53,10 +53,11 @@ class Size:
     kills: int  # R1's kill -9 count
     outage_s: float  # R3's ClickHouse outage
     broker_down_s: float  # R2's time without a broker
+    stream_s: float  # a streamed scenario spreads its lines over about this long, so faults hit mid-stream
 
 
-FULL = Size(requests=20_000, kills=10, outage_s=60.0, broker_down_s=10.0)
-SHORT = Size(requests=1_500, kills=3, outage_s=8.0, broker_down_s=3.0)
+FULL = Size(requests=20_000, kills=10, outage_s=60.0, broker_down_s=10.0, stream_s=60.0)
+SHORT = Size(requests=1_500, kills=3, outage_s=8.0, broker_down_s=3.0, stream_s=10.0)
 
 
 class Clock:
@@ -81,8 +82,8 @@ def _start(suite: Suite, name: str, role: str = "all", **overrides: Any) -> Stac
     return st
 
 
-def _stream(st: Stack, events: list[Event], pause_every: int = 1000, pause_s: float = 0.2) -> Streaming:
-    return Streaming(st.settings, lines_of(events), pause_every, pause_s)
+def _stream(st: Stack, events: list[Event], seconds: float) -> Streaming:
+    return Streaming(st.settings, lines_of(events), seconds)
 
 
 def _kill(pid: int | None, timeout: float = 30.0) -> None:
@@ -113,8 +114,8 @@ def r1_kill_9(suite: Suite, size: Size) -> Row:
     workers = [start_process_worker(st, logs / f"process-{i}.log") for i in range(2)]
     try:
         events = suite.traffic(101, size.requests)
-        clock, rng, killed = Clock(), random.Random(7), Counter[str]()
-        stream = _stream(st, events, pause_every=500, pause_s=0.3)
+        clock, rng, killed, moments = Clock(), random.Random(7), Counter[str](), list[str]()
+        stream = _stream(st, events, size.stream_s)
         time.sleep(3.0)  # the workers have joined and consume
         for _ in range(size.kills):
             time.sleep(rng.uniform(0.5, 4.0))
@@ -128,11 +129,13 @@ def r1_kill_9(suite: Suite, size: Size) -> Row:
                 workers[i].wait(timeout=30)
                 workers[i] = start_process_worker(st, logs / f"process-{i}.log")
             killed[target] += 1
+            moments.append(stream.progress())
             clock.clear()
         published = stream.join()
         recovery = clock.recover(st, time.monotonic())
         return measure(st, f"R1 kill -9 ×{size.kills}", published, Expected(events), recovery, suite.oracle,
-                       notes="killed " + ", ".join(f"{k} ×{n}" for k, n in sorted(killed.items())))
+                       notes="killed " + ", ".join(f"{k} ×{n}" for k, n in sorted(killed.items()))
+                             + f"; first kill at {moments[0]}, last at {moments[-1]}")
     finally:
         _stop(workers)
         suite.release(st)
@@ -147,12 +150,13 @@ def r2_broker_killed(suite: Suite, size: Size) -> Row:
     try:
         events = suite.traffic(202, size.requests)
         clock = Clock()
-        stream = _stream(st, events, pause_every=500, pause_s=0.3)
+        stream = _stream(st, events, size.stream_s)
         time.sleep(4.0)
         pid = broker.status()["pid"]
         if not isinstance(pid, int):
             raise RuntimeError("the suite's broker is not running")
         os.kill(pid, signal.SIGKILL)
+        moment = stream.progress()
         while alive(pid, b"kafka.Kafka"):
             time.sleep(0.05)
         time.sleep(size.broker_down_s)
@@ -164,7 +168,7 @@ def r2_broker_killed(suite: Suite, size: Size) -> Row:
             st.tally("up", timeout=180)
         recovery = clock.recover(st, time.monotonic())
         return measure(st, "R2 broker SIGKILL", published, Expected(events), recovery, suite.oracle,
-                       notes=f"broker down {size.broker_down_s:.0f} s; worker "
+                       notes=f"killed at {moment}, down {size.broker_down_s:.0f} s; worker "
                              + ("kept running" if worker_survived else "exited and was restarted"))
     finally:
         suite.release(st)
@@ -185,9 +189,10 @@ def r3_clickhouse_down(suite: Suite, size: Size) -> Row:
         wait_all(st)
         clock = Clock()
         flag.touch()
-        stream = _stream(st, events[half:], pause_every=500, pause_s=0.2)
+        stream = _stream(st, events[half:], size.stream_s)
         time.sleep(size.outage_s)
         alive_through = stack_ops.worker_pid(st.settings, "all") is not None
+        moment = stream.progress()
         flag.unlink()
         clock.clear()
         published = half + stream.join()
@@ -195,7 +200,8 @@ def r3_clickhouse_down(suite: Suite, size: Size) -> Row:
         recovery = clock.recover(st, time.monotonic())
         problems = [] if alive_through else ["the worker died during the outage"]
         row = measure(st, f"R3 ClickHouse down {size.outage_s:.0f} s", published, Expected(events), recovery,
-                      suite.oracle, notes=f"{status['sink_retries']} failed ClickHouse calls retried")
+                      suite.oracle, notes=f"half saved first; {moment} of the rest when ClickHouse came back; "
+                                          f"{status['sink_retries']} failed ClickHouse calls retried")
         row.problems += problems
         if not status["sink_retries"]:
             row.problems.append("no insert failed: the outage was not injected")
@@ -250,7 +256,7 @@ def r5_shuffled_late(suite: Suite, size: Size) -> Row:
         shuffled = list(events)
         random.Random(5).shuffle(shuffled)
         clock = Clock()
-        published = _stream(st, shuffled).join()
+        published = _stream(st, shuffled, size.stream_s / 4).join()
         recovery = clock.recover(st, time.monotonic())
         span = (max(e["timestamp"] for e in events), min(e["timestamp"] for e in events))
         return measure(st, "R5 shuffled, ≤2 h late", published, Expected(events), recovery, suite.oracle,
@@ -309,7 +315,7 @@ def r7_skewed_clocks(suite: Suite, size: Size) -> Row:
         requests = requests_of(gen, size.requests)  # in time order, as gateways send them
         events = [shift(e, skew) for r, skew in zip(requests, skews, strict=True) for e in r]
         clock = Clock()
-        published = _stream(st, events).join()
+        published = _stream(st, events, size.stream_s / 4).join()
         recovery = clock.recover(st, time.monotonic())
         ahead = max(e["timestamp"] for e in events)
         return measure(st, "R7 clocks ±10 min", published, Expected(events, dlq=Counter()), recovery,
@@ -327,17 +333,20 @@ def r9_scale(suite: Suite, size: Size) -> Row:
     try:
         events = suite.traffic(909, size.requests)
         clock = Clock()
-        stream = _stream(st, events, pause_every=500, pause_s=0.3)
-        time.sleep(4.0)
+        stream = _stream(st, events, size.stream_s)
+        time.sleep(max(4.0, size.stream_s / 4))
         workers.append(start_process_worker(st, logs / "process-1.log"))
-        time.sleep(8.0)
+        joined = stream.progress()
+        time.sleep(max(8.0, size.stream_s / 2))
+        left_at = stream.progress()
         workers[1].send_signal(signal.SIGTERM)
         left = workers[1].wait(timeout=60)
         clock.clear()
         published = stream.join()
         recovery = clock.recover(st, time.monotonic())
         row = measure(st, "R9 scale 1 → 2 → 1", published, Expected(events), recovery, suite.oracle,
-                      notes=f"the second process worker left with exit code {left}")
+                      notes=f"a second process worker started at {joined} and left (exit code {left}) at "
+                            f"{left_at}")
         if left != 0:
             row.problems.append(f"the leaving worker exited {left}")
         return row
