@@ -29,10 +29,13 @@ def run(names: list[str], short: bool, root: Path) -> list[Row]:
                 traceback.print_exc()
                 row = Row(name, 0, 0, 0, 0, Fraction(0), 0.0, [f"{type(exc).__name__}: {exc}"[:300]])
             rows.append(row)
-            print(f"{name}: {'ok' if row.ok else 'FAILED'} in {time.monotonic() - started:.0f} s", file=sys.stderr,
-                  flush=True)
+            print(f"{name}: {'ok' if row.ok else 'FAILED'} in {time.monotonic() - started:.0f} s\n{table([row])}",
+                  file=sys.stderr, flush=True)
     finally:
-        suite.close()
+        try:
+            suite.close()
+        except Exception:  # noqa: BLE001 - the rows are the result; a failed cleanup is reported, not raised
+            traceback.print_exc()
     return rows
 
 
