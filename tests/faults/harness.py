@@ -107,7 +107,7 @@ class Suite:
         self.broker: LocalKafka | None = None
         self.docs = load_reference_files(REFERENCE_FILES)
         self.oracle = Oracle(REFERENCE_FILES)
-        self.now = datetime.now(UTC).replace(microsecond=0)  # the suite's one clock: every event time derives from it
+        self.now = datetime.now(UTC).replace(microsecond=0)  # the clock every event time of a scenario derives from
         self._stacks: list[Stack] = []
         if bootstrap is None:
             listener, controller = free_ports(2)
@@ -118,7 +118,12 @@ class Suite:
         self.bootstrap = bootstrap
 
     def stack(self, name: str, **overrides: Any) -> Stack:
-        """A fresh stack for one scenario: its own topics, data directory, web port and consumer groups."""
+        """A fresh stack for one scenario: its own topics, data directory, web port and consumer groups.
+
+        Also reads the clock again: a scenario's event times derive from the moment its stack was made, so the
+        skew scenario's stamps stay ±10 min around the worker's ingest time however long the suite has run.
+        """
+        self.now = datetime.now(UTC).replace(microsecond=0)
         settings = Settings(data_dir=self.root / name, kafka_bootstrap=self.bootstrap,
                             topic_prefix=f"f{uuid.uuid4().hex[:8]}.", partitions=TEST_PARTITIONS,
                             web_port=free_ports(1)[0], **{**FOLD_TIMING, **overrides})

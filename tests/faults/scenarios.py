@@ -117,9 +117,9 @@ def r1_kill_9(suite: Suite, size: Size) -> Row:
         clock, rng, killed, moments = Clock(), random.Random(7), Counter[str](), list[str]()
         stream = _stream(st, events, size.stream_s)
         time.sleep(3.0)  # the workers have joined and consume
-        for _ in range(size.kills):
+        targets = [t for _ in range(0, size.kills, 3) for t in rng.sample(("process-0", "process-1", "sink"), 3)]
+        for target in targets[:size.kills]:  # each of the three in turn, in a random order per round
             time.sleep(rng.uniform(0.5, 4.0))
-            target = rng.choice(("process-0", "process-1", "sink"))
             if target == "sink":
                 _kill(stack_ops.worker_pid(st.settings, "sink"))
                 st.tally("up", "--role", "sink", timeout=180)
@@ -327,7 +327,7 @@ def r7_skewed_clocks(suite: Suite, size: Size) -> Row:
         recovery = clock.recover(st, time.monotonic())
         ahead = max(e["timestamp"] for e in events)
         return measure(st, "R7 clocks ±10 min", published, Expected(events, dlq=Counter()), recovery,
-                       suite.oracle, notes=f"newest stamp {ahead} (suite clock {suite.now.isoformat()}); "
+                       suite.oracle, notes=f"newest stamp {ahead} (scenario clock {suite.now.isoformat()}); "
                                            "no future_timestamp dead letter expected")
     finally:
         suite.release(st)
