@@ -124,7 +124,12 @@ class Suite:
         skew scenario's stamps stay ±10 min around the worker's ingest time however long the suite has run.
         """
         self.now = datetime.now(UTC).replace(microsecond=0)
-        settings = Settings(data_dir=self.root / name, kafka_bootstrap=self.bootstrap,
+        data_dir = self.root / name
+        for n in range(2, 1000):  # a scenario run again (--only R1,R1) gets a directory of its own
+            if not data_dir.exists():
+                break
+            data_dir = self.root / f"{name}-{n}"
+        settings = Settings(data_dir=data_dir, kafka_bootstrap=self.bootstrap,
                             topic_prefix=f"f{uuid.uuid4().hex[:8]}.", partitions=TEST_PARTITIONS,
                             web_port=free_ports(1)[0], **{**FOLD_TIMING, **overrides})
         ensure_topics(settings)
