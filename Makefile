@@ -63,6 +63,9 @@ $(FAKETIME_SHIM): tests/faketime/shim.c $(STAMP)
 test-faketime: install $(FAKETIME_SHIM) ## The TTL/retention/period-sensitive tests with the clock 60 days ahead
 	@command -v faketime >/dev/null || { echo "test-faketime needs faketime: apt-get install faketime"; exit 1; }
 	$(FAKETIME_RUN) $(PY) -m pytest $(FAKETIME_TESTS) -q -p no:cacheprovider
+.PHONY: faults
+faults: install kafka-jars ## The fault suite: one row per scenario (lost, duplicated, exact cost); exit 1 unless all exact
+	$(PY) -m tests.faults.run $(FAULTS_ARGS)
 
 bench: install kafka-jars ## Benchmarks: per-stage cost, Kafka/Faust baselines, end-to-end throughput and latency
 	$(PY) -m tests.bench.run

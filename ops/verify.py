@@ -12,8 +12,9 @@ Query = Callable[[str], tuple[list[str], list[list[Any]]]]
 Cell = tuple[date, str, str]  # (UTC day, team_id, feature_id)
 
 GRAINS: tuple[str, ...] = ("minute", "hour", "day")
-# measure → the source it must equal: attempts and cost from usage_events, requests and retry waste from
-# logical_requests (each request counted once at its latest revision: sums with sign).
+# measure → the source it must equal: attempts and cost from usage_events_current (usage_events without the rows
+# a later row of the same physical call superseded: the rollups subtract those, migration 009), requests and retry
+# waste from logical_requests (each request counted once at its latest revision: sums with sign).
 MEASURES: tuple[str, ...] = ("attempts", "cost_total_usd", "requests", "cost_wasted_usd")
 
 
@@ -76,7 +77,7 @@ def _cells(query: Query, sql: str, measures: Iterable[str]) -> dict[Cell, dict[s
 
 def _sources(query: Query, first: date, last: date) -> dict[Cell, dict[str, Decimal]]:
     attempts = _cells(query, "SELECT toDate(ts) AS day, team_id, feature_id, toString(count()), "
-                             "toString(sum(cost_total_usd)) FROM {db}.usage_events "
+                             "toString(sum(cost_total_usd)) FROM {db}.usage_events_current "
                              f"WHERE {_range('ts', first, last)} GROUP BY day, team_id, feature_id",
                       ("attempts", "cost_total_usd"))
     requests = _cells(query, "SELECT toDate(first_ts) AS day, team_id, feature_id, toString(sum(sign)), "
@@ -110,7 +111,8 @@ def _integrity(query: Query, first: date, last: date) -> list[Difference]:
 def verify(query: Query, since: date, until: date, now: datetime, retention_days: dict[str, int]) -> Audit:
     """Compare usage_events and logical_requests with rollup_minute, _hour and _day over the UTC days [since, until].
 
-    Per day × team × feature and per grain: attempts = count() of usage_events, cost_total_usd = its exact sum,
+    Per day × team × feature and per grain: attempts = count() of usage_events_current (superseded rows left out,
+    as the rollups subtract them), cost_total_usd = its exact sum,
     requests = sum(sign) of logical_requests, cost_wasted_usd = sum(sign * cost_wasted_usd) (by first_ts). A grain is
     compared only on the days its retention (retention_days[grain], TTL from `now`) has kept whole. Also reports
     source rows that break exactly-once (an event_id twice in usage_events, a request whose signs do not sum to 0

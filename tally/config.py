@@ -161,6 +161,9 @@ class Settings:
     query_max_bytes: int = 64 * 1024
     # Tests only: a named crash point (tally.failpoints), `name` or `name:n` to crash at its n-th pass.
     failpoint: str = ""
+    # Tests only: while a file exists at this path, every ClickHouse call of the worker's store fails as an
+    # unreachable server would (the fault suite's ClickHouse outage); empty: never checked.
+    store_outage_flag: str = ""
     secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @property

@@ -74,6 +74,7 @@ class Store:
         self._client: Client | None = None
         self._api_clients: queue.SimpleQueue[Client] = queue.SimpleQueue()
         self._api_opened: list[Client] = []
+        self._outage = Path(settings.store_outage_flag) if settings.store_outage_flag else None  # tests only
 
     @property
     def embedded(self) -> bool:
@@ -81,6 +82,13 @@ class Store:
 
     @property
     def client(self) -> Client:
+        """The connection; every ClickHouse call goes through here.
+
+        Raises StoreError while the test-only outage flag file exists (settings.store_outage_flag), as an
+        unreachable server would; when the flag is not set this costs one comparison.
+        """
+        if self._outage is not None and self._outage.exists():
+            raise StoreError(f"ClickHouse unavailable: injected outage while {self._outage.name} exists")
         if self._client is None:
             self._client = self._connect()
         return self._client

@@ -144,3 +144,33 @@ def request_row(ts: datetime, feature_id: str = "summarize_email_v2", **override
     }
     row.update(overrides)
     return row
+
+
+def malformed_lines(good: dict[str, Any], k: int) -> list[tuple[bytes, str]]:
+    """Malformed lines built from a good event, each with the reason the pipeline must give (event ids unique per k).
+
+    Covers every reason the validate stage gives to a line on its own (wrong_partition, conflicting_duplicate and
+    the sink's row reasons need a producer or an earlier line: see tests/faults).
+    """
+    def mutate(**kw: Any) -> bytes:
+        e = {**good, "event_id": f"bad-{k}-{len(kw)}-{sorted(kw)[0]}", **kw}
+        return orjson.dumps({k: v for k, v in e.items() if v is not ...})
+
+    return [
+        (b'{"schema_version": 1, "event_id": "cut', "invalid_json"),
+        (b"not json at all", "invalid_json"),
+        (b"[1, 2, 3]", "not_an_object"),
+        (b"42", "not_an_object"),
+        (mutate(prompt="the user's secret prompt"), "unknown_field"),
+        (mutate(usage={"input_tokens": -7}), "negative_tokens"),
+        (mutate(usage={"reasoning_tokens": 100_000_001}), "token_out_of_range"),
+        (mutate(timestamp="2026-11-01 10:00"), "bad_timestamp"),
+        (mutate(timestamp="2026-11-01T10:00:00"), "bad_timestamp"),
+        (mutate(timestamp="2099-06-01T00:00:00Z"), "future_timestamp"),  # issue 11: was accepted and priced
+        (mutate(event_id="spaces are not allowed"), "bad_event_id"),
+        (mutate(model_actual=...), "missing_field"),
+        (mutate(status="exploded"), "schema_violation"),
+        (mutate(tags={"team_id": "x" * 300}), "schema_violation"),
+        (b'{"pad": "' + b"x" * (17 * 1024) + b'"}', "oversized"),
+        (mutate(schema_version=2), "unsupported_schema_version"),
+    ]

@@ -16,35 +16,11 @@ from ops.simulate import TrafficGenerator, catalog_from_reference
 from tally.reference import load_reference_files
 from tally.sdk.publisher import Publisher
 from tests.e2e.conftest import EXAMPLES, REFERENCE_FILES
+from tests.factories import malformed_lines
 from tests.rerate import Oracle
 
 pytestmark = pytest.mark.e2e
 
-
-
-def _bad_lines(good: dict, k: int) -> list[tuple[bytes, str]]:
-    """Malformed lines, each with the reason the pipeline must give (event ids unique per k)."""
-    def mutate(**kw):
-        e = {**good, "event_id": f"bad-{k}-{len(kw)}-{sorted(kw)[0]}", **kw}
-        return orjson.dumps({k: v for k, v in e.items() if v is not ...})
-
-    return [
-        (b'{"schema_version": 1, "event_id": "cut', "invalid_json"),
-        (b"not json at all", "invalid_json"),
-        (b"[1, 2, 3]", "not_an_object"),
-        (b"42", "not_an_object"),
-        (mutate(prompt="the user's secret prompt"), "unknown_field"),
-        (mutate(usage={"input_tokens": -7}), "negative_tokens"),
-        (mutate(usage={"reasoning_tokens": 100_000_001}), "token_out_of_range"),
-        (mutate(timestamp="2026-11-01 10:00"), "bad_timestamp"),
-        (mutate(timestamp="2026-11-01T10:00:00"), "bad_timestamp"),
-        (mutate(timestamp="2099-06-01T00:00:00Z"), "future_timestamp"),  # issue 11: was accepted and priced
-        (mutate(event_id="spaces are not allowed"), "bad_event_id"),
-        (mutate(model_actual=...), "missing_field"),
-        (mutate(status="exploded"), "schema_violation"),
-        (mutate(tags={"team_id": "x" * 300}), "schema_violation"),
-        (b'{"pad": "' + b"x" * (17 * 1024) + b'"}', "oversized"),
-    ]
 
 
 def test_publish_wait_query_exactly_once_with_exact_costs(stack, tmp_path):
@@ -57,7 +33,7 @@ def test_publish_wait_query_exactly_once_with_exact_costs(stack, tmp_path):
     rng = random.Random(3)
     lines = [orjson.dumps(e) for e in good]
     dupes = rng.sample(lines, len(lines) * 3 // 100)
-    bad = [pair for k in range(12) for pair in _bad_lines(good[0], k)]
+    bad = [pair for k in range(12) for pair in malformed_lines(good[0], k)]
     all_lines = lines + dupes + [b for b, _ in bad]
     rng.shuffle(all_lines)
     path = tmp_path / "traffic.jsonl"

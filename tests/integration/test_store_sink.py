@@ -92,3 +92,36 @@ def test_query_is_read_only(store):
         store.query("INSERT INTO {db}.event_ids VALUES ('x', now64(3))")
     with pytest.raises(StoreError):
         store.query("DROP TABLE {db}.usage_events")
+
+
+def test_an_injected_outage_fails_every_call_until_lifted_and_the_sink_lands_each_row_once(tmp_path, docs):
+    """The fault suite's ClickHouse outage: armed by a flag file, every store call fails as an unreachable server's
+    would; the sink's retry carries the batch over the outage and each row lands once."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from streams.sink import write_with_retry
+
+    flag = tmp_path / "outage"
+    store = Store(load_settings(env={}, data_dir=tmp_path / "db", store_outage_flag=str(flag)))
+    try:
+        store.migrate()
+        rows = priced_rows(docs, 200)
+        flag.touch()
+        with pytest.raises(StoreError, match="injected outage"):
+            store.query("SELECT 1")
+        with pytest.raises(StoreError, match="injected outage"):
+            store.record_offsets("sink", "attempts", {0: 5})
+        lifted = threading.Timer(1.5, flag.unlink)
+        lifted.start()
+        with ThreadPoolExecutor(max_workers=1) as ex:
+            writer = SinkWriter(store)
+            written = asyncio.run(write_with_retry(writer, rows, ex, retry_for_s=30))
+        lifted.join()
+        assert written.inserted == len(rows) and writer.stats.retries >= 1
+        count, unique, total = totals(store)
+        assert count == unique == len(rows)
+        assert total == sum((r["cost_total_usd"] for r in rows), Decimal(0))
+    finally:
+        store.close()

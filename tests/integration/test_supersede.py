@@ -7,6 +7,7 @@ import pytest
 
 from ops.reports.chargeback import UNATTRIBUTED, Period, build_report
 from ops.reports.chargeback import fetch as fetch_chargeback
+from ops.verify import verify
 from streams.budget import read_spend
 from streams.records import ATTEMPT_COLUMNS
 from streams.sink import SinkWriter, insert_token
@@ -74,6 +75,20 @@ def counted(store):
     return out
 
 
+def differences(store):
+    """`tally verify` over the call's day: every rollup grain against usage_events_current and logical_requests."""
+    s = store.settings
+    retention = {"minute": s.rollup_minute_retention_days, "hour": s.rollup_hour_retention_days,
+                 "day": s.rollup_day_retention_days}
+
+    def query(sql):
+        res = store.query(sql)
+        return res.columns, [list(r) for r in res.rows]
+
+    audit = verify(query, CALL_TS.date(), CALL_TS.date(), NOW, retention)
+    return [d.describe() for d in audit.differences]
+
+
 def expect_once(team="inbox"):
     """The call counted once at its real cost (75 output tokens)."""
     unattributed = "0" if team else str(REAL_COST)
@@ -102,6 +117,7 @@ def test_estimate_and_correction_count_once_at_the_real_cost(store, order):
     assert writer.stats.superseded == 1
     once = counted(store)
     assert once == expect_once()
+    assert differences(store) == []  # verify counts the call once too (it read usage_events, with both rows)
 
     # Replays of every batch, and of everything at once: nothing more is subtracted.
     for batch in [*batches, [estimate, real]]:
