@@ -15,6 +15,7 @@ from tally.store import Store
 
 pytestmark = pytest.mark.integration
 
+
 def priced_rows(docs, now, n=300, seed=5):
     """N simulated events from an hour before `now`, priced and ingested at `now` (inside the dedup window)."""
     gen = TrafficGenerator(catalog_from_reference(docs), seed=seed, bad_rate=0.0, start=now - timedelta(hours=1))
@@ -94,7 +95,7 @@ def test_query_is_read_only(store):
         store.query("DROP TABLE {db}.usage_events")
 
 
-def test_an_injected_outage_fails_every_call_until_lifted_and_the_sink_lands_each_row_once(tmp_path, docs):
+def test_an_injected_outage_fails_every_call_until_lifted_and_the_sink_lands_each_row_once(tmp_path, docs, now):
     """The fault suite's ClickHouse outage: armed by a flag file, every store call fails as an unreachable server's
     would; the sink's retry carries the batch over the outage and each row lands once."""
     import asyncio
@@ -107,7 +108,7 @@ def test_an_injected_outage_fails_every_call_until_lifted_and_the_sink_lands_eac
     store = Store(load_settings(env={}, data_dir=tmp_path / "db", store_outage_flag=str(flag)))
     try:
         store.migrate()
-        rows = priced_rows(docs, 200)
+        rows = priced_rows(docs, now, 200)
         flag.touch()
         with pytest.raises(StoreError, match="injected outage"):
             store.query("SELECT 1")
