@@ -59,12 +59,22 @@ REQUEST_ROWS = RowShape("logical request", "bad_request_row", REQUEST_COLUMNS, R
                         REQUEST_TIME_COLUMNS)
 
 
+def origin_of(source: Source) -> str:
+    """The identity of the sink's input message a row came from, `topic[partition]@offset` (usage_events.origin).
+
+    A Kafka message never changes once written, so every piece planned from it is the same on every replay.
+    """
+    return f"{source.topic}[{source.partition}]@{source.offset}"
+
+
 def decode_rows(value: bytes, source: Source, shape: RowShape = ATTEMPT_ROWS
                 ) -> tuple[list[dict[str, Any]], list[Rejection]]:
     """Decode one NDJSON message of rows ready to insert (Decimal costs, aware datetimes).
 
+    Each row also gets `origin` (origin_of(source)): the message it came from, which the writers group pieces by.
     A line that is not a complete row of the shape is a rejection (stage sink), never an exception.
     """
+    origin = origin_of(source)
     rows: list[dict[str, Any]] = []
     bad: list[Rejection] = []
     column_set = shape.column_set
@@ -83,6 +93,7 @@ def decode_rows(value: bytes, source: Source, shape: RowShape = ATTEMPT_ROWS
         except (orjson.JSONDecodeError, ValueError, TypeError, InvalidOperation) as exc:
             bad.append(Rejection(shape.reason, STAGE_SINK, f"cannot decode {shape.what}: {exc}", line, source, n))
             continue
+        row["origin"] = origin
         rows.append(row)
     return rows, bad
 
@@ -100,10 +111,13 @@ def decode_batch(messages: Sequence[tuple[bytes | None, Source]], shape: RowShap
     return rows, dead
 
 
-def insert_token(table: str, keys: Iterable[str]) -> str:
-    """Deterministic insert_deduplication_token: the same set of rows always gets the same token."""
+def insert_token(table: str, keys: Iterable[str], scope: Iterable[str] = ()) -> str:
+    """Deterministic insert_deduplication_token: the same set of rows (in the same scope) always gets the same token.
+
+    `scope` names what the piece was cut from (its origin message and days); it is hashed before the sorted keys.
+    """
     h = hashlib.blake2b(digest_size=16)
-    for key in sorted(keys):
+    for key in (*scope, "", *sorted(keys)) if scope else sorted(keys):
         h.update(key.encode())
         h.update(b"\0")
     return f"{table}:{h.hexdigest()}"
@@ -132,12 +146,16 @@ Group = tuple[dict[str, Any], ...]  # rows that land in one insert or not at all
 
 @dataclass(frozen=True)
 class Piece:
-    """One insert of a plan: whole groups of rows, their days, and the token that makes a re-send a no-op."""
+    """One insert of a plan: whole groups of rows, their days, and the token that makes a re-send a no-op.
+
+    `origin` is the input message all its rows came from ('' for a writer that does not group by message).
+    """
 
     table: str
     groups: tuple[Group, ...]
     token: str
     days: tuple[date, ...]
+    origin: str = ""
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -145,22 +163,29 @@ class Piece:
 
 
 def make_pieces(table: str, groups: Iterable[Group], key: Callable[[dict[str, Any]], str],
-                days: Callable[[Group], Iterable[date]]) -> list[Piece]:
-    """Split groups into pieces by their set of UTC days (one day per piece unless a group spans two).
+                days: Callable[[Group], Iterable[date]],
+                origin: Callable[[Group], str] | None = None) -> list[Piece]:
+    """Split groups into pieces by origin message (if `origin` is given) and set of UTC days, in that order.
 
-    Each piece's token is a hash of its rows' keys, so the same rows always make the same piece.
+    One day per piece unless a group spans two. Each piece's token is a hash of its origin, days and rows' keys,
+    so the same rows always make the same piece.
     """
-    by_days: dict[tuple[date, ...], list[Group]] = {}
+    by_cut: dict[tuple[str, tuple[date, ...]], list[Group]] = {}
     for g in groups:
-        by_days.setdefault(tuple(sorted(set(days(g)))), []).append(g)
-    return [Piece(table, tuple(gs), insert_token(table, (key(r) for g in gs for r in g)), d)
-            for d, gs in sorted(by_days.items())]
+        by_cut.setdefault((origin(g) if origin else "", tuple(sorted(set(days(g))))), []).append(g)
+    return [_piece(table, tuple(gs), key, d, o) for (o, d), gs in sorted(by_cut.items())]
+
+
+def _piece(table: str, groups: tuple[Group, ...], key: Callable[[dict[str, Any]], str], days: tuple[date, ...],
+           origin: str) -> Piece:
+    scope = (origin, *map(str, days)) if origin else ()
+    return Piece(table, groups, insert_token(table, (key(r) for g in groups for r in g), scope), days, origin)
 
 
 def split_piece(piece: Piece, key: Callable[[dict[str, Any]], str]) -> list[Piece]:
     """Two halves of a piece ClickHouse found too large, each with the token of its own rows."""
     half = len(piece.groups) // 2
-    return [Piece(piece.table, gs, insert_token(piece.table, (key(r) for g in gs for r in g)), piece.days)
+    return [_piece(piece.table, gs, key, piece.days, piece.origin)
             for gs in (piece.groups[:half], piece.groups[half:])]
 
 
@@ -211,6 +236,7 @@ class SinkStats:
     duplicates_in_batch: int = 0
     already_saved: int = 0
     conflicting_duplicates: int = 0
+    resent: int = 0  # rows saved by their own message before, re-sent by its replay (absorbed where they landed)
     retries: int = 0
     last_insert_s: float = 0.0
     superseded: int = 0
@@ -241,34 +267,42 @@ def _insert(writer: Writer, store: Store, piece: Piece, columns: Sequence[str]) 
     writer.stats.rows_inserted += len(rows)
 
 
-SINK_COLUMNS: tuple[str, ...] = (*ATTEMPT_COLUMNS, "content_hash")  # usage_events as the sink writes it (008)
+# usage_events as the sink writes it: content_hash (008) and origin, the input message of the row (011).
+SINK_COLUMNS: tuple[str, ...] = (*ATTEMPT_COLUMNS, "content_hash", "origin")
 
 
 @dataclass
 class SinkWriter:
     """Writes priced attempts to usage_events so that each event_id lands exactly once, in every table.
 
-    Protocol, per batch (the Faust agent acks the batch's Kafka offsets only after every piece has landed):
+    Every row carries `origin`, the llm.cost.attempts.v1 message it was decoded from (decode_rows). Protocol, per
+    batch (the Faust agent acks the batch's Kafka offsets only after every piece has landed):
       1. Hash each row's content (its original event, `payload`): content_hash.
-      2. Lookup: the event_ids ClickHouse already holds, with their hashes (table event_ids, TTL = the dedup
-         window). All copies of an event share its logical request id, hence its partition, hence one sink at a
-         time: no race.
-      3. Decide, in batch order: a new event_id is inserted once; a copy with the same hash as the saved (or
-         earlier) one is a duplicate, skipped; a copy with another hash is a dead letter conflicting_duplicate
-         (both hashes in its message, the original line as its bytes), never inserted.
-      4. Split the rows to insert by UTC day of ts (rollup_minute, partitioned by day, is the finest partitioning
-         an insert reaches: a piece never hits TOO_MANY_PARTS), each piece with insert_deduplication_token = a
-         hash of its event_ids, async_insert = 0. This plan is made once per batch.
-      5. Insert the pieces; write_with_retry re-sends a failed piece unchanged. A re-sent block is deduplicated in
-         usage_events and event_ids but still pushed through every materialized view, whose targets dedup by
-         their own derived tokens: a view that failed the first time gets its rows, none gets them twice.
+      2. Lookup: the event_ids ClickHouse already holds, each with its hash and origin (table event_ids, TTL = the
+         dedup window). All copies of an event share its logical request id, hence its partition, hence one sink
+         at a time: no race.
+      3. Decide, in batch order: an event_id not saved, or saved with this row's own origin (the replay of a message
+         whose insert was cut short: some tables may hold it, others not), is inserted once; a copy saved by
+         another message, or already planned earlier in this batch, is a duplicate if its hash matches, skipped;
+         with another hash it is a dead letter conflicting_duplicate (both hashes in its message, the original line
+         as its bytes), never inserted.
+      4. Pieces: the rows to insert grouped by (origin message, UTC day of ts) — rollup_minute, partitioned by day,
+         is the finest partitioning an insert reaches, so a piece never hits TOO_MANY_PARTS — each with
+         insert_deduplication_token = a hash of (table, origin, day, sorted event_ids), async_insert = 0. A
+         message's content never changes and messages are replayed in order from the stored position, so a piece
+         is the same on every replay whatever batch it falls in and whatever part of it landed before.
+      5. Insert the pieces; write_with_retry re-sends a failed piece unchanged, and a replay after a crash re-sends
+         it too (step 3). A re-sent block is deduplicated in every table that holds it (usage_events, event_ids and
+         every view target, by their own derived tokens) and fills the ones that missed it: none gets it twice.
       6. Supersede (streams.supersede), after every piece landed: rows of the batch's physical calls that no
          longer count (an estimate corrected by real usage) are subtracted from the rollups, once, in any arrival
          order; idempotent, so it is retried like an insert and redone by a replay.
     Not guaranteed: a duplicate arriving after the dedup window (default 7 days) is inserted again; an event saved
-    before migration 008 has no hash, so any later copy of it counts as a duplicate; a batch whose view failure
-    outlasts the retries stops the worker, and its replay (rows already in event_ids) cannot reach the failed view
-    (`tally verify` reports the gap).
+    before migration 008 has no hash, so any later copy of it counts as a duplicate; an event saved before 011 has
+    no origin, so a replay of its message skips it (a cut-short insert from before 011 is not repaired); a replayed
+    piece is absorbed only while its blocks are within each table's dedup window (10,000 inserts: the replay is of
+    the last batch, well within it); a piece that ClickHouse found too large and split (write_with_retry) and
+    whose insert was then cut short by a crash is re-sent whole, under another token than its halves.
     """
 
     store: Store
@@ -279,26 +313,31 @@ class SinkWriter:
         """Steps 1-4: the pieces to insert and the conflicting duplicates. Reads ClickHouse, writes nothing."""
         for row in rows:
             row["content_hash"] = content_hash(row["payload"])
-        saved = self.store.saved_event_hashes(list({row["event_id"]: None for row in rows}))
-        held = dict(saved)  # event_id → hash, as ClickHouse will hold it after this batch
+        saved = self.store.saved_events(list({row["event_id"]: None for row in rows}))
+        held = {eid: s.content_hash for eid, s in saved.items()}  # event_id → hash, as held after this batch
+        planned: set[str] = set()
         fresh: list[dict[str, Any]] = []
         rejections: list[Rejection] = []
         for row in rows:
             eid, digest = row["event_id"], row["content_hash"]
-            known = held.get(eid)
-            if known is None:
+            found = saved.get(eid)
+            if eid not in planned and (found is None or found == (digest, row["origin"])):
+                self.stats.resent += found is not None
                 held[eid] = digest
+                planned.add(eid)
                 fresh.append(row)
-            elif known in (digest, ""):
-                if eid in saved:
-                    self.stats.already_saved += 1
-                else:
-                    self.stats.duplicates_in_batch += 1
+                continue
+            known, where = held[eid], "earlier in this batch" if eid in planned else "saved"
+            if known not in (digest, ""):
+                rejections.append(_conflict(row, known, where))
+            elif eid in planned:
+                self.stats.duplicates_in_batch += 1
             else:
-                rejections.append(_conflict(row, known, "saved" if eid in saved else "earlier in this batch"))
+                self.stats.already_saved += 1
         self.stats.conflicting_duplicates += len(rejections)
         self.stats.batches += 1
-        pieces = make_pieces(self.table, ((r,) for r in fresh), self.key, lambda g: (utc_day(g[0]["ts"]),))
+        pieces = make_pieces(self.table, ((r,) for r in fresh), self.key, lambda g: (utc_day(g[0]["ts"]),),
+                             lambda g: str(g[0]["origin"]))
         counted: dict[str, dict[str, Any]] = {}  # each event_id once, as it counts (conflicting copies never do)
         for row in rows:
             if held[row["event_id"]] in (row["content_hash"], ""):
@@ -322,7 +361,7 @@ class SinkWriter:
 
     def landed(self, piece: Piece) -> int:
         """How many of the piece's rows usage_events holds (through event_ids)."""
-        return len(self.store.saved_event_hashes([r["event_id"] for r in piece.rows]))
+        return len(self.store.saved_events([r["event_id"] for r in piece.rows]))
 
     def write(self, rows: Sequence[dict[str, Any]]) -> int:
         """Plan and insert once (run_plan); returns how many rows were inserted."""
