@@ -312,6 +312,9 @@ class SinkWriter:
     def plan(self, rows: Sequence[dict[str, Any]]) -> Plan:
         """Steps 1-4: the pieces to insert and the conflicting duplicates. Reads ClickHouse, writes nothing."""
         for row in rows:
+            if "origin" not in row:
+                raise SinkRefused(f"row {row['event_id']} has no origin: attempt rows reach the sink through "
+                                  "decode_rows, which names the message each came from")
             row["content_hash"] = content_hash(row["payload"])
         saved = self.store.saved_events(list({row["event_id"]: None for row in rows}))
         held = {eid: s.content_hash for eid, s in saved.items()}  # event_id → hash, as held after this batch

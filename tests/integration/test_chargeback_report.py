@@ -15,7 +15,7 @@ from streams.sink import ATTEMPT_ROWS, REQUEST_ROWS, RequestWriter, SinkWriter, 
 from streams.validate import Validator
 from tally.partitioning import partition_for
 from tally.reference import snapshot_of
-from tests.factories import attempt_row_factory, event_factory
+from tests.factories import attempt_row_factory, event_factory, in_message
 
 pytestmark = pytest.mark.integration
 
@@ -73,7 +73,7 @@ def scenario():
 def loaded(store, now):
     """The scenario written by the sinks: attempts ingested and requests emitted at `now` (inside the dedup window)."""
     requests = scenario()
-    assert SinkWriter(store).write([a for req in requests for a in req]) == 9
+    assert SinkWriter(store).write(in_message([a for req in requests for a in req])) == 9
     folder, state, writer = Folder(FoldConfig(), 4), {}, RequestWriter(store)
     for req in requests:
         res = folder.fold(req, state, req[-1]["ts"].timestamp() + 1, now)
