@@ -162,18 +162,33 @@ class Piece:
         return [r for g in self.groups for r in g]
 
 
+# Days in one piece of a message at most: rollup_minute is partitioned by day and ClickHouse refuses an insert block
+# that spans more than max_partitions_per_insert_block (100) partitions; half of it leaves room.
+DAYS_PER_PIECE = 50
+
+
 def make_pieces(table: str, groups: Iterable[Group], key: Callable[[dict[str, Any]], str],
                 days: Callable[[Group], Iterable[date]],
-                origin: Callable[[Group], str] | None = None) -> list[Piece]:
+                origin: Callable[[Group], str] | None = None, days_per_piece: int = 1) -> list[Piece]:
     """Split groups into pieces by origin message (if `origin` is given) and set of UTC days, in that order.
 
-    One day per piece unless a group spans two. Each piece's token is a hash of its origin, days and rows' keys,
-    so the same rows always make the same piece.
+    One day per piece unless a group spans two; with `days_per_piece` > 1, the single-day groups of one origin are
+    gathered over up to that many consecutive (sorted) days of theirs. Each piece's token is a hash of its origin,
+    days and rows' keys, so the same rows always make the same piece.
     """
     by_cut: dict[tuple[str, tuple[date, ...]], list[Group]] = {}
     for g in groups:
         by_cut.setdefault((origin(g) if origin else "", tuple(sorted(set(days(g))))), []).append(g)
-    return [_piece(table, tuple(gs), key, d, o) for (o, d), gs in sorted(by_cut.items())]
+    cuts: list[tuple[str, tuple[date, ...], list[Group]]] = []
+    for (o, d), gs in sorted(by_cut.items()):
+        last = cuts[-1] if cuts else None
+        if (days_per_piece > 1 and last is not None and last[0] == o and len(d) == 1
+                and len(last[1]) < days_per_piece):
+            last[2].extend(gs)
+            cuts[-1] = (o, (*last[1], *d), last[2])
+        else:
+            cuts.append((o, d, gs))
+    return [_piece(table, tuple(gs), key, d, o) for o, d, gs in cuts]
 
 
 def _piece(table: str, groups: tuple[Group, ...], key: Callable[[dict[str, Any]], str], days: tuple[date, ...],
@@ -286,9 +301,10 @@ class SinkWriter:
          another message, or already planned earlier in this batch, is a duplicate if its hash matches, skipped;
          with another hash it is a dead letter conflicting_duplicate (both hashes in its message, the original line
          as its bytes), never inserted.
-      4. Pieces: the rows to insert grouped by (origin message, UTC day of ts) — rollup_minute, partitioned by day,
-         is the finest partitioning an insert reaches, so a piece never hits TOO_MANY_PARTS — each with
-         insert_deduplication_token = a hash of (table, origin, day, sorted event_ids), async_insert = 0. A
+      4. Pieces: the rows to insert grouped by origin message, and within it by up to DAYS_PER_PIECE UTC days of ts
+         (rollup_minute, partitioned by day, is the finest partitioning an insert reaches: a piece never hits
+         TOO_MANY_PARTS), each with insert_deduplication_token = a hash of (table, origin, days, sorted
+         event_ids), async_insert = 0. A
          message's content never changes and messages are replayed in order from the stored position, so a piece
          is the same on every replay whatever batch it falls in and whatever part of it landed before.
       5. Insert the pieces; write_with_retry re-sends a failed piece unchanged, and a replay after a crash re-sends
@@ -340,7 +356,7 @@ class SinkWriter:
         self.stats.conflicting_duplicates += len(rejections)
         self.stats.batches += 1
         pieces = make_pieces(self.table, ((r,) for r in fresh), self.key, lambda g: (utc_day(g[0]["ts"]),),
-                             lambda g: str(g[0]["origin"]))
+                             lambda g: str(g[0]["origin"]), DAYS_PER_PIECE)
         counted: dict[str, dict[str, Any]] = {}  # each event_id once, as it counts (conflicting copies never do)
         for row in rows:
             if held[row["event_id"]] in (row["content_hash"], ""):

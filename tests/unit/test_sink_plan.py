@@ -10,6 +10,7 @@ import pytest
 
 from streams.records import Source
 from streams.sink import (
+    DAYS_PER_PIECE,
     AnomalyWriter,
     Piece,
     Plan,
@@ -71,13 +72,16 @@ def run(coro):  # noqa: ANN001, ANN201
     return asyncio.run(coro)
 
 
-def test_a_plan_has_one_piece_per_day_with_a_token_of_its_rows():
-    rows = rows_over_days(400, live=30)
+def test_a_plan_has_pieces_of_at_most_50_days_per_message_with_a_token_of_its_rows():
+    rows = rows_over_days(400, live=30)  # one message
     plan = SinkWriter(FakeStore()).plan(rows)  # type: ignore[arg-type]
-    assert len(plan.pieces) == 401
-    assert all(len(p.days) == 1 for p in plan.pieces)
-    assert {p.days[0] for p in plan.pieces} == {utc_day(r["ts"]) for r in rows}  # type: ignore[arg-type]
+    assert [len(p.days) for p in plan.pieces] == [DAYS_PER_PIECE] * 8 + [1]  # 401 days, sorted, in runs of 50
+    days = [d for p in plan.pieces for d in p.days]
+    assert days == sorted({utc_day(r["ts"]) for r in rows})  # type: ignore[arg-type]
+    assert all(utc_day(r["ts"]) in p.days for p in plan.pieces for r in p.rows)
     assert sum(len(p.rows) for p in plan.pieces) == len(rows)
+    other = in_message([dict(r) for r in rows[:3]], Source("llm.cost.attempts.v1", 1, 0))
+    assert len(SinkWriter(FakeStore()).plan([*other, *rows[3:]]).pieces) == 1 + 8  # type: ignore[arg-type]
     again = SinkWriter(FakeStore()).plan(rows)  # type: ignore[arg-type]
     assert [p.token for p in again.pieces] == [p.token for p in plan.pieces]  # deterministic
     assert len({p.token for p in plan.pieces}) == len(plan.pieces)
@@ -101,7 +105,7 @@ def test_a_failed_piece_is_sent_again_unchanged_never_replanned():
         written = run(write_with_retry(writer, rows, ex, retry_for_s=30))
     assert written.inserted == 3 and written.rejections == []
     assert sent[0] == sent[1]  # the same piece, the same token
-    assert len(store.inserts) == 3
+    assert len(store.inserts) == 1  # one message over 3 days: one piece
     assert writer.stats.batches == 1 and writer.stats.retries == 1
 
 
@@ -205,12 +209,12 @@ def message(offset: int, days: int, live: int = 0) -> list[dict[str, object]]:
 
 
 def test_a_replayed_message_makes_the_same_pieces_whatever_landed_and_whatever_shares_its_batch():
-    a, b, c = message(5, 2, live=3), message(4, 1), message(6, 0, live=2)
+    a, b, c = message(5, 60, live=3), message(4, 1), message(6, 0, live=2)
     c.append({**a[0], "origin": c[0]["origin"]})  # a later message repeats one of a's events
     first = SinkWriter(FakeStore()).plan([*b, *a, *c])  # type: ignore[arg-type]
     of_a = [(p.token, [r["event_id"] for r in p.rows]) for p in first.pieces if p.origin == a[0]["origin"]]
-    assert len(of_a) == 3 and sum(len(ids) for _, ids in of_a) == len(a)  # 2 past days and today
-    for landed in ([], first.pieces[:1], [p for p in first.pieces if p.origin == a[0]["origin"]][:2]):
+    assert len(of_a) == 2 and sum(len(ids) for _, ids in of_a) == len(a)  # 61 days: 50, then 11
+    for landed in ([], first.pieces[:1], [p for p in first.pieces if p.origin == a[0]["origin"]][:1]):
         store = FakeStore()  # the kill -9 left these pieces in event_ids (and in any subset of the views)
         store.saved.update({r["event_id"]: Saved(r["content_hash"], r["origin"]) for p in landed for r in p.rows})
         writer = SinkWriter(store)  # type: ignore[arg-type]  # a new worker replays a in another batch
