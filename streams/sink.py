@@ -433,6 +433,10 @@ class RequestWriter:
          lookup), which fills a view target that failed the first time and is absorbed everywhere else.
     A replayed batch finds its own revisions as heads and writes nothing; every decision is a function of attempt
     sets, so it does not depend on timing. Requests are keyed by feature_id, so one sink handles a request at a time.
+    Not guaranteed (issue 12, open): an insert cut short by a crash (kill -9, or a failpoint while this insert runs
+    in the shared executor) can leave logical_requests and the heads with a piece that some rollup grains lack; the
+    replay finds the revisions as heads and skips them, so those grains stay short (`tally verify` reports it). If
+    the heads missed the piece, the replay re-decides the same rows but cuts pieces by batch, under other tokens.
     """
 
     store: Store
