@@ -211,6 +211,7 @@ class Plan:
     pieces: list[Piece]
     rejections: list[Rejection] = field(default_factory=list)
     finish: Callable[[], int] | None = None  # an idempotent step after every piece landed (supersede)
+    prepare: Callable[[], None] | None = None  # an idempotent step before any piece is sent (journal the plan)
 
 
 @dataclass
@@ -267,6 +268,8 @@ def run_plan(writer: Writer, rows: Sequence[dict[str, Any]]) -> int:
     if plan.rejections:
         raise SinkRefused(f"{len(plan.rejections)} rows need the dead-letter topic "
                           f"({plan.rejections[0].reason}: {plan.rejections[0].message})")
+    if plan.prepare is not None:
+        plan.prepare()
     for piece in plan.pieces:
         writer.insert(piece)
     if plan.finish is not None:
@@ -420,35 +423,58 @@ class _Head:
 class RequestWriter:
     """Writes logical requests to logical_requests so each request counts once, at its latest revision.
 
-    Per batch (rows in topic order; the agent acks offsets only after every piece has landed):
-      1. Look up the latest revision ClickHouse holds of each request (table logical_request_heads).
-      2. For each incoming revision: if the head already holds all of its attempts (a replay, a duplicate emission,
-         a stale revision), skip it. Otherwise write the new revision — the union of both attempt sets when the
-         incoming one lacks some of the head's (a late attempt folded without its request's state) — numbered
-         max(incoming, head + 1), together with a cancel row (sign = -1) of the head.
-      3. Plan once: a request's rows (cancel and new) stay in one piece; pieces split by UTC day of first_ts
-         (rollup_minute, partitioned by day, is the finest partitioning the insert reaches), each piece with a
-         deterministic deduplication token (a hash of its rows' id#revision#sign).
-      4. Insert the pieces; write_with_retry re-sends a failed piece unchanged (never re-deciding through the
+    Per batch (rows in topic order, each with its origin message; the agent acks offsets only after every piece
+    has landed):
+      1. Look up the journaled decisions of the batch's messages (request_plans, migration 011) and the latest
+         revision ClickHouse holds of each request (table logical_request_heads).
+      2. A journaled message is not decided again: its journaled rows are sent as they are and move the heads as
+         they did (the replay of an insert a crash cut short, whose heads may already show its revisions while a
+         rollup grain lacks them). For each other incoming revision: if the head already holds all of its attempts
+         (a replay, a duplicate emission, a stale revision), skip it. Otherwise write the new revision — the union
+         of both attempt sets when the incoming one lacks some of the head's (a late attempt folded without its
+         request's state) — numbered max(incoming, head + 1), together with a cancel row (sign = -1) of the head.
+      3. Plan once: a request's rows from one message stay in one piece; pieces by (origin message, UTC days of
+         first_ts) (rollup_minute, partitioned by day, is the finest partitioning the insert reaches), each with a
+         deterministic token (a hash of origin, days and its rows' id#revision#sign).
+      4. Journal the rows decided now, per message, in one insert (Plan.prepare), before any piece is sent.
+      5. Insert the pieces; write_with_retry re-sends a failed piece unchanged (never re-deciding through the
          lookup), which fills a view target that failed the first time and is absorbed everywhere else.
-    A replayed batch finds its own revisions as heads and writes nothing; every decision is a function of attempt
-    sets, so it does not depend on timing. Requests are keyed by feature_id, so one sink handles a request at a time.
-    Not guaranteed (issue 12, open): an insert cut short by a crash (kill -9, or a failpoint while this insert runs
-    in the shared executor) can leave logical_requests and the heads with a piece that some rollup grains lack; the
-    replay finds the revisions as heads and skips them, so those grains stay short (`tally verify` reports it). If
-    the heads missed the piece, the replay re-decides the same rows but cuts pieces by batch, under other tokens.
+    Every decision is a function of attempt sets, so it does not depend on timing. Requests are keyed by
+    feature_id, so one sink handles a request at a time. Rows without an origin (tools and tests that write fold
+    output directly) are decided and cut as before, without a journal: a replay of them is skipped by the heads.
+    Not guaranteed: a replay after the journal's TTL (the dedup window) is decided again.
     """
 
     store: Store
     stats: SinkStats = field(default_factory=SinkStats)
     table: str = "logical_requests"
 
-    def decide(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Steps 1-2: the rows to insert for these incoming revisions (cancel rows included), in order."""
+    def decide(self, rows: Sequence[dict[str, Any]], journaled: dict[str, str] | None = None
+               ) -> list[dict[str, Any]]:
+        """Steps 1-2: the rows to insert for these incoming revisions (cancel rows included), in order.
+
+        A message whose decision is journaled (`journaled`: origin → NDJSON rows) is not decided again: its
+        journaled rows are taken as they are, and the heads move as they moved then.
+        """
+        journaled = journaled or {}
         found = self.store.request_heads(list({r["logical_request_id"] for r in rows}))
         heads = {lid: _Head(rev, at, detail) for lid, (rev, at, detail) in found.items()}
         out: list[dict[str, Any]] = []
+        replayed: set[str] = set()
         for row in rows:
+            origin = row.get("origin", "")
+            if origin in journaled:
+                if origin not in replayed:
+                    replayed.add(origin)
+                    again = decode_rows(journaled[origin].encode(), Source("request_plans", 0, 0), REQUEST_ROWS)[0]
+                    for r in again:
+                        r["origin"] = origin
+                        if r["sign"] == 1:
+                            heads[r["logical_request_id"]] = _Head(r["revision"], r["emitted_at"],
+                                                                   r["attempts_detail"])
+                    self.stats.resent += len(again)
+                    out.extend(again)
+                continue
             lid = row["logical_request_id"]
             head = heads.get(lid)
             if head is None:
@@ -465,19 +491,36 @@ class RequestWriter:
                 facts += [f for f in head.facts if f["event_id"] not in incoming]
             revision = max(row["revision"], head.revision + 1)
             new = summarize(lid, facts, revision, row["emitted_at"])
-            out.append(summarize(lid, head.facts, head.revision, head.emitted_at, sign=-1))
-            out.append(new)
+            cancel = summarize(lid, head.facts, head.revision, head.emitted_at, sign=-1)
+            if "origin" in row:
+                cancel["origin"] = new["origin"] = origin
+            out += [cancel, new]
             heads[lid] = _Head(revision, new["emitted_at"], new["attempts_detail"], facts)
         return out
 
     def plan(self, rows: Sequence[dict[str, Any]]) -> Plan:
-        """Steps 1-3: the decided rows grouped by request (a request's rows land together), in pieces by day."""
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for r in self.decide(rows):
-            groups.setdefault(r["logical_request_id"], []).append(r)
+        """Steps 1-4: the decided rows grouped by message and request, in pieces by day; `prepare` journals them."""
+        origins = list({r["origin"]: None for r in rows if r.get("origin")})
+        journaled = self.store.request_plans(origins) if origins else {}
+        decided = self.decide(rows, journaled)
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in decided:
+            groups.setdefault((r.get("origin", ""), r["logical_request_id"]), []).append(r)
         self.stats.batches += 1
-        return Plan(make_pieces(self.table, (tuple(g) for g in groups.values()), self.key,
-                                lambda g: (utc_day(r["first_ts"]) for r in g)))
+        fresh: dict[str, list[bytes]] = {}
+        for r in decided:
+            if r.get("origin") and r["origin"] not in journaled:
+                fresh.setdefault(r["origin"], []).append(encode_record({c: r[c] for c in REQUEST_COLUMNS}))
+        pieces = make_pieces(self.table, (tuple(g) for g in groups.values()), self.key,
+                             lambda g: (utc_day(r["first_ts"]) for r in g), lambda g: str(g[0].get("origin", "")))
+        return Plan(pieces, prepare=functools.partial(self.journal, fresh) if fresh else None)
+
+    def journal(self, fresh: dict[str, list[bytes]]) -> None:
+        """Step 0: the decided rows of each message, before any of them is sent (request_plans, migration 011)."""
+        origins = sorted(fresh)
+        lines = [b"\n".join(fresh[o]).decode() for o in origins]
+        self.store.insert_columns("request_plans", [origins, lines], ("origin", "lines"),
+                                  insert_token("request_plans", origins))
 
     def key(self, row: dict[str, Any]) -> str:
         return f"{row['logical_request_id']}#{row['revision']}#{row['sign']}"
@@ -640,6 +683,8 @@ async def write_with_retry(writer: Writer, rows: Sequence[dict[str, Any]], execu
     backoff = _Backoff(retry_for_s, stats if stats is not None else writer.stats)
     # Planning writes nothing, so a failed lookup is simply planned again.
     plan: Plan = await backoff.run(executor, f"planning {len(rows)} rows", functools.partial(writer.plan, rows))
+    if plan.prepare is not None:
+        await backoff.run(executor, f"journaling the plan of {len(rows)} rows", plan.prepare)
     queue = list(plan.pieces)
     inserted = 0
     while queue:

@@ -294,6 +294,16 @@ class Store:
             found.update((r[0], Saved(r[1], r[2])) for r in res.result_rows)
         return found
 
+    def request_plans(self, origins: Sequence[str]) -> dict[str, str]:
+        """The journaled decisions of the logical-request sink for these input messages: origin → NDJSON rows."""
+        if not origins:
+            return {}
+        res = self.client.query(
+            f"SELECT origin, any(lines) FROM {self.db}.request_plans "
+            "WHERE origin IN (SELECT arrayJoin({o:Array(String)})) GROUP BY origin",
+            parameters={"o": list(origins)})
+        return {r[0]: r[1] for r in res.result_rows}
+
     def held_request_rows(self, keys: Sequence[str]) -> int:
         """How many logical_requests rows have one of these keys (logical_request_id#revision#sign)."""
         ids = sorted({k.split("#", 1)[0] for k in keys})

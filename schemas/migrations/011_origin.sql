@@ -14,3 +14,20 @@ ALTER TABLE {db}.usage_events ADD COLUMN IF NOT EXISTS origin String DEFAULT '' 
 ALTER TABLE {db}.event_ids ADD COLUMN IF NOT EXISTS origin String DEFAULT '';
 
 ALTER TABLE {db}.event_ids_mv MODIFY QUERY SELECT event_id, ingested_at, content_hash, origin FROM {db}.usage_events;
+
+-- request_plans: the logical-request sink's decisions, journaled per input message (llm.cost.requests.v1 origin)
+-- before its pieces are inserted. A decision reads logical_request_heads, which an insert cut short may already
+-- hold while some rollup grain does not: re-deciding on replay would skip those revisions (a gap) or cut them into
+-- other pieces (a duplicate). The replay re-sends the journaled rows instead, under the same tokens. lines = the
+-- decided rows (new revisions and cancel rows) as NDJSON, the topic's own encoding. ORDER BY origin: the sink looks
+-- up its batch's messages. No view reads it; TTL = the dedup window, beyond which a replay is outside the guarantee.
+CREATE TABLE IF NOT EXISTS {db}.request_plans
+(
+    origin      String,
+    lines       String CODEC(ZSTD(3)),
+    planned_at  DateTime64(3, 'UTC') DEFAULT now64(3)
+)
+ENGINE = ReplacingMergeTree
+ORDER BY origin
+TTL toDateTime(planned_at) + INTERVAL {dedup_window_days} DAY
+SETTINGS non_replicated_deduplication_window = 10000;

@@ -1,5 +1,6 @@
 """The chargeback report on real ClickHouse (chDB): known priced rows written by the sinks, figures checked by hand."""
 
+import itertools
 from datetime import UTC, date, datetime
 from decimal import Decimal as D
 
@@ -18,6 +19,7 @@ from tally.reference import snapshot_of
 from tests.factories import attempt_row_factory, event_factory, in_message
 
 pytestmark = pytest.mark.integration
+OFFSETS = itertools.count()  # each sink input message of these tests at its own offset
 
 NOV = Period(date(2026, 11, 1), date(2026, 12, 1), "2026-11")
 NOW = datetime(2026, 11, 24, 0, 30, tzinfo=UTC)   # week over week: [11-17 01:00, 11-24 01:00) vs the week before
@@ -235,9 +237,9 @@ def test_spend_tagged_with_a_ghost_team_is_unattributed_not_billed(store, docs):
     out = process_messages(messages, Validator(), snapshot_of(docs), 4, NOW,
                            FoldStep(Folder(FoldConfig(), 4), {}, 4), NOW.timestamp())
     attempts = [r for lines in out.attempts.values()
-                for r in decode_rows(b"\n".join(lines), Source("a", 0, 0), ATTEMPT_ROWS)[0]]
+                for r in decode_rows(b"\n".join(lines), Source("a", 0, next(OFFSETS)), ATTEMPT_ROWS)[0]]
     requests = [r for lines in out.requests.values()
-                for r in decode_rows(b"\n".join(lines), Source("r", 0, 0), REQUEST_ROWS)[0]]
+                for r in decode_rows(b"\n".join(lines), Source("r", 0, next(OFFSETS)), REQUEST_ROWS)[0]]
     assert (SinkWriter(store).write(attempts), RequestWriter(store).write(requests)) == (2, 2)
     cost = {r["event_id"]: D(r["cost_total_usd"]) for r in attempts}
     assert cost[ghost["event_id"]] > 0

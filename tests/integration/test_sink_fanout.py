@@ -1,6 +1,7 @@
 """The sink reports success only when every table its insert reaches has the rows; `verify` proves it (real chDB)."""
 
 import asyncio
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -31,6 +32,7 @@ from tally.store import Store
 from tests.factories import attempt_row_factory, event_factory, in_message
 
 pytestmark = pytest.mark.integration
+OFFSETS = itertools.count()  # each sink input message of these tests at its own offset
 
 NOW = datetime.now(UTC)  # the one clock: every date below, and verify's retention windows, derive from it
 GRAINS = ("minute", "hour", "day")
@@ -65,9 +67,9 @@ def pipeline_batch(events, docs):
     out = process_messages(messages, Validator(), snapshot_of(docs), 4, NOW,
                            FoldStep(Folder(FoldConfig(), 4), {}, 4), 0.0)
     attempts = [r for lines in out.attempts.values()
-                for r in decode_rows(b"\n".join(lines), Source("a", 0, 0), ATTEMPT_ROWS)[0]]
+                for r in decode_rows(b"\n".join(lines), Source("a", 0, next(OFFSETS)), ATTEMPT_ROWS)[0]]
     requests = [r for lines in out.requests.values()
-                for r in decode_rows(b"\n".join(lines), Source("r", 0, 0), REQUEST_ROWS)[0]]
+                for r in decode_rows(b"\n".join(lines), Source("r", 0, next(OFFSETS)), REQUEST_ROWS)[0]]
     return attempts, requests
 
 
@@ -97,8 +99,8 @@ def test_a_view_failure_mid_insert_is_repaired_by_resending_the_same_piece(store
             real_insert(table, columns, names, token)
         except Exception as exc:
             # The source and event_ids took the block, a view refused it: the grains disagree now.
-            seen.append((table, str(exc), store.query("SELECT count() FROM {db}.event_ids").rows[0][0],
-                         [grain_totals(store, g) for g in GRAINS]))
+            ids = store.query("SELECT count() FROM {db}.event_ids").rows[0][0]
+            seen.append((table, str(exc), ids - len(columns[0]), [grain_totals(store, g) for g in GRAINS]))
             store.command("TRUNCATE TABLE {db}.failpoint")  # the cause goes away; the retry must fill the view
             raise
 
@@ -110,7 +112,7 @@ def test_a_view_failure_mid_insert_is_repaired_by_resending_the_same_piece(store
 
     assert [t for t, *_ in seen] == ["usage_events", "logical_requests"]
     table, error, ids, grains = seen[0]
-    assert "failpoint" in error and ids == len(attempts)  # the old lookup would have found every event_id
+    assert "failpoint" in error and ids == 0  # event_ids took the first piece: the old lookup would have found it
     assert grains[1] != grains[0] or grains[2] != grains[0]  # some grain really missed the rows
     assert attempt_writer.stats.retries == 1 and request_writer.stats.retries == 1
 
@@ -133,7 +135,7 @@ def test_a_400_day_backfill_mixed_with_live_rows_reaches_every_grain(store):
     for r in attempts:
         r["payload"] = orjson.dumps(event_factory(event_id=r["event_id"], request_id=r["request_id"])).decode()
     folded = Folder(FoldConfig(), 4).fold(attempts, {}, 0.0, NOW).emitted
-    requests = decode_rows(b"\n".join(orjson.dumps(r, default=str) for r in folded), Source("r", 0, 0),
+    requests = decode_rows(b"\n".join(orjson.dumps(r, default=str) for r in folded), Source("r", 0, next(OFFSETS)),
                            REQUEST_ROWS)[0]
     assert len(requests) == 430
 
@@ -293,3 +295,33 @@ def test_migration_011_applies_on_an_existing_database(tmp_path, monkeypatch):
         assert s.saved_events([new["event_id"]]) == {new["event_id"]: (new["content_hash"], new["origin"])}
         assert s.query("SELECT origin FROM {db}.usage_events WHERE event_id = {e:String}",
                        {"e": new["event_id"]}).rows == [(new["origin"],)]
+
+
+def test_a_request_replay_after_a_kill_mid_insert_resends_its_journaled_pieces(store, docs):
+    """The logical-request sink killed mid-insert: logical_requests and its heads took a piece, some grains did not.
+
+    The heads now show the revisions, so deciding again would skip them; the new writer re-sends the journaled
+    rows of the crashed messages instead (another batch composition), and every grain matches its sources.
+    """
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=43, bad_rate=0.0, start=NOW - timedelta(hours=2))
+    attempts, requests = pipeline_batch([e for _ in range(200) for e in gen.logical_request()], docs)
+    origins = sorted({r["origin"] for r in requests})
+    assert len(origins) > 1 and write(SinkWriter(store), attempts).inserted == len(attempts)
+    crashed = [r for r in requests if r["origin"] != origins[-1]]
+    arm_failpoint(store)
+    with pytest.raises(Exception, match="failpoint"):
+        RequestWriter(store).write([dict(r) for r in crashed])  # this worker is killed now
+    store.command("TRUNCATE TABLE {db}.failpoint")
+    heads = store.request_heads([r["logical_request_id"] for r in crashed])
+    assert heads and not audit(store, (NOW - timedelta(days=1)).date()).ok  # the heads hold what a grain lacks
+
+    writer = RequestWriter(store)  # the restarted worker: the crashed messages and the next one in one batch
+    written = write(writer, [dict(r) for r in requests])
+    assert written.inserted == len(requests) and writer.stats.resent == len(crashed)
+    assert writer.stats.already_saved == 0
+    result = audit(store, (NOW - timedelta(days=1)).date())
+    assert result.ok, [d.describe() for d in result.differences]
+    for g in GRAINS:
+        assert grain_totals(store, g)[:2] == (len(attempts), len(requests))
+    assert store.query("SELECT sum(sign), count() FROM {db}.logical_requests").rows == [(len(requests),
+                                                                                          len(requests))]
