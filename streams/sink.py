@@ -59,12 +59,22 @@ REQUEST_ROWS = RowShape("logical request", "bad_request_row", REQUEST_COLUMNS, R
                         REQUEST_TIME_COLUMNS)
 
 
+def origin_of(source: Source) -> str:
+    """The identity of the sink's input message a row came from, `topic[partition]@offset` (usage_events.origin).
+
+    A Kafka message never changes once written, so every piece planned from it is the same on every replay.
+    """
+    return f"{source.topic}[{source.partition}]@{source.offset}"
+
+
 def decode_rows(value: bytes, source: Source, shape: RowShape = ATTEMPT_ROWS
                 ) -> tuple[list[dict[str, Any]], list[Rejection]]:
     """Decode one NDJSON message of rows ready to insert (Decimal costs, aware datetimes).
 
+    Each row also gets `origin` (origin_of(source)): the message it came from, which the writers group pieces by.
     A line that is not a complete row of the shape is a rejection (stage sink), never an exception.
     """
+    origin = origin_of(source)
     rows: list[dict[str, Any]] = []
     bad: list[Rejection] = []
     column_set = shape.column_set
@@ -83,6 +93,7 @@ def decode_rows(value: bytes, source: Source, shape: RowShape = ATTEMPT_ROWS
         except (orjson.JSONDecodeError, ValueError, TypeError, InvalidOperation) as exc:
             bad.append(Rejection(shape.reason, STAGE_SINK, f"cannot decode {shape.what}: {exc}", line, source, n))
             continue
+        row["origin"] = origin
         rows.append(row)
     return rows, bad
 
@@ -100,10 +111,13 @@ def decode_batch(messages: Sequence[tuple[bytes | None, Source]], shape: RowShap
     return rows, dead
 
 
-def insert_token(table: str, keys: Iterable[str]) -> str:
-    """Deterministic insert_deduplication_token: the same set of rows always gets the same token."""
+def insert_token(table: str, keys: Iterable[str], scope: Iterable[str] = ()) -> str:
+    """Deterministic insert_deduplication_token: the same set of rows (in the same scope) always gets the same token.
+
+    `scope` names what the piece was cut from (its origin message and days); it is hashed before the sorted keys.
+    """
     h = hashlib.blake2b(digest_size=16)
-    for key in sorted(keys):
+    for key in (*scope, "", *sorted(keys)) if scope else sorted(keys):
         h.update(key.encode())
         h.update(b"\0")
     return f"{table}:{h.hexdigest()}"
@@ -132,35 +146,61 @@ Group = tuple[dict[str, Any], ...]  # rows that land in one insert or not at all
 
 @dataclass(frozen=True)
 class Piece:
-    """One insert of a plan: whole groups of rows, their days, and the token that makes a re-send a no-op."""
+    """One insert of a plan: whole groups of rows, their days, and the token that makes a re-send a no-op.
+
+    `origin` is the input message all its rows came from ('' for a writer that does not group by message).
+    """
 
     table: str
     groups: tuple[Group, ...]
     token: str
     days: tuple[date, ...]
+    origin: str = ""
 
     @property
     def rows(self) -> list[dict[str, Any]]:
         return [r for g in self.groups for r in g]
 
 
-def make_pieces(table: str, groups: Iterable[Group], key: Callable[[dict[str, Any]], str],
-                days: Callable[[Group], Iterable[date]]) -> list[Piece]:
-    """Split groups into pieces by their set of UTC days (one day per piece unless a group spans two).
+# Days in one piece of a message at most: rollup_minute is partitioned by day and ClickHouse refuses an insert block
+# that spans more than max_partitions_per_insert_block (100) partitions; half of it leaves room.
+DAYS_PER_PIECE = 50
 
-    Each piece's token is a hash of its rows' keys, so the same rows always make the same piece.
+
+def make_pieces(table: str, groups: Iterable[Group], key: Callable[[dict[str, Any]], str],
+                days: Callable[[Group], Iterable[date]],
+                origin: Callable[[Group], str] | None = None, days_per_piece: int = 1) -> list[Piece]:
+    """Split groups into pieces by origin message (if `origin` is given) and set of UTC days, in that order.
+
+    One day per piece unless a group spans two; with `days_per_piece` > 1, the single-day groups of one origin are
+    gathered over up to that many consecutive (sorted) days of theirs. Each piece's token is a hash of its origin,
+    days and rows' keys, so the same rows always make the same piece.
     """
-    by_days: dict[tuple[date, ...], list[Group]] = {}
+    by_cut: dict[tuple[str, tuple[date, ...]], list[Group]] = {}
     for g in groups:
-        by_days.setdefault(tuple(sorted(set(days(g)))), []).append(g)
-    return [Piece(table, tuple(gs), insert_token(table, (key(r) for g in gs for r in g)), d)
-            for d, gs in sorted(by_days.items())]
+        by_cut.setdefault((origin(g) if origin else "", tuple(sorted(set(days(g))))), []).append(g)
+    cuts: list[tuple[str, tuple[date, ...], list[Group]]] = []
+    for (o, d), gs in sorted(by_cut.items()):
+        last = cuts[-1] if cuts else None
+        if (days_per_piece > 1 and last is not None and last[0] == o and len(d) == 1
+                and len(last[1]) < days_per_piece):
+            last[2].extend(gs)
+            cuts[-1] = (o, (*last[1], *d), last[2])
+        else:
+            cuts.append((o, d, gs))
+    return [_piece(table, tuple(gs), key, d, o) for o, d, gs in cuts]
+
+
+def _piece(table: str, groups: tuple[Group, ...], key: Callable[[dict[str, Any]], str], days: tuple[date, ...],
+           origin: str) -> Piece:
+    scope = (origin, *map(str, days)) if origin else ()
+    return Piece(table, groups, insert_token(table, (key(r) for g in groups for r in g), scope), days, origin)
 
 
 def split_piece(piece: Piece, key: Callable[[dict[str, Any]], str]) -> list[Piece]:
     """Two halves of a piece ClickHouse found too large, each with the token of its own rows."""
     half = len(piece.groups) // 2
-    return [Piece(piece.table, gs, insert_token(piece.table, (key(r) for g in gs for r in g)), piece.days)
+    return [_piece(piece.table, gs, key, piece.days, piece.origin)
             for gs in (piece.groups[:half], piece.groups[half:])]
 
 
@@ -171,6 +211,7 @@ class Plan:
     pieces: list[Piece]
     rejections: list[Rejection] = field(default_factory=list)
     finish: Callable[[], int] | None = None  # an idempotent step after every piece landed (supersede)
+    prepare: Callable[[], None] | None = None  # an idempotent step before any piece is sent (journal the plan)
 
 
 @dataclass
@@ -211,6 +252,7 @@ class SinkStats:
     duplicates_in_batch: int = 0
     already_saved: int = 0
     conflicting_duplicates: int = 0
+    resent: int = 0  # rows saved by their own message before, re-sent by its replay (absorbed where they landed)
     retries: int = 0
     last_insert_s: float = 0.0
     superseded: int = 0
@@ -226,6 +268,8 @@ def run_plan(writer: Writer, rows: Sequence[dict[str, Any]]) -> int:
     if plan.rejections:
         raise SinkRefused(f"{len(plan.rejections)} rows need the dead-letter topic "
                           f"({plan.rejections[0].reason}: {plan.rejections[0].message})")
+    if plan.prepare is not None:
+        plan.prepare()
     for piece in plan.pieces:
         writer.insert(piece)
     if plan.finish is not None:
@@ -241,34 +285,43 @@ def _insert(writer: Writer, store: Store, piece: Piece, columns: Sequence[str]) 
     writer.stats.rows_inserted += len(rows)
 
 
-SINK_COLUMNS: tuple[str, ...] = (*ATTEMPT_COLUMNS, "content_hash")  # usage_events as the sink writes it (008)
+# usage_events as the sink writes it: content_hash (008) and origin, the input message of the row (011).
+SINK_COLUMNS: tuple[str, ...] = (*ATTEMPT_COLUMNS, "content_hash", "origin")
 
 
 @dataclass
 class SinkWriter:
     """Writes priced attempts to usage_events so that each event_id lands exactly once, in every table.
 
-    Protocol, per batch (the Faust agent acks the batch's Kafka offsets only after every piece has landed):
+    Every row carries `origin`, the llm.cost.attempts.v1 message it was decoded from (decode_rows). Protocol, per
+    batch (the Faust agent acks the batch's Kafka offsets only after every piece has landed):
       1. Hash each row's content (its original event, `payload`): content_hash.
-      2. Lookup: the event_ids ClickHouse already holds, with their hashes (table event_ids, TTL = the dedup
-         window). All copies of an event share its logical request id, hence its partition, hence one sink at a
-         time: no race.
-      3. Decide, in batch order: a new event_id is inserted once; a copy with the same hash as the saved (or
-         earlier) one is a duplicate, skipped; a copy with another hash is a dead letter conflicting_duplicate
-         (both hashes in its message, the original line as its bytes), never inserted.
-      4. Split the rows to insert by UTC day of ts (rollup_minute, partitioned by day, is the finest partitioning
-         an insert reaches: a piece never hits TOO_MANY_PARTS), each piece with insert_deduplication_token = a
-         hash of its event_ids, async_insert = 0. This plan is made once per batch.
-      5. Insert the pieces; write_with_retry re-sends a failed piece unchanged. A re-sent block is deduplicated in
-         usage_events and event_ids but still pushed through every materialized view, whose targets dedup by
-         their own derived tokens: a view that failed the first time gets its rows, none gets them twice.
+      2. Lookup: the event_ids ClickHouse already holds, each with its hash and origin (table event_ids, TTL = the
+         dedup window). All copies of an event share its logical request id, hence its partition, hence one sink
+         at a time: no race.
+      3. Decide, in batch order: an event_id not saved, or saved with this row's own origin (the replay of a message
+         whose insert was cut short: some tables may hold it, others not), is inserted once; a copy saved by
+         another message, or already planned earlier in this batch, is a duplicate if its hash matches, skipped;
+         with another hash it is a dead letter conflicting_duplicate (both hashes in its message, the original line
+         as its bytes), never inserted.
+      4. Pieces: the rows to insert grouped by origin message, and within it by up to DAYS_PER_PIECE UTC days of ts
+         (rollup_minute, partitioned by day, is the finest partitioning an insert reaches: a piece never hits
+         TOO_MANY_PARTS), each with insert_deduplication_token = a hash of (table, origin, days, sorted
+         event_ids), async_insert = 0. A
+         message's content never changes and messages are replayed in order from the stored position, so a piece
+         is the same on every replay whatever batch it falls in and whatever part of it landed before.
+      5. Insert the pieces; write_with_retry re-sends a failed piece unchanged, and a replay after a crash re-sends
+         it too (step 3). A re-sent block is deduplicated in every table that holds it (usage_events, event_ids and
+         every view target, by their own derived tokens) and fills the ones that missed it: none gets it twice.
       6. Supersede (streams.supersede), after every piece landed: rows of the batch's physical calls that no
          longer count (an estimate corrected by real usage) are subtracted from the rollups, once, in any arrival
          order; idempotent, so it is retried like an insert and redone by a replay.
     Not guaranteed: a duplicate arriving after the dedup window (default 7 days) is inserted again; an event saved
-    before migration 008 has no hash, so any later copy of it counts as a duplicate; a batch whose view failure
-    outlasts the retries stops the worker, and its replay (rows already in event_ids) cannot reach the failed view
-    (`tally verify` reports the gap).
+    before migration 008 has no hash, so any later copy of it counts as a duplicate; an event saved before 011 has
+    no origin, so a replay of its message skips it (a cut-short insert from before 011 is not repaired); a replayed
+    piece is absorbed only while its blocks are within each table's dedup window (10,000 inserts: the replay is of
+    the last batch, well within it); a piece that ClickHouse found too large and split (write_with_retry) and
+    whose insert was then cut short by a crash is re-sent whole, under another token than its halves.
     """
 
     store: Store
@@ -278,27 +331,35 @@ class SinkWriter:
     def plan(self, rows: Sequence[dict[str, Any]]) -> Plan:
         """Steps 1-4: the pieces to insert and the conflicting duplicates. Reads ClickHouse, writes nothing."""
         for row in rows:
+            if "origin" not in row:
+                raise SinkRefused(f"row {row['event_id']} has no origin: attempt rows reach the sink through "
+                                  "decode_rows, which names the message each came from")
             row["content_hash"] = content_hash(row["payload"])
-        saved = self.store.saved_event_hashes(list({row["event_id"]: None for row in rows}))
-        held = dict(saved)  # event_id → hash, as ClickHouse will hold it after this batch
+        saved = self.store.saved_events(list({row["event_id"]: None for row in rows}))
+        held = {eid: s.content_hash for eid, s in saved.items()}  # event_id → hash, as held after this batch
+        planned: set[str] = set()
         fresh: list[dict[str, Any]] = []
         rejections: list[Rejection] = []
         for row in rows:
             eid, digest = row["event_id"], row["content_hash"]
-            known = held.get(eid)
-            if known is None:
+            found = saved.get(eid)
+            if eid not in planned and (found is None or found == (digest, row["origin"])):
+                self.stats.resent += found is not None
                 held[eid] = digest
+                planned.add(eid)
                 fresh.append(row)
-            elif known in (digest, ""):
-                if eid in saved:
-                    self.stats.already_saved += 1
-                else:
-                    self.stats.duplicates_in_batch += 1
+                continue
+            known, where = held[eid], "earlier in this batch" if eid in planned else "saved"
+            if known not in (digest, ""):
+                rejections.append(_conflict(row, known, where))
+            elif eid in planned:
+                self.stats.duplicates_in_batch += 1
             else:
-                rejections.append(_conflict(row, known, "saved" if eid in saved else "earlier in this batch"))
+                self.stats.already_saved += 1
         self.stats.conflicting_duplicates += len(rejections)
         self.stats.batches += 1
-        pieces = make_pieces(self.table, ((r,) for r in fresh), self.key, lambda g: (utc_day(g[0]["ts"]),))
+        pieces = make_pieces(self.table, ((r,) for r in fresh), self.key, lambda g: (utc_day(g[0]["ts"]),),
+                             lambda g: str(g[0]["origin"]), DAYS_PER_PIECE)
         counted: dict[str, dict[str, Any]] = {}  # each event_id once, as it counts (conflicting copies never do)
         for row in rows:
             if held[row["event_id"]] in (row["content_hash"], ""):
@@ -322,7 +383,7 @@ class SinkWriter:
 
     def landed(self, piece: Piece) -> int:
         """How many of the piece's rows usage_events holds (through event_ids)."""
-        return len(self.store.saved_event_hashes([r["event_id"] for r in piece.rows]))
+        return len(self.store.saved_events([r["event_id"] for r in piece.rows]))
 
     def write(self, rows: Sequence[dict[str, Any]]) -> int:
         """Plan and insert once (run_plan); returns how many rows were inserted."""
@@ -362,31 +423,58 @@ class _Head:
 class RequestWriter:
     """Writes logical requests to logical_requests so each request counts once, at its latest revision.
 
-    Per batch (rows in topic order; the agent acks offsets only after every piece has landed):
-      1. Look up the latest revision ClickHouse holds of each request (table logical_request_heads).
-      2. For each incoming revision: if the head already holds all of its attempts (a replay, a duplicate emission,
-         a stale revision), skip it. Otherwise write the new revision — the union of both attempt sets when the
-         incoming one lacks some of the head's (a late attempt folded without its request's state) — numbered
-         max(incoming, head + 1), together with a cancel row (sign = -1) of the head.
-      3. Plan once: a request's rows (cancel and new) stay in one piece; pieces split by UTC day of first_ts
-         (rollup_minute, partitioned by day, is the finest partitioning the insert reaches), each piece with a
-         deterministic deduplication token (a hash of its rows' id#revision#sign).
-      4. Insert the pieces; write_with_retry re-sends a failed piece unchanged (never re-deciding through the
+    Per batch (rows in topic order, each with its origin message; the agent acks offsets only after every piece
+    has landed):
+      1. Look up the journaled decisions of the batch's messages (request_plans, migration 011) and the latest
+         revision ClickHouse holds of each request (table logical_request_heads).
+      2. A journaled message is not decided again: its journaled rows are sent as they are and move the heads as
+         they did (the replay of an insert a crash cut short, whose heads may already show its revisions while a
+         rollup grain lacks them). For each other incoming revision: if the head already holds all of its attempts
+         (a replay, a duplicate emission, a stale revision), skip it. Otherwise write the new revision — the union
+         of both attempt sets when the incoming one lacks some of the head's (a late attempt folded without its
+         request's state) — numbered max(incoming, head + 1), together with a cancel row (sign = -1) of the head.
+      3. Plan once: a request's rows from one message stay in one piece; pieces by (origin message, UTC days of
+         first_ts) (rollup_minute, partitioned by day, is the finest partitioning the insert reaches), each with a
+         deterministic token (a hash of origin, days and its rows' id#revision#sign).
+      4. Journal the rows decided now, per message, in one insert (Plan.prepare), before any piece is sent.
+      5. Insert the pieces; write_with_retry re-sends a failed piece unchanged (never re-deciding through the
          lookup), which fills a view target that failed the first time and is absorbed everywhere else.
-    A replayed batch finds its own revisions as heads and writes nothing; every decision is a function of attempt
-    sets, so it does not depend on timing. Requests are keyed by feature_id, so one sink handles a request at a time.
+    Every decision is a function of attempt sets, so it does not depend on timing. Requests are keyed by
+    feature_id, so one sink handles a request at a time. Rows without an origin (tools and tests that write fold
+    output directly) are decided and cut as before, without a journal: a replay of them is skipped by the heads.
+    Not guaranteed: a replay after the journal's TTL (the dedup window) is decided again.
     """
 
     store: Store
     stats: SinkStats = field(default_factory=SinkStats)
     table: str = "logical_requests"
 
-    def decide(self, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Steps 1-2: the rows to insert for these incoming revisions (cancel rows included), in order."""
+    def decide(self, rows: Sequence[dict[str, Any]], journaled: dict[str, str] | None = None
+               ) -> list[dict[str, Any]]:
+        """Steps 1-2: the rows to insert for these incoming revisions (cancel rows included), in order.
+
+        A message whose decision is journaled (`journaled`: origin → NDJSON rows) is not decided again: its
+        journaled rows are taken as they are, and the heads move as they moved then.
+        """
+        journaled = journaled or {}
         found = self.store.request_heads(list({r["logical_request_id"] for r in rows}))
         heads = {lid: _Head(rev, at, detail) for lid, (rev, at, detail) in found.items()}
         out: list[dict[str, Any]] = []
+        replayed: set[str] = set()
         for row in rows:
+            origin = row.get("origin", "")
+            if origin in journaled:
+                if origin not in replayed:
+                    replayed.add(origin)
+                    again = decode_rows(journaled[origin].encode(), Source("request_plans", 0, 0), REQUEST_ROWS)[0]
+                    for r in again:
+                        r["origin"] = origin
+                        if r["sign"] == 1:
+                            heads[r["logical_request_id"]] = _Head(r["revision"], r["emitted_at"],
+                                                                   r["attempts_detail"])
+                    self.stats.resent += len(again)
+                    out.extend(again)
+                continue
             lid = row["logical_request_id"]
             head = heads.get(lid)
             if head is None:
@@ -403,19 +491,36 @@ class RequestWriter:
                 facts += [f for f in head.facts if f["event_id"] not in incoming]
             revision = max(row["revision"], head.revision + 1)
             new = summarize(lid, facts, revision, row["emitted_at"])
-            out.append(summarize(lid, head.facts, head.revision, head.emitted_at, sign=-1))
-            out.append(new)
+            cancel = summarize(lid, head.facts, head.revision, head.emitted_at, sign=-1)
+            if "origin" in row:
+                cancel["origin"] = new["origin"] = origin
+            out += [cancel, new]
             heads[lid] = _Head(revision, new["emitted_at"], new["attempts_detail"], facts)
         return out
 
     def plan(self, rows: Sequence[dict[str, Any]]) -> Plan:
-        """Steps 1-3: the decided rows grouped by request (a request's rows land together), in pieces by day."""
-        groups: dict[str, list[dict[str, Any]]] = {}
-        for r in self.decide(rows):
-            groups.setdefault(r["logical_request_id"], []).append(r)
+        """Steps 1-4: the decided rows grouped by message and request, in pieces by day; `prepare` journals them."""
+        origins = list({r["origin"]: None for r in rows if r.get("origin")})
+        journaled = self.store.request_plans(origins) if origins else {}
+        decided = self.decide(rows, journaled)
+        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in decided:
+            groups.setdefault((r.get("origin", ""), r["logical_request_id"]), []).append(r)
         self.stats.batches += 1
-        return Plan(make_pieces(self.table, (tuple(g) for g in groups.values()), self.key,
-                                lambda g: (utc_day(r["first_ts"]) for r in g)))
+        fresh: dict[str, list[bytes]] = {}
+        for r in decided:
+            if r.get("origin") and r["origin"] not in journaled:
+                fresh.setdefault(r["origin"], []).append(encode_record({c: r[c] for c in REQUEST_COLUMNS}))
+        pieces = make_pieces(self.table, (tuple(g) for g in groups.values()), self.key,
+                             lambda g: (utc_day(r["first_ts"]) for r in g), lambda g: str(g[0].get("origin", "")))
+        return Plan(pieces, prepare=functools.partial(self.journal, fresh) if fresh else None)
+
+    def journal(self, fresh: dict[str, list[bytes]]) -> None:
+        """Step 0: the decided rows of each message, before any of them is sent (request_plans, migration 011)."""
+        origins = sorted(fresh)
+        lines = [b"\n".join(fresh[o]).decode() for o in origins]
+        self.store.insert_columns("request_plans", [origins, lines], ("origin", "lines"),
+                                  insert_token("request_plans", origins))
 
     def key(self, row: dict[str, Any]) -> str:
         return f"{row['logical_request_id']}#{row['revision']}#{row['sign']}"
@@ -578,6 +683,8 @@ async def write_with_retry(writer: Writer, rows: Sequence[dict[str, Any]], execu
     backoff = _Backoff(retry_for_s, stats if stats is not None else writer.stats)
     # Planning writes nothing, so a failed lookup is simply planned again.
     plan: Plan = await backoff.run(executor, f"planning {len(rows)} rows", functools.partial(writer.plan, rows))
+    if plan.prepare is not None:
+        await backoff.run(executor, f"journaling the plan of {len(rows)} rows", plan.prepare)
     queue = list(plan.pieces)
     inserted = 0
     while queue:

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 from urllib.parse import urlparse
 
 import clickhouse_connect
@@ -24,6 +24,13 @@ from tally.query_policy import check_select, parse_explain_ast
 
 MIGRATIONS_DIR = SCHEMAS_DIR / "migrations"
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+class Saved(NamedTuple):
+    """What event_ids holds of a saved event: its content hash and the sink input message that saved it."""
+
+    content_hash: str
+    origin: str
 
 
 @dataclass(frozen=True)
@@ -279,21 +286,31 @@ class Store:
             parameters={"consumer": consumer, "topic": topic})
         return {int(p): int(o) for p, o in res.result_rows}
 
-    def saved_event_hashes(self, event_ids: Sequence[str], chunk: int = 10_000) -> dict[str, str]:
-        """The subset of `event_ids` ClickHouse already holds (the dedup lookup table), each with its content hash.
+    def saved_events(self, event_ids: Sequence[str], chunk: int = 10_000) -> dict[str, Saved]:
+        """The subset of `event_ids` ClickHouse already holds (event_ids), each with its content hash and origin.
 
-        The hash is '' for an event saved before migration 008. `IN (SELECT arrayJoin(…))` builds one hash set and
-        stays linear; a literal `IN {ids:Array}` of more than ~20k ids took seconds (tests/bench). Chunks bound each
-        query's size.
+        The origin is the sink's input message that saved the event. The hash is '' for an event saved before
+        migration 008, the origin '' before 011. `IN (SELECT arrayJoin(…))` builds one hash set and stays linear;
+        a literal `IN {ids:Array}` of more than ~20k ids took seconds (tests/bench). Chunks bound each query's size.
         """
-        found: dict[str, str] = {}
+        found: dict[str, Saved] = {}
         for start in range(0, len(event_ids), chunk):
             res = self.client.query(
-                f"SELECT event_id, max(content_hash) FROM {self.db}.event_ids "
+                f"SELECT event_id, max(content_hash), argMin(origin, ingested_at) FROM {self.db}.event_ids "
                 "WHERE event_id IN (SELECT arrayJoin({ids:Array(String)})) GROUP BY event_id",
                 parameters={"ids": list(event_ids[start:start + chunk])})
-            found.update((r[0], r[1]) for r in res.result_rows)
+            found.update((r[0], Saved(r[1], r[2])) for r in res.result_rows)
         return found
+
+    def request_plans(self, origins: Sequence[str]) -> dict[str, str]:
+        """The journaled decisions of the logical-request sink for these input messages: origin → NDJSON rows."""
+        if not origins:
+            return {}
+        res = self.client.query(
+            f"SELECT origin, any(lines) FROM {self.db}.request_plans "
+            "WHERE origin IN (SELECT arrayJoin({o:Array(String)})) GROUP BY origin",
+            parameters={"o": list(origins)})
+        return {r[0]: r[1] for r in res.result_rows}
 
     def held_request_rows(self, keys: Sequence[str]) -> int:
         """How many logical_requests rows have one of these keys (logical_request_id#revision#sign)."""

@@ -12,9 +12,11 @@ from typing import Any
 import orjson
 
 from streams.records import ATTEMPT_COLUMNS, COST_COLUMNS, Accepted, Source
+from streams.sink import origin_of
 from tally.partitioning import partition_for
 
 DEFAULT_SOURCE = Source("llm.usage.v1", 0, 0)
+ATTEMPTS_MESSAGE = Source("llm.cost.attempts.v1", 0, 0)
 DEFAULT_TIMESTAMP = "2026-11-15T12:00:00.000Z"
 
 _ids = itertools.count(1)
@@ -115,6 +117,13 @@ def attempt_row_factory(logical_id: str, *, event_id: str | None = None, request
         row[c] = Decimal(0)
     row["cost_output_usd"] = row["cost_total_usd"] = cost
     return row
+
+
+def in_message(rows: list[dict[str, Any]], source: Source = ATTEMPTS_MESSAGE) -> list[dict[str, Any]]:
+    """The rows as decoded from one llm.cost.attempts.v1 message at `source` (their origin: decode_rows)."""
+    for row in rows:
+        row["origin"] = origin_of(source)
+    return rows
 
 
 ALERT_KEY = "anomaly:search_answer:cost_per_request"

@@ -1,5 +1,6 @@
 """The chargeback report on real ClickHouse (chDB): known priced rows written by the sinks, figures checked by hand."""
 
+import itertools
 from datetime import UTC, date, datetime
 from decimal import Decimal as D
 
@@ -15,9 +16,10 @@ from streams.sink import ATTEMPT_ROWS, REQUEST_ROWS, RequestWriter, SinkWriter, 
 from streams.validate import Validator
 from tally.partitioning import partition_for
 from tally.reference import snapshot_of
-from tests.factories import attempt_row_factory, event_factory
+from tests.factories import attempt_row_factory, event_factory, in_message
 
 pytestmark = pytest.mark.integration
+OFFSETS = itertools.count()  # each sink input message of these tests at its own offset
 
 NOV = Period(date(2026, 11, 1), date(2026, 12, 1), "2026-11")
 NOW = datetime(2026, 11, 24, 0, 30, tzinfo=UTC)   # week over week: [11-17 01:00, 11-24 01:00) vs the week before
@@ -73,7 +75,7 @@ def scenario():
 def loaded(store, now):
     """The scenario written by the sinks: attempts ingested and requests emitted at `now` (inside the dedup window)."""
     requests = scenario()
-    assert SinkWriter(store).write([a for req in requests for a in req]) == 9
+    assert SinkWriter(store).write(in_message([a for req in requests for a in req])) == 9
     folder, state, writer = Folder(FoldConfig(), 4), {}, RequestWriter(store)
     for req in requests:
         res = folder.fold(req, state, req[-1]["ts"].timestamp() + 1, now)
@@ -235,9 +237,9 @@ def test_spend_tagged_with_a_ghost_team_is_unattributed_not_billed(store, docs):
     out = process_messages(messages, Validator(), snapshot_of(docs), 4, NOW,
                            FoldStep(Folder(FoldConfig(), 4), {}, 4), NOW.timestamp())
     attempts = [r for lines in out.attempts.values()
-                for r in decode_rows(b"\n".join(lines), Source("a", 0, 0), ATTEMPT_ROWS)[0]]
+                for r in decode_rows(b"\n".join(lines), Source("a", 0, next(OFFSETS)), ATTEMPT_ROWS)[0]]
     requests = [r for lines in out.requests.values()
-                for r in decode_rows(b"\n".join(lines), Source("r", 0, 0), REQUEST_ROWS)[0]]
+                for r in decode_rows(b"\n".join(lines), Source("r", 0, next(OFFSETS)), REQUEST_ROWS)[0]]
     assert (SinkWriter(store).write(attempts), RequestWriter(store).write(requests)) == (2, 2)
     cost = {r["event_id"]: D(r["cost_total_usd"]) for r in attempts}
     assert cost[ghost["event_id"]] > 0

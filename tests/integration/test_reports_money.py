@@ -14,7 +14,7 @@ from ops.simulate import TrafficGenerator, catalog_from_reference
 from streams.enrich import enrich
 from streams.sink import SinkWriter
 from tally.reference import snapshot_of
-from tests.factories import accepted_factory
+from tests.factories import accepted_factory, in_message
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def loaded(store, docs, now):
     events = [e for _ in range(900) for e in gen.logical_request()]
     rows, rejected = enrich([accepted_factory(e) for e in events], snapshot_of(docs), now)
     assert not rejected
-    SinkWriter(store).write(rows)
+    SinkWriter(store).write(in_message(rows))
     days = store.query("SELECT count(DISTINCT toDate(ts)) FROM {db}.usage_events").rows[0][0]
     assert days >= 2
     return store

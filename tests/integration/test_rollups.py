@@ -1,5 +1,6 @@
 """Rollups in real ClickHouse (chDB): replays, retried inserts and late attempts never double count."""
 
+import itertools
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -10,12 +11,13 @@ from ops.simulate import TrafficGenerator, catalog_from_reference
 from streams.fold import FoldConfig, Folder
 from streams.pipeline import FoldStep, process_messages
 from streams.records import Source
-from streams.sink import ATTEMPT_ROWS, REQUEST_ROWS, RequestWriter, SinkWriter, decode_rows, insert_token
+from streams.sink import ATTEMPT_ROWS, REQUEST_ROWS, RequestWriter, SinkWriter, decode_rows
 from streams.validate import Validator
 from tally.partitioning import partition_for
 from tally.reference import snapshot_of
 
 pytestmark = pytest.mark.integration
+OFFSETS = itertools.count()  # each sink input message of these tests at its own offset
 
 GRAINS = ("minute", "hour", "day")
 
@@ -33,9 +35,9 @@ def run_batch(events, docs, folder, now: datetime):
     out = process_messages(messages, Validator(), snapshot_of(docs), 4, now, FoldStep(folder, {}, 4), 0.0)
     attempts, requests = [], []
     for lines in out.attempts.values():
-        attempts += decode_rows(b"\n".join(lines), Source("a", 0, 0), ATTEMPT_ROWS)[0]
+        attempts += decode_rows(b"\n".join(lines), Source("a", 0, next(OFFSETS)), ATTEMPT_ROWS)[0]
     for lines in out.requests.values():
-        requests += decode_rows(b"\n".join(lines), Source("r", 0, 0), REQUEST_ROWS)[0]
+        requests += decode_rows(b"\n".join(lines), Source("r", 0, next(OFFSETS)), REQUEST_ROWS)[0]
     return attempts, requests
 
 
@@ -69,9 +71,9 @@ def test_rollups_count_each_attempt_and_request_once(store, docs, now):
     request_writer.write(requests)
     # An insert retried after a timeout carries the sink's deterministic token: ClickHouse absorbs it, in the
     # rollups as well.
-    keys = (f"{r['logical_request_id']}#{r['revision']}#{r['sign']}" for r in requests)
-    cols = [[r[c] for r in requests] for c in REQUEST_ROWS.columns]
-    store.insert_columns("logical_requests", cols, REQUEST_ROWS.columns, insert_token("logical_requests", keys))
+    for piece in RequestWriter(store).plan(requests).pieces:  # the journaled plan: the pieces as first sent
+        cols = [[r[c] for r in piece.rows] for c in REQUEST_ROWS.columns]
+        store.insert_columns("logical_requests", cols, REQUEST_ROWS.columns, piece.token)
     assert source_totals(store) == first
 
     # A late attempt moves into an already-emitted request (its fold state is long gone): the sink merges it.
@@ -86,7 +88,8 @@ def test_rollups_count_each_attempt_and_request_once(store, docs, now):
     res = folder.fold(late_attempts, state, 0.0, now)
     state.update({k: v for k, v in res.writes.items() if v is not None})
     res = folder.tick(range(4), state, 10**10, now)
-    late_requests = decode_rows(b"\n".join(orjson.dumps(r, default=str) for r in res.emitted), Source("r", 0, 0),
+    late_requests = decode_rows(b"\n".join(orjson.dumps(r, default=str) for r in res.emitted),
+                                Source("r", 0, next(OFFSETS)),
                                 REQUEST_ROWS)[0]
     attempt_writer.write(late_attempts)
     assert request_writer.write(late_requests) == 2  # the cancel row of revision 1 and revision 2

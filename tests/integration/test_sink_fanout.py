@@ -1,6 +1,7 @@
 """The sink reports success only when every table its insert reaches has the rows; `verify` proves it (real chDB)."""
 
 import asyncio
+import itertools
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -13,16 +14,25 @@ from ops.verify import verify
 from streams.fold import FoldConfig, Folder
 from streams.pipeline import FoldStep, process_messages
 from streams.records import ATTEMPT_COLUMNS, Source
-from streams.sink import ATTEMPT_ROWS, REQUEST_ROWS, RequestWriter, SinkWriter, decode_rows, write_with_retry
+from streams.sink import (
+    ATTEMPT_ROWS,
+    REQUEST_ROWS,
+    RequestWriter,
+    SinkWriter,
+    content_hash,
+    decode_rows,
+    write_with_retry,
+)
 from streams.validate import Validator
 from tally import store as store_module
 from tally.config import load_settings
 from tally.partitioning import partition_for
 from tally.reference import snapshot_of
 from tally.store import Store
-from tests.factories import attempt_row_factory, event_factory
+from tests.factories import attempt_row_factory, event_factory, in_message
 
 pytestmark = pytest.mark.integration
+OFFSETS = itertools.count()  # each sink input message of these tests at its own offset
 
 NOW = datetime.now(UTC)  # the one clock: every date below, and verify's retention windows, derive from it
 GRAINS = ("minute", "hour", "day")
@@ -57,9 +67,9 @@ def pipeline_batch(events, docs):
     out = process_messages(messages, Validator(), snapshot_of(docs), 4, NOW,
                            FoldStep(Folder(FoldConfig(), 4), {}, 4), 0.0)
     attempts = [r for lines in out.attempts.values()
-                for r in decode_rows(b"\n".join(lines), Source("a", 0, 0), ATTEMPT_ROWS)[0]]
+                for r in decode_rows(b"\n".join(lines), Source("a", 0, next(OFFSETS)), ATTEMPT_ROWS)[0]]
     requests = [r for lines in out.requests.values()
-                for r in decode_rows(b"\n".join(lines), Source("r", 0, 0), REQUEST_ROWS)[0]]
+                for r in decode_rows(b"\n".join(lines), Source("r", 0, next(OFFSETS)), REQUEST_ROWS)[0]]
     return attempts, requests
 
 
@@ -89,8 +99,8 @@ def test_a_view_failure_mid_insert_is_repaired_by_resending_the_same_piece(store
             real_insert(table, columns, names, token)
         except Exception as exc:
             # The source and event_ids took the block, a view refused it: the grains disagree now.
-            seen.append((table, str(exc), store.query("SELECT count() FROM {db}.event_ids").rows[0][0],
-                         [grain_totals(store, g) for g in GRAINS]))
+            ids = store.query("SELECT count() FROM {db}.event_ids").rows[0][0]
+            seen.append((table, str(exc), ids - len(columns[0]), [grain_totals(store, g) for g in GRAINS]))
             store.command("TRUNCATE TABLE {db}.failpoint")  # the cause goes away; the retry must fill the view
             raise
 
@@ -102,7 +112,7 @@ def test_a_view_failure_mid_insert_is_repaired_by_resending_the_same_piece(store
 
     assert [t for t, *_ in seen] == ["usage_events", "logical_requests"]
     table, error, ids, grains = seen[0]
-    assert "failpoint" in error and ids == len(attempts)  # the old lookup would have found every event_id
+    assert "failpoint" in error and ids == 0  # event_ids took the first piece: the old lookup would have found it
     assert grains[1] != grains[0] or grains[2] != grains[0]  # some grain really missed the rows
     assert attempt_writer.stats.retries == 1 and request_writer.stats.retries == 1
 
@@ -121,11 +131,11 @@ def test_a_400_day_backfill_mixed_with_live_rows_reaches_every_grain(store):
     live = [attempt_row_factory(f"live-{i}", final=True, cost=Decimal("0.25"),
                                 ts_ms=int((NOW - timedelta(hours=2, minutes=i)).timestamp() * 1000))
             for i in range(30)]
-    attempts = old + live
+    attempts = in_message(old + live)
     for r in attempts:
         r["payload"] = orjson.dumps(event_factory(event_id=r["event_id"], request_id=r["request_id"])).decode()
     folded = Folder(FoldConfig(), 4).fold(attempts, {}, 0.0, NOW).emitted
-    requests = decode_rows(b"\n".join(orjson.dumps(r, default=str) for r in folded), Source("r", 0, 0),
+    requests = decode_rows(b"\n".join(orjson.dumps(r, default=str) for r in folded), Source("r", 0, next(OFFSETS)),
                            REQUEST_ROWS)[0]
     assert len(requests) == 430
 
@@ -187,7 +197,8 @@ def test_a_conflicting_duplicate_is_a_dead_letter_and_an_identical_copy_is_not(s
     assert write(writer, attempts).inserted == len(attempts)
     first = attempts[0]
     other = conflicting_copy(first, model_actual="o3", usage={"input_tokens": 900_000, "output_tokens": 400_000})
-    written = write(writer, [dict(first), other, conflicting_copy(attempts[1], tags={"team_id": "other"})])
+    copies = [dict(first), other, conflicting_copy(attempts[1], tags={"team_id": "other"})]
+    written = write(writer, in_message(copies, Source("llm.cost.attempts.v1", 0, 9)))  # published again, later
     assert written.inserted == 0 and writer.stats.already_saved == 1
     assert [(r.reason, r.event_id) for r in written.rejections] == [("conflicting_duplicate", first["event_id"]),
                                                                    ("conflicting_duplicate", attempts[1]["event_id"])]
@@ -213,10 +224,104 @@ def test_migration_008_applies_on_an_existing_database(tmp_path, monkeypatch):
     with Store(settings) as s:
         assert s.migrate() == [name for n, name, _ in real() if n >= 8]  # 008 and every later one
         assert s.migrate() == []
-        assert s.saved_event_hashes([old["event_id"]]) == {old["event_id"]: ""}
-        copy = {**old, "payload": orjson.dumps(event_factory()).decode()}
+        assert s.saved_events([old["event_id"]]) == {old["event_id"]: ("", "")}
+        [copy] = in_message([{**old, "payload": orjson.dumps(event_factory()).decode()}])
         assert SinkWriter(s).plan([copy]).rejections == []  # saved without a hash: a duplicate, as before
-        new = attempt_row_factory("after-008", final=True, ts_ms=int(old["ts"].timestamp() * 1000))
+        [new] = in_message([attempt_row_factory("after-008", final=True, ts_ms=int(old["ts"].timestamp() * 1000))])
         new["payload"] = orjson.dumps(event_factory()).decode()
         assert SinkWriter(s).write([new]) == 1
-        assert s.saved_event_hashes([new["event_id"]]) == {new["event_id"]: new["content_hash"]}
+        assert s.saved_events([new["event_id"]]) == {new["event_id"]: (new["content_hash"], new["origin"])}
+
+
+def test_a_replay_after_a_kill_mid_insert_fills_the_views_that_missed_the_piece_and_no_other(store, docs):
+    """kill -9 during an insert: usage_events, event_ids and some rollup grains took the piece, others did not.
+
+    A new writer (a restarted worker) replays the message in a batch composed otherwise; its pieces are the same,
+    so ClickHouse absorbs them where they landed and fills the grains that missed them.
+    """
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=41, bad_rate=0.0, start=NOW - timedelta(hours=2))
+    attempts, _ = pipeline_batch([e for _ in range(120) for e in gen.logical_request()], docs)
+    topic = "llm.cost.attempts.v1"
+    crashed = in_message(attempts[:80], Source(topic, 0, 10))  # the message whose insert was cut short
+    before = in_message(attempts[80:100], Source(topic, 0, 9))  # saved by an earlier batch, fully
+    after = in_message(attempts[100:], Source(topic, 0, 11))  # read with the crashed message in its replay only
+    assert write(SinkWriter(store), before).inserted == len(before)
+    arm_failpoint(store)
+    with pytest.raises(Exception, match="failpoint"):
+        SinkWriter(store).write([dict(r) for r in (*before, *crashed)])  # this worker is killed now
+    store.command("TRUNCATE TABLE {db}.failpoint")
+    ids = {r[0] for r in store.query("SELECT event_id FROM {db}.event_ids").rows}
+    assert {r["event_id"] for r in crashed} <= ids  # the lookup finds the crashed message's rows saved
+    missed = [g for g in GRAINS if grain_totals(store, g)[0] == len(before)]
+    assert missed and len(missed) < len(GRAINS)  # some grains took the piece, some never got it
+
+    writer = SinkWriter(store)  # the restarted worker, another batch: the crashed message and the next one
+    copy = {**before[0], "origin": crashed[0]["origin"]}  # a row of `before` repeated in the crashed message
+    written = write(writer, [dict(r) for r in (*crashed, copy, *after)])
+    assert written.inserted == len(crashed) + len(after) and written.rejections == []
+    assert writer.stats.resent == len(crashed) and writer.stats.already_saved == 1
+    count, unique = store.query("SELECT count(), uniqExact(event_id) FROM {db}.usage_events").rows[0]
+    assert count == unique == len(attempts)
+    result = audit(store, (NOW - timedelta(days=1)).date())
+    assert result.ok, [d.describe() for d in result.differences]
+    total = sum((r["cost_total_usd"] for r in attempts), Decimal(0))
+    for g in GRAINS:
+        assert grain_totals(store, g)[0::2] == (len(attempts), total)
+
+
+def test_migration_011_applies_on_an_existing_database(tmp_path, monkeypatch):
+    real = store_module.migrations
+    settings = load_settings(env={}, data_dir=tmp_path)
+    [old] = in_message([attempt_row_factory("before-011", final=True,
+                                            ts_ms=int((NOW - timedelta(hours=1)).timestamp() * 1000))])
+    old["payload"] = orjson.dumps(event_factory(event_id=old["event_id"])).decode()
+    with Store(settings) as s:
+        monkeypatch.setattr(store_module, "migrations", lambda: [m for m in real() if m[0] < 11])
+        s.migrate()
+        columns = (*ATTEMPT_COLUMNS, "content_hash")
+        old["content_hash"] = content_hash(old["payload"])
+        s.insert_columns("usage_events", [[old[c]] for c in columns], columns, "test:old")
+    monkeypatch.setattr(store_module, "migrations", real)
+    with Store(settings) as s:
+        assert s.migrate() == [name for n, name, _ in real() if n >= 11]
+        assert s.migrate() == []
+        assert s.saved_events([old["event_id"]]) == {old["event_id"]: (old["content_hash"], "")}
+        writer = SinkWriter(s)
+        assert writer.write([dict(old)]) == 0 and writer.stats.already_saved == 1  # no origin: a duplicate
+        [new] = in_message([attempt_row_factory("after-011", final=True, ts_ms=int(old["ts"].timestamp() * 1000))],
+                           Source("llm.cost.attempts.v1", 0, 1))
+        new["payload"] = orjson.dumps(event_factory(event_id=new["event_id"])).decode()
+        assert writer.write([new]) == 1
+        assert s.saved_events([new["event_id"]]) == {new["event_id"]: (new["content_hash"], new["origin"])}
+        assert s.query("SELECT origin FROM {db}.usage_events WHERE event_id = {e:String}",
+                       {"e": new["event_id"]}).rows == [(new["origin"],)]
+
+
+def test_a_request_replay_after_a_kill_mid_insert_resends_its_journaled_pieces(store, docs):
+    """The logical-request sink killed mid-insert: logical_requests and its heads took a piece, some grains did not.
+
+    The heads now show the revisions, so deciding again would skip them; the new writer re-sends the journaled
+    rows of the crashed messages instead (another batch composition), and every grain matches its sources.
+    """
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=43, bad_rate=0.0, start=NOW - timedelta(hours=2))
+    attempts, requests = pipeline_batch([e for _ in range(200) for e in gen.logical_request()], docs)
+    origins = sorted({r["origin"] for r in requests})
+    assert len(origins) > 1 and write(SinkWriter(store), attempts).inserted == len(attempts)
+    crashed = [r for r in requests if r["origin"] != origins[-1]]
+    arm_failpoint(store)
+    with pytest.raises(Exception, match="failpoint"):
+        RequestWriter(store).write([dict(r) for r in crashed])  # this worker is killed now
+    store.command("TRUNCATE TABLE {db}.failpoint")
+    heads = store.request_heads([r["logical_request_id"] for r in crashed])
+    assert heads and not audit(store, (NOW - timedelta(days=1)).date()).ok  # the heads hold what a grain lacks
+
+    writer = RequestWriter(store)  # the restarted worker: the crashed messages and the next one in one batch
+    written = write(writer, [dict(r) for r in requests])
+    assert written.inserted == len(requests) and writer.stats.resent == len(crashed)
+    assert writer.stats.already_saved == 0
+    result = audit(store, (NOW - timedelta(days=1)).date())
+    assert result.ok, [d.describe() for d in result.differences]
+    for g in GRAINS:
+        assert grain_totals(store, g)[:2] == (len(attempts), len(requests))
+    assert store.query("SELECT sum(sign), count() FROM {db}.logical_requests").rows == [(len(requests),
+                                                                                          len(requests))]

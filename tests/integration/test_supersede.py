@@ -1,5 +1,6 @@
 """A terminated stream's estimate and its real usage count once, at the real cost, in every aggregate (chDB)."""
 
+import itertools
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal as D
 
@@ -9,15 +10,15 @@ from ops.reports.chargeback import UNATTRIBUTED, Period, build_report
 from ops.reports.chargeback import fetch as fetch_chargeback
 from ops.verify import verify
 from streams.budget import read_spend
-from streams.records import ATTEMPT_COLUMNS
-from streams.sink import SinkWriter, insert_token
+from streams.records import ATTEMPT_COLUMNS, Source
+from streams.sink import SinkWriter, insert_token, origin_of
 from streams.supersede import SUPERSEDED_COLUMNS, SUPERSEDED_TABLE
 from tally import store as store_module
 from tally.config import load_settings
 from tally.errors import StoreError
 from tally.reference import Budget, BudgetSet
 from tally.store import Store
-from tests.factories import attempt_row_factory
+from tests.factories import attempt_row_factory, in_message
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +28,7 @@ CALL_TS = NOW.replace(second=0)  # this minute: in this day, month and budget wi
 ESTIMATE_COST, REAL_COST = D("0.004000000000000001"), D("0.002500000000000003")
 GRAINS = ("minute", "hour", "day")
 FEATURE = "summarize_email_v2"
+OFFSETS = itertools.count()  # each attempts message of these tests at its own offset
 
 
 def call_rows(call, *, team="inbox"):
@@ -42,6 +44,7 @@ def call_rows(call, *, team="inbox"):
         row.update(team_id=team, ingested_at=ingested)
         if not team:
             row.update(attribution_status="unattributed", attribution_reason="unknown_feature")
+        in_message([row], Source("llm.cost.attempts.v1", 0, next(OFFSETS)))  # each published on its own
     return estimate, real
 
 
@@ -144,7 +147,8 @@ def test_an_unattributed_call_counts_once_in_the_unattributed_cost(store):
 def test_a_call_published_again_counts_at_its_latest_cost_and_other_calls_are_untouched(store):
     estimate, real = call_rows("c-1")
     again = {**real, "event_id": "c-1-real-again", "ts": real["ts"] + timedelta(milliseconds=5),
-             "cost_output_usd": D("0.003"), "cost_total_usd": D("0.003")}
+             "cost_output_usd": D("0.003"), "cost_total_usd": D("0.003"),
+             "origin": origin_of(Source("llm.cost.attempts.v1", 0, next(OFFSETS)))}
     other_estimate, _ = call_rows("c-2")
     writer = SinkWriter(store)
     writer.write([estimate, other_estimate])
@@ -172,7 +176,9 @@ def test_a_crash_between_the_row_and_its_supersession_is_completed_by_the_replay
         writer.write([real])
     assert rollups(store, "day")[0] == 2  # both rows saved, the estimate not subtracted yet: the batch is not acked
     monkeypatch.setattr(store, "insert_columns", insert)
-    assert writer.write([real]) == 0  # the replay: the row is saved already, its supersession is written now
+    # The replay re-sends its message's piece (absorbed: usage_events holds the row once); the supersession is
+    # written now.
+    assert writer.write([real]) == 1
     assert counted(store) == expect_once()
 
 
