@@ -227,7 +227,6 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     dlq_topic = app.topic(topics.dlq, value_type=bytes)
     requests_topic = app.topic(topics.requests, value_type=bytes)
     alerts_topic = app.topic(topics.alerts, value_type=bytes)
-    # Input positions tally owns, per topic: the guard of the stage that consumes it and where its position is stored.
     crash = Failpoints(settings.failpoint)  # tests only: named crash points, inert unless armed
     clickhouse_thread: list[ThreadPoolExecutor] = []  # the sink's ClickHouse executor, in roles sink and all
 
@@ -243,6 +242,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             await asyncio.get_running_loop().run_in_executor(clickhouse_thread[0], crash.hit, name)
         else:
             crash.hit(name)
+
+    # Input positions tally owns, per topic: the guard of the stage that consumes it and where its position is stored.
     guards: dict[str, PositionGuard] = {}
     stored: dict[str, Any] = {}  # topic → async () -> {partition: last offset whose effects are durable}
 
