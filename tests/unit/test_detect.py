@@ -161,7 +161,7 @@ def test_a_row_stamped_far_in_the_future_does_not_silence_its_partition() -> Non
     d = Detector(CONFIG)
     assert feed(d, stream(60)) == []
     wall = T0 + timedelta(minutes=60)
-    ahead = request_row(datetime(2099, 6, 1, tzinfo=UTC), feature_id="clock_skewed_feature")
+    ahead = request_row(wall + timedelta(days=26_000), feature_id="clock_skewed_feature")  # decades ahead
     assert d.observe([ahead], 0, wall.timestamp()) == []
     assert d.clocks[0] == wall.timestamp()
     window = d.features["clock_skewed_feature"].window
@@ -175,7 +175,7 @@ def test_a_snapshot_with_a_window_in_the_future_is_repaired_on_restore() -> None
     # clock would start there): the window moves to the wall clock's, so the feature is judged again.
     before = Detector(CONFIG)
     feed(before, stream(60))
-    ahead = datetime(2099, 6, 1, tzinfo=UTC)
+    ahead = T0 + timedelta(days=26_000)  # decades past the injected clock
     before.observe([request_row(ahead)], 0, ahead.timestamp())  # what an uncapped clock did
     snapshots = before.take_dirty()
     wall = T0 + timedelta(minutes=60)
