@@ -29,11 +29,12 @@ from streams.positions import (
     PositionGuard,
     audit_line,
     encode_offset,
-    is_position_key,
+    is_meta_key,
     last_offsets,
+    meta_partition,
     position_key,
-    position_partition,
     positions_in_state,
+    watermarks_key,
 )
 from streams.records import Source, encode_record
 from streams.reference_feed import ReferenceFeed
@@ -50,6 +51,7 @@ from streams.sink import (
     write_with_retry,
 )
 from streams.validate import Validator
+from streams.watermarks import InputProgress, decode_watermarks, encode_watermarks, is_watermark
 from tally.config import Settings
 from tally.errors import SinkGaveUp, StoreError, TallyError
 from tally.failpoints import Failpoints
@@ -96,6 +98,8 @@ class WorkerStats:
     detect_errors: int = 0
     anomaly_alerts: int = 0
     detect_snapshots: int = 0
+    detect_late: int = 0  # requests older than their feature's current window (counted in ratios, not rates)
+    detect_duplicates: int = 0  # re-emitted requests already counted
 
 
 def _json_response(web: Any, payload: Any, status: int = 200) -> Response:
@@ -118,8 +122,8 @@ class KeyedTable(faust.Table):  # type: ignore[misc]
         self._unconfirmed: list[Any] = []
 
     def partition_for_key(self, key: Any) -> int:
-        if is_position_key(key):
-            return position_partition(key)
+        if is_meta_key(key):
+            return meta_partition(key)
         return partition_for_bytes(key, self.partitions or 1)
 
     def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
@@ -243,32 +247,38 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         else:
             crash.hit(name)
 
-    # Input positions tally owns, per topic: the guard of the stage that consumes it and where its position is stored.
-    guards: dict[str, PositionGuard] = {}
-    stored: dict[str, Any] = {}  # topic → async () -> {partition: last offset whose effects are durable}
+    # Input positions tally owns, per (topic, stage): the guard of the stage that consumes the topic and where its
+    # position is stored. Two stages can read one topic in one worker (role all: the detectors and the sink both
+    # read the requests topic); the topic then resumes from the lower of their positions and each guard passes
+    # over what its stage has already saved.
+    guards: dict[tuple[str, str], PositionGuard] = {}
+    stored: dict[tuple[str, str], Any] = {}  # → async () -> {partition: last offset whose effects are durable}
 
     async def recover_positions(assigned: set[TP]) -> dict[TP, int]:
         """After an assignment: the offset to resume each owned partition from (stored position + 1, else 0)."""
         out: dict[TP, int] = {}
-        for topic, guard in guards.items():
+        for (topic, stage), guard in guards.items():
             partitions = {tp.partition for tp in assigned if tp.topic == topic}
             if not partitions:
                 continue
-            positions = await stored[topic]()
+            positions = await stored[(topic, stage)]()
             await fail_at("rebalance")
             guard.reset(positions, partitions)
             # No stored position: nothing of this partition is known to be saved, whatever Kafka's committed offset
             # says (it can run past input whose outputs never landed). Read it from its beginning: every stage is
             # idempotent, so a replay costs time, never money.
-            out.update({TP(topic, p): positions[p] + 1 if p in positions else 0 for p in partitions})
+            for p in partitions:
+                at = positions[p] + 1 if p in positions else 0
+                out[TP(topic, p)] = min(at, out.get(TP(topic, p), at))
         if out:
             log.info("resuming from stored positions: %s",
                      ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(out.items())))
         return out
 
-    async def admit(batch: list[tuple[bytes | None, Source]], topic: str) -> list[tuple[bytes | None, Source]]:
+    async def admit(batch: list[tuple[bytes | None, Source]], topic: str,
+                    stage: str) -> list[tuple[bytes | None, Source]]:
         """The batch without replayed input; a partition with skipped input is rewound to its stored position."""
-        admitted = guards[topic].admit(batch)
+        admitted = guards[(topic, stage)].admit(batch)
         for partition, offset in admitted.rewind.items():
             await app.consumer.seek(TP(topic, partition), offset)
         return admitted.messages
@@ -299,6 +309,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                                       key_serializer="raw", value_serializer="raw"))
         app.tables.add(fold_table)
         folder = Folder(fold_config(settings), partitions)
+        # Event-time progress per input partition, published to every requests partition (streams.watermarks).
+        progress = InputProgress(settle_ms=int(settings.fold_settle_s * 1000), idle_s=settings.fold_idle_s)
         fold_lock = asyncio.Lock()
         rebalanced = [False]
         # Validation, pricing and folding are CPU work: a thread keeps the event loop (heartbeats, commits) responsive.
@@ -335,8 +347,32 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         async def fold_positions() -> dict[int, int]:
             return positions_in_state(fold_table.data)
 
-        guards[topics.usage] = PositionGuard(topics.usage)
-        stored[topics.usage] = fold_positions
+        async def publish_watermarks(moved: dict[int, int]) -> None:
+            """Every input partition this worker owns, as one watermark message to each requests partition.
+
+            Sent after the batch's requests, state and position are durable (streams.watermarks, rule 4).
+            """
+            if not moved:
+                return
+            value = encode_watermarks(progress.marks, partitions)
+            sent = [await requests_topic.send(value=value, partition=r, force=True) for r in range(req_partitions)]
+            await asyncio.gather(*sent)
+
+        def caught_up(assigned: list[int]) -> list[int]:
+            """Input partitions whose every message up to the broker's high watermark is processed (lag 0)."""
+            guard = guards[(topics.usage, "fold")]
+            out = []
+            for p in assigned:
+                try:
+                    high = app.consumer.highwater(TP(topics.usage, p))
+                except Exception:  # not fetched yet, or the consumer is between assignments: not known caught up
+                    high = None
+                if high is not None and guard.expected.get(p, 0) >= high:
+                    out.append(p)
+            return out
+
+        guards[(topics.usage, "fold")] = PositionGuard(topics.usage)
+        stored[(topics.usage, "fold")] = fold_positions
 
         @app.task
         async def follow_reference_data() -> None:
@@ -355,7 +391,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
                              for e in events]
                     async with fold_lock:
-                        batch = await admit(batch, topics.usage)
+                        batch = await admit(batch, topics.usage, "fold")
                         if not batch:
                             continue
                         if rebalanced[0]:
@@ -370,7 +406,12 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                         await fail_at("process.before_delivery")
                         await asyncio.gather(*sent)
                         await fail_at("process.after_delivery")
-                        await commit_fold(out.requests, out.fold_writes, last_offsets(src for _, src in batch))
+                        done = last_offsets(src for _, src in batch)
+                        await commit_fold(out.requests, out.fold_writes, done)
+                        finished = time.time()
+                        folder.finished(done, finished)
+                        await publish_watermarks(progress.after_batch(
+                            done, {p: c.now_ms for p, c in folder.clocks.items()}, finished))
                         if audit.isEnabledFor(logging.DEBUG):
                             audit.debug(audit_line(topics.usage, [src for _, src in batch], {
                                 "attempt_lines": out.accepted, "dead_letters": out.rejected,
@@ -384,7 +425,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
 
         @app.timer(interval=1.0)
         async def fold_tick() -> None:
-            """Event time runs on for idle partitions: settle and inactivity decisions still fall due."""
+            """Event time runs on for caught-up, silent partitions: settle and inactivity decisions still fall due."""
             if not stats.reference_ready or app.rebalancing:
                 return
             assigned = sorted(tp.partition for tp in app.consumer.assignment() if tp.topic == topics.usage)
@@ -395,10 +436,15 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                 if rebalanced[0]:
                     folder.forget()
                     rebalanced[0] = False
+                progress.forget(set(progress.marks) - set(assigned))
                 try:
-                    result = await loop.run_in_executor(cpu, folder.tick, assigned, fold_table.data, time.time(),
+                    # Only caught-up, silent partitions: a backlog or a slow batch never moves a clock.
+                    wall = time.time()
+                    silent = progress.silent(assigned, caught_up(assigned), wall)
+                    result = await loop.run_in_executor(cpu, folder.tick, silent, fold_table.data, wall,
                                                         datetime.now(UTC))
                     await commit_fold(group_requests(result.emitted, req_partitions), result.writes)
+                    await publish_watermarks(progress.idle(silent, wall))
                 except Exception:
                     _stop_hard(EXIT_AGENT_FAILED, "the fold timer failed; stopping")
 
@@ -412,28 +458,42 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         app.tables.add(detect_table)
         detect_lock = asyncio.Lock()
         detect_restore = [True]
-        detect_seen: dict[int, float] = {}  # requests partition → wall time of its last message since the restore
+        detect_done: dict[int, int] = {}  # requests partition → last offset observed since the last snapshot
         last_snapshot = [0.0]
 
         @app.on_rebalance_complete.connect  # type: ignore[arg-type]
         async def _restore_detectors(sender: Any, **kwargs: Any) -> None:
             detect_restore[0] = True
 
+        async def detect_positions() -> dict[int, int]:
+            return positions_in_state(detect_table.data)
+
+        guards[(topics.requests, "detect")] = PositionGuard(topics.requests)
+        stored[(topics.requests, "detect")] = detect_positions
+
         def restore_detectors() -> None:
+            """After an assignment: the owned partitions' snapshots and watermarks, as of their stored positions."""
             if not detect_restore[0]:
                 return
             assigned = {tp.partition for tp in app.consumer.assignment() if tp.topic == topics.requests}
-            where = {key: partition_for_bytes(key, req_partitions) for key in detect_table.data}
-            owned = {key.decode(): blob for key, blob in detect_table.data.items() if where[key] in assigned}
-            detector.restore(owned, {fid: where[fid.encode()] for fid in owned}, time.time())
-            detect_seen.clear()
+            data = dict(detect_table.data)
+            features = {key: blob for key, blob in data.items() if not is_meta_key(key) and blob is not None}
+            where = {key: partition_for_bytes(key, req_partitions) for key in features}
+            owned = {key.decode(): blob for key, blob in features.items() if where[key] in assigned}
+            marks = {r: data[watermarks_key(r)] for r in assigned if data.get(watermarks_key(r))}
+            detector.restore(owned, {fid: where[fid.encode()] for fid in owned}, marks, time.time())
+            detect_done.clear()
             detect_restore[0] = False
 
         async def publish_detected(alerts: list[dict[str, Any]], force_snapshot: bool = False) -> None:
-            """Deliver alerts (keyed by incident), then write changed features' snapshots (every detect_snapshot_s).
+            """Deliver alerts, then snapshots, watermarks and positions (every detect_snapshot_s), awaited.
 
-            A crash replays requests not yet committed against the last snapshots: an alert raised again carries
-            the same incident key, which the alert consumer pages once.
+            Alerts are keyed by incident; then the changed features' snapshots, the partitions' watermarks and
+            positions are written and awaited: a position never runs ahead of the state it covers.
+
+            A crash replays the requests after the stored positions against the stored snapshots; the detectors are
+            deterministic in their input, so the same alerts are raised again, with the same incident ids, which the
+            alert consumer pages once.
             """
             sent = [await alerts_topic.send(key=a["incident_key"].encode(), value=encode_record(a), force=True)
                     for a in alerts]
@@ -443,16 +503,27 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                 snapshots = detector.take_dirty()
                 for fid, blob in snapshots.items():
                     detect_table[fid.encode()] = blob
+                for r, offset in detect_done.items():
+                    detect_table[watermarks_key(r)] = detector.marks_of(r)
+                    detect_table[position_key(r)] = encode_offset(offset)
+                detect_done.clear()
                 await detect_table.written()
                 stats.detect_snapshots += len(snapshots)
                 last_snapshot[0] = time.time()
 
-        def observe(batch: dict[int, list[bytes]]) -> list[dict[str, Any]]:
+        def observe(batch: list[tuple[bytes | None, Source]]) -> list[dict[str, Any]]:
+            """The batch in offset order per partition: rows fill windows, watermarks close them."""
             alerts: list[dict[str, Any]] = []
-            for partition, values in batch.items():
-                rows = [orjson.loads(line) for value in values for line in value.split(b"\n") if line]
+            for value, src in batch:
+                if is_watermark(value):
+                    marks, sources = decode_watermarks(value or b"")
+                    alerts.extend(detector.watermark(src.partition, marks, sources))
+                    continue
+                rows = [orjson.loads(line) for line in (value or b"").split(b"\n") if line]
                 stats.detect_requests += len(rows)
-                alerts.extend(detector.observe(rows, partition, time.time()))
+                detector.observe(rows, src.partition)
+            stats.detect_late = detector.late_rows
+            stats.detect_duplicates = detector.duplicate_rows
             return alerts
 
         @app.agent(requests_topic)
@@ -462,45 +533,35 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             try:
                 async for events in stream.take_events(  # type: ignore[attr-defined]
                         settings.process_batch_messages, settings.batch_within_s):
-                    batch: dict[int, list[bytes]] = {}
-                    for e in events:
-                        batch.setdefault(e.message.partition, []).append(e.message.value)
-                        detect_seen[e.message.partition] = time.time()
+                    batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
+                             for e in events]
                     async with detect_lock:
                         restore_detectors()
+                        batch = await admit(batch, topics.requests, "detect")
+                        if not batch:
+                            continue
                         try:
                             alerts = await loop.run_in_executor(cpu, observe, batch)
                         except Exception:  # a detector bug must not stop pricing: the requests are saved anyway
                             stats.detect_errors += 1
                             log.exception("detect: a batch of %d messages was not scored", len(events))
-                            continue
+                            alerts = []
+                        detect_done.update(last_offsets(src for _, src in batch))
                         await publish_detected(alerts)
             except Exception:
                 _stop_hard(EXIT_AGENT_FAILED, "the detect agent failed; stopping without committing its batch")
 
         @app.timer(interval=1.0)
         async def detect_tick() -> None:
-            """Idle requests partitions: their event clock runs on with wall time, so incidents resolve.
+            """Snapshots and positions of a partition that went quiet are written within detect_snapshot_s.
 
-            The clock is wall time less the fold's settle time (the longest a request can still be emitted late).
+            No clock moves here: event time reaches the detectors only in watermark messages (streams.watermarks).
             """
-            if app.rebalancing:
+            if app.rebalancing or not detect_done:
                 return
-            now = time.time()
-            loop = asyncio.get_running_loop()
             async with detect_lock:
-                restore_detectors()
-                idle = [p for p, seen in detect_seen.items() if now - seen >= settings.detect_idle_s]
-                clock = now - settings.fold_settle_s - settings.detect_idle_s
                 try:
-                    alerts = await loop.run_in_executor(
-                        cpu, lambda: [a for p in idle for a in detector.advance(p, clock)])
-                except Exception:  # as in the agent: log, count, go on
-                    stats.detect_errors += 1
-                    log.exception("detect: idle partitions %s could not advance", idle)
-                    return
-                try:
-                    await publish_detected(alerts, force_snapshot=bool(alerts))
+                    await publish_detected([])
                 except Exception:
                     _stop_hard(EXIT_AGENT_FAILED, "the detect timer failed; stopping")
 
@@ -525,8 +586,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             return read
 
         for topic in (topics.attempts, topics.requests, topics.alerts):
-            guards[topic] = PositionGuard(topic)
-            stored[topic] = sink_positions(topic)
+            guards[(topic, "sink")] = PositionGuard(topic)
+            stored[(topic, "sink")] = sink_positions(topic)
 
         async def sink_batches(stream: faust.StreamT, write: Any, decode: Any, sink_stats: SinkStats) -> None:
             """Admit → decode → write with retry → dead-letter bad lines and refused rows → store the position.
@@ -541,7 +602,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
                     batch = [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset))
                              for e in events]
                     topic = batch[0][1].topic if batch else ""
-                    batch = await admit(batch, topic) if batch else batch
+                    batch = await admit(batch, topic, "sink") if batch else batch
                     if not batch:
                         continue
                     # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.

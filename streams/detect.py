@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from river import stats
 
+from streams.watermarks import decode_watermarks, encode_watermarks, low_watermark
+
 # The sums a window keeps, in total and per dimension value: every signal is a ratio or a rate of two of them.
 REQUESTS, COST, INPUT, OUTPUT, REASONING, RETRIES, FALLBACKS = range(7)
 _WIDTH = 7
@@ -23,7 +25,7 @@ _ALONE = 0.9  # a model serving this share of a feature's requests needs no feat
 _DOMINANT = 0.2  # a dimension value explains an excess when it carries this much more of it than of the traffic
 _SLOTS = 24
 _MIN_SEASON = 0.05  # daily seasonality: one profile factor per hour of the day (UTC)
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 Kind = Literal["ratio", "rate", "mix", "tenant"]
 Vector = list[float]
@@ -66,10 +68,12 @@ class DetectConfig:
     """Detector settings (event time, seconds).
 
     A window is `window_s` long, closes once the partition's event-time clock passes its end by `lateness_s`, and
-    is extended a window at a time until it holds `min_requests` (ratio signals need volume) or spans
-    `max_window_s`. A signal alerts only after `warmup_windows` windows. A signal fires when the CUSUM of its
-    z-scores (each capped at `z_fire`, less `cusum_k`) over consecutive windows that rise past its guards reaches
-    `cusum_h` (so at least two windows: one adds at most z_fire - cusum_k); a tenant's request rate fires after
+    is extended a window at a time until it holds `min_requests` or spans `max_window_s`. Rates are judged on every
+    window; per-request signals on a window holding `min_requests`, or, for a quiet feature, on its consecutive
+    windows gathered until they do (over at most `max_volume_window_s`). A signal alerts only after
+    `warmup_windows` windows. A signal fires when the CUSUM of its z-scores (each capped at `z_fire`, less
+    `cusum_k`) over consecutive windows that rise past its guards reaches `cusum_h` (so at least two windows: one
+    adds at most z_fire - cusum_k); a tenant's request rate fires after
     `persistence` anomalous windows. It resolves after `resolve_after` windows back under `z_resolve`.
     `half_life_windows` is the memory of the baselines (river's exponentially weighted mean and variance).
     """
@@ -78,6 +82,7 @@ class DetectConfig:
     lateness_s: int = 60
     min_requests: int = 20
     max_window_s: int = 900
+    max_volume_window_s: int = 14_400
     warmup_windows: int = 30
     persistence: int = 2
     resolve_after: int = 5
@@ -139,8 +144,12 @@ class Window:
     # they count in ratios but not in rates, which would otherwise show the backlog as a burst.
     late_cost: float = 0.0
     late_tenants: dict[str, float] = field(default_factory=dict)
+    ids: set[str] = field(default_factory=set)  # logical ids counted here: a re-emitted request counts once
 
     def add(self, row: Mapping[str, Any], late: bool = False) -> None:
+        lid = row.get("logical_request_id")
+        if lid:
+            self.ids.add(str(lid))
         v = request_vector(row)
         if late:
             self.late_cost += v[COST]
@@ -153,6 +162,26 @@ class Window:
             value = str(row.get(_DIM_FIELD[dim]) or "")
             _add(self.by[dim].setdefault(value, _blank()), v)
         self.team_id = str(row.get("team_id") or self.team_id)
+
+    def absorb(self, other: Window) -> None:
+        """Add another window's sums (a closed bucket joining the window that covers it)."""
+        _add(self.total, other.total)
+        room = _MAX_COSTS - len(self.costs)
+        if room > 0:
+            self.costs.extend(other.costs[:room])
+        for dim, values in other.by.items():
+            mine = self.by.setdefault(dim, {})
+            for value, v in values.items():
+                _add(mine.setdefault(value, _blank()), v)
+        self.late_cost += other.late_cost
+        for tenant, n in other.late_tenants.items():
+            self.late_tenants[tenant] = self.late_tenants.get(tenant, 0.0) + n
+        self.ids |= other.ids
+        self.team_id = other.team_id or self.team_id
+
+    @property
+    def requests(self) -> float:
+        return self.total[REQUESTS]
 
 
 @dataclass
@@ -195,6 +224,11 @@ class FeatureState:
     quiet: int = 0  # empty windows judged in a row
     by_model: dict[str, FeatureState] = field(default_factory=dict)
     deploy_first_seen: dict[str, int] = field(default_factory=dict)
+    # Buckets of `window_s` (by start) after the current window: rows that arrived before the watermark closed them.
+    open: dict[int, Window] = field(default_factory=dict)
+    # Per-request signals of a quiet feature: the windows judged with too few requests, gathered until they hold
+    # min_requests (or span more than max_volume_window_s, when the oldest are dropped).
+    carry: Window | None = None
 
 
 @dataclass(frozen=True)
@@ -234,10 +268,11 @@ class Detector:
     """Per-feature detectors over llm.cost.requests.v1 rows, driven by event time; plain logic, no Kafka.
 
     Input: logical-request rows (decoded JSON, revision 1 only: a revision re-states a request already counted),
-    per partition of the requests topic (keyed by feature_id, so a feature lives on one partition). Each
-    partition has its own event-time clock (the largest last_ts seen, capped at the injected wall clock `now`: a
-    row stamped ahead of it counts as of `now`, so no single row can carry the clock, and with it every window of
-    the partition, into the future); `advance` moves an idle partition's clock.
+    per partition of the requests topic (keyed by feature_id, so a feature lives on one partition), and the
+    watermark messages the process role writes between them (streams.watermarks). Rows only fill windows, whatever
+    their order; a partition's event clock moves only with watermarks (the minimum over the input partitions that
+    feed it), never with a row's time or the wall clock, so a replay, a slow batch or one row stamped ahead moves
+    nothing. `advance` sets a clock directly (one source: tests, benchmarks).
     Output: alert records (contract v1 plus the anomalies table's columns), one `firing` when a signal has been
     anomalous long enough (see DetectConfig; again when it escalates to critical) and one `resolved` when it is back to
     normal. Deterministic: the same rows in the same order give the same alerts, and a restored snapshot continues
@@ -250,59 +285,78 @@ class Detector:
         self.partition_of: dict[str, int] = {}
         self.clocks: dict[int, float] = {}
         self.dirty: set[str] = set()
+        self.marks: dict[int, dict[int, int]] = {}  # requests partition → input partition → watermark (ms)
+        self.sources: dict[int, int] = {}  # requests partition → input partitions feeding it
+        self.late_rows = 0  # rows older than their feature's current window (counted in ratios, not rates)
+        self.duplicate_rows = 0  # re-emitted requests already counted in their window
         self.evaluations: list[Evaluation] | None = None  # set to a list to record every closed window
         self._now = 0.0  # the event clock of the partition being closed: an alert's detected_at
 
     # ------------------------------------------------------------------ input
-    def observe(self, rows: Iterable[Mapping[str, Any]], partition: int, now: float) -> list[dict[str, Any]]:
-        """Add a partition's rows to their features' windows in event-time order, closing windows on the way.
+    def observe(self, rows: Iterable[Mapping[str, Any]], partition: int, now: float | None = None) -> None:
+        """Add a requests partition's rows to their features' windows, whatever their event-time order.
 
-        A batch can span several windows: each closes as the clock passes it. `now` is the wall clock (epoch
-        seconds): a row's time is min(last_ts, now).
+        A row whose window is still open (the partition's watermark has not passed its end plus the lateness) counts
+        in it; a row older than the current window is late: it counts in the per-request signals of the current
+        window but not in its rates, and in `late_rows`. A logical request already counted in its window is passed
+        over (an upstream replay re-emits it): `duplicate_rows`. Nothing closes here: see `watermark`. `now`, if
+        given (epoch seconds), caps row times.
         """
-        clock = self.clocks.get(partition, 0.0)
-        alerts: list[dict[str, Any]] = []
-        timed = sorted(((min(_epoch(r["last_ts"]), now), r) for r in rows
-                        if int(r.get("revision", 1)) == 1 and int(r.get("sign", 1)) == 1 and r.get("feature_id")),
-                       key=lambda t: t[0])
-        due = self._next_due(partition)
-        for ts, row in timed:
-            if ts > clock:
-                clock = self.clocks[partition] = ts
-                if clock >= due:
-                    alerts.extend(self._close_due(partition))
-                    due = self._next_due(partition)
+        for row in rows:
+            if int(row.get("revision", 1)) != 1 or int(row.get("sign", 1)) != 1 or not row.get("feature_id"):
+                continue
+            ts = _epoch(row["last_ts"])
+            if now is not None:
+                ts = min(ts, now)
             fid = str(row["feature_id"])
             state = self._state(fid, partition)
-            if state.window is None:
-                start = int(ts // self.config.window_s) * self.config.window_s
-                state.window = Window(start, start + self.config.window_s)
-                due = min(due, state.window.end + self.config.lateness_s)
-            state.window.add(row, late=ts < state.window.start)
+            target, late = self._target(state, ts)
+            lid = row.get("logical_request_id")
+            if lid and str(lid) in target.ids:
+                self.duplicate_rows += 1
+                continue
+            self.late_rows += late
+            target.add(row, late=late)
             model = str(row.get("final_model") or "")
             pair = state.by_model.get(model)
             if pair is None and len(state.by_model) < _MAX_DIM_VALUES:
                 pair = state.by_model[model] = FeatureState(fid, model=model)
-            if pair is not None:
-                if pair.window is None:
+                if state.window is not None:
                     pair.window = Window(state.window.start, state.window.end)
-                pair.window.add(row, late=ts < pair.window.start)
+            if pair is not None:
+                into, pair_late = self._target(pair, ts)
+                into.add(row, late=pair_late)
             dv = str(row.get("deploy_version") or "")
             if dv and dv not in state.deploy_first_seen:
                 state.deploy_first_seen[dv] = int(ts)
             self.dirty.add(fid)
-        self.clocks[partition] = clock
-        alerts.extend(self._close_due(partition))
-        return alerts
 
-    def _next_due(self, partition: int) -> float:
-        """The event time at which the partition's next window closes."""
-        ends = [s.window.end for f, s in self.features.items()
-                if s.window is not None and self.partition_of.get(f) == partition]
-        return min(ends) + self.config.lateness_s if ends else math.inf
+    def _target(self, state: FeatureState, ts: float) -> tuple[Window, bool]:
+        """The window a row of time `ts` joins, and whether it is late (older than the current window)."""
+        w = state.window
+        if w is not None and ts < w.end:
+            return w, ts < w.start
+        start = int(ts // self.config.window_s) * self.config.window_s
+        bucket = state.open.get(start)
+        if bucket is None:
+            bucket = state.open[start] = Window(start, start + self.config.window_s)
+        return bucket, False
+
+    def watermark(self, partition: int, marks: Mapping[int, int], sources: int) -> list[dict[str, Any]]:
+        """A watermark message on a requests partition: per input partition, event time (ms) complete below.
+
+        The partition's clock is the minimum over all `sources` input partitions of the latest watermark of each
+        (one never heard from holds it); windows it has passed by the lateness close, in order.
+        """
+        known = self.marks.setdefault(partition, {})
+        for p, ms in marks.items():
+            if ms > known.get(p, 0):
+                known[p] = ms
+        self.sources[partition] = max(sources, self.sources.get(partition, 0))
+        return self.advance(partition, low_watermark(known, self.sources[partition]) / 1000.0)
 
     def advance(self, partition: int, clock: float) -> list[dict[str, Any]]:
-        """Move an idle partition's clock forward (never back) and close the windows now due."""
+        """Move a partition's event clock forward (never back) and close the windows now due."""
         if clock > self.clocks.get(partition, 0.0):
             self.clocks[partition] = clock
         return self._close_due(partition)
@@ -321,17 +375,28 @@ class Detector:
         self.dirty.clear()
         return out
 
-    def restore(self, snapshots: Mapping[str, bytes], partition_of: Mapping[str, int], now: float) -> None:
-        """Replace the in-memory state with durable snapshots (after a start or a rebalance).
+    def marks_of(self, partition: int) -> bytes:
+        """A requests partition's watermarks as stored beside the snapshots (see `restore`)."""
+        return encode_watermarks(self.marks.get(partition, {}), max(self.sources.get(partition, 1), 1))
 
-        `now` is the wall clock: a window that starts after it (opened by a row stamped ahead, in a snapshot taken
-        before row times were capped) moves to the window holding `now`, its sums kept, and is marked dirty so the
-        repaired snapshot is written back; no restored clock is later than `now`.
+    def restore(self, snapshots: Mapping[str, bytes], partition_of: Mapping[str, int],
+                marks: Mapping[int, bytes] | None = None, now: float | None = None) -> None:
+        """Replace the in-memory state with durable snapshots and watermarks (after a start or a rebalance).
+
+        `now`, if given, is the wall clock: a window that starts after it (opened by a row stamped far ahead, in a
+        snapshot written before such rows were refused) moves to the window holding `now`, its sums kept, and is
+        marked dirty so the repaired snapshot is written back.
         """
         self.features = {fid: load_state(blob) for fid, blob in snapshots.items()}
         self.partition_of = {fid: partition_of[fid] for fid in self.features}
-        self.clocks = {}
         self.dirty.clear()
+        self.marks, self.sources, self.clocks = {}, {}, {}
+        for partition, blob in (marks or {}).items():
+            known, sources = decode_watermarks(blob)
+            self.marks[partition], self.sources[partition] = known, sources
+            self.clocks[partition] = low_watermark(known, sources) / 1000.0
+        if now is None:
+            return
         current = int(now // self.config.window_s) * self.config.window_s
         for fid, state in self.features.items():
             for one in (state, *state.by_model.values()):
@@ -339,9 +404,6 @@ class Detector:
                 if w is not None and w.start > now:
                     w.start, w.end = current, current + (w.end - w.start)
                     self.dirty.add(fid)
-            if state.window is not None:
-                p = self.partition_of[fid]
-                self.clocks[p] = max(self.clocks.get(p, 0.0), float(state.window.start))
 
     # ------------------------------------------------------------------ windows
     def _close_due(self, partition: int) -> list[dict[str, Any]]:
@@ -350,29 +412,48 @@ class Detector:
         for fid, state in self.features.items():
             if self.partition_of.get(fid) != partition:
                 continue
+            before = _shape(state)
             for one in (state, *state.by_model.values()):
                 alerts.extend(self._close_windows(one, clock, state))
-            self.dirty.add(fid)
+            if _shape(state) != before:
+                self.dirty.add(fid)
         return alerts
+
+    def _join(self, state: FeatureState, start: int, end: int) -> None:
+        """Extend the current window to [start, end) (or open it), absorbing the buckets it now covers."""
+        if state.window is None:
+            state.window = Window(start, end)
+        else:
+            state.window.end = end
+        for key in [k for k in state.open if k < end]:
+            state.window.absorb(state.open.pop(key))
 
     def _close_windows(self, state: FeatureState, clock: float, feature: FeatureState) -> list[dict[str, Any]]:
         cfg = self.config
         alerts: list[dict[str, Any]] = []
+        if state.window is None:
+            if not state.open or min(state.open) + cfg.window_s + cfg.lateness_s > clock:
+                return alerts
+            first = min(state.open)
+            self._join(state, first, first + cfg.window_s)
         while state.window is not None and clock >= state.window.end + cfg.lateness_s:
             w = state.window
             if w.total[REQUESTS] == 0 and state.quiet >= cfg.resolve_after and clock - w.end > cfg.max_window_s:
                 # A long silence (traffic stopped, or a replay of old events): enough empty windows have been
-                # judged to resolve what was firing; skip the rest instead of judging every empty window.
-                start = max(w.start, int((clock - cfg.lateness_s) // cfg.window_s) * cfg.window_s)
-                state.window = Window(start, start + cfg.window_s, team_id=w.team_id)
-                continue
+                # judged to resolve what was firing; skip to the next bucket with data or the clock's window.
+                start = min([int((clock - cfg.lateness_s) // cfg.window_s) * cfg.window_s, *state.open])
+                if start > w.start:
+                    state.window = Window(start, start, team_id=w.team_id)
+                    self._join(state, start, start + cfg.window_s)
+                    continue
             span = w.end - w.start
             if w.total[REQUESTS] >= cfg.min_requests or span >= cfg.max_window_s:
                 state.quiet = state.quiet + 1 if w.total[REQUESTS] == 0 else 0
                 alerts.extend(self._evaluate(state, w, feature))
-                state.window = Window(w.end, w.end + cfg.window_s, team_id=w.team_id)
+                state.window = Window(w.end, w.end, team_id=w.team_id)
+                self._join(state, w.end, w.end + cfg.window_s)
             else:
-                w.end += cfg.window_s  # too little volume yet: the window grows
+                self._join(state, w.start, w.end + cfg.window_s)  # too little volume yet: the window grows
         return alerts
 
     def _evaluate(self, state: FeatureState, w: Window, feature: FeatureState) -> list[dict[str, Any]]:
@@ -384,6 +465,8 @@ class Detector:
         minutes = (w.end - w.start) / 60.0
         slot = datetime.fromtimestamp(w.start, UTC).hour
         enough = w.total[REQUESTS] >= cfg.min_requests
+        # Per-request signals need volume, not time: a quiet feature's windows are gathered until they hold enough.
+        rw = self._volume_window(state, w)
         state.windows += 1
         values: dict[str, float | None] = {}
         alerts: list[dict[str, Any]] = []
@@ -394,20 +477,24 @@ class Detector:
             if spec.kind == "tenant":
                 alerts.extend(self._tenants(state, w, minutes))
                 continue
+            judged = w
             if spec.kind == "rate":
                 raw = (w.total[spec.num] - w.late_cost) / minutes
                 x: float | None = raw / self._season(state, slot)
+            elif rw is None:
+                x = None
             elif spec.kind == "mix":
-                x = self._mix(w, usual_models) if enough and w.total[COST] > 0 else None
+                x, judged = (self._mix(rw, usual_models) if rw.total[COST] > 0 else None), rw
             elif spec.name == "cost_per_request":
-                x = statistics.median(w.costs) if enough and w.costs else None  # one huge request moves no median
+                x, judged = (statistics.median(rw.costs) if rw.costs else None), rw  # one huge request moves no median
             else:
-                x = _ratio(w.total, spec) if enough else None
+                x, judged = _ratio(rw.total, spec), rw
             values[spec.name] = x
             parent = feature.baselines.get(spec.name) if state.model else None
             if x is not None and not (parent is not None and parent.firing is not None and
                                       state.baselines.get(spec.name, parent).firing is None):
-                alerts.extend(self._judge(state, spec, x, w, minutes))  # (one page: the feature's, if it fires)
+                # (one page: the feature's, if it fires)
+                alerts.extend(self._judge(state, spec, x, judged, (judged.end - judged.start) / 60.0))
         if enough or w.total[REQUESTS] == 0:
             self._learn_season(state, slot, (w.total[COST] - w.late_cost) / minutes)
         self._learn_dims(state, w, minutes)
@@ -419,6 +506,28 @@ class Detector:
         if self.evaluations is not None:
             self.evaluations.append(Evaluation(state.feature_id, w.start, w.end, values, state.model))
         return alerts
+
+    def _volume_window(self, state: FeatureState, w: Window) -> Window | None:
+        """The window the per-request signals judge now (None: not enough requests yet).
+
+        `w` if it holds min_requests, else the quiet feature's windows gathered since the last judgement once they
+        do (an empty window adds nothing). Gathered windows older than max_volume_window_s are dropped.
+        """
+        cfg = self.config
+        if w.total[REQUESTS] >= cfg.min_requests:
+            state.carry = None
+            return w
+        if w.total[REQUESTS] == 0:
+            return None
+        carry = state.carry
+        if carry is None or w.end - carry.start > cfg.max_volume_window_s:
+            carry = state.carry = Window(w.start, w.end, team_id=w.team_id)
+        carry.end = w.end
+        carry.absorb(w)
+        if carry.total[REQUESTS] < cfg.min_requests:
+            return None
+        state.carry = None
+        return carry
 
     # ------------------------------------------------------------------ judging one signal
     def _judge(self, state: FeatureState, spec: SignalSpec, x: float, w: Window,
@@ -647,9 +756,25 @@ class Detector:
         return max(recent)[1] if recent else ""
 
 
+def _shape(state: FeatureState) -> list[tuple[int, int, int]]:
+    """Where a feature's windows (and its feature × model sets') stand: changes when one closes or grows."""
+    return [(one.window.start, one.window.end, len(one.open)) if one.window else (0, 0, len(one.open))
+            for one in (state, *state.by_model.values())]
+
+
 def _key(state: FeatureState) -> str:
     """The detector set's name in incident keys: the feature, or feature@model for a feature × model set."""
     return f"{state.feature_id}@{state.model}" if state.model else state.feature_id
+
+
+def _upgrade(state: FeatureState) -> FeatureState:
+    """A version-1 snapshot (before buckets, the quiet-feature carry and counted ids) in today's shape."""
+    for one in (state, *state.by_model.values()):
+        one.__dict__.setdefault("open", {})
+        one.__dict__.setdefault("carry", None)
+        if one.window is not None:
+            one.window.__dict__.setdefault("ids", set())
+    return state
 
 
 def dump_state(state: FeatureState) -> bytes:
@@ -659,9 +784,9 @@ def dump_state(state: FeatureState) -> bytes:
 
 def load_state(blob: bytes) -> FeatureState:
     """Inverse of dump_state. Snapshots come only from tally's own changelog topic, never from user input."""
-    if not blob or blob[0] != STATE_VERSION:
+    if not blob or blob[0] not in (1, STATE_VERSION):
         raise ValueError(f"detector snapshot version {blob[:1]!r} is not {STATE_VERSION}")
     state = pickle.loads(blob[1:])  # noqa: S301 - written by this module into tally's internal changelog only
     if not isinstance(state, FeatureState):
         raise ValueError("a detector snapshot must hold a FeatureState")
-    return state
+    return _upgrade(state) if blob[0] == 1 else state

@@ -14,8 +14,9 @@ Vocabulary
 
 Event time: each input partition has a clock, the largest event timestamp seen on it, capped at the injected wall
 clock plus `future_tolerance_ms` (on every batch and when the clock is rebuilt from the durable state), so no single
-event can carry it into the future. When a partition receives no input for `idle` seconds of wall time, its clock runs
-on with wall time, so the last requests of a quiet partition are still emitted.
+event can carry it into the future. When a partition is caught up (nothing left to read) and receives no input for
+`idle` seconds of wall time after its last batch finished, its clock runs on with wall time, so the last requests of a
+quiet partition are still emitted; a backlog or a slow batch never moves it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from streams.positions import is_position_key
+from streams.positions import is_meta_key
 from streams.records import TOKEN_CLASSES
 from tally.partitioning import partition_for
 
@@ -308,7 +309,7 @@ class Folder:
         clock = _Clock(input_wall=wall)
         horizon = self._horizon(wall)
         for key, raw in list(state.items()):
-            if raw is None or is_position_key(key) or partition_for(key.decode(), self.partitions) != partition:
+            if raw is None or is_meta_key(key) or partition_for(key.decode(), self.partitions) != partition:
                 continue
             entry = Entry.load(raw)
             heap.append((entry.due_ms, key))
@@ -346,9 +347,20 @@ class Folder:
             self._sweep(heap, clock.now_ms, state, out, emitted_at)
         return out
 
+    def finished(self, partitions: Iterable[int], wall: float) -> None:
+        """A batch of these partitions is done at `wall`: their silence is measured from here, not its start."""
+        for partition in partitions:
+            clock = self.clocks.get(partition)
+            if clock is not None:
+                clock.input_wall = max(clock.input_wall, wall)
+
     def tick(self, partitions: Iterable[int], state: Mapping[bytes, bytes], wall: float,
              emitted_at: datetime) -> FoldResult:
-        """Advance the clocks of idle partitions with wall time and make the decisions that fall due."""
+        """Advance the clocks of silent partitions with wall time and make the decisions that fall due.
+
+        The caller passes only partitions that are caught up (nothing left to read) and silent; a partition behind
+        its input (a backlog, a replay, a slow batch) never has its clock moved by wall time.
+        """
         out = FoldResult()
         for partition in partitions:
             heap = self._index(partition, state, wall)

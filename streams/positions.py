@@ -15,6 +15,25 @@ log = logging.getLogger(__name__)
 POSITION_PREFIX = b"\x00position:"
 
 
+# A detect-state entry holding a requests partition's watermarks (streams.watermarks), beside its position.
+WATERMARKS_PREFIX = b"\x00watermarks:"
+
+
+def watermarks_key(partition: int) -> bytes:
+    """The state-table key that holds the watermarks seen on one requests partition."""
+    return WATERMARKS_PREFIX + str(partition).encode()
+
+
+def is_meta_key(key: bytes) -> bool:
+    """True for an entry about a partition (its position, its watermarks), not a logical request's or feature's."""
+    return key.startswith(b"\x00")
+
+
+def meta_partition(key: bytes) -> int:
+    """The partition a meta entry (position, watermarks) covers: it lives on that changelog partition."""
+    return int(key.rsplit(b":", 1)[1])
+
+
 def position_key(partition: int) -> bytes:
     """The state-table key that holds the position of one input partition."""
     return POSITION_PREFIX + str(partition).encode()

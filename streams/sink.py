@@ -33,6 +33,7 @@ from streams.records import (
     Source,
     encode_record,
 )
+from streams.watermarks import is_watermark
 from tally.errors import SinkGaveUp, SinkRefused, StoreError
 from tally.store import Store
 
@@ -100,10 +101,15 @@ def decode_rows(value: bytes, source: Source, shape: RowShape = ATTEMPT_ROWS
 
 def decode_batch(messages: Sequence[tuple[bytes | None, Source]], shape: RowShape = ATTEMPT_ROWS
                  ) -> tuple[list[dict[str, Any]], dict[int, list[bytes]]]:
-    """Decode a batch of messages: rows to insert, and dead-letter lines keyed by partition."""
+    """Decode a batch of messages: rows to insert, and dead-letter lines keyed by partition.
+
+    Watermark messages (streams.watermarks, on the requests topic) are the detectors' and are passed over.
+    """
     rows: list[dict[str, Any]] = []
     dead: dict[int, list[bytes]] = {}
     for value, source in messages:
+        if is_watermark(value):
+            continue
         ok, bad = decode_rows(value or b"", source, shape)
         rows.extend(ok)
         if bad:

@@ -128,13 +128,13 @@ class Settings:
     # Detect (process role, event time, seconds): windows of `detect_window_s`, closed `detect_lateness_s` after
     # their end and grown until they hold `detect_min_requests`; a signal pages only after
     # `detect_warmup_windows` windows. A feature's detector snapshot is written at most every `detect_snapshot_s`
-    # of wall time; a requests partition idle for `detect_idle_s` lets its clock run on with wall time.
+    # of wall time. The detectors' clocks are the process role's watermarks (streams.watermarks), which wall time
+    # moves only for a caught-up input partition silent for `fold_idle_s`.
     detect_window_s: int = 60
     detect_lateness_s: int = 60
     detect_min_requests: int = 20
     detect_warmup_windows: int = 30
     detect_snapshot_s: float = 5.0
-    detect_idle_s: float = 10.0
     # Budgets (sink role): evaluated every `budget_interval_s`; the burn rate is the spend of the last
     # `budget_window_s` seconds.
     budget_interval_s: float = 10.0
@@ -247,7 +247,7 @@ class Settings:
         for name in ("fold_settle_s", "fold_inactivity_s", "fold_grace_s", "fold_idle_s"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("detect_window_s", "detect_min_requests", "detect_snapshot_s", "detect_idle_s"):
+        for name in ("detect_window_s", "detect_min_requests", "detect_snapshot_s"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be positive, got {getattr(self, name)}")
         for name in ("detect_lateness_s", "detect_warmup_windows"):

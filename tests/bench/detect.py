@@ -32,6 +32,7 @@ from streams.fold import FoldConfig, Folder, apply_writes
 from streams.pipeline import FoldStep, process_messages
 from streams.records import Source
 from streams.validate import Validator
+from streams.watermarks import InputProgress
 from tally.reference import snapshot_of
 from tally.sdk.batching import pack_ndjson, partition_of_line
 from tests.bench.common import reference_docs
@@ -84,11 +85,25 @@ def scenario(start: datetime, days: float, seed: int) -> tuple[Profile, list[Inc
     return Profile(seasonality=0.5, growth_per_day=0.15, incidents=tuple(incidents), one_offs=one_offs), incidents
 
 
-def logical_requests(gen: TrafficGenerator, until: datetime, chunk: int = 4000) -> Iterator[tuple[int, list[Any]]]:
-    """The generator's traffic through validate → enrich → fold: (requests partition, decoded rows) per chunk."""
+# What the detectors read from one requests partition: decoded request rows, or a watermark message's marks.
+Item = tuple[int, list[Any], dict[int, int] | None]
+
+
+# Lines per process batch: about two minutes of event time at the default rate, like a caught-up worker's batches.
+CHUNK = 500
+
+
+def logical_requests(gen: TrafficGenerator, until: datetime, chunk: int = CHUNK) -> Iterator[Item]:
+    """The generator's traffic through validate → enrich → fold, as the requests topic carries it.
+
+    Per chunk: (requests partition, decoded rows, None) for its requests, then (requests partition, [], marks) for
+    each requests partition: the input partitions' watermarks after the chunk (streams.watermarks, rule 1).
+    """
     validator = Validator()
     refs = snapshot_of(reference_docs())
-    folder = Folder(FoldConfig(), PARTITIONS)
+    config = FoldConfig()
+    folder = Folder(config, PARTITIONS)
+    progress = InputProgress(settle_ms=config.settle_ms, idle_s=config.idle_s)
     state: dict[bytes, bytes] = {}
     step = FoldStep(folder, state, PARTITIONS)
     offset = 0
@@ -107,7 +122,10 @@ def logical_requests(gen: TrafficGenerator, until: datetime, chunk: int = 4000) 
         out = process_messages(batch, validator, refs, PARTITIONS, datetime.now(UTC), step, time.time())
         apply_writes(state, out.fold_writes)
         for p, encoded in out.requests.items():
-            yield p, [orjson.loads(b) for b in encoded]
+            yield p, [orjson.loads(b) for b in encoded], None
+        if progress.after_batch(by_partition, {p: c.now_ms for p, c in folder.clocks.items()}, time.time()):
+            for p in range(PARTITIONS):
+                yield p, [], dict(progress.marks)
 
 
 _KEEP = ("revision", "sign", "feature_id", "team_id", "tenant_id", "endpoint", "deploy_version", "final_model",
@@ -115,21 +133,22 @@ _KEEP = ("revision", "sign", "feature_id", "team_id", "tenant_id", "endpoint", "
          "cache_write_1h_tokens", "output_tokens", "reasoning_tokens", "retries", "fallbacks")
 
 
-def cached_requests(gen: TrafficGenerator, until: datetime, cache: Path | None) -> Iterator[tuple[int, list[Any]]]:
+def cached_requests(gen: TrafficGenerator, until: datetime, cache: Path | None) -> Iterator[Item]:
     """logical_requests(), trimmed to what the detectors read; replayed from `cache` when that file exists."""
     if cache is not None and cache.exists():
         with cache.open("rb") as fh:
             for line in fh:
-                p, rows = orjson.loads(line)
-                yield p, rows
+                p, rows, marks = orjson.loads(line)
+                yield p, rows, {int(k): v for k, v in marks.items()} if marks is not None else None
         return
     out = cache.open("wb") if cache is not None else None
     try:
-        for p, rows in logical_requests(gen, until):
+        for p, rows, marks in logical_requests(gen, until):
             trimmed = [{k: r[k] for k in _KEEP} for r in rows]
             if out is not None:
-                out.write(orjson.dumps([p, trimmed]) + b"\n")
-            yield p, trimmed
+                out.write(orjson.dumps([p, trimmed, {str(k): v for k, v in marks.items()} if marks else None])
+                          + b"\n")
+            yield p, trimmed, marks
     finally:
         if out is not None:
             out.close()
@@ -176,10 +195,10 @@ def detect_stream(days: float, rate: float, seed: int, cache: Path | None
     last_seed_alert: dict[str, datetime] = {}
     opened: set[str] = set()
     requests = 0
-    for partition, rows in cached_requests(gen, start + timedelta(days=days), cache):
+    for partition, rows, marks in cached_requests(gen, start + timedelta(days=days), cache):
         requests += len(rows)
-        replayed_at = max((datetime.fromisoformat(r["last_ts"]).timestamp() for r in rows), default=0.0)
-        for a in detector.observe(rows, partition, replayed_at):  # a replay, as if live: the wall clock = its events
+        detector.observe(rows, partition)
+        for a in detector.watermark(partition, marks, PARTITIONS) if marks is not None else []:
             if a["state"] == "firing" and a["incident_id"] not in opened:
                 opened.add(a["incident_id"])
                 ours.pages.append((a["feature_id"], datetime.fromisoformat(a["detected_at"]), a["incident_id"]))
@@ -206,7 +225,8 @@ def run(days: float, rate: float, seeds: list[int], tolerance_min: float, cache:
     requests = 0
     started = time.monotonic()
     for seed in seeds:
-        seed_cache = cache.with_name(f"{cache.stem}-{seed}-{days:g}d-{rate:g}{cache.suffix}") if cache else None
+        name = f"{cache.stem}-{seed}-{days:g}d-{rate:g}-wm{CHUNK}{cache.suffix}" if cache else ""
+        seed_cache = cache.with_name(name) if cache else None
         found, mine, seeds_own, n = detect_stream(days, rate, seed, seed_cache)
         requests += n
         incidents += [dataclasses.replace(i, feature_id=f"{seed}/{i.feature_id}") for i in found]

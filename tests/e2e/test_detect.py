@@ -31,7 +31,7 @@ def firing(stack: Stack) -> list[dict[str, Any]]:
 def test_an_injected_retry_storm_pages_and_lands_in_anomalies(stack, tmp_path):
     # Short windows so that the detectors warm up on ten minutes of event time published at once.
     stack = Stack(dataclasses.replace(stack.settings, detect_window_s=10, detect_lateness_s=5,
-                                      detect_min_requests=10, detect_warmup_windows=12, detect_idle_s=2.0))
+                                      detect_min_requests=10, detect_warmup_windows=12))
     stack.tally("up", timeout=180)
     stack.tally("reference", "load", *map(str, REFERENCE_FILES))
     now = datetime.now(UTC)

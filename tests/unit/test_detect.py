@@ -35,14 +35,17 @@ def stream(minutes: int, per_minute: int = 30, shape: Shape = normal, start: dat
 
 
 def feed(detector: Detector, rows: Iterator[dict[str, Any]], per_batch: int = 50) -> list[dict[str, Any]]:
+    """One source, in order: each batch's rows, then a watermark at its latest row (what a live partition sends)."""
     alerts: list[dict[str, Any]] = []
     batch: list[dict[str, Any]] = []
     for row in rows:
         batch.append(row)
         if len(batch) == per_batch:
-            alerts += detector.observe(batch, 0, live(batch))
+            detector.observe(batch, 0)
+            alerts += detector.advance(0, live(batch))
             batch = []
-    return alerts + detector.observe(batch, 0, live(batch))
+    detector.observe(batch, 0)
+    return alerts + detector.advance(0, live(batch))
 
 
 def live(rows: list[dict[str, Any]]) -> float:
@@ -129,7 +132,7 @@ def test_a_restored_snapshot_continues_with_the_same_scores() -> None:
     alerts = feed(first, iter(rows[:1500]))
     snapshots = first.take_dirty()
     second = Detector(CONFIG)
-    second.restore(snapshots, {fid: 0 for fid in snapshots}, live(rows[:1500]))
+    second.restore(snapshots, {fid: 0 for fid in snapshots})
     second.clocks = dict(first.clocks)
     alerts += feed(second, iter(rows[1500:]))
     assert alerts == expected and expected
@@ -148,7 +151,7 @@ def test_a_replayed_batch_raises_the_same_incident() -> None:
     clocks = dict(d.clocks)
     first = feed(d, iter(rows[1950:]))
     again = Detector(CONFIG)
-    again.restore(snapshot, {fid: 0 for fid in snapshot}, live(rows[:1950]))
+    again.restore(snapshot, {fid: 0 for fid in snapshot})
     again.clocks = clocks
     second = feed(again, iter(rows[1950:]))
     assert first and [a["incident_key"] for a in first] == [a["incident_key"] for a in second]
@@ -157,15 +160,14 @@ def test_a_replayed_batch_raises_the_same_incident() -> None:
 
 def test_a_row_stamped_far_in_the_future_does_not_silence_its_partition() -> None:
     # Issue 11: one request stamped 2099-06-01 used to carry the partition's clock there: every window of every
-    # feature on the partition jumped to 2099 and nothing alerted any more. Its time is now capped at the wall clock.
+    # feature on the partition jumped to 2099 and nothing alerted any more. Rows no longer move clocks at all.
     d = Detector(CONFIG)
     assert feed(d, stream(60)) == []
     wall = T0 + timedelta(minutes=60)
+    clock = d.clocks[0]
     ahead = request_row(wall + timedelta(days=26_000), feature_id="clock_skewed_feature")  # decades ahead
-    assert d.observe([ahead], 0, wall.timestamp()) == []
-    assert d.clocks[0] == wall.timestamp()
-    window = d.features["clock_skewed_feature"].window
-    assert window is not None and window.start <= wall.timestamp() < window.end
+    d.observe([ahead], 0)
+    assert d.clocks[0] == clock and d.advance(0, clock) == []
     fired = feed(d, stream(10, shape=storm, start=wall))
     assert [(a["signal"], a["state"]) for a in fired] == [("retry_rate", "firing")]
 
@@ -176,14 +178,15 @@ def test_a_snapshot_with_a_window_in_the_future_is_repaired_on_restore() -> None
     before = Detector(CONFIG)
     feed(before, stream(60))
     ahead = T0 + timedelta(days=26_000)  # decades past the injected clock
-    before.observe([request_row(ahead)], 0, ahead.timestamp())  # what an uncapped clock did
+    before.observe([request_row(ahead)], 0)
+    before.advance(0, ahead.timestamp() + 200)  # what an uncapped clock did: the window opened in 2099
     snapshots = before.take_dirty()
     wall = T0 + timedelta(minutes=60)
     d = Detector(CONFIG)
-    d.restore(snapshots, {fid: 0 for fid in snapshots}, wall.timestamp())
+    d.restore(snapshots, {fid: 0 for fid in snapshots}, now=wall.timestamp())
     window = d.features["summarize_email_v2"].window
     assert window is not None and window.start <= wall.timestamp() < window.end
-    assert d.clocks[0] <= wall.timestamp() and "summarize_email_v2" in d.take_dirty()
+    assert d.clocks.get(0, 0.0) <= wall.timestamp() and "summarize_email_v2" in d.take_dirty()
     fired = feed(d, stream(10, shape=storm, start=wall))
     assert [(a["signal"], a["state"]) for a in fired] == [("retry_rate", "firing")]
 
@@ -192,15 +195,17 @@ def test_revisions_are_counted_once() -> None:
     d = Detector(CONFIG)
     d.evaluations = []
     row = request_row(T0)
-    d.observe([row, {**row, "revision": 2}, {**row, "revision": 1, "sign": -1}], 0, T0.timestamp())
+    d.observe([row, {**row, "revision": 2}, {**row, "revision": 1, "sign": -1}, row], 0)
     state = d.features["summarize_email_v2"]
-    assert state.window is not None and state.window.total[0] == 1
+    assert sum(w.requests for w in state.open.values()) == 1 and d.duplicate_rows == 1
 
 
 def test_a_batch_spanning_windows_closes_them_in_order() -> None:
     d = Detector(DetectConfig(warmup_windows=1, min_requests=1))
     d.evaluations = []
-    d.observe(list(stream(5, per_minute=10)), 0, (T0 + timedelta(minutes=5)).timestamp())
+    rows = list(stream(5, per_minute=10))
+    d.observe(rows, 0)
+    d.advance(0, live(rows))  # 4 min 54 s
     closed = [e for e in d.evaluations if not e.model]
     assert [(e.end - e.start) for e in closed] == [60, 60, 60]  # minutes 0-2 closed (lateness 60 s)
 
@@ -209,8 +214,8 @@ def test_an_idle_partition_advances_and_closes_its_windows() -> None:
     d = Detector(DetectConfig(warmup_windows=1, min_requests=1))
     d.evaluations = []
     rows = list(stream(1, per_minute=10))
-    d.observe(rows, 0, live(rows))
-    assert d.evaluations == []
+    d.observe(rows, 0)
+    assert d.advance(0, live(rows)) == [] and d.evaluations == []
     d.advance(0, (T0 + timedelta(minutes=30)).timestamp())
     spent = sum(float(r["cost_total_usd"]) for r in rows)
     closed = [e for e in d.evaluations if not e.model]
@@ -220,7 +225,7 @@ def test_an_idle_partition_advances_and_closes_its_windows() -> None:
 
 def test_snapshots_refuse_a_foreign_version() -> None:
     d = Detector(CONFIG)
-    d.observe([request_row(T0)], 0, T0.timestamp())
+    d.observe([request_row(T0)], 0)
     blob = d.take_dirty()["summarize_email_v2"]
     assert load_state(blob).feature_id == "summarize_email_v2"
     assert load_state(dump_state(load_state(blob))).by_model.keys() == {"gpt-4.1"}
@@ -258,7 +263,7 @@ def test_a_model_with_a_minority_share_has_its_own_detectors() -> None:
 
 def test_a_silent_hour_in_the_daily_profile_divides_nothing_by_zero() -> None:
     d = Detector(DetectConfig(warmup_windows=1, min_requests=1, seasonal_min_samples=0))
-    d.observe([request_row(T0)], 0, T0.timestamp())
+    d.observe([request_row(T0)], 0)
     d.features["summarize_email_v2"].season = [0.0] * 24  # learned from hours with no spend at all
     d.evaluations = []
     d.advance(0, (T0 + timedelta(days=2)).timestamp())  # two idle days: windows of zero spend
@@ -269,10 +274,10 @@ def test_a_long_silence_is_skipped_after_the_empty_windows_that_resolve() -> Non
     cfg = DetectConfig(warmup_windows=1, min_requests=1)
     d = Detector(cfg)
     d.evaluations = []
-    d.observe(list(stream(1, per_minute=10)), 0, (T0 + timedelta(minutes=1)).timestamp())
+    d.observe(list(stream(1, per_minute=10)), 0)
     d.advance(0, (T0 + timedelta(days=14)).timestamp())  # old events replayed: two weeks of silence since
     closed = [e for e in d.evaluations if not e.model]
     # the window with traffic, then resolve_after empty 15-minute windows: not 1,344 of them
     assert len(closed) == 1 + cfg.resolve_after
-    d.observe([request_row(T0 + timedelta(days=14, seconds=5))], 0, (T0 + timedelta(days=14, seconds=5)).timestamp())
+    d.observe([request_row(T0 + timedelta(days=14, seconds=5))], 0)
     assert d.features["summarize_email_v2"].window.start >= (T0 + timedelta(days=14, minutes=-2)).timestamp()
