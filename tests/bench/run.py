@@ -29,7 +29,7 @@ import orjson
 from ops.kafka_local import LocalKafka, ensure_topics
 from tally.config import Settings
 from tally.errors import KafkaLocalError
-from tests.bench import baselines, pipeline, profile, stages
+from tests.bench import baselines, eos, pipeline, profile, stages
 from tests.bench.common import EventPool, publish_batches, publish_singles
 from tests.conftest import free_ports
 
@@ -58,8 +58,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample-every", type=int, default=200)
     p.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                    help="py-spy the worker (sink worker when split) for this long in each pipeline run")
+    p.add_argument("--eos-sizes", default="1,100,1000,10000",
+                   help="eos: input events per batch, comma-separated (one run of both protocols per size)")
+    p.add_argument("--eos-seconds", type=float, default=6.0,
+                   help="eos: seconds of back-to-back batches per protocol per size")
+    p.add_argument("--eos-max-batches", type=int, default=1500, help="eos: at most this many batches per protocol "
+                   "per size")
     p.add_argument("--only", default="stages,baselines,pipeline,split,latency",
-                   help="comma-separated subset of: stages,baselines,pipeline,split,latency")
+                   help="comma-separated subset of: stages,baselines,pipeline,split,latency,eos (eos: the process "
+                        "role's commit protocol, tally's positions vs Kafka transactions; not in the default)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, profiles)")
     return p.parse_args(argv)
 
@@ -247,6 +254,9 @@ def _table(results: dict[str, Any]) -> str:
                      f"startup→first rows {_fmt(_get(results, name, 'first_rows_s'), ' s')}"))
     for name in ("latency", "latency_low"):
         rows += _latency_rows(results.get(name) or {})
+    if isinstance(results.get("eos"), dict):
+        rows += eos.rows(results["eos"]) if "error" not in results["eos"] else [
+            ("7 eos", "—", "ERROR: " + str(results["eos"]["error"])[:80])]
     for name in ("pipeline_batch_all", "pipeline_batch_all_alt", "pipeline_single_all", "pipeline_batch_split",
                  "latency", "latency_low"):
         rss = _get(results, name, "peak_rss_mib")
@@ -277,8 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tally bench: temp dir {root}; load {results['host']}", flush=True)
     broker: LocalKafka | None = None
     try:
-        pool = EventPool(args.pool, args.partitions)
-        print(f"   event pool: {len(pool):,} generated events", flush=True)
+        if only - {"eos"}:  # the eos section writes synthetic lines: no generated events
+            pool = EventPool(args.pool, args.partitions)
+            print(f"   event pool: {len(pool):,} generated events", flush=True)
         if "stages" in only:
             _step(results, "stages", lambda: stages.measure_stages(pool, args.stage_events, args.partitions))
             _step(results, "sink_stages", lambda: stages.measure_sink(pool, args.stage_events, args.partitions))
@@ -313,6 +324,12 @@ def main(argv: list[str] | None = None) -> int:
                     _step(results, "latency_low", lambda: pipeline.latency(
                         base, root, pool, args.latency_low_rate, args.latency_low_seconds,
                         max(1, args.sample_every // 5), first_event=0))
+            if "eos" in only:
+                sizes = [int(n) for n in args.eos_sizes.split(",")]
+                value = _step(results, "eos", lambda: eos.measure(base.kafka_bootstrap, sizes, args.eos_seconds,
+                                                                  args.eos_max_batches))
+                if "error" not in value:
+                    print(eos.render(value), flush=True)
     except KeyboardInterrupt:
         print("interrupted; cleaning up", file=sys.stderr, flush=True)
         results["interrupted"] = True
