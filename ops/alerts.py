@@ -3,17 +3,34 @@
 Input: NDJSON alert records (one or more per Kafka message), keyed by `incident_key` so that the records of one
 incident stay in order on one partition. A malformed line is logged with topic[partition]@offset and skipped.
 
-Protocol, per consumed batch (at-least-once delivery, one page per open incident):
-  1. Decide: each record goes through `decide` against the open-incident table (in memory).
-  2. Deliver: every sink gets the batch's notifications in order; a retryable failure (connection error, HTTP 5xx
-     or 429) is retried with exponential backoff until it succeeds or `stop` is set; a permanent failure (any other
-     4xx) is logged and that notification is skipped for that sink.
-  3. Write the incident table to `<data_dir>/alerts/incidents.json` atomically (temp file, fsync, os.replace).
-  4. Commit the batch's offsets. Nothing is committed while a retryable delivery is still failing.
-A restart reloads the table and resumes from the committed offsets, so a page is neither lost nor repeated, except:
-a crash between step 2 and step 3 replays the batch and re-sends its notifications. PagerDuty absorbs that through
-the dedup_key (the incident key); Slack, the webhook and stdout may show it twice. The table is local: run one
-`tally alerts` process per consumer group.
+The table, `<data_dir>/alerts/incidents.json`, holds three things written together in one atomic write (temp file,
+fsync, os.replace, fsync of the directory): the open incidents, the input position (topic and partition → the next
+offset to read) and the outbox (each decided notification with the sinks that have not answered it yet). Kafka's
+committed offsets are a lag hint only: a restart reads from the stored position.
+
+Protocol (each sink gets each decided notification once; a crash costs at most the one a sink was answering):
+  1. Start: load the table. Deliver what is left in its outbox (step 4) before consuming anything. Subscribe; on
+     every assignment, seek each partition to its stored position (none stored: the committed offset, else the
+     earliest retained alert).
+  2. Decide: each record of the batch goes through `decide` against the table in memory; the notifications go to
+     the outbox, each pending for every configured sink.
+     Crash here: nothing of the batch was written; a restart reads it again from the stored position and decides it
+     against the same table. Nothing was sent, so nothing is sent twice.
+  3. Save: the table, the batch's next offsets and the outbox, in one atomic write (failpoint alerts.after_save).
+     Crash after it: the restart delivers the whole outbox, then reads past the batch. Nothing is sent twice.
+  4. Deliver: each sink gets the outbox in order. After each answer (delivered, or a permanent failure: any 4xx
+     but 429, logged and skipped for that sink) the notification is marked for that sink and the table is written
+     again: about 10 ms per answer on a small VM disk (two fsyncs), so alerts are fine and 100 notifications to 4
+     sinks take ~4 s. A retryable failure (connection error, HTTP 5xx or 429) stops that sink's queue and is
+     retried with exponential backoff until it succeeds or `stop` is set (the rest of the outbox stays saved).
+     Crash between a sink's answer and its mark (failpoint alerts.in_flight): the restart sends that one
+     notification to that sink again, with the same dedup_key (PagerDuty absorbs it; Slack, the webhook and stdout
+     show it twice). Crash after a mark (alerts.mid_batch after the batch's first): only the rest is sent. A sink's
+     queue is marked in order, so a trigger is never sent again once its resolve was delivered.
+  5. Commit the batch's offsets to Kafka, for lag monitoring (failpoint alerts.after_delivery just before it).
+     Crash before it, or a failed commit: nothing is sent again; the committed offsets lag until the next batch.
+The table is local: run one `tally alerts` process per consumer group. Deleting it forgets the open incidents, the
+position and the outbox: the consumer then resumes from its committed offsets.
 """
 
 from __future__ import annotations
@@ -30,6 +47,7 @@ import re
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
@@ -49,7 +67,7 @@ from tally.failpoints import Failpoints
 log = logging.getLogger("tally.alerts")
 
 ALERT_VERSION = 1
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2 adds the input position and the outbox; a version 1 file still loads
 SINKS = ("stdout", "pagerduty", "slack", "webhook")
 DEFAULT_PAGERDUTY_URL = "https://events.pagerduty.com/v2/enqueue"
 DEFAULT_RENOTIFY_S = 1800.0
@@ -508,44 +526,115 @@ def build_sinks(config: AlertsConfig) -> list[Sink]:
     return sinks
 
 
-# ---------------------------------------------------------------- durable incident table
+# ---------------------------------------------------------------- durable incident table, position and outbox
 
 
 def state_path(settings: Settings) -> Path:
-    """Where the open-incident table lives."""
+    """Where the open-incident table (with the input position and the outbox) lives."""
     return settings.data_dir / "alerts" / "incidents.json"
+
+
+@dataclass
+class OutboxEntry:
+    """A decided notification and the sinks that have not yet answered it (delivered, or rejected for good)."""
+
+    action: Action
+    reason: Reason
+    severity: str
+    record: Mapping[str, Any]  # the alert record as received (numbers as Decimal): the notification is rebuilt
+    pending: list[str]  # sink names, in the configured order
+    source: str = ""  # topic[partition]@offset line n, for the logs
+
+    @classmethod
+    def of(cls, note: Notification, sinks: Sequence[str], source: str = "") -> OutboxEntry:
+        return cls(note.action, note.reason, note.severity, note.alert.record, list(sinks), source)
+
+    def notification(self) -> Notification:
+        return Notification(self.action, self.reason, self.severity, parse_alert(self.record))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"action": self.action, "reason": self.reason, "severity": self.severity, "record": self.record,
+                "pending": list(self.pending), "source": self.source}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> OutboxEntry:
+        entry = cls(obj["action"], obj["reason"], obj["severity"], obj["record"],
+                    [str(name) for name in obj["pending"]], str(obj.get("source", "")))
+        if entry.action not in ("trigger", "renotify", "resolve") or not isinstance(entry.record, Mapping):
+            raise ValueError(f"bad outbox entry {entry.action!r}")
+        entry.notification()  # the record still parses
+        return entry
+
+
+@dataclass
+class AlertState:
+    """What `incidents.json` holds, all of it written in one atomic write.
+
+    The open incidents, the input position (topic and partition → the next offset to read) and the outbox (decided
+    notifications that some sink has not answered yet).
+    """
+
+    incidents: dict[str, Incident] = field(default_factory=dict)
+    positions: dict[tuple[str, int], int] = field(default_factory=dict)
+    outbox: list[OutboxEntry] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        positions: dict[str, dict[str, int]] = {}
+        for (topic, partition), offset in sorted(self.positions.items()):
+            positions.setdefault(topic, {})[str(partition)] = offset
+        return {"state_version": STATE_VERSION,
+                "incidents": {key: self.incidents[key].to_json() for key in sorted(self.incidents)},
+                "positions": positions,
+                "outbox": [entry.to_json() for entry in self.outbox if entry.pending]}
+
+
+def load_state(path: Path) -> AlertState:
+    """The state saved at `path` (empty when the file does not exist); AlertStateError if unreadable.
+
+    A version 1 file (incidents only, from before the position and the outbox were stored) loads with neither.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return AlertState()
+    except OSError as exc:
+        raise AlertStateError(f"cannot read the incident table {path}: {exc}") from exc
+    try:
+        # Numbers with a fraction become Decimal, as decode_line reads them: an outbox record comes back exact.
+        doc = json.loads(raw, parse_float=Decimal, parse_constant=_reject_constant)
+        version = doc.get("state_version")
+        if type(version) is not int or version not in (1, STATE_VERSION):
+            raise ValueError(f"state_version is {version!r}, expected 1 or {STATE_VERSION}")
+        state = AlertState({key: Incident.from_json(value) for key, value in doc["incidents"].items()})
+        if version >= 2:
+            for topic, offsets in doc["positions"].items():
+                for partition, offset in offsets.items():
+                    if type(offset) is not int or offset < 0:
+                        raise ValueError(f"position {topic}[{partition}] is {offset!r}")
+                    state.positions[(topic, int(partition))] = offset
+            state.outbox = [OutboxEntry.from_json(entry) for entry in doc["outbox"]]
+        return state
+    except (ValueError, KeyError, TypeError, AttributeError, MalformedAlert) as exc:
+        raise AlertStateError(
+            f"the incident table {path} is corrupt ({exc}); fix it, or delete it to forget every open incident, "
+            "the input position and any undelivered notification (their resolves will then be ignored, a firing "
+            "record pages again, and the consumer resumes from its committed offsets)"
+        ) from exc
 
 
 def load_incidents(path: Path) -> dict[str, Incident]:
     """The open incidents saved at `path` (none when the file does not exist); AlertStateError if unreadable."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise AlertStateError(f"cannot read the incident table {path}: {exc}") from exc
-    try:
-        doc = orjson.loads(raw)
-        if doc.get("state_version") != STATE_VERSION:
-            raise ValueError(f"state_version is {doc.get('state_version')!r}, expected {STATE_VERSION}")
-        return {key: Incident.from_json(value) for key, value in doc["incidents"].items()}
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise AlertStateError(
-            f"the incident table {path} is corrupt ({exc}); fix it, or delete it to forget every open incident "
-            "(their resolves will then be ignored and a firing record pages again)"
-        ) from exc
+    return load_state(path).incidents
 
 
-def save_incidents(path: Path, incidents: Mapping[str, Incident]) -> None:
-    """Write the open incidents to `path` atomically: a temp file in the same directory, fsync, os.replace."""
-    doc = {"state_version": STATE_VERSION,
-           "incidents": {key: incidents[key].to_json() for key in sorted(incidents)}}
+def save_state(path: Path, state: AlertState) -> None:
+    """Write the state to `path` atomically: a temp file in the same directory, fsync, os.replace, fsync the dir."""
     tmp_name = ""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=".incidents.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
+            fh.write(orjson.dumps(state.to_json(), default=_json_default, option=orjson.OPT_INDENT_2))
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
@@ -555,7 +644,7 @@ def save_incidents(path: Path, incidents: Mapping[str, Incident]) -> None:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    except OSError as exc:
+    except (OSError, TypeError) as exc:
         raise AlertStateError(f"cannot write the incident table {path}: {exc}") from exc
     finally:
         if tmp_name:
@@ -579,53 +668,82 @@ class AlertsStats:
     rejected: dict[str, int] = field(default_factory=dict)  # permanent failures, by sink
     retries: int = 0
     commits: int = 0
+    recovered: int = 0  # notifications found in the outbox at start (decided by an earlier run, not all delivered)
+    saves: int = 0  # atomic writes of the incident table
+    save_seconds: float = 0.0  # their total time (write, fsync, rename, fsync of the directory)
     open_incidents: int = 0  # in the saved table when the run ended
 
 
-def deliver(notes: Sequence[Notification], sinks: Sequence[Sink], config: AlertsConfig, stop: threading.Event,
-            stats: AlertsStats) -> bool:
-    """Deliver every notification to every sink, in order per sink; True when done, False if `stop` came first.
+class Pager:
+    """The table, its file and the sinks: saves, and delivers the outbox one recorded notification at a time."""
 
-    A retryable failure stops that sink's queue (order is kept) and is retried with exponential backoff, from
-    `retry_initial_s` doubling to `retry_max_s` (or the server's Retry-After, within that bound), for as long as it
-    takes; the other sinks go on meanwhile. A permanent failure is logged and that notification skipped.
-    """
-    pending = {sink.name: list(notes) for sink in sinks}
-    delay = config.retry_initial_s
-    while True:
-        wait = 0.0
-        for sink in sinks:
-            queue = pending[sink.name]
-            while queue:
-                note = queue[0]
-                try:
-                    sink.send(note)
-                except DeliveryError as exc:
-                    if exc.retryable:
-                        stats.retries += 1
-                        this_wait = min(max(delay, exc.retry_after or 0.0), config.retry_max_s)
-                        wait = max(wait, this_wait)
-                        log.warning("alerts: sink %s: %s of %s failed (%s); retrying in %g s, offsets not "
-                                    "committed", sink.name, note.action, note.incident_key, exc, this_wait)
-                        break
-                    stats.rejected[sink.name] = stats.rejected.get(sink.name, 0) + 1
-                    log.error("alerts: sink %s rejected %s of %s permanently (%s): this notification is dropped "
-                              "for %s", sink.name, note.action, note.incident_key, exc, sink.name)
+    def __init__(self, path: Path, state: AlertState, sinks: Sequence[Sink], config: AlertsConfig,
+                 stats: AlertsStats, crash: Failpoints) -> None:
+        self.path, self.state, self.sinks, self.config = path, state, sinks, config
+        self.stats, self.crash = stats, crash
+
+    def save(self) -> None:
+        started = time.perf_counter()
+        self.state.outbox = [entry for entry in self.state.outbox if entry.pending]
+        save_state(self.path, self.state)
+        self.stats.saves += 1
+        self.stats.save_seconds += time.perf_counter() - started
+        self.stats.open_incidents = len(self.state.incidents)
+
+    def deliver(self, stop: threading.Event) -> bool:
+        """Deliver the outbox to every sink, in order per sink; True when it is empty, False if `stop` came first.
+
+        After each answer (delivered, or rejected for good) the notification is marked for that sink and the table
+        written, so that a crash re-sends at most the one notification a sink was answering. A retryable failure
+        stops that sink's queue (order is kept) and is retried with exponential backoff, from `retry_initial_s`
+        doubling to `retry_max_s` (or the server's Retry-After, within that bound), for as long as it takes; the
+        other sinks go on meanwhile. A permanent failure is logged and that notification skipped for that sink.
+        """
+        pending = {sink.name: [e for e in self.state.outbox if sink.name in e.pending] for sink in self.sinks}
+        notes = {id(e): e.notification() for e in self.state.outbox}
+        delay = self.config.retry_initial_s
+        answered = 0
+        while True:
+            wait = 0.0
+            for sink in self.sinks:
+                queue = pending[sink.name]
+                while queue:
+                    entry = queue[0]
+                    note = notes[id(entry)]
+                    try:
+                        sink.send(note)
+                    except DeliveryError as exc:
+                        if exc.retryable:
+                            self.stats.retries += 1
+                            this_wait = min(max(delay, exc.retry_after or 0.0), self.config.retry_max_s)
+                            wait = max(wait, this_wait)
+                            log.warning("alerts: sink %s: %s of %s failed (%s); retrying in %g s", sink.name,
+                                        note.action, note.incident_key, exc, this_wait)
+                            break
+                        self.stats.rejected[sink.name] = self.stats.rejected.get(sink.name, 0) + 1
+                        log.error("alerts: sink %s rejected %s of %s permanently (%s): this notification is "
+                                  "dropped for %s", sink.name, note.action, note.incident_key, exc, sink.name)
+                    else:
+                        self.stats.delivered[sink.name] = self.stats.delivered.get(sink.name, 0) + 1
+                        log.info("alerts: sink %s: %s %s (%s)", sink.name, note.action, note.incident_key,
+                                 note.severity)
+                    self.crash.hit("alerts.in_flight")
+                    entry.pending.remove(sink.name)
                     queue.pop(0)
-                    continue
-                stats.delivered[sink.name] = stats.delivered.get(sink.name, 0) + 1
-                log.info("alerts: sink %s: %s %s (%s)", sink.name, note.action, note.incident_key, note.severity)
-                queue.pop(0)
-        if not any(pending.values()):
-            return True
-        if stop.wait(wait):
-            return False
-        delay = min(delay * 2, config.retry_max_s)
+                    self.save()
+                    answered += 1
+                    if answered == 1:
+                        self.crash.hit("alerts.mid_batch")
+            if not any(pending.values()):
+                return True
+            if stop.wait(wait):
+                return False
+            delay = min(delay * 2, self.config.retry_max_s)
 
 
 def _decide_message(msg: Message, incidents: dict[str, Incident], config: AlertsConfig,
-                    stats: AlertsStats, now: datetime) -> list[Notification]:
-    notes: list[Notification] = []
+                    stats: AlertsStats, now: datetime) -> list[OutboxEntry]:
+    entries: list[OutboxEntry] = []
     where = f"{msg.topic()}[{msg.partition()}]@{msg.offset()}"
     for n, raw in enumerate((msg.value() or b"").split(b"\n"), start=1):
         line = raw.strip()
@@ -646,8 +764,8 @@ def _decide_message(msg: Message, incidents: dict[str, Incident], config: Alerts
             stats.suppressed += 1
         for note in got:
             stats.notifications[note.action] = stats.notifications.get(note.action, 0) + 1
-        notes.extend(got)
-    return notes
+            entries.append(OutboxEntry.of(note, config.sinks, f"{where} line {n}"))
+    return entries
 
 
 def _wall_clock() -> datetime:
@@ -660,21 +778,40 @@ def run_alerts(settings: Settings, config: AlertsConfig, stop: threading.Event |
 
     `clock` is read once per message: the "now" of `decide` (incidents opened, reminders due after renotify_s).
 
-    Consumer group `config.group_id` (default `settings.group_id("alerts")`), manual commits; a new group starts
-    at the earliest retained alert. Each batch follows the module's numbered protocol: decide, deliver, save the
-    incident table, commit. When `stop` is set while a delivery is being retried, the batch is neither saved nor
-    committed and is read again on the next start. Raises ConfigError for a bad configuration and AlertStateError
-    when the incident table cannot be read or written.
+    First the outbox an earlier run left is delivered (even with `max_messages` 0); then the consumer group
+    `config.group_id` (default `settings.group_id("alerts")`) reads from the stored position of each assigned
+    partition, else its committed offset, else the earliest retained alert. Each batch follows the module's
+    numbered protocol. When `stop` is set while a delivery is being retried, the rest of the outbox stays saved
+    and is delivered on the next start. Raises ConfigError for a bad configuration and AlertStateError when the
+    incident table cannot be read or written.
     """
     config = config.validated()
     stop = stop or threading.Event()
     crash = Failpoints(settings.failpoint)  # tests only: inert unless armed
     sinks = build_sinks(config)
     path = state_path(settings)
-    incidents = load_incidents(path)
+    state = load_state(path)
     topic = settings.topics.alerts
     group = config.group_id or settings.group_id("alerts")
-    stats = AlertsStats(open_incidents=len(incidents))
+    stats = AlertsStats(open_incidents=len(state.incidents))
+    pager = Pager(path, state, sinks, config, stats, crash)
+    if state.outbox:
+        for entry in state.outbox:
+            gone = [name for name in entry.pending if name not in config.sinks]
+            if gone:
+                log.warning("alerts: %s of %s (%s) was not delivered to %s, which is no longer configured: dropped "
+                            "for it", entry.action, entry.record.get("incident_key"), entry.source,
+                            ", ".join(gone))
+                entry.pending = [name for name in entry.pending if name in config.sinks]
+        stats.recovered = sum(1 for entry in state.outbox if entry.pending)
+        if stats.recovered:
+            log.info("alerts: %d notifications decided by the last run are not delivered to every sink yet; "
+                     "delivering them first", stats.recovered)
+        if not pager.deliver(stop):
+            log.warning("alerts: stopped while a delivery was failing; the rest of the outbox is saved and "
+                        "delivered on the next start")
+            return stats
+        pager.save()
     if max_messages is not None and max_messages <= 0:
         return stats
     consumer = Consumer({
@@ -685,19 +822,32 @@ def run_alerts(settings: Settings, config: AlertsConfig, stop: threading.Event |
         "session.timeout.ms": int(settings.session_timeout_s * 1000),
         "logger": logging.getLogger("tally.alerts.rdkafka"),
     })
-    log.info("alerts: consuming %s as group %s; sinks %s; %d open incidents in %s; renotify after %g s", topic,
-             group, ", ".join(config.sinks), len(incidents), path, config.renotify_s)
+
+    def on_assign(c: Consumer, partitions: list[TopicPartition]) -> None:
+        # The stored position wins over Kafka's committed offset (a lag hint only); without one (a new table, or a
+        # version 1 file) the committed offset applies, else the earliest retained alert.
+        for tp in partitions:
+            stored = state.positions.get((tp.topic, tp.partition))
+            if stored is not None:
+                tp.offset = stored
+        c.assign(partitions)
+        log.info("alerts: assigned %s", ", ".join(
+            f"{tp.topic}[{tp.partition}]@" + (str(tp.offset) if tp.offset >= 0 else "committed")
+            for tp in partitions) or "nothing")
+
+    log.info("alerts: consuming %s as group %s; sinks %s; %d open incidents and %d stored positions in %s; "
+             "renotify after %g s", topic, group, ", ".join(config.sinks), len(state.incidents),
+             len(state.positions), path, config.renotify_s)
     try:
-        consumer.subscribe([topic])
+        consumer.subscribe([topic], on_assign=on_assign)
         while not stop.is_set() and (max_messages is None or stats.messages < max_messages):
             want = config.batch_messages if max_messages is None else min(config.batch_messages,
                                                                            max_messages - stats.messages)
             batch = consumer.consume(num_messages=want, timeout=config.poll_timeout_s)
             if not batch:
                 continue
-            # 1. Decide.
+            # 2. Decide (step 1, the start, is above).
             offsets: dict[tuple[str, int], int] = {}
-            notes: list[Notification] = []
             for msg in batch:
                 err = msg.error()
                 if err is not None:
@@ -705,34 +855,45 @@ def run_alerts(settings: Settings, config: AlertsConfig, stop: threading.Event |
                         raise TallyError(f"alerts: the Kafka consumer failed: {err}")
                     log.warning("alerts: consumer: %s", err)
                     continue
-                stats.messages += 1
                 partition, offset = msg.partition(), msg.offset()
                 if partition is not None and offset is not None:
-                    offsets[(topic, partition)] = offset + 1
-                notes.extend(_decide_message(msg, incidents, config, stats, clock()))
-            # 2. Deliver, retrying for as long as it takes (or until stop).
-            if not deliver(notes, sinks, config, stop, stats):
-                log.warning("alerts: stopped while a delivery was failing; %d messages not committed, they are "
-                            "read again on the next start", len(offsets))
+                    tp_key = (msg.topic() or topic, partition)
+                    if offset < state.positions.get(tp_key, 0) and tp_key not in offsets:
+                        # Only when Kafka reset the offset (the stored one is past the log's end: the topic was
+                        # recreated). These are new alerts: decided, never skipped.
+                        log.warning("alerts: %s[%d] starts at offset %d, below the stored position %d: the topic "
+                                    "was recreated or truncated; reading on from there", tp_key[0], partition,
+                                    offset, state.positions[tp_key])
+                    offsets[tp_key] = offset + 1
+                stats.messages += 1
+                state.outbox.extend(_decide_message(msg, state.incidents, config, stats, clock()))
+            if not offsets:
+                continue
+            # 3. Save the decisions, the position and the outbox in one atomic write.
+            state.positions.update(offsets)
+            notes = bool(state.outbox)
+            pager.save()
+            if notes:
+                crash.hit("alerts.after_save")
+            # 4. Deliver, one recorded answer at a time, retrying for as long as it takes (or until stop).
+            if not pager.deliver(stop):
+                log.warning("alerts: stopped while a delivery was failing; the rest of the outbox is saved and "
+                            "delivered on the next start")
                 break
             if notes:
                 crash.hit("alerts.after_delivery")
-            # 3. Save the incident table (decide changes it only when it notifies).
-            if notes:
-                save_incidents(path, incidents)
-                stats.open_incidents = len(incidents)
-            # 4. Commit.
-            if offsets:
-                try:
-                    consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
-                                    asynchronous=False)
-                    stats.commits += 1
-                except KafkaException as exc:
-                    log.warning("alerts: commit failed (%s); the batch may be read again, and the incident table "
-                                "suppresses its duplicates", exc)
+            # 5. Commit: a lag hint for the group's tools; the stored position is what a restart reads from.
+            try:
+                consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                                asynchronous=False)
+                stats.commits += 1
+            except KafkaException as exc:
+                log.warning("alerts: commit failed (%s); harmless: a restart reads from the stored position", exc)
     finally:
         consumer.close()
+    saves = f"{stats.saves} table writes ({1000 * stats.save_seconds / stats.saves:.1f} ms each)" if stats.saves \
+        else "no table write"
     log.info("alerts: stopped after %d messages, %d records (%d malformed, %d suppressed); delivered %s; "
-             "%d open incidents", stats.messages, stats.records, stats.malformed, stats.suppressed,
-             stats.delivered or "nothing", stats.open_incidents)
+             "%d open incidents; %s", stats.messages, stats.records, stats.malformed, stats.suppressed,
+             stats.delivered or "nothing", stats.open_incidents, saves)
     return stats

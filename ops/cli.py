@@ -411,7 +411,7 @@ def reference_load(c: Ctx, paths: tuple[Path, ...]) -> None:
 def alerts_cmd(c: Ctx, sinks: tuple[str, ...], pagerduty_url: str | None, pagerduty_routing_key: str,
                slack_webhook_url: str, webhook_url: str, renotify_s: float, http_timeout_s: float,
                max_messages: int | None) -> None:
-    """Consume llm.cost.alerts.v1 and page: one page per open incident, reminders, resolves; commits after delivery."""
+    """Consume llm.cost.alerts.v1 and page: one page per open incident, reminders, resolves; survives a crash."""
     from ops.alerts import DEFAULT_PAGERDUTY_URL, AlertsConfig, run_alerts
 
     config = AlertsConfig(sinks=tuple(sinks), pagerduty_url=pagerduty_url or DEFAULT_PAGERDUTY_URL,

@@ -19,7 +19,12 @@ POINTS: dict[str, str] = {
     "sink.after_decode": "the sink decoded a batch; nothing is inserted",
     "sink.after_insert": "ClickHouse holds the rows; dead letters and the position are not written",
     "rebalance": "partitions are assigned and the stored positions read; the seek has not happened",
-    "alerts.after_delivery": "the alert consumer delivered a page; its offset is not committed",
+    "alerts.after_save": "the alert consumer saved a batch's decisions, its outbox and its position; nothing of it "
+                         "is delivered",
+    "alerts.in_flight": "a sink answered one notification; that answer is not yet recorded in the incident table",
+    "alerts.mid_batch": "the first notification of a batch is delivered and recorded; the rest are not",
+    "alerts.after_delivery": "the alert consumer delivered and recorded a whole batch; its offsets are not committed "
+                             "(a lag hint only)",
 }
 
 

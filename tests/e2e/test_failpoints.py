@@ -16,13 +16,14 @@ from tests.e2e.conftest import EXAMPLES, REFERENCE_FILES
 
 pytestmark = pytest.mark.e2e
 
-# The alert consumer's point is exercised by the alert consumer's own tests; these are the worker's.
+# The alert consumer's points are exercised by the alert consumer's own tests; these are the worker's.
 WORKER_POINTS = {"rebalance": 1, "process.after_decode": 2, "process.before_delivery": 2,
                  "process.after_delivery": 2, "process.mid_state": 2, "sink.after_decode": 2, "sink.after_insert": 2}
 
 
 def test_the_worker_points_are_the_named_ones():
-    assert set(WORKER_POINTS) | {"alerts.after_delivery"} == set(POINTS)
+    alerts = {"alerts.after_save", "alerts.in_flight", "alerts.mid_batch", "alerts.after_delivery"}
+    assert set(WORKER_POINTS) | alerts == set(POINTS)
 
 
 def test_a_crash_at_every_failpoint_loses_nothing(stack):

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
-from ops.alerts import AlertsConfig, AlertsStats, dumps, load_incidents, run_alerts, state_path
+from ops.alerts import AlertsConfig, AlertsStats, dumps, load_incidents, load_state, run_alerts, state_path
 from ops.kafka_admin import committed_offsets, end_offsets
 from tally.config import Settings
+from tally.failpoints import EXIT_FAILPOINT
+from tests.conftest import TEST_PARTITIONS
 from tests.factories import ALERT_KEY as KEY
 from tests.factories import alert_record
 
@@ -25,6 +35,7 @@ pytestmark = pytest.mark.integration
 ROUTING_KEY = "rk-SECRET-0001"
 PD, SLACK, HOOK = "/pd", "/slack/T000/SECRET-slack", "/hook/SECRET-hook"
 RUN_TIMEOUT_S = 15.0
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -247,12 +258,157 @@ def test_stopped_while_a_sink_is_down_the_page_comes_after_restart(kafka_setting
     assert stats.delivered == {}
     assert recorder.got(PD) == []
     assert all(offset == -1 for offset in committed(kafka_settings).values())
-    assert not state_path(kafka_settings).exists()
+    # The decision, its position and the undelivered trigger are saved: the restart delivers it before consuming.
+    saved = load_state(state_path(kafka_settings))
+    assert list(saved.incidents) == [KEY]
+    assert [(e.action, e.pending) for e in saved.outbox] == [("trigger", ["pagerduty"])]
+    assert saved.positions == stored_ends(kafka_settings)
 
     recorder.fail[PD] = 0
     recorder.on_request = None
-    run_bounded(kafka_settings, config_for(recorder, "pagerduty"), 1)
+    again = run_bounded(kafka_settings, config_for(recorder, "pagerduty"), 0)
 
+    assert (again.recovered, again.messages) == (1, 0)
     assert [r.body["event_action"] for r in recorder.got(PD)] == ["trigger"]
-    assert list(load_incidents(state_path(kafka_settings))) == [KEY]
+    assert load_state(state_path(kafka_settings)).outbox == []
+
+    publish(kafka_settings, [alert_record(state="resolved")])
+    run_bounded(kafka_settings, config_for(recorder, "pagerduty"), 1)
+    assert [r.body["event_action"] for r in recorder.got(PD)] == ["trigger", "resolve"]
+    assert load_incidents(state_path(kafka_settings)) == {}
     assert_all_committed(kafka_settings)
+
+
+def stored_ends(settings: Settings) -> dict[tuple[str, int], int]:
+    """The end offset of every non-empty partition of the alert topic, keyed as the stored positions are."""
+    ends = end_offsets(settings.kafka_bootstrap, settings.topics.alerts)
+    return {(settings.topics.alerts, p): end for p, end in ends.items() if end}
+
+
+def unread(settings: Settings) -> int:
+    """Messages of the alert topic past the positions stored in the incident table."""
+    positions = load_state(state_path(settings)).positions
+    ends = end_offsets(settings.kafka_bootstrap, settings.topics.alerts)
+    return sum(end - positions.get((settings.topics.alerts, p), 0) for p, end in ends.items())
+
+
+def test_the_stored_position_wins_over_a_committed_offset_that_went_back(kafka_settings: Settings,
+                                                                         recorder: Recorder) -> None:
+    config = config_for(recorder, "pagerduty")
+    publish(kafka_settings, [alert_record()], [alert_record(incident_key="budget:tenant:t-1:d:80", kind="budget",
+                                                            feature_id="", signal="budget_day_80pct")])
+    run_bounded(kafka_settings, config, 2)
+    assert load_state(state_path(kafka_settings)).positions == stored_ends(kafka_settings)
+    # As if the commit had failed, or the group were reset: Kafka says "start over".
+    group = Consumer({"bootstrap.servers": kafka_settings.kafka_bootstrap,
+                      "group.id": kafka_settings.group_id("alerts"), "enable.auto.commit": False})
+    try:
+        group.commit(offsets=[TopicPartition(kafka_settings.topics.alerts, p, 0) for p in range(TEST_PARTITIONS)],
+                     asynchronous=False)
+    finally:
+        group.close()
+    assert all(offset == 0 for offset in committed(kafka_settings).values())
+
+    publish(kafka_settings, [alert_record(state="resolved")])
+    stats = run_bounded(kafka_settings, config, 1)
+
+    assert (stats.messages, stats.records) == (1, 1)  # only the new message: nothing is read twice
+    assert [(r.body["event_action"], r.body["dedup_key"]) for r in recorder.got(PD)] == [
+        ("trigger", KEY), ("trigger", "budget:tenant:t-1:d:80"), ("resolve", KEY)]
+    assert_all_committed(kafka_settings)
+
+
+# ---------------------------------------------------------------- crashes at every alerts failpoint
+
+B_KEY, C_KEY = "anomaly:search_answer:reasoning_share", "anomaly:summarize:cost_per_request"
+CRASH_MESSAGES: list[list[dict[str, Any] | bytes]] = [
+    [alert_record()],  # A opens
+    [alert_record(incident_key=B_KEY, signal="reasoning_share"), alert_record(score=7)],  # B opens; A suppressed
+    [alert_record(incident_key=C_KEY, feature_id="summarize"),  # C opens and resolves in one batch
+     alert_record(incident_key=C_KEY, feature_id="summarize", state="resolved")],
+    [alert_record(state="resolved"), alert_record(incident_key=B_KEY, signal="reasoning_share", state="resolved")],
+]
+# What each sink receives, per message, with no crash; sinks answer in the order pagerduty then webhook per batch.
+CRASH_NOTES = [[("trigger", KEY)], [("trigger", B_KEY)], [("trigger", C_KEY), ("resolve", C_KEY)],
+               [("resolve", KEY), ("resolve", B_KEY)]]
+CRASH_SINKS = ("pagerduty", "webhook")
+
+
+def _answers() -> list[tuple[str, str, str]]:
+    """(sink, action, key) in the order the sinks answer them when each message is a batch of its own."""
+    return [(sink, action, key) for notes in CRASH_NOTES for sink in CRASH_SINKS for action, key in notes]
+
+
+def _crash_then_restart(settings: Settings, recorder: Recorder, failpoint: str, tmp_path: Path) -> AlertsStats:
+    """`tally alerts` in a subprocess armed with `failpoint`, fed one message per batch until it crashes; then the
+    rest published and a restart (in this process) until the stored position reaches the end."""
+    cmd = [sys.executable, "-m", "ops.cli", "alerts", "--max-messages", str(len(CRASH_MESSAGES)),
+           "--pagerduty-url", recorder.url(PD), "--pagerduty-routing-key", ROUTING_KEY,
+           "--webhook-url", recorder.url(HOOK), *(arg for sink in CRASH_SINKS for arg in ("--sink", sink))]
+    env = {**os.environ, **settings.to_env(), "TALLY_FAILPOINT": failpoint}
+    answers = list(itertools.accumulate(len(CRASH_SINKS) * len(notes) for notes in CRASH_NOTES))
+    with (tmp_path / "crashed.log").open("wb") as err:
+        proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            published = 0
+            for message, expect in zip(CRASH_MESSAGES, answers, strict=True):
+                if proc.poll() is not None:
+                    break
+                publish(settings, message)
+                published += 1
+                deadline = time.monotonic() + 60  # the next message only once this one is a batch of its own
+                while len(recorder.requests) < expect and proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.02)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    log_text = (tmp_path / "crashed.log").read_text()
+    assert code == EXIT_FAILPOINT, log_text[-2000:]
+    assert f"failpoint {failpoint.partition(':')[0]} fired" in log_text
+    publish(settings, *CRASH_MESSAGES[published:])
+    return run_bounded(settings, config_for(recorder, *CRASH_SINKS), unread(settings))
+
+
+@pytest.mark.parametrize(("failpoint", "resent"), [
+    ("alerts.after_save:1", None),  # the first batch decided and saved, nothing delivered
+    ("alerts.after_save:3", None),  # C's trigger and resolve saved in the outbox, neither delivered
+    ("alerts.in_flight:1", 1),  # PagerDuty took A's trigger; the answer is not recorded: that one page again
+    ("alerts.in_flight:5", 5),  # PagerDuty took C's trigger, not recorded: again, then C's resolve
+    ("alerts.in_flight:6", 6),  # PagerDuty took C's resolve, not recorded: the resolve again, never the trigger
+    ("alerts.in_flight:8", 8),  # the webhook took C's resolve, not recorded
+    ("alerts.mid_batch:3", None),  # C's trigger delivered to PagerDuty and recorded; the rest not
+    ("alerts.after_delivery:1", None),  # A's batch delivered and recorded; offsets not committed
+    ("alerts.after_delivery:3", None),  # C's trigger and resolve delivered: before, both were sent again
+])
+def test_a_crash_at_each_alerts_failpoint_pages_once_and_resolves_once(
+        failpoint: str, resent: int | None, kafka_settings: Settings, recorder: Recorder, tmp_path: Path) -> None:
+    settings = dataclasses.replace(kafka_settings, session_timeout_s=6.0)  # the broker's minimum: a quick rejoin
+    stats = _crash_then_restart(settings, recorder, failpoint, tmp_path)
+
+    expected = _answers()
+    if resent is not None:  # the one notification in flight at the crash, sent once more right after
+        expected.insert(resent, expected[resent - 1])
+    got = [("pagerduty", r.body["event_action"], r.body["dedup_key"]) for r in recorder.got(PD)]
+    got += [("webhook", r.body["notification"], r.body["incident_key"]) for r in recorder.got(HOOK)]
+    for sink in CRASH_SINKS:
+        assert [a for a in got if a[0] == sink] == [a for a in expected if a[0] == sink]
+    assert len(recorder.requests) == len(expected)
+    # PagerDuty's count: a trigger opens an incident unless its dedup_key is open; a resolve closes an open one.
+    open_keys: set[str] = set()
+    pages: Counter[str] = Counter()
+    resolves: Counter[str] = Counter()
+    for _, action, key in (a for a in got if a[0] == "pagerduty"):
+        if action == "trigger" and key not in open_keys:
+            open_keys.add(key)
+            pages[key] += 1
+        elif action == "resolve" and key in open_keys:
+            open_keys.discard(key)
+            resolves[key] += 1
+    assert pages == resolves == Counter({KEY: 1, B_KEY: 1, C_KEY: 1})
+    assert open_keys == set()
+    saved = load_state(state_path(settings))
+    assert (saved.incidents, saved.outbox) == ({}, [])
+    assert saved.positions == stored_ends(settings)
+    assert (stats.recovered > 0) == (not failpoint.startswith("alerts.after_delivery"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -11,16 +13,27 @@ import pytest
 
 from ops.alerts import (
     AlertsConfig,
+    AlertsStats,
+    AlertState,
+    AlertStateError,
+    DeliveryError,
     Incident,
     MalformedAlert,
+    Notification,
+    OutboxEntry,
+    Pager,
     decide,
     decode_line,
     dumps,
+    load_incidents,
+    load_state,
     pagerduty_event,
+    save_state,
     slack_text,
     webhook_body,
 )
 from tally.errors import ConfigError, TallyError
+from tally.failpoints import Failpoints
 from tests.factories import ALERT_KEY as KEY
 from tests.factories import alert_record
 
@@ -201,3 +214,94 @@ def test_config_repr_and_redacted_hide_secrets() -> None:
     assert "SECRET" not in str(shown)
     assert shown["pagerduty_routing_key"] == "***"
     assert shown["webhook_url"] == ""
+
+
+# ---------------------------------------------------------------- the table on disk: position and outbox
+
+
+def _outbox_state(now: datetime) -> AlertState:
+    incidents: dict[str, Incident] = {}
+    record = decode_line(dumps(alert_record(value="12.30")).replace(b'"12.30"', b"12.300000000000000001"))
+    notes = decide(record, incidents, now) + decide(alert_record(state="resolved"), incidents, now)
+    decide(alert_record(incident_key="anomaly:other:x", signal="x"), incidents, now)
+    return AlertState(incidents, {("llm.cost.alerts.v1", 0): 7, ("llm.cost.alerts.v1", 3): 12},
+                      [OutboxEntry.of(n, ("pagerduty", "webhook"), f"llm.cost.alerts.v1[0]@6 line {i}")
+                       for i, n in enumerate(notes, start=1)])
+
+
+def test_the_table_position_and_outbox_round_trip_exactly(tmp_path: Path, now: datetime) -> None:
+    state = _outbox_state(now)
+    path = tmp_path / "alerts" / "incidents.json"
+    save_state(path, state)
+    got = load_state(path)
+    assert got.incidents == state.incidents
+    assert got.positions == state.positions
+    assert [e.to_json() for e in got.outbox] == [e.to_json() for e in state.outbox]
+    assert got.outbox[0].record["value"] == Decimal("12.300000000000000001")
+    assert [(n.action, n.incident_key) for n in (e.notification() for e in got.outbox)] == [
+        ("trigger", KEY), ("resolve", KEY)]
+    assert b'"value": 12.300000000000000001' in path.read_bytes()
+    assert load_incidents(path) == state.incidents
+    assert [p.name for p in path.parent.iterdir()] == ["incidents.json"]  # no temp file left
+
+
+def test_a_version_1_table_still_loads_without_position_or_outbox(tmp_path: Path, now: datetime) -> None:
+    incident = _outbox_state(now).incidents["anomaly:other:x"]
+    path = tmp_path / "incidents.json"
+    path.write_bytes(orjson.dumps({"state_version": 1, "incidents": {incident.incident_key: incident.to_json()}}))
+    got = load_state(path)
+    assert got.incidents == {incident.incident_key: incident}
+    assert (got.positions, got.outbox) == ({}, [])
+    save_state(path, got)
+    assert orjson.loads(path.read_bytes())["state_version"] == 2
+
+
+@pytest.mark.parametrize("doc", [
+    {"state_version": 3, "incidents": {}},
+    {"state_version": 2, "incidents": {}, "positions": {"t": {"0": -1}}, "outbox": []},
+    {"state_version": 2, "incidents": {}, "positions": {}, "outbox": [{"action": "page"}]},
+    {"state_version": 2, "incidents": {}, "positions": {}, "outbox": [
+        {"action": "trigger", "reason": "opened", "severity": "warning", "record": {"alert_version": 1},
+         "pending": ["stdout"]}]},
+])
+def test_a_corrupt_table_is_refused(tmp_path: Path, doc: dict[str, Any]) -> None:
+    path = tmp_path / "incidents.json"
+    path.write_bytes(orjson.dumps(doc))
+    with pytest.raises(AlertStateError, match="is corrupt"):
+        load_state(path)
+
+
+class _Sink:
+    """Records each send with what the table on disk said at that moment; answers 4xx for the listed indexes."""
+
+    def __init__(self, name: str, path: Path, seen: list[tuple[str, str, str, list[list[str]]]],
+                 reject: tuple[int, ...] = ()) -> None:
+        self.name, self.path, self.seen, self.reject, self.calls = name, path, seen, reject, 0
+
+    def send(self, note: Notification) -> None:
+        on_disk = load_state(self.path)
+        self.seen.append((self.name, note.action, note.incident_key, [e.pending for e in on_disk.outbox]))
+        self.calls += 1
+        if self.calls in self.reject:
+            raise DeliveryError("HTTP 400", retryable=False)
+
+
+def test_each_answer_is_recorded_before_the_next_send(tmp_path: Path, now: datetime) -> None:
+    path = tmp_path / "incidents.json"
+    state = _outbox_state(now)
+    save_state(path, state)
+    seen: list[tuple[str, str, str, list[list[str]]]] = []
+    sinks = [_Sink("pagerduty", path, seen), _Sink("webhook", path, seen, reject=(1,))]
+    stats = AlertsStats()
+    pager = Pager(path, state, sinks, AlertsConfig(sinks=("pagerduty", "webhook")), stats, Failpoints())
+    assert pager.deliver(threading.Event())
+    # Every send finds itself pending on disk and everything before it, for that sink, already answered: a crash
+    # re-sends at most the one being sent, and never a trigger after its resolve.
+    assert seen == [
+        ("pagerduty", "trigger", KEY, [["pagerduty", "webhook"], ["pagerduty", "webhook"]]),
+        ("pagerduty", "resolve", KEY, [["webhook"], ["pagerduty", "webhook"]]),
+        ("webhook", "trigger", KEY, [["webhook"], ["webhook"]]),
+        ("webhook", "resolve", KEY, [["webhook"]]),
+    ]
+    assert load_state(path).outbox == []
+    assert (stats.delivered, stats.rejected, stats.saves) == ({"pagerduty": 2, "webhook": 1}, {"webhook": 1}, 4)
