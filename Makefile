@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 KAFKA_JARS := deploy/kafka/libs/.complete
 
 .DEFAULT_GOAL := help
-.PHONY: help run test install kafka-jars lint typecheck test-unit test-integration test-e2e bench bench-detect clean \
+.PHONY: help run test install kafka-jars lint typecheck test-unit test-integration test-e2e bench bench-detect bench-detect-stack clean \
 	grafana dashboard-assets test-faketime
 
 help: ## List the targets
@@ -72,6 +72,13 @@ bench: install kafka-jars ## Benchmarks: per-stage cost, Kafka/Faust baselines, 
 
 bench-detect: install ## Detection benchmark: precision, recall, delay per incident kind, against the seed's z-score
 	$(PY) -m tests.bench.detect
+
+# One seed, two days of event time at 0.4 requests/s (~95k lines); SDK messages of up to 2,000 events (~1 MB), so a
+# backfill message spans hours of event time; paced: the two days in 6 minutes (~480x). About 12-15 minutes on two
+# busy cores. Add `--kill-process 3` for a backfill with the worker killed three times (another ~5 minutes).
+DETECT_STACK_ARGS ?= --days 2 --rate 0.4 --seeds 7 --paced-minutes 6 --sdk-batch-events 2000 --sdk-max-bytes 1000000
+bench-detect-stack: install kafka-jars ## Detection through a real stack: offline, backfill and paced side by side
+	$(PY) -m tests.bench.detect --mode all $(DETECT_STACK_ARGS)
 
 grafana: install ## Regenerate the Grafana dashboard (deploy/grafana/) from tally/dashboard/panels.py
 	$(PY) -m tally.dashboard.grafana
