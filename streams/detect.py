@@ -229,6 +229,9 @@ class FeatureState:
     # Per-request signals of a quiet feature: the windows judged with too few requests, gathered until they hold
     # min_requests (or span more than max_volume_window_s, when the oldest are dropped).
     carry: Window | None = None
+    # Requests per minute (exponentially weighted over judged windows): the length of the next window comes from it.
+    req_rate: float = 0.0
+    rate_n: int = 0
 
 
 @dataclass(frozen=True)
@@ -446,15 +449,27 @@ class Detector:
                     state.window = Window(start, start, team_id=w.team_id)
                     self._join(state, start, start + cfg.window_s)
                     continue
-            span = w.end - w.start
-            if w.total[REQUESTS] >= cfg.min_requests or span >= cfg.max_window_s:
+            if w.end - w.start >= self._span(state):
                 state.quiet = state.quiet + 1 if w.total[REQUESTS] == 0 else 0
                 alerts.extend(self._evaluate(state, w, feature))
                 state.window = Window(w.end, w.end, team_id=w.team_id)
                 self._join(state, w.end, w.end + cfg.window_s)
             else:
-                self._join(state, w.start, w.end + cfg.window_s)  # too little volume yet: the window grows
+                self._join(state, w.start, w.end + cfg.window_s)  # a quiet feature's window is longer
         return alerts
+
+    def _span(self, state: FeatureState) -> int:
+        """How long a window of this feature (or feature × model set) is: long enough to expect min_requests.
+
+        Planned from its usual request rate, never from the window's own count: a window that ended at its 20th
+        request would overstate every rate it measures. Between window_s and max_window_s; window_s until three
+        windows have been judged (no rate known yet).
+        """
+        cfg = self.config
+        if state.rate_n < 3 or state.req_rate <= 0:
+            return cfg.window_s
+        windows = math.ceil(cfg.min_requests / state.req_rate * 60.0 / cfg.window_s)
+        return min(max(windows, 1) * cfg.window_s, cfg.max_window_s)
 
     def _evaluate(self, state: FeatureState, w: Window, feature: FeatureState) -> list[dict[str, Any]]:
         cfg = self.config
@@ -465,6 +480,8 @@ class Detector:
         minutes = (w.end - w.start) / 60.0
         slot = datetime.fromtimestamp(w.start, UTC).hour
         enough = w.total[REQUESTS] >= cfg.min_requests
+        state.rate_n += 1
+        state.req_rate += max(cfg.fading, 1.0 / state.rate_n) * (w.total[REQUESTS] / minutes - state.req_rate)
         # Per-request signals need volume, not time: a quiet feature's windows are gathered until they hold enough.
         rw = self._volume_window(state, w)
         state.windows += 1
@@ -494,9 +511,12 @@ class Detector:
             if x is not None and not (parent is not None and parent.firing is not None and
                                       state.baselines.get(spec.name, parent).firing is None):
                 # (one page: the feature's, if it fires)
-                alerts.extend(self._judge(state, spec, x, judged, (judged.end - judged.start) / 60.0))
+                # A rate rises only on a window with volume: on a quiet feature a few more requests than usual
+                # double its spend rate by chance (its per-request signals see a real change in what it spends).
+                alerts.extend(self._judge(state, spec, x, judged, (judged.end - judged.start) / 60.0,
+                                          may_rise=spec.kind != "rate" or enough))
         if enough or w.total[REQUESTS] == 0:
-            self._learn_season(state, slot, (w.total[COST] - w.late_cost) / minutes)
+            self._learn_season(state, slot, (w.total[COST] - w.late_cost) / minutes, minutes)
         self._learn_dims(state, w, minutes)
         for model, v in w.by["model"].items():
             state.model_requests[model] = state.model_requests.get(model, 0.0) + v[REQUESTS]
@@ -531,7 +551,7 @@ class Detector:
 
     # ------------------------------------------------------------------ judging one signal
     def _judge(self, state: FeatureState, spec: SignalSpec, x: float, w: Window,
-               minutes: float) -> list[dict[str, Any]]:
+               minutes: float, may_rise: bool = True) -> list[dict[str, Any]]:
         cfg = self.config
         b = state.baselines.get(spec.name)
         if b is None:
@@ -544,7 +564,7 @@ class Detector:
         # Persistence: a one-sided CUSUM of the z-scores of consecutive windows that rise past the signal's guards
         # (min_rise, abs_rise), each z capped at z_fire. One window, however extreme, adds at most
         # z_fire - cusum_k < cusum_h, so only a sustained rise reaches cusum_h; a window within the guards resets it.
-        rises = x >= mean * (1.0 + spec.min_rise) and x - mean >= spec.abs_rise
+        rises = may_rise and x >= mean * (1.0 + spec.min_rise) and x - mean >= spec.abs_rise
         b.cusum = max(0.0, b.cusum + min(z, cfg.z_fire) - cfg.cusum_k) if rises and b.firing is None else 0.0
         anomalous = rises and (b.cusum >= cfg.cusum_h or b.firing is not None)
         recovered = z < cfg.z_resolve or x < mean * (1.0 + spec.min_rise / 2) or x - mean < spec.abs_rise / 2
@@ -639,19 +659,22 @@ class Detector:
 
     # ------------------------------------------------------------------ seasonality, models, dimensions
     def _season(self, state: FeatureState, slot: int) -> float:
-        """The hour-of-day factor of the feature's spend rate, once that hour has been seen on a few days."""
+        """The hour-of-day factor of the feature's spend rate, once that hour of the day has been judged enough.
+
+        Enough: `seasonal_min_samples` hours of windows, whatever their length (a quiet feature's are long).
+        """
         if state.season_n[slot] < self.config.seasonal_min_samples * 60:
             return 1.0
         return max(state.season[slot], _MIN_SEASON)  # a silent hour must not divide by zero
 
-    def _learn_season(self, state: FeatureState, slot: int, rate: float) -> None:
+    def _learn_season(self, state: FeatureState, slot: int, rate: float, minutes: float) -> None:
         b = state.baselines.get("spend_rate")
         level = b.mean.get() if b is not None and b.n else 0.0
         if level <= 0:
             return
-        a = 1.0 / min(state.season_n[slot] + 1, 120)  # mean of the first samples, then an EW mean
+        state.season_n[slot] += max(int(round(minutes)), 1)
+        a = min(1.0, minutes / min(state.season_n[slot], 120))  # mean of the first minutes, then an EW mean
         state.season[slot] += a * (rate / level - state.season[slot])
-        state.season_n[slot] += 1
 
     def _mix(self, w: Window, usual: set[str] | None) -> float | None:
         """Share of the window's spend on models new to the feature.
@@ -772,6 +795,8 @@ def _upgrade(state: FeatureState) -> FeatureState:
     for one in (state, *state.by_model.values()):
         one.__dict__.setdefault("open", {})
         one.__dict__.setdefault("carry", None)
+        one.__dict__.setdefault("req_rate", 0.0)
+        one.__dict__.setdefault("rate_n", 0)
         if one.window is not None:
             one.window.__dict__.setdefault("ids", set())
     return state
