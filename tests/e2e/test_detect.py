@@ -28,32 +28,60 @@ def firing(stack: Stack) -> list[dict[str, Any]]:
                        f"WHERE incident_key = '{KEY}' AND state = 'firing' GROUP BY incident_id")
 
 
-def test_an_injected_retry_storm_pages_and_lands_in_anomalies(stack, tmp_path):
-    # Short windows so that the detectors warm up on ten minutes of event time published at once.
-    stack = Stack(dataclasses.replace(stack.settings, detect_window_s=10, detect_lateness_s=5,
-                                      detect_min_requests=10, detect_warmup_windows=12))
-    stack.tally("up", timeout=180)
-    stack.tally("reference", "load", *map(str, REFERENCE_FILES))
-    now = datetime.now(UTC)
-    start = now - timedelta(minutes=10)
-    storm = Incident("retry_storm", FEATURE, now - timedelta(minutes=3), now)
-    gen = TrafficGenerator(catalog_from_reference(load_reference_files(REFERENCE_FILES)), seed=5, start=start,
-                           rate=6.0, bad_rate=0.0, profile=Profile(incidents=(storm,)))
+def publish_storm(stack: Stack, tmp_path: Any, end: datetime) -> Incident:
+    """Ten minutes of traffic ending at `end`, a retry storm in its last three, published in one go and processed."""
+    storm = Incident("retry_storm", FEATURE, end - timedelta(minutes=3), end)
+    gen = TrafficGenerator(catalog_from_reference(load_reference_files(REFERENCE_FILES)), seed=5,
+                           start=end - timedelta(minutes=10), rate=6.0, bad_rate=0.0,
+                           profile=Profile(incidents=(storm,)))
     lines = []
-    while gen.clock < now:
+    while gen.clock < end:
         lines += [orjson.dumps(e) for e in gen.logical_request()]
     path = tmp_path / "traffic.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
     stack.tally("publish", str(path))
     stack.tally("wait", "--timeout", "180")
+    return storm
 
-    deadline = time.monotonic() + 150  # idle partitions' clocks run on with wall time: the last windows close
+
+def wait_for_page(stack: Stack) -> dict[str, Any]:
+    deadline = time.monotonic() + 150  # caught-up, silent partitions' watermarks follow wall time: windows close
     while not firing(stack):
         assert time.monotonic() < deadline, "no retry_rate anomaly for the injected storm"
         time.sleep(1)
     (row,) = firing(stack)
     assert row["explanation"].startswith(f"retry rate of {FEATURE} rose from ")
     assert row["incident_id"].startswith(f"{FEATURE}:retry_rate:")
+    return row
+
+
+def short_windows(stack: Stack) -> Stack:
+    """Short windows so that the detectors warm up on ten minutes of event time published at once."""
+    return Stack(dataclasses.replace(stack.settings, detect_window_s=10, detect_lateness_s=5,
+                                     detect_min_requests=10, detect_warmup_windows=12))
+
+
+def test_a_storm_in_a_replay_of_old_events_pages_in_event_time(stack, tmp_path, now):
+    # Issue 13: during a replay the detectors' clocks jumped to the wall clock, and nothing old paged any more. The
+    # clocks are the input partitions' watermarks now: the storm pages as of its own event time, days ago.
+    stack = short_windows(stack)
+    stack.tally("up", timeout=180)
+    stack.tally("reference", "load", *map(str, REFERENCE_FILES))
+    storm = publish_storm(stack, tmp_path, now - timedelta(days=3))
+    wait_for_page(stack)
+    (at,) = stack.query(f"SELECT min(detected_at) AS t FROM tally.anomalies WHERE incident_key = '{KEY}'")
+    detected = datetime.fromisoformat(str(at["t"])).replace(tzinfo=UTC)
+    assert storm.start <= detected <= storm.end + timedelta(minutes=2)
+    status = api(stack.settings, "/api/status")
+    assert status["detect_errors"] == 0 and status["detect_requests"] > 0
+
+
+def test_an_injected_retry_storm_pages_and_lands_in_anomalies(stack, tmp_path):
+    stack = short_windows(stack)
+    stack.tally("up", timeout=180)
+    stack.tally("reference", "load", *map(str, REFERENCE_FILES))
+    publish_storm(stack, tmp_path, datetime.now(UTC))
+    row = wait_for_page(stack)
 
     on_topic = sum(end_offsets(stack.settings.kafka_bootstrap, stack.settings.topics.alerts).values())
     out = stack.tally("alerts", "--sink", "stdout", "--max-messages", str(on_topic), timeout=60).stdout.decode()
