@@ -67,13 +67,15 @@ SPECS = {s.name: s for s in SIGNALS}
 class DetectConfig:
     """Detector settings (event time, seconds).
 
-    A window is `window_s` long, closes once the partition's event-time clock passes its end by `lateness_s`, and
-    is extended a window at a time until it holds `min_requests` or spans `max_window_s`. Rates are judged on every
-    window; per-request signals on a window holding `min_requests`, or, for a quiet feature, on its consecutive
-    windows gathered until they do (over at most `max_volume_window_s`). A signal alerts only after
-    `warmup_windows` windows. A signal fires when the CUSUM of its z-scores (each capped at `z_fire`, less
-    `cusum_k`) over consecutive windows that rise past its guards reaches `cusum_h` (so at least two windows: one
-    adds at most z_fire - cusum_k); a tenant's request rate fires after
+    A window closes once the partition's event-time clock passes its end by `lateness_s`. Its length, a multiple of
+    `window_s` up to `max_window_s`, is planned from the feature's usual request rate so that it should hold
+    `volume_requests` (never from its own count: a window cut at its n-th request overstates every rate). Rates are
+    judged on every window but rise toward a page only on a window holding `min_requests`; per-request signals on a
+    window holding `volume_requests`, or, for a quiet feature, on its consecutive windows gathered until they do
+    (over at most `max_volume_window_s`). A signal alerts only after `warmup_windows` windows. A signal fires when
+    the CUSUM of its z-scores (each capped at `z_fire`, less `cusum_k`) over consecutive windows that rise past its
+    guards reaches `cusum_h` (so at least two windows: one adds at most z_fire - cusum_k); a tenant's request rate
+    fires after
     `persistence` anomalous windows. It resolves after `resolve_after` windows back under `z_resolve`.
     `half_life_windows` is the memory of the baselines (river's exponentially weighted mean and variance).
     """
@@ -81,6 +83,7 @@ class DetectConfig:
     window_s: int = 60
     lateness_s: int = 60
     min_requests: int = 20
+    volume_requests: int = 10
     max_window_s: int = 900
     max_volume_window_s: int = 14_400
     warmup_windows: int = 30
@@ -227,7 +230,7 @@ class FeatureState:
     # Buckets of `window_s` (by start) after the current window: rows that arrived before the watermark closed them.
     open: dict[int, Window] = field(default_factory=dict)
     # Per-request signals of a quiet feature: the windows judged with too few requests, gathered until they hold
-    # min_requests (or span more than max_volume_window_s, when the oldest are dropped).
+    # volume_requests (or span more than max_volume_window_s, when the oldest are dropped).
     carry: Window | None = None
     # Requests per minute (exponentially weighted over judged windows): the length of the next window comes from it.
     req_rate: float = 0.0
@@ -459,16 +462,16 @@ class Detector:
         return alerts
 
     def _span(self, state: FeatureState) -> int:
-        """How long a window of this feature (or feature × model set) is: long enough to expect min_requests.
+        """How long a window of this feature (or feature × model set) is: long enough to expect volume_requests.
 
-        Planned from its usual request rate, never from the window's own count: a window that ended at its 20th
+        Planned from its usual request rate, never from the window's own count: a window that ended at its n-th
         request would overstate every rate it measures. Between window_s and max_window_s; window_s until three
         windows have been judged (no rate known yet).
         """
         cfg = self.config
         if state.rate_n < 3 or state.req_rate <= 0:
             return cfg.window_s
-        windows = math.ceil(cfg.min_requests / state.req_rate * 60.0 / cfg.window_s)
+        windows = math.ceil(cfg.volume_requests / state.req_rate * 60.0 / cfg.window_s)
         return min(max(windows, 1) * cfg.window_s, cfg.max_window_s)
 
     def _evaluate(self, state: FeatureState, w: Window, feature: FeatureState) -> list[dict[str, Any]]:
@@ -530,11 +533,11 @@ class Detector:
     def _volume_window(self, state: FeatureState, w: Window) -> Window | None:
         """The window the per-request signals judge now (None: not enough requests yet).
 
-        `w` if it holds min_requests, else the quiet feature's windows gathered since the last judgement once they
+        `w` if it holds volume_requests, else the quiet feature's windows gathered since the last judgement once they
         do (an empty window adds nothing). Gathered windows older than max_volume_window_s are dropped.
         """
         cfg = self.config
-        if w.total[REQUESTS] >= cfg.min_requests:
+        if w.total[REQUESTS] >= cfg.volume_requests:
             state.carry = None
             return w
         if w.total[REQUESTS] == 0:
@@ -544,7 +547,7 @@ class Detector:
             carry = state.carry = Window(w.start, w.end, team_id=w.team_id)
         carry.end = w.end
         carry.absorb(w)
-        if carry.total[REQUESTS] < cfg.min_requests:
+        if carry.total[REQUESTS] < cfg.volume_requests:
             return None
         state.carry = None
         return carry
