@@ -281,3 +281,19 @@ def test_a_long_silence_is_skipped_after_the_empty_windows_that_resolve() -> Non
     assert len(closed) == 1 + cfg.resolve_after
     d.observe([request_row(T0 + timedelta(days=14, seconds=5))], 0)
     assert d.features["summarize_email_v2"].window.start >= (T0 + timedelta(days=14, minutes=-2)).timestamp()
+
+
+def test_a_snapshot_over_the_limit_keeps_its_signals_and_fits() -> None:
+    # A backfill whose input partitions are hours apart leaves hours of open buckets: the snapshot (one message on the
+    # detect-state changelog) once reached 4.2 MB, past the producer's request size, and the worker stopped.
+    d = Detector(CONFIG)
+    rows = [{**r, "final_model": ("gpt-4.1", "o4-mini", "claude-sonnet-4-5")[i % 3], "tenant_id": f"t-{i % 30}"}
+            for i, r in enumerate(stream(360, per_minute=10))]
+    d.observe(rows, 0)
+    state = d.features["summarize_email_v2"]
+    whole = dump_state(state)
+    trimmed = dump_state(state, limit=len(whole) // 3)
+    assert len(trimmed) <= len(whole) // 3
+    back = load_state(trimmed)
+    assert sum(w.requests for w in back.open.values()) == len(rows)
+    assert sum(w.total[1] for w in back.open.values()) == pytest.approx(sum(float(r["cost_total_usd"]) for r in rows))
