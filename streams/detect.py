@@ -304,7 +304,6 @@ class Detector:
         self.late_rows = 0  # rows older than their feature's current window (counted in ratios, not rates)
         self.duplicate_rows = 0  # re-emitted requests already counted in their window
         self.evaluations: list[Evaluation] | None = None  # set to a list to record every closed window
-        self._now = 0.0  # the event clock of the partition being closed: an alert's detected_at
 
     # ------------------------------------------------------------------ input
     def observe(self, rows: Iterable[Mapping[str, Any]], partition: int, now: float | None = None) -> None:
@@ -421,7 +420,7 @@ class Detector:
 
     # ------------------------------------------------------------------ windows
     def _close_due(self, partition: int) -> list[dict[str, Any]]:
-        clock = self._now = self.clocks.get(partition, 0.0)
+        clock = self.clocks.get(partition, 0.0)
         alerts: list[dict[str, Any]] = []
         for fid, state in self.features.items():
             if self.partition_of.get(fid) != partition:
@@ -778,7 +777,8 @@ class Detector:
             "feature_id": fid, "team_id": state.window.team_id if state.window else w.team_id, "signal": signal,
             "severity": inc["severity"], "value": round(x, 9), "baseline": round(baseline, 9),
             "score": round(z, 3), "dimension": dimension, "dimension_value": value,
-            "explanation": explanation, "detected_at": _iso(max(self._now, w.end)), "incident_id": inc["incident_id"],
+            "explanation": explanation, "detected_at": _iso(w.end + self.config.lateness_s),
+            "incident_id": inc["incident_id"],
             "started_at": _iso(inc["started"]), "window_start": _iso(w.start), "window_end": _iso(w.end),
             "requests": int(w.total[REQUESTS]),
         }
