@@ -359,6 +359,7 @@ def run_stack(mode: str, lines: Sequence[bytes], detect: DetectConfig, root: Pat
                     pub.publish_line(line)
         info["publish_s"] = round(time.monotonic() - t1, 1)
         info["sdk"] = message_summary(pub)
+        del pub  # its Kafka client would otherwise retry the stack's broker after the stack is gone, loudly
         log(f"  [{mode}] published in {info['publish_s']} s: {info['sdk']}")
         if kills:
             info["kills"] = kill_during_backfill(stack, kills, logical_requests_in(lines), log, mode)
