@@ -560,6 +560,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
             if app.rebalancing or not detect_done:
                 return
             async with detect_lock:
+                restore_detectors()  # after a rebalance: nothing of a partition given away is written
                 try:
                     await publish_detected([])
                 except Exception:
