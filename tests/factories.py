@@ -173,8 +173,8 @@ def malformed_lines(good: dict[str, Any], k: int) -> list[tuple[bytes, str]]:
         (mutate(prompt="the user's secret prompt"), "unknown_field"),
         (mutate(usage={"input_tokens": -7}), "negative_tokens"),
         (mutate(usage={"reasoning_tokens": 100_000_001}), "token_out_of_range"),
-        (mutate(timestamp="2026-11-01 10:00"), "bad_timestamp"),
-        (mutate(timestamp="2026-11-01T10:00:00"), "bad_timestamp"),
+        (mutate(timestamp=clock().strftime("%Y-%m-%d %H:%M")), "bad_timestamp"),  # no T, no zone
+        (mutate(timestamp=clock().strftime("%Y-%m-%dT%H:%M:%S")), "bad_timestamp"),  # no zone
         (mutate(timestamp=(clock() + timedelta(days=30)).strftime("%Y-%m-%dT%H:%M:%SZ")),
          "future_timestamp"),  # issue 11: was accepted and priced
         (mutate(event_id="spaces are not allowed"), "bad_event_id"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import orjson
 import pytest
@@ -21,8 +21,19 @@ from tests.bench.detect_stack import (
     pages_from_anomalies,
     parse_time,
 )
+from tests.factories import clock
 
-T0 = datetime(2026, 11, 2, 6, 0, tzinfo=UTC)
+T0 = clock() - timedelta(hours=6)  # 06:00 UTC of the suite's day (tests.factories.clock)
+
+
+def api(minutes: float) -> str:
+    """T0 + minutes as the query API spells a DateTime64(3): '2026-11-02 06:12:00.000'."""
+    return (T0 + timedelta(minutes=minutes)).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def iso(seconds: float) -> str:
+    """T0 + seconds as an event timestamp: '2026-11-02T06:00:00.500Z'."""
+    return (T0 + timedelta(seconds=seconds)).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def row(incident: str, at: str, state: str = "firing", severity: str = "warning",
@@ -32,20 +43,21 @@ def row(incident: str, at: str, state: str = "firing", severity: str = "warning"
 
 
 def test_parse_time_reads_the_api_and_event_spellings_as_utc():
-    want = datetime(2026, 11, 2, 6, 31, 0, 500000, tzinfo=UTC)
-    assert parse_time("2026-11-02 06:31:00.500") == want
-    assert parse_time("2026-11-02T06:31:00.500Z") == want
-    assert parse_time("2026-11-02T07:31:00.500+01:00") == want
+    want = T0 + timedelta(minutes=31, milliseconds=500)
+    assert parse_time(api(31 + 0.5 / 60)) == want
+    assert parse_time(iso(31 * 60 + 0.5)) == want
+    assert parse_time((want + timedelta(hours=1)).replace(tzinfo=None).isoformat(timespec="milliseconds")
+                      + "+01:00") == want
     assert parse_time(want.replace(tzinfo=None)) == want
 
 
 def test_a_page_per_incident_at_its_first_firing_row_resolved_rows_ignored():
     rows = [
-        row("search_answer:cost_per_request:100", "2026-11-02 06:20:00.000", severity="critical"),
-        row("search_answer:cost_per_request:100", "2026-11-02 06:12:00.000"),  # first: the page
-        row("search_answer:cost_per_request:100", "2026-11-02 07:30:00.000", state="resolved"),
-        row("smart_reply:retry_rate:200", "2026-11-02 09:00:00.000", feature="smart_reply"),
-        row("smart_reply:retry_rate:300", "2026-11-02 03:00:00.000", state="resolved", feature="smart_reply"),
+        row("search_answer:cost_per_request:100", api(20), severity="critical"),
+        row("search_answer:cost_per_request:100", api(12)),  # first: the page
+        row("search_answer:cost_per_request:100", api(90), state="resolved"),
+        row("smart_reply:retry_rate:200", api(180), feature="smart_reply"),
+        row("smart_reply:retry_rate:300", api(-180), state="resolved", feature="smart_reply"),
     ]
     got = pages_from_anomalies(rows, prefix="7/")
     assert got.pages == [("7/search_answer", T0 + timedelta(minutes=12), "search_answer:cost_per_request:100"),
@@ -56,8 +68,7 @@ def test_a_page_per_incident_at_its_first_firing_row_resolved_rows_ignored():
 
 def test_a_firing_record_stored_twice_is_a_repeat_and_a_second_detected_at_a_refire():
     iid = "search_answer:spend_rate:100"
-    rows = [row(iid, "2026-11-02 06:12:00.000"), row(iid, "2026-11-02 06:12:00.000"),
-            row(iid, "2026-11-02 06:40:00.000")]
+    rows = [row(iid, api(12)), row(iid, api(12)), row(iid, api(40))]
     got = pages_from_anomalies(rows)
     assert got.pages == [("search_answer", T0 + timedelta(minutes=12), iid)]
     assert got.repeated_rows == {iid: 1}
@@ -70,7 +81,8 @@ def test_compare_pages_by_incident_and_time():
     assert compare_pages(a, list(reversed(a)))["same"]
     diff = compare_pages(a, b)
     assert not diff["same"] and diff["common"] == 1
-    assert diff["only_here"] == ["i2@02 06:05"] and diff["only_there"] == ["i2@02 06:06"]
+    day = T0.strftime("%d")
+    assert diff["only_here"] == [f"i2@{day} 06:05"] and diff["only_there"] == [f"i2@{day} 06:06"]
 
 
 def test_pace_schedule_runs_event_time_faster_and_never_goes_back():
@@ -83,8 +95,7 @@ def test_pace_schedule_runs_event_time_faster_and_never_goes_back():
 def test_event_time_order_is_stable():
     def line(ts: str, eid: str) -> bytes:
         return orjson.dumps({"event_id": eid, "timestamp": ts})
-    lines = [line("2026-11-02T06:00:02.000Z", "a"), line("2026-11-02T06:00:01.000Z", "b"),
-             line("2026-11-02T06:00:02.000Z", "c"), line("2026-11-02T06:00:00.500Z", "d")]
+    lines = [line(iso(2), "a"), line(iso(1), "b"), line(iso(2), "c"), line(iso(0.5), "d")]
     assert [orjson.loads(x)["event_id"] for x in event_time_order(lines)] == ["d", "b", "a", "c"]
     assert line_time(lines[3]) == (T0 + timedelta(milliseconds=500)).timestamp()
 

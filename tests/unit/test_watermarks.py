@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -14,11 +14,11 @@ from streams.watermarks import (
     is_watermark,
     low_watermark,
 )
-from tests.factories import request_row
+from tests.factories import clock, request_row
 
-T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
+T0 = clock() - timedelta(days=13)  # events of a replay, two weeks before the suite's clock
 MS = 1000
-WALL = (T0 + timedelta(days=13)).timestamp()  # the replay's wall clock: two weeks after its events
+WALL = clock().timestamp()  # the replay's wall clock
 
 
 def ms(t: datetime) -> int:
