@@ -254,6 +254,8 @@ class TrafficGenerator:
                 failed = {**ok, "event_id": f"ev-{self._id()}", "request_id": ok["request_id"] if i == 0 else
                           self._id(), "status": "error", "error": "rate_limited", "final": False, "attempt": i,
                           "usage": {"input_tokens": 0}}
+                if i > 0:  # every retry names the logical request it retries, like the gateway's own attempts
+                    failed["parent_request_id"] = ok["request_id"]
                 failures.append(failed)
             ok.update(request_id=self._id(), attempt=len(failures), parent_request_id=failures[0]["request_id"])
             events[:] = [*failures, ok]

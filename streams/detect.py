@@ -49,19 +49,27 @@ class SignalSpec:
 
     name: str
     label: str
-    unit: Literal["usd", "usd_per_min", "ratio", "share", "per_min"]
+    unit: Literal["usd", "usd_per_min", "ratio", "share", "per_min", "tokens"]
     kind: Kind
     num: int
     den: int | None
     min_rise: float
     abs_rise: float
+    # Judged on the odds of a share (num / den with den the share's complement) and shown as the share
+    # num / (num + den): a share near its ceiling moves little however far its cause moves (reasoning tokens ×5 on a
+    # 60 % share is 93 %), its odds move with the cause (1.5 → 13).
+    odds: bool = False
 
 
 SIGNALS: tuple[SignalSpec, ...] = (
     SignalSpec("cost_per_request", "median cost per request", "usd", "ratio", COST, REQUESTS, 0.5, 0.0),
+    # A prompt regression (a template or retrieval change that grows every prompt) shows first in what each request
+    # sends; a median, so one huge one-off request moves nothing.
+    SignalSpec("input_per_request", "median input tokens per request", "tokens", "ratio", INPUT, REQUESTS, 0.5, 200.0),
     SignalSpec("spend_rate", "spend rate", "usd_per_min", "rate", COST, None, 1.0, 0.0),
     SignalSpec("output_input_ratio", "output:input token ratio", "ratio", "ratio", OUTPUT, INPUT, 0.5, 0.02),
-    SignalSpec("reasoning_share", "reasoning share of output", "share", "ratio", REASONING, -1, 0.3, 0.12),
+    SignalSpec("reasoning_share", "reasoning share of output", "share", "ratio", REASONING, OUTPUT, 1.0, 0.5,
+               odds=True),
     SignalSpec("retry_rate", "retry rate", "ratio", "ratio", RETRIES, REQUESTS, 0.5, 0.12),
     SignalSpec("fallback_rate", "fallback rate", "share", "ratio", FALLBACKS, REQUESTS, 0.5, 0.1),
     SignalSpec("model_mix_drift", "share of spend on models new to the feature", "share", "mix", COST, COST,
@@ -91,10 +99,10 @@ class DetectConfig:
     window_s: int = 60
     lateness_s: int = 60
     min_requests: int = 20
-    volume_requests: int = 10
+    volume_requests: int = 6
     max_window_s: int = 900
     max_volume_window_s: int = 14_400
-    warmup_windows: int = 30
+    warmup_windows: int = 60
     persistence: int = 2
     resolve_after: int = 5
     z_fire: float = 4.0
@@ -137,7 +145,7 @@ def _add(into: Vector, v: Vector) -> None:
 
 
 def _ratio(v: Vector, spec: SignalSpec) -> float | None:
-    den = v[REASONING] + v[OUTPUT] if spec.den == -1 else v[spec.den] if spec.den is not None else 0.0
+    den = v[spec.den] if spec.den is not None else 0.0
     return v[spec.num] / den if den > 0 else None
 
 
@@ -151,6 +159,7 @@ class Window:
     by: dict[str, dict[str, Vector]] = field(default_factory=lambda: {d: {} for d in DIMENSIONS})
     team_id: str = ""
     costs: list[float] = field(default_factory=list)  # the first _MAX_COSTS request costs, for the median
+    inputs: list[float] = field(default_factory=list)  # and their input tokens (cache included), for theirs
     # Rows older than the window (a backlog replayed unevenly across input partitions, a skewed producer clock):
     # they count in ratios but not in rates, which would otherwise show the backlog as a burst.
     late_cost: float = 0.0
@@ -169,6 +178,7 @@ class Window:
         _add(self.total, v)
         if len(self.costs) < _MAX_COSTS:
             self.costs.append(v[COST])
+            self.inputs.append(v[INPUT])
         for dim in DIMENSIONS:
             value = str(row.get(_DIM_FIELD[dim]) or "")
             _add(self.by[dim].setdefault(value, _blank()), v)
@@ -180,6 +190,7 @@ class Window:
         room = _MAX_COSTS - len(self.costs)
         if room > 0:
             self.costs.extend(other.costs[:room])
+            self.inputs.extend(other.inputs[:room])
         for dim, values in other.by.items():
             mine = self.by.setdefault(dim, {})
             for value, v in values.items():
@@ -265,6 +276,8 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value * 100:.0f}%"
     if unit == "per_min":
         return f"{value:.3g} requests/min"
+    if unit == "tokens":
+        return f"{value:,.0f} tokens"
     return f"{value:.3g}"
 
 
@@ -514,6 +527,8 @@ class Detector:
                 x, judged = (self._mix(rw, usual_models) if rw.total[COST] > 0 else None), rw
             elif spec.name == "cost_per_request":
                 x, judged = (statistics.median(rw.costs) if rw.costs else None), rw  # one huge request moves no median
+            elif spec.name == "input_per_request":
+                x, judged = (statistics.median(rw.inputs) if rw.inputs else None), rw
             else:
                 x, judged = _ratio(rw.total, spec), rw
             values[spec.name] = x
@@ -733,7 +748,7 @@ class Detector:
             excess: dict[str, float] = {}
             for value, v in w.by[dim].items():
                 if spec.kind == "ratio":
-                    den = v[REASONING] + v[OUTPUT] if spec.den == -1 else v[spec.den] if spec.den is not None else 0
+                    den = v[spec.den] if spec.den is not None else 0
                     excess[value] = v[spec.num] - baseline * den
                 else:
                     usual = state.dim_rates[dim].get(value, _blank())
@@ -752,6 +767,8 @@ class Detector:
     def _record(self, state: FeatureState, signal: str, status: str, x: float, baseline: float, z: float,
                 w: Window) -> dict[str, Any]:
         spec = SPECS[signal]
+        if spec.odds:  # shown as the share
+            x, baseline = x / (1.0 + x), baseline / (1.0 + baseline)
         inc = state.baselines[signal].firing
         assert inc is not None  # noqa: S101 - only called while an incident is open
         fid = state.feature_id
@@ -801,15 +818,23 @@ def _key(state: FeatureState) -> str:
     return f"{state.feature_id}@{state.model}" if state.model else state.feature_id
 
 
-def _upgrade(state: FeatureState) -> FeatureState:
-    """A version-1 snapshot (before buckets, the quiet-feature carry and counted ids) in today's shape."""
+def _upgrade(state: FeatureState, version: int) -> FeatureState:
+    """An older snapshot in today's shape.
+
+    Version 1 came before buckets, the quiet-feature carry and counted ids; snapshots of either version written before
+    the input_per_request signal have windows without `inputs` (that signal then starts from the next window's).
+    """
     for one in (state, *state.by_model.values()):
-        one.__dict__.setdefault("open", {})
-        one.__dict__.setdefault("carry", None)
-        one.__dict__.setdefault("req_rate", 0.0)
-        one.__dict__.setdefault("rate_n", 0)
-        if one.window is not None:
-            one.window.__dict__["ids"] = set()  # version 1 counted no ids
+        if version == 1:
+            one.__dict__.setdefault("open", {})
+            one.__dict__.setdefault("carry", None)
+            one.__dict__.setdefault("req_rate", 0.0)
+            one.__dict__.setdefault("rate_n", 0)
+            if one.window is not None:
+                one.window.__dict__["ids"] = set()  # version 1 counted no ids
+        for w in (one.window, one.carry, *one.open.values()):
+            if w is not None:
+                w.__dict__.setdefault("inputs", [])
     return state
 
 
@@ -839,6 +864,7 @@ def dump_state(state: FeatureState, limit: int = MAX_SNAPSHOT_BYTES) -> bytes:
         for w in one.open.values():
             w.ids.clear()
             del w.costs[200:]
+            del w.inputs[200:]
             w.by = {d: {} for d in DIMENSIONS}
     smaller = _pack(trimmed)
     if len(smaller) > limit:
@@ -857,4 +883,4 @@ def load_state(blob: bytes) -> FeatureState:
     state = pickle.loads(raw)  # noqa: S301 - written by this module into tally's internal changelog only
     if not isinstance(state, FeatureState):
         raise ValueError("a detector snapshot must hold a FeatureState")
-    return _upgrade(state) if blob[0] == 1 else state
+    return _upgrade(state, blob[0])

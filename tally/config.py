@@ -125,15 +125,16 @@ class Settings:
     fold_inactivity_s: float = 600.0
     fold_grace_s: float = 120.0
     fold_idle_s: float = 5.0
-    # Detect (process role, event time, seconds): windows of `detect_window_s`, closed `detect_lateness_s` after
-    # their end and grown until they hold `detect_min_requests`; a signal pages only after
+    # Detect (process role, event time, seconds): windows of whole `detect_window_s`, closed `detect_lateness_s`
+    # after their end, each as long as the feature's usual rate needs to hold a few requests (streams.detect); a rate
+    # rises toward a page only on a window holding `detect_min_requests`; a signal pages only after
     # `detect_warmup_windows` windows. A feature's detector snapshot is written at most every `detect_snapshot_s`
     # of wall time. The detectors' clocks are the process role's watermarks (streams.watermarks), which wall time
     # moves only for a caught-up input partition silent for `fold_idle_s`.
     detect_window_s: int = 60
     detect_lateness_s: int = 60
     detect_min_requests: int = 20
-    detect_warmup_windows: int = 30
+    detect_warmup_windows: int = 60
     detect_snapshot_s: float = 5.0
     # Budgets (sink role): evaluated every `budget_interval_s`; the burn rate is the spend of the last
     # `budget_window_s` seconds.
