@@ -104,8 +104,10 @@ def _usage(inp: int, out: int, *, reasoning: int = 0, read: int = 0, write: int 
 def from_openai_chat(usage: Any) -> dict[str, int]:
     """Normalize an OpenAI Chat Completions `usage` object (a mapping or the SDK's model).
 
-    prompt_tokens includes prompt_tokens_details.cached_tokens; completion_tokens includes
-    completion_tokens_details.reasoning_tokens. Audio tokens (prompt and completion) stay inside input and
+    prompt_tokens includes prompt_tokens_details.cached_tokens (cache reads) and
+    prompt_tokens_details.cache_write_tokens (written to the prompt cache, billed at the input rate by OpenAI: the
+    cache_write class, which a card prices); completion_tokens includes completion_tokens_details.reasoning_tokens.
+    Audio tokens (prompt and completion) stay inside input and
     output: event v1 has no audio class, so a price card prices them at the text rate.
     accepted_prediction_tokens and rejected_prediction_tokens are inside completion_tokens and billed as
     output, so they stay in output. Classes sum to prompt_tokens + completion_tokens (= total_tokens).
@@ -116,20 +118,27 @@ def from_openai_chat(usage: Any) -> dict[str, int]:
     u = _mapping(p, usage, "usage")
     prompt = _count(p, u, "prompt_tokens", required=True)
     completion = _count(p, u, "completion_tokens", required=True)
-    cached = _count(p, _details(p, u, "prompt_tokens_details"), "cached_tokens",
-                    path="prompt_tokens_details")
+    details = _details(p, u, "prompt_tokens_details")
+    cached = _count(p, details, "cached_tokens", path="prompt_tokens_details")
+    written = _count(p, details, "cache_write_tokens", path="prompt_tokens_details")
     reasoning = _count(p, _details(p, u, "completion_tokens_details"), "reasoning_tokens",
                        path="completion_tokens_details")
-    _within(p, cached, "prompt_tokens_details.cached_tokens", prompt, "prompt_tokens")
+    _within(p, cached + written, "prompt_tokens_details.cached_tokens + prompt_tokens_details.cache_write_tokens",
+            prompt, "prompt_tokens")
     _within(p, reasoning, "completion_tokens_details.reasoning_tokens", completion, "completion_tokens")
-    return _usage(prompt - cached, completion - reasoning, reasoning=reasoning, read=cached)
+    return _usage(prompt - cached - written, completion - reasoning, reasoning=reasoning, read=cached,
+                  write=written)
 
 
 def from_openai_responses(usage: Any) -> dict[str, int]:
     """Normalize an OpenAI Responses API `usage` object (a mapping or the SDK's model).
 
-    input_tokens includes input_tokens_details.cached_tokens; output_tokens includes
-    output_tokens_details.reasoning_tokens. Classes sum to input_tokens + output_tokens (= total_tokens).
+    input_tokens includes input_tokens_details.cached_tokens (cache reads) and input_tokens_details.cache_write_tokens
+    (cache writes); output_tokens includes output_tokens_details.reasoning_tokens. Cache writes split by their
+    retention when input_tokens_details.cache_write_tokens_details is present (it must then sum to
+    cache_write_tokens): 30-minute writes are the cache_write class, 12-hour writes cache_write_1h (the card's rate
+    for long-lived writes); without it, all are cache_write. Classes sum to input_tokens + output_tokens
+    (= total_tokens).
     Raises NormalizationError when input_tokens or output_tokens is missing, a count is not an int in
     0..MAX_TOKENS, or a detail exceeds its total.
     """
@@ -137,12 +146,26 @@ def from_openai_responses(usage: Any) -> dict[str, int]:
     u = _mapping(p, usage, "usage")
     inp = _count(p, u, "input_tokens", required=True)
     out = _count(p, u, "output_tokens", required=True)
-    cached = _count(p, _details(p, u, "input_tokens_details"), "cached_tokens", path="input_tokens_details")
+    details = _details(p, u, "input_tokens_details")
+    cached = _count(p, details, "cached_tokens", path="input_tokens_details")
+    written = _count(p, details, "cache_write_tokens", path="input_tokens_details")
+    short, long = written, 0
+    if details.get("cache_write_tokens_details") is not None:
+        ttl = _details(p, details, "cache_write_tokens_details")
+        where = "input_tokens_details.cache_write_tokens_details"
+        short = _count(p, ttl, "ttl_30m_tokens", path=where)
+        long = _count(p, ttl, "ttl_12h_tokens", path=where)
+        if short + long != written:
+            raise NormalizationError(
+                f"{p}: {where}.ttl_30m_tokens ({short}) + {where}.ttl_12h_tokens ({long}) != "
+                f"input_tokens_details.cache_write_tokens ({written})")
     reasoning = _count(p, _details(p, u, "output_tokens_details"), "reasoning_tokens",
                        path="output_tokens_details")
-    _within(p, cached, "input_tokens_details.cached_tokens", inp, "input_tokens")
+    _within(p, cached + written, "input_tokens_details.cached_tokens + input_tokens_details.cache_write_tokens",
+            inp, "input_tokens")
     _within(p, reasoning, "output_tokens_details.reasoning_tokens", out, "output_tokens")
-    return _usage(inp - cached, out - reasoning, reasoning=reasoning, read=cached)
+    return _usage(inp - cached - written, out - reasoning, reasoning=reasoning, read=cached, write=short,
+                  write_1h=long)
 
 
 def from_anthropic(usage: Any, *, thinking_tokens: int | None = None) -> dict[str, int]:
@@ -150,10 +173,11 @@ def from_anthropic(usage: Any, *, thinking_tokens: int | None = None) -> dict[st
 
     input_tokens excludes cache_read_input_tokens and cache_creation_input_tokens: they map one to one.
     Cache creation is split by cache_creation.ephemeral_5m_input_tokens / ephemeral_1h_input_tokens when that
-    breakdown is present (it must then sum to cache_creation_input_tokens); without it, all creation is
-    5-minute. Extended-thinking tokens are inside output_tokens and Anthropic does not report them apart:
-    reasoning is 0 and output holds everything, unless the caller passes `thinking_tokens` (at most
-    output_tokens), which moves that many tokens from output to reasoning. For a stream, pass the final
+    breakdown is present (it must then sum to cache_creation_input_tokens); without it, or with a breakdown of two
+    zeros beside a non-zero total (some API versions and proxies send that), all creation is 5-minute.
+    Extended-thinking tokens are inside output_tokens; output_tokens_details.thinking_tokens (at most output_tokens)
+    moves that many from output to reasoning. A caller's `thinking_tokens` (for an older API that does not report
+    them) is used when the usage has none, and must agree with it when it has. For a stream, pass the final
     cumulative usage (the last message_delta's counts), not message_start's. Classes sum to input_tokens +
     cache_read_input_tokens + cache_creation_input_tokens + output_tokens. Raises NormalizationError on a
     missing input_tokens/output_tokens, a count that is not an int in 0..MAX_TOKENS, or an inconsistent
@@ -172,18 +196,72 @@ def from_anthropic(usage: Any, *, thinking_tokens: int | None = None) -> dict[st
         b = _mapping(p, breakdown, "cache_creation")
         write_5m = _count(p, b, "ephemeral_5m_input_tokens", path="cache_creation")
         write_1h = _count(p, b, "ephemeral_1h_input_tokens", path="cache_creation")
-        if u.get("cache_creation_input_tokens") is not None and write_5m + write_1h != creation:
+        if write_5m + write_1h == 0:
+            write_5m = creation  # no split reported: 5-minute, as without a breakdown
+        elif u.get("cache_creation_input_tokens") is not None and write_5m + write_1h != creation:
             raise NormalizationError(
                 f"{p}: cache_creation.ephemeral_5m_input_tokens ({write_5m}) + "
                 f"cache_creation.ephemeral_1h_input_tokens ({write_1h}) != "
                 f"cache_creation_input_tokens ({creation})")
     reasoning = 0
+    reported = u.get("output_tokens_details")
+    if reported is not None:
+        reasoning = _count(p, _mapping(p, reported, "output_tokens_details"), "thinking_tokens",
+                           path="output_tokens_details")
+        _within(p, reasoning, "output_tokens_details.thinking_tokens", out, "output_tokens")
     if thinking_tokens is not None:
+        if type(thinking_tokens) is not int or not 0 <= thinking_tokens <= MAX_TOKENS:
+            _bad_count(p, "thinking_tokens", thinking_tokens, required=True)
+        _within(p, thinking_tokens, "thinking_tokens", out, "output_tokens")
+        if reported is not None and thinking_tokens != reasoning:
+            raise NormalizationError(
+                f"{p}: thinking_tokens ({thinking_tokens}) disagrees with output_tokens_details.thinking_tokens "
+                f"({reasoning}) reported by the API")
         reasoning = thinking_tokens
-        if type(reasoning) is not int or not 0 <= reasoning <= MAX_TOKENS:
-            _bad_count(p, "thinking_tokens", reasoning, required=True)
-        _within(p, reasoning, "thinking_tokens", out, "output_tokens")
     return _usage(inp, out - reasoning, reasoning=reasoning, read=read, write=write_5m, write_1h=write_1h)
+
+
+class CallInfo(TypedDict, total=False):
+    """What a usage object says about the call beyond tokens, named as usage_event's keyword arguments."""
+
+    tool_calls: dict[str, int]
+    service_tier: str
+    batch: bool
+
+
+#: Anthropic's server tools (usage.server_tool_use) → the tool_calls names a price card prices per call.
+ANTHROPIC_SERVER_TOOLS: Mapping[str, str] = {
+    "web_search_requests": "web_search",
+    "web_fetch_requests": "web_fetch",
+    "code_execution_requests": "code_execution",
+}
+
+
+def anthropic_call_info(usage: Any) -> CallInfo:
+    """Server tool calls, service tier and batch from an Anthropic `usage` object (a mapping or the SDK's model).
+
+    usage.server_tool_use's counts become tool_calls (web_search, web_fetch, code_execution; zeros left out);
+    usage.service_tier "priority" or "standard" becomes service_tier, and "batch" becomes batch=True. Pass the
+    result on as usage_event(**info, ...). Raises NormalizationError on a count that is not an int in
+    0..MAX_TOKENS or a tier that is not a string.
+    """
+    p = "anthropic"
+    u = _mapping(p, usage, "usage")
+    info = CallInfo()
+    tools = _details(p, u, "server_tool_use")
+    calls = {name: _count(p, tools, field, path="server_tool_use") for field, name in ANTHROPIC_SERVER_TOOLS.items()}
+    calls = {k: v for k, v in calls.items() if v}
+    if calls:
+        info["tool_calls"] = calls
+    tier = u.get("service_tier")
+    if tier is not None:
+        if not isinstance(tier, str):
+            raise NormalizationError(f"{p}: usage field service_tier must be a string, got {tier!r}")
+        if tier == "batch":
+            info["batch"] = True
+        else:
+            info["service_tier"] = tier
+    return info
 
 
 def _gemini_count(u: Mapping[str, Any], camel: str, snake: str, *, required: bool = False) -> int:
