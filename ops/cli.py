@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -220,10 +221,17 @@ def status(c: Ctx) -> None:
         table.add_row("kafka", f"[red]{exc}[/]")
     try:
         st = stack.api(s, "/api/status", timeout=2)
-        table.add_row("worker api", ", ".join(f"{k}={v}" for k, v in st.items()))
+        table.add_row("worker api", ", ".join(f"{k}={_status_value(k, v)}" for k, v in st.items()))
     except (OSError, TallyError):
         table.add_row("worker api", f"not answering on {s.web_url}")
     out.print(table)
+
+
+def _status_value(key: str, value: Any) -> str:
+    """A worker status counter for people: epoch-second times (started_at, last_insert_at, …) as ISO 8601 UTC."""
+    if key.endswith("_at") and isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+        return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return str(value)
 
 
 @cli.command()
@@ -457,10 +465,29 @@ def run_query(s: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
         return r.columns, [list(row) for row in r.rows]
 
 
-def _cell(v: Any) -> str:
+def _cell(v: Any, people: bool = False) -> str:
+    """A query result cell as text.
+
+    Decimal exact without ClickHouse's trailing zeros (14.1710897225, not 14.171089722500000000), with thousands
+    separators for people (tables); datetimes as ISO 8601.
+    """
+    from ops.reports.output import decimal_text, display_decimal
+
+    if isinstance(v, Decimal):
+        return display_decimal(v) if people else decimal_text(v)
     if isinstance(v, float):
         return f"{v:.6g}"
+    if isinstance(v, datetime):
+        return v.isoformat()
     return "" if v is None else str(v)
+
+
+def _json_cell(v: Any) -> Any:
+    if isinstance(v, Decimal):
+        from ops.reports.output import decimal_text
+
+        return decimal_text(v)
+    return str(v)
 
 
 @cli.command()
@@ -471,7 +498,7 @@ def query(c: Ctx, sql: str, fmt: str) -> None:
     """Run read-only SQL against tally's ClickHouse (embedded mode: through the running worker)."""
     columns, rows = run_query(c.settings, sql)
     if fmt == "json":
-        sys.stdout.write(orjson.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str,
+        sys.stdout.write(orjson.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=_json_cell,
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
     elif fmt == "csv":
         buf = io.StringIO()
@@ -482,7 +509,7 @@ def query(c: Ctx, sql: str, fmt: str) -> None:
     else:
         table = Table(*columns)
         for r in rows:
-            table.add_row(*(_cell(v) for v in r))
+            table.add_row(*(_cell(v, people=True) for v in r))
         out.print(table)
 
 
@@ -844,8 +871,11 @@ def dlq_show(c: Ctx, limit: int, reasons: tuple[str, ...], fmt: str) -> None:
     from ops.dlq import read_dead_letters, select, summarize
 
     letters = list(select(read_dead_letters(c.settings.kafka_bootstrap, c.settings.topics.dlq), reasons))
-    letters.sort(key=lambda d: str(d.record.get("rejected_at")))
-    recent = letters[-limit:] if limit else []
+    # Newest first: rejected_at, then the source position (one batch's letters share a time).
+    letters.sort(key=lambda d: (str(d.record.get("rejected_at")), str(d.record.get("source_topic")),
+                                d.record.get("source_partition") or 0, d.record.get("source_offset") or 0,
+                                d.record.get("source_line") or 0), reverse=True)
+    recent = letters[:limit] if limit else []
     if fmt == "json":
         sys.stdout.write(orjson.dumps({"by_reason": summarize(letters), "recent": [d.record for d in recent]},
                                       option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -854,12 +884,14 @@ def dlq_show(c: Ctx, limit: int, reasons: tuple[str, ...], fmt: str) -> None:
     for reason, n in summarize(letters).most_common():
         counts.add_row(reason, f"{n:,}")
     out.print(counts)
-    table = Table("rejected_at", "reason", "stage", "source", "event_id", "message", title="most recent")
+    table = Table("rejected_at", "reason", "stage", "source", "event_id",
+                  title=f"most recent {len(recent)}, newest first")
+    table.add_column("message", overflow="fold", ratio=1)  # wrapped whole, never cut mid-word
     for d in recent:
         r = d.record
         table.add_row(str(r.get("rejected_at")), str(r.get("reason")), str(r.get("stage")),
                       f"{r.get('source_topic')}[{r.get('source_partition')}]@{r.get('source_offset')}"
-                      f"#{r.get('source_line')}", str(r.get("event_id") or ""), str(r.get("message"))[:90])
+                      f"#{r.get('source_line')}", str(r.get("event_id") or ""), str(r.get("message")))
     out.print(table)
 
 

@@ -317,6 +317,18 @@ def _json_path(parts: list[str]) -> str:
     return out
 
 
+def _unknown_fields(exc: fastjsonschema.JsonSchemaValueException, message: str) -> str:
+    """The message for top-level fields event v1 does not know: their names, and how to send the line again."""
+    value, definition = exc.value, exc.definition
+    known = definition.get("properties", {}) if isinstance(definition, dict) else {}
+    if isinstance(value, dict) and known:
+        names = ", ".join(repr(k) for k in sorted(str(k) for k in value if k not in known))
+    else:
+        names = message.split("contain ", 1)[-1].removesuffix(" properties")
+    return (f"unknown top-level field(s) {names}: usage event v1 has no such field (remove it at the gateway, or "
+            f"replay with `tally dlq replay --reason unknown_field --unset NAME`)")
+
+
 def _classify(exc: fastjsonschema.JsonSchemaValueException) -> tuple[str, str, str]:
     """Map the schema's first failing rule to a precise reason code, a human message and a JSON path."""
     path_parts = [str(p) for p in (exc.path or ["data"])]
@@ -325,7 +337,7 @@ def _classify(exc: fastjsonschema.JsonSchemaValueException) -> tuple[str, str, s
     field = path_parts[1] if len(path_parts) > 1 else ""
     rule = exc.rule
     if rule == "additionalProperties" and len(path_parts) == 1:
-        return UNKNOWN_FIELD, f"unknown top-level field(s): {message.split('contain ', 1)[-1]}", path
+        return UNKNOWN_FIELD, _unknown_fields(exc, message), path
     if rule == "required":
         return MISSING_FIELD, f"{message} (required)", path
     if field == "schema_version":

@@ -73,6 +73,8 @@ def test_publish_wait_query_exactly_once_with_exact_costs(stack, tmp_path):
     originals = Counter(base64.b64decode(r["original_b64"]) for r in dlq["recent"])
     assert originals == Counter(b for b, _ in bad)
     assert all(r["source_topic"] == stack.settings.topics.usage and r["source_line"] >= 1 for r in dlq["recent"])
+    at = [r["rejected_at"] for r in dlq["recent"]]
+    assert at == sorted(at, reverse=True)  # newest first
 
     # replaying the DLQ after a fix lands the fixed lines once; replaying again changes nothing
     stack.tally("dlq", "replay", "--reason", "unknown_field", "--unset", "prompt")
