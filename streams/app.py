@@ -297,7 +297,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         refs = ReferenceStore()
         feed = ReferenceFeed(settings.kafka_bootstrap, topics.reference(), refs)
         validator = Validator(settings.max_line_bytes, settings.max_message_bytes,
-                              max_future_skew=timedelta(seconds=settings.max_future_skew_s))
+                              max_future_skew=timedelta(seconds=settings.max_future_skew_s),
+                              redact=settings.dlq_redact)
         # Fold state: one entry per open (or recently emitted) logical request, keyed by its id. The changelog is
         # partitioned like llm.usage.v1 and written with the same murmur2 partitioner, so an entry lives on the
         # partition of its attempts and moves with it on a rebalance (Faust restores it before the agent resumes).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -88,12 +88,21 @@ class Validator:
     the event-time clocks downstream with it). When `partitions` is given, an event whose logical request id does
     not hash to the message's partition is rejected as wrong_partition, since splitting a logical request across
     partitions would split its fold state.
+
+    Redaction (`redact`, the dlq_redact_fields setting): a rejected line that parses as an object is stored in the
+    dead-letter topic with the values of these top-level fields replaced by "[redacted]" (names kept, so a replay can
+    still `--unset` them); "unknown" names every field event v1 does not have (a `prompt` a gateway sent by mistake
+    would otherwise sit verbatim in the DLQ for the topic's retention). Empty: originals byte for byte.
     """
 
     def __init__(self, max_line_bytes: int = 16 * 1024, max_message_bytes: int = 1024 * 1024,
                  schema: Mapping[str, Any] | None = None,
-                 max_future_skew: timedelta = timedelta(minutes=15)) -> None:
+                 max_future_skew: timedelta = timedelta(minutes=15),
+                 redact: Sequence[str] = ("unknown",)) -> None:
         schema = dict(schema or load_schema())
+        self.known_fields = frozenset(schema.get("properties", {}))
+        self.redact_unknown = "unknown" in redact
+        self.redact_named = frozenset(f for f in redact if f and f != "unknown")
         self.max_future_skew = max_future_skew
         self.max_line_bytes = max_line_bytes
         self.max_message_bytes = max_message_bytes
@@ -174,6 +183,25 @@ class Validator:
                     return False
         return True
 
+    def redact(self, rejection: Rejection) -> Rejection:
+        """The rejection as the DLQ stores it: redacted fields' values replaced in its original, the message saying so.
+
+        Only a line that parses as a JSON object can be redacted; anything else is kept byte for byte.
+        """
+        if not (self.redact_unknown or self.redact_named) or not rejection.raw.lstrip().startswith(b"{"):
+            return rejection
+        try:
+            event = orjson.loads(rejection.raw)
+        except orjson.JSONDecodeError:
+            return rejection
+        hidden = sorted(k for k in event if (self.redact_unknown and k not in self.known_fields)
+                        or k in self.redact_named)
+        if not hidden:
+            return rejection
+        rejection.raw = orjson.dumps({k: "[redacted]" if k in hidden else v for k, v in event.items()})
+        rejection.message += f" (the stored original has the value of {', '.join(map(repr, hidden))} redacted)"
+        return rejection
+
     def explain(self, e: Any) -> tuple[str, str, str | None] | None:
         """Run the full JSON Schema validator: None when valid, else (reason, human message, JSON path)."""
         try:
@@ -211,7 +239,12 @@ class Validator:
 
     def validate_line(self, line: bytes, source: Source, n: int, partitions: int | None, now: datetime
                       ) -> tuple[Accepted | None, Rejection | None]:
-        """Validate one NDJSON line; exactly one of the two results is set."""
+        """Validate one NDJSON line; exactly one of the two results is set (a rejection redacted: see `redact`)."""
+        ok, bad = self._validate_line(line, source, n, partitions, now)
+        return ok, (None if bad is None else self.redact(bad))
+
+    def _validate_line(self, line: bytes, source: Source, n: int, partitions: int | None, now: datetime
+                       ) -> tuple[Accepted | None, Rejection | None]:
         if len(line) > self.max_line_bytes:
             return None, Rejection(OVERSIZED, STAGE_VALIDATE,
                                    f"line of {len(line)} bytes exceeds the {self.max_line_bytes}-byte limit",

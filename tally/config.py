@@ -109,6 +109,9 @@ class Settings:
     process_batch_messages: int = 100
     sink_batch_messages: int = 100
     batch_within_s: float = 0.2
+    # Dead letters: top-level fields whose values are replaced by "[redacted]" in a refused line's stored original
+    # (comma-separated; "unknown" = every field event v1 does not have, e.g. a prompt sent by mistake; "" = none).
+    dlq_redact_fields: str = "unknown"
     # Exactly-once effect: the window in which ClickHouse remembers event_ids and insert tokens.
     dedup_window_days: int = 7
     # Rollup retention per grain (TTL, whole parts dropped); re-applied by every migrate.
@@ -181,6 +184,11 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return self.ch_url.startswith("chdb:")
+
+    @property
+    def dlq_redact(self) -> tuple[str, ...]:
+        """dlq_redact_fields as names ("unknown" included as is)."""
+        return tuple(f.strip() for f in self.dlq_redact_fields.split(",") if f.strip())
 
     @property
     def web_url(self) -> str:

@@ -126,9 +126,11 @@ def test_rejections_carry_precise_reason_and_path(v, raw, reason, path):
     assert bad.stage == "validate"
     assert bad.path == path
     assert bad.message
-    assert bad.raw == raw
+    # Stored as sent, but for the value of a field event v1 does not have (dlq_redact_fields, default "unknown").
+    stored = raw if reason != "unknown_field" else orjson.dumps({**orjson.loads(raw), "prompt": "[redacted]"})
+    assert bad.raw == stored
     rec = bad.to_record()
-    assert base64.b64decode(rec["original_b64"]) == raw
+    assert base64.b64decode(rec["original_b64"]) == stored
     assert (rec["source_topic"], rec["source_partition"], rec["source_offset"], rec["source_line"]) == (
         "llm.usage.v1", 2, 41, 1)
 
@@ -214,3 +216,17 @@ def test_fast_path_never_accepts_what_the_schema_rejects(mutations, drops):
 def test_integral_floats_are_accepted_as_ints(v):
     ok, bad = check_one(v, line(good(attempt=2.0, usage={"input_tokens": 10.0})))
     assert bad is None and type(ok.event["attempt"]) is int and type(ok.event["usage"]["input_tokens"]) is int
+
+
+def test_redaction_keeps_names_and_can_be_turned_off_or_widened():
+    secret = line(good(prompt="the user's secret prompt"))
+    _, bad = check_one(Validator(redact=()), secret)
+    assert bad.raw == secret and "redacted" not in bad.message
+    _, bad = check_one(Validator(), secret)
+    assert b"secret" not in bad.raw and orjson.loads(bad.raw)["prompt"] == "[redacted]"
+    assert bad.message.endswith("(the stored original has the value of 'prompt' redacted)")
+    # A named field is redacted in any refused line, whatever the reason; accepted lines are untouched.
+    _, bad = check_one(Validator(redact=("tags",)), line(good(timestamp="yesterday")))
+    assert bad.reason == "bad_timestamp" and orjson.loads(bad.raw)["tags"] == "[redacted]"
+    ok, _ = check_one(Validator(redact=("tags",)), line(good()))
+    assert ok is not None and ok.raw == line(good())
