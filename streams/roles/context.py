@@ -1,0 +1,194 @@
+"""What every role's wiring shares: the app, settings, store, counters, topics and tally's stored input positions."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import faust
+from faust.types import TP
+
+from streams.positions import PositionGuard, is_meta_key, meta_partition
+from streams.records import Source
+from tally.config import Settings
+from tally.failpoints import Failpoints
+from tally.partitioning import partition_for_bytes
+from tally.sdk.batching import pack_ndjson
+from tally.store import Store
+
+log = logging.getLogger("tally.worker")
+# Debug level: per batch, the input offsets it covers and the outputs it produced, logged once its position is stored.
+audit = logging.getLogger("tally.offsets")
+
+# Output messages stay well under the producer's max request size (and Kafka's default 1 MiB message limit).
+OUTPUT_MESSAGE_BYTES = 900 * 1024
+EXIT_SINK_GAVE_UP = 70
+EXIT_AGENT_FAILED = 71
+
+Batch = list[tuple[bytes | None, Source]]
+StoredPositions = Callable[[], Awaitable[dict[int, int]]]  # → {partition: last offset whose effects are durable}
+
+
+def stop_hard(code: int, message: str, *args: Any) -> None:
+    """Stop the worker at once, committing nothing more: the batch in hand is processed again after a restart.
+
+    Faust would restart a crashed agent in place and could then commit offsets of a batch never written.
+    """
+    log.critical(message, *args, exc_info=code == EXIT_AGENT_FAILED)
+    logging.shutdown()
+    os._exit(code)
+
+
+def agent_name(fun: str) -> str:
+    """The name Faust gave the agent `fun` when create_app declared every agent in streams.app (its logs say it)."""
+    return f"streams.app.{fun}"
+
+
+def timer_name(fun: str) -> str:
+    """The name Faust gave the timer `fun` when create_app declared every timer in streams.app (its logs say it)."""
+    return f"streams.app.create_app.<locals>.{fun}"
+
+
+def batch_of(events: Iterable[Any]) -> Batch:
+    """A batch from `stream.take_events`: each message's value and where it was read."""
+    return [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset)) for e in events]
+
+
+@dataclass
+class WorkerStats:
+    """Counters a worker serves on /api/status (and `tally status` / `tally run` print)."""
+
+    role: str
+    started_at: float = field(default_factory=time.time)
+    messages: int = 0
+    events_accepted: int = 0
+    events_rejected: int = 0
+    reference_ready: bool = False
+    requests_emitted: int = 0
+    fold_state_writes: int = 0
+    budget_alerts: int = 0
+    detect_requests: int = 0
+    detect_errors: int = 0
+    anomaly_alerts: int = 0
+    detect_snapshots: int = 0
+    detect_late: int = 0  # requests older than their feature's current window (counted in ratios, not rates)
+    detect_duplicates: int = 0  # re-emitted requests already counted
+
+
+class KeyedTable(faust.Table):  # type: ignore[misc]
+    """A state table whose entry lives on the murmur2 partition of its key, like the topic it follows.
+
+    Fold state: the key is a logical id, the partition of its attempts on llm.usage.v1 (the validate stage refuses
+    any other). Detect state: the key is a feature_id, the partition of its requests on llm.cost.requests.v1. So an
+    entry moves with its input partition on a rebalance. Keys and values are raw bytes. A position entry
+    (streams.positions) lives on the partition its key names. Every changelog write is remembered until `written`
+    awaits its delivery: state is durable before the position that produced it moves.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._unconfirmed: list[Any] = []
+
+    def partition_for_key(self, key: Any) -> int:
+        if is_meta_key(key):
+            return meta_partition(key)
+        return partition_for_bytes(key, self.partitions or 1)
+
+    def send_changelog(self, *args: Any, **kwargs: Any) -> Any:
+        fut = super().send_changelog(*args, **kwargs)
+        self._unconfirmed.append(fut)
+        return fut
+
+    async def written(self) -> None:
+        """Wait until every changelog write made so far is delivered (acks = all)."""
+        pending, self._unconfirmed = self._unconfirmed, []
+        if pending:
+            await asyncio.gather(*pending)
+
+
+@dataclass
+class RoleContext:
+    """One worker's app and what its roles share; each role's wiring (streams.roles.*) declares its part on it.
+
+    `partitions` is the input topic's real partition count, `req_partitions` llm.cost.requests.v1's (see create_app).
+    """
+
+    app: faust.App
+    settings: Settings
+    stats: WorkerStats
+    store: Store | None
+    partitions: int
+    req_partitions: int
+    usage_topic: faust.TopicT
+    attempts_topic: faust.TopicT
+    dlq_topic: faust.TopicT
+    requests_topic: faust.TopicT
+    alerts_topic: faust.TopicT
+    crash: Failpoints  # tests only: named crash points, inert unless armed
+    clickhouse: ThreadPoolExecutor | None = None  # the sink's ClickHouse executor, in roles sink and all
+    # Input positions tally owns, per (topic, stage): the guard of the stage that consumes the topic and where its
+    # position is stored. Two stages can read one topic in one worker (role all: the detectors and the sink both
+    # read the requests topic); the topic then resumes from the lower of their positions and each guard passes
+    # over what its stage has already saved.
+    guards: dict[tuple[str, str], PositionGuard] = field(default_factory=dict)
+    stored: dict[tuple[str, str], StoredPositions] = field(default_factory=dict)
+
+    def own_positions(self, topic: str, stage: str, stored: StoredPositions) -> None:
+        """The stage reads `topic` from the positions `stored` returns, behind a guard that drops replayed input."""
+        self.guards[(topic, stage)] = PositionGuard(topic)
+        self.stored[(topic, stage)] = stored
+
+    async def fail_at(self, name: str) -> None:
+        """Crash at a named point (tests only), between two calls of this process's ClickHouse writer, if any.
+
+        So the crash lands on the boundary it names, not inside another agent's insert (a kill inside an insert is
+        the kill -9 test's and the fault suite's case).
+        """
+        if not self.crash.armed(name):
+            return
+        if self.clickhouse is not None:
+            await asyncio.get_running_loop().run_in_executor(self.clickhouse, self.crash.hit, name)
+        else:
+            self.crash.hit(name)
+
+    async def recover_positions(self, assigned: set[TP]) -> dict[TP, int]:
+        """After an assignment: the offset to resume each owned partition from (stored position + 1, else 0)."""
+        out: dict[TP, int] = {}
+        for (topic, stage), guard in self.guards.items():
+            partitions = {tp.partition for tp in assigned if tp.topic == topic}
+            if not partitions:
+                continue
+            positions = await self.stored[(topic, stage)]()
+            await self.fail_at("rebalance")
+            guard.reset(positions, partitions)
+            # No stored position: nothing of this partition is known to be saved, whatever Kafka's committed offset
+            # says (it can run past input whose outputs never landed). Read it from its beginning: every stage is
+            # idempotent, so a replay costs time, never money.
+            for p in partitions:
+                at = positions[p] + 1 if p in positions else 0
+                out[TP(topic, p)] = min(at, out.get(TP(topic, p), at))
+        if out:
+            log.info("resuming from stored positions: %s",
+                     ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(out.items())))
+        return out
+
+    async def admit(self, batch: Batch, topic: str, stage: str) -> Batch:
+        """The batch without replayed input; a partition with skipped input is rewound to its stored position."""
+        admitted = self.guards[(topic, stage)].admit(batch)
+        for partition, offset in admitted.rewind.items():
+            await self.app.consumer.seek(TP(topic, partition), offset)
+        return admitted.messages
+
+    async def publish(self, topic: faust.TopicT, lines_by_partition: dict[int, list[bytes]]) -> list[Any]:
+        """Hand batch messages to the producer; returns their delivery futures (await them before the batch ends)."""
+        pending = []
+        for partition, lines in lines_by_partition.items():
+            for chunk in pack_ndjson(lines, OUTPUT_MESSAGE_BYTES):
+                pending.append(await topic.send(value=chunk, partition=partition, force=True))
+        return pending

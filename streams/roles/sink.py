@@ -1,0 +1,132 @@
+"""Role "sink": attempts, requests and alerts → ClickHouse (usage_events, logical_requests, anomalies), each once."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import faust
+
+from streams.positions import audit_line, last_offsets
+from streams.roles.context import (
+    EXIT_AGENT_FAILED,
+    EXIT_SINK_GAVE_UP,
+    RoleContext,
+    StoredPositions,
+    agent_name,
+    audit,
+    batch_of,
+    stop_hard,
+)
+from streams.sink import (
+    ATTEMPT_ROWS,
+    REQUEST_ROWS,
+    AnomalyWriter,
+    RequestWriter,
+    SinkStats,
+    SinkWriter,
+    decode_anomalies,
+    decode_batch,
+    run_with_retry,
+    write_with_retry,
+)
+from tally.errors import SinkGaveUp
+from tally.store import Store
+
+
+@dataclass
+class SinkWiring:
+    """What the sink's neighbours in its worker use: the store, its writers' counters and the ClickHouse thread."""
+
+    store: Store
+    writer: SinkWriter
+    request_writer: RequestWriter
+    executor: ThreadPoolExecutor  # owns the ClickHouse client: inserts (and budget reads) are serialized on it
+
+
+def wire_sink(ctx: RoleContext) -> SinkWiring:
+    """The three sink agents; their input positions live in ClickHouse (sink_offsets)."""
+    app, settings, topics = ctx.app, ctx.settings, ctx.settings.topics
+    if ctx.store is None:
+        raise ValueError("the sink role needs a Store")
+    writer = SinkWriter(ctx.store)
+    request_writer = RequestWriter(ctx.store, SinkStats())
+    anomaly_writer = AnomalyWriter(ctx.store, SinkStats())
+    # One thread owns the ClickHouse client: inserts and API queries are serialized on it, and the event loop
+    # (Faust's consumer) keeps running while an insert is in flight.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
+    ctx.clickhouse = executor
+
+    # The sink's input positions live in ClickHouse (sink_offsets), under one name whatever the role.
+    sink_consumer = settings.group_id("sink")
+
+    def sink_positions(topic: str) -> StoredPositions:
+        async def read() -> dict[int, int]:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(executor, writer.store.stored_offsets, sink_consumer, topic)
+        return read
+
+    for topic in (topics.attempts, topics.requests, topics.alerts):
+        ctx.own_positions(topic, "sink", sink_positions(topic))
+
+    async def sink_batches(stream: faust.StreamT, write: Any, decode: Callable[..., Any],
+                           sink_stats: SinkStats) -> None:
+        """Admit → decode → write with retry → dead-letter bad lines and refused rows → store the position.
+
+        The position (sink_offsets) is written only after ClickHouse acknowledged the rows and the dead letters
+        were delivered; every assignment resumes from it, so Kafka's committed offsets never decide what is saved.
+        """
+        loop = asyncio.get_running_loop()
+        try:
+            async for events in stream.take_events(  # type: ignore[attr-defined]
+                    settings.sink_batch_messages, settings.batch_within_s):
+                batch = batch_of(events)
+                topic = batch[0][1].topic if batch else ""
+                batch = await ctx.admit(batch, topic, "sink") if batch else batch
+                if not batch:
+                    continue
+                # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
+                rows, bad_lines = await loop.run_in_executor(executor, decode, batch)
+                await ctx.fail_at("sink.after_decode")
+                written = await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
+                await ctx.fail_at("sink.after_insert")
+                for partition, lines in written.dead_letters().items():
+                    bad_lines.setdefault(partition, []).extend(lines)
+                await asyncio.gather(*await ctx.publish(ctx.dlq_topic, bad_lines))  # delivered before the position
+                ctx.stats.events_rejected += sum(len(v) for v in bad_lines.values())
+                await run_with_retry(functools.partial(writer.store.record_offsets, sink_consumer, topic,
+                                                       last_offsets(src for _, src in batch)),
+                                     executor, settings.sink_retry_s, sink_stats, f"storing the {topic} position")
+                if audit.isEnabledFor(logging.DEBUG):
+                    audit.debug(audit_line(topic, [src for _, src in batch], {
+                        "rows": len(rows), "inserted": written.inserted,
+                        "dead_letters": sum(len(v) for v in bad_lines.values())}))
+        except SinkGaveUp as exc:
+            # Going on would let Faust commit offsets of unsaved rows: stop hard, commit nothing.
+            stop_hard(EXIT_SINK_GAVE_UP, "sink gave up, stopping the worker without committing: %s", exc)
+        except Exception:
+            stop_hard(EXIT_AGENT_FAILED, "a sink agent failed; stopping without committing its batch")
+
+    @app.agent(ctx.attempts_topic, name=agent_name("sink"))
+    async def sink(stream: faust.StreamT) -> None:
+        """llm.cost.attempts.v1 → usage_events (each event_id once)."""
+        await sink_batches(stream, writer, functools.partial(decode_batch, shape=ATTEMPT_ROWS),
+                           writer.stats)
+
+    @app.agent(ctx.requests_topic, name=agent_name("sink_requests"))
+    async def sink_requests(stream: faust.StreamT) -> None:
+        """llm.cost.requests.v1 → logical_requests (each request once, at its latest revision)."""
+        await sink_batches(stream, request_writer, functools.partial(decode_batch, shape=REQUEST_ROWS),
+                           request_writer.stats)
+
+    @app.agent(ctx.alerts_topic, name=agent_name("sink_anomalies"))
+    async def sink_anomalies(stream: faust.StreamT) -> None:
+        """llm.cost.alerts.v1 → anomalies (anomaly records; budget alerts are passed over)."""
+        await sink_batches(stream, anomaly_writer, decode_anomalies, anomaly_writer.stats)
+
+    return SinkWiring(ctx.store, writer, request_writer, executor)
