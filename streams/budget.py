@@ -1,6 +1,6 @@
 """Budget stage: spend to date per feature and tenant against their budgets, for alerts and gateway admission.
 
-Pure functions, tested without Kafka or ClickHouse; the sink role runs them on a timer (streams.app), reading spend
+Pure functions, no Kafka or ClickHouse; the sink role runs them on a timer (streams.roles.budget), reading spend
 from the rollups (exact, already deduplicated: the same numbers every report shows) and publishing:
 - one state record per budget to the compacted topic llm.budget.state.v1 (key scope:id:period), the contract
   gateways read before dispatch (README, "Budgets");

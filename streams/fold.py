@@ -1,6 +1,6 @@
 """Fold stage: priced attempts → logical requests (retries, fallbacks, terminated streams, retry waste).
 
-Pure functions and one state machine, tested without Kafka. The Faust agent (streams.app) owns the durable state
+One state machine and pure functions, no Kafka. Its Faust agent (streams.roles.process) owns the durable state
 (a Faust table: one entry per open or recently emitted logical request) and hands this module plain mappings.
 
 Vocabulary
