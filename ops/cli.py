@@ -678,14 +678,15 @@ def report_reconcile(c: Ctx, invoice: Path, threshold: str) -> None:
 
 
 @report.command("focus")
-@click.option("--period", required=True, help="YYYY-MM, YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD (UTC days, inclusive).")
+@click.option("--period", default=None, help="YYYY-MM, YYYY-MM-DD or YYYY-MM-DD..YYYY-MM-DD (UTC days, inclusive; "
+                                            "default: the current UTC month, as chargeback).")
 @click.option("--price-cards", "card_paths", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Price-card YAML files or directories (default: the cards loaded in the stack).")
 @click.option("--validate", is_flag=True, help="Check the rows against the FOCUS column rules; exit 2 if any fails.")
 @click.option("--rules", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Shared-costs rules file (YAML, docs/chargeback.md): adds the allocated shared costs as rows.")
 @pass_ctx
-def report_focus(c: Ctx, period: str, card_paths: tuple[Path, ...], validate: bool, rules: Path | None) -> None:
+def report_focus(c: Ctx, period: str | None, card_paths: tuple[Path, ...], validate: bool, rules: Path | None) -> None:
     """FOCUS 1.2 export (CSV unless --format says otherwise): one row per day × owner × model × token class.
 
     PricingQuantity × ListUnitPrice = cost exactly (unit: 1000000 Tokens); SkuPriceId names the price-card version;
@@ -705,7 +706,7 @@ def report_focus(c: Ctx, period: str, card_paths: tuple[Path, ...], validate: bo
     fmt_source = click.get_current_context().parent.get_parameter_source("fmt")  # type: ignore[union-attr]
     if fmt_source == click.core.ParameterSource.DEFAULT:
         dest = dataclasses.replace(dest, fmt="csv")
-    start, end = parse_period(period)
+    start, end = parse_period(period or datetime.now(UTC).strftime("%Y-%m"))
     items = load_rules(rules) if rules is not None else None  # a bad rules file fails before any query
     cards = price_cards(s, card_paths)
     steps = (end - start).days + (len(ALLOCATION_QUERIES) if items is not None else 0)
@@ -856,6 +857,40 @@ def kafka_status(c: Ctx) -> None:
 
 
 # ---------------------------------------------------------------- dead letters
+@cli.command("budgets")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@pass_ctx
+def budgets_cmd(c: Ctx, fmt: str) -> None:
+    """Budget state as gateways see it (llm.budget.state.v1): spent, forecast and the allow/degrade/deny advice."""
+    from streams.roles.budget import read_compacted
+
+    states = sorted(read_compacted(c.settings.kafka_bootstrap, c.settings.topics.budget_state).values(),
+                    key=lambda st: (str(st.get("scope")), str(st.get("id")), str(st.get("period"))))
+    if fmt == "json":
+        sys.stdout.write(orjson.dumps(states, option=orjson.OPT_INDENT_2).decode() + "\n")
+        return
+    if not states:
+        console.print(f"no budget state on {c.settings.topics.budget_state} yet: load budgets with "
+                      "`tally reference load` and wait one budget interval")
+        return
+    from ops.reports.output import display_decimal
+
+    def usd(v: Any) -> str:
+        return display_decimal(Decimal(str(v))) if v not in (None, "") else ""
+
+    table = Table("budget", "period", "spent USD", "budget USD", "used %", "forecast USD", "forecast %", "advice",
+                  "computed at", title=f"budget state: {len(states)}")
+    colour = {"allow": "green", "degrade": "yellow", "deny": "red"}
+    for st in states:
+        advice = str(st.get("recommendation", ""))
+        table.add_row(f"{st.get('scope')} {st.get('id')}",
+                      f"{st.get('period')} from {str(st.get('period_start', ''))[:10]}", usd(st.get("spent_usd")),
+                      usd(st.get("budget_usd")), str(st.get("used_pct", "")), usd(st.get("forecast_usd")),
+                      str(st.get("forecast_pct", "")), f"[{colour.get(advice, 'white')}]{advice}[/]",
+                      str(st.get("computed_at", "")))
+    out.print(table)
+
+
 @cli.group()
 def dlq() -> None:
     """The dead-letter topic: what was refused, why, and how to send it again."""

@@ -7,6 +7,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -18,9 +19,22 @@ from streams.roles.sink import SinkWiring
 from tally.errors import StoreError
 
 
+def _text(value: Any) -> str:
+    if isinstance(value, Decimal):
+        text = format(value, "f")  # exact (normalize() would round to the context's 28 digits)
+        if "." in text:
+            text = text.rstrip("0").rstrip(".")
+        return "0" if text in ("-0", "") else text
+    return str(value)
+
+
 def json_response(web: Any, payload: Any, status: int = 200) -> Response:
-    """`payload` as a JSON response (values JSON does not know, such as datetimes and decimals, as text)."""
-    body = orjson.dumps(payload, default=str)
+    """`payload` as a JSON response (values JSON does not know, such as datetimes and decimals, as text).
+
+    A Decimal is exact in plain notation without ClickHouse's trailing zeros: 14.1710897225, not
+    14.171089722500000000 (Decimal(38, 18) columns).
+    """
+    body = orjson.dumps(payload, default=_text)
     return web.bytes(body, content_type="application/json", status=status)  # type: ignore[no-any-return]
 
 

@@ -95,6 +95,11 @@ def test_budget_state_and_alerts_once_per_threshold(stack, tmp_path):
     stack.tally("wait", "--timeout", "120")
     s = wait_for_state(stack, lambda s: s["alerted"] == [50, 80, 100])[KEY]
     assert s["recommendation"] == "deny" and Decimal(s["remaining_usd"]) == 0
+    # What an operator reads: `tally budgets` shows the same state.
+    shown = {st["key"]: st for st in orjson.loads(stack.tally("budgets", "--format", "json").stdout)}
+    assert shown[KEY]["recommendation"] == "deny" and shown[KEY]["spent_usd"] == s["spent_usd"]
+    table = stack.tally("budgets").stdout.decode()
+    assert "deny" in table and "0.01056" in table
 
     # A restart reads the last states back: no threshold alerts twice.
     stack.tally("down", timeout=120)

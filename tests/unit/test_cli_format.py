@@ -23,3 +23,12 @@ def test_times_are_iso() -> None:
     assert _status_value("started_at", now.timestamp()) == now.isoformat(timespec="seconds").replace("+00:00", "Z")
     assert _status_value("events_accepted", 12) == "12"
     assert _cell(now) == now.isoformat()
+
+
+def test_the_api_sends_money_exact_without_trailing_zeros() -> None:
+    from streams.roles.web import _text
+
+    assert _text(Decimal("14.171089722500000000")) == "14.1710897225"
+    big = "12345678901234567890.123456789012345678"  # Decimal(38, 18) at full width: no rounding
+    assert _text(Decimal(big)) == big
+    assert [_text(Decimal(v)) for v in ("0E-18", "-0.000", "1E+3")] == ["0", "0", "1000"]
