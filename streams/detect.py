@@ -433,14 +433,27 @@ class Detector:
 
     # ------------------------------------------------------------------ windows
     def _close_due(self, partition: int) -> list[dict[str, Any]]:
+        """Close every window the partition's clock has passed, each feature's in event-time order.
+
+        A feature's own detectors and its feature × model sets close their windows interleaved by window end (the
+        feature first on a tie), one step at a time: a model's detector stays quiet while the feature's fires, so
+        the order must not depend on how far one watermark moves (a backfill's watermark moves hours at once; it
+        used to close all of the feature's windows before any of its models', and the models paged after the
+        feature's incident had resolved).
+        """
         clock = self.clocks.get(partition, 0.0)
         alerts: list[dict[str, Any]] = []
         for fid, state in self.features.items():
             if self.partition_of.get(fid) != partition:
                 continue
             before = _shape(state)
-            for one in (state, *state.by_model.values()):
-                alerts.extend(self._close_windows(one, clock, state))
+            ones = (state, *state.by_model.values())
+            while True:
+                due = [(end, i) for i, one in enumerate(ones)
+                       if (end := self._next_end(one)) is not None and clock >= end + self.config.lateness_s]
+                if not due:
+                    break
+                alerts.extend(self._close_step(ones[min(due)[1]], clock, state))
             if _shape(state) != before:
                 self.dirty.add(fid)
         return alerts
@@ -454,32 +467,36 @@ class Detector:
         for key in [k for k in state.open if k < end]:
             state.window.absorb(state.open.pop(key))
 
-    def _close_windows(self, state: FeatureState, clock: float, feature: FeatureState) -> list[dict[str, Any]]:
+    def _next_end(self, state: FeatureState) -> int | None:
+        """Where the next step of this detector set happens: its window's end, or its first bucket's (none: None)."""
+        if state.window is not None:
+            return state.window.end
+        return min(state.open) + self.config.window_s if state.open else None
+
+    def _close_step(self, state: FeatureState, clock: float, feature: FeatureState) -> list[dict[str, Any]]:
+        """One step of a detector set whose window the clock has passed: open, skip a silence, judge or extend."""
         cfg = self.config
-        alerts: list[dict[str, Any]] = []
         if state.window is None:
-            if not state.open or min(state.open) + cfg.window_s + cfg.lateness_s > clock:
-                return alerts
             first = min(state.open)
             self._join(state, first, first + cfg.window_s)
-        while state.window is not None and clock >= state.window.end + cfg.lateness_s:
-            w = state.window
-            if w.total[REQUESTS] == 0 and state.quiet >= cfg.resolve_after and clock - w.end > cfg.max_window_s:
-                # A long silence (traffic stopped, or a replay of old events): enough empty windows have been
-                # judged to resolve what was firing; skip to the next bucket with data or the clock's window.
-                start = min([int((clock - cfg.lateness_s) // cfg.window_s) * cfg.window_s, *state.open])
-                if start > w.start:
-                    state.window = Window(start, start, team_id=w.team_id)
-                    self._join(state, start, start + cfg.window_s)
-                    continue
-            if w.end - w.start >= self._span(state):
-                state.quiet = state.quiet + 1 if w.total[REQUESTS] == 0 else 0
-                alerts.extend(self._evaluate(state, w, feature))
-                state.window = Window(w.end, w.end, team_id=w.team_id)
-                self._join(state, w.end, w.end + cfg.window_s)
-            else:
-                self._join(state, w.start, w.end + cfg.window_s)  # a quiet feature's window is longer
-        return alerts
+            return []
+        w = state.window
+        if w.total[REQUESTS] == 0 and state.quiet >= cfg.resolve_after and clock - w.end > cfg.max_window_s:
+            # A long silence (traffic stopped, or a replay of old events): enough empty windows have been
+            # judged to resolve what was firing; skip to the next bucket with data or the clock's window.
+            start = min([int((clock - cfg.lateness_s) // cfg.window_s) * cfg.window_s, *state.open])
+            if start > w.start:
+                state.window = Window(start, start, team_id=w.team_id)
+                self._join(state, start, start + cfg.window_s)
+                return []
+        if w.end - w.start >= self._span(state):
+            state.quiet = state.quiet + 1 if w.total[REQUESTS] == 0 else 0
+            alerts = self._evaluate(state, w, feature)
+            state.window = Window(w.end, w.end, team_id=w.team_id)
+            self._join(state, w.end, w.end + cfg.window_s)
+            return alerts
+        self._join(state, w.start, w.end + cfg.window_s)  # a quiet feature's window is longer
+        return []
 
     def _span(self, state: FeatureState) -> int:
         """How long a window of this feature (or feature × model set) is: long enough to expect volume_requests.

@@ -364,3 +364,22 @@ def test_one_huge_prompt_on_a_quiet_feature_does_not_page() -> None:
             row["input_tokens"] = row["input_tokens"] * 200 + 100_000  # two pasted documents, half an hour apart
     alerts, _ = quiet_incident(one_off, 1)
     assert [a for a in alerts if a["state"] == "firing"] == []
+
+
+def test_pages_do_not_depend_on_how_far_one_watermark_moves() -> None:
+    # A backfill's watermark moves hours at once, a live one a minute: the same rows must page the same incidents.
+    # (The feature's windows used to close all before its models': the models then paged after the feature's
+    # incident had resolved, which a live stream never does.)
+    def two_models(rng: random.Random, ts: datetime, i: int) -> dict[str, Any]:
+        row = {**normal(rng, ts, i), "final_model": rng.choice(("gpt-4.1", "gpt-4.1", "o4-mini"))}
+        if T0 + timedelta(minutes=70) <= ts < T0 + timedelta(minutes=100) and row["final_model"] == "o4-mini":
+            row["reasoning_tokens"], row["cost_total_usd"] = 1500, "0.05"
+        return row
+    rows = list(stream(150, shape=two_models))
+    live = Detector(CONFIG)
+    stepped = feed(live, iter(rows), per_batch=30)
+    backfill = Detector(CONFIG)
+    backfill.observe(rows, 0)
+    jumped = backfill.advance(0, datetime.fromisoformat(rows[-1]["last_ts"]).timestamp())
+    key = [(a["incident_id"], a["state"], a["severity"]) for a in stepped]
+    assert key and key == [(a["incident_id"], a["state"], a["severity"]) for a in jumped]
