@@ -118,7 +118,8 @@ ORDER BY time"""),
        w.daily_avg_7d_usd AS daily_avg_7d_usd
 FROM
 (
-    SELECT {_FEATURE} AS feature, anyLast(team_id) AS team, sum(cost_total_usd) AS spend_usd
+    SELECT {_FEATURE} AS feature, if(max(team_id) = '', '(unattributed)', max(team_id)) AS team,
+           sum(cost_total_usd) AS spend_usd
     FROM ${{database}}.rollup_minute
     WHERE {_IN_RANGE}
     GROUP BY feature

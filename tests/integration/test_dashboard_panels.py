@@ -98,6 +98,7 @@ def test_panel_numbers_equal_the_sources(panel_store):
     top = q(render(PANELS_BY_ID["top_features"].sql, f, db)).rows
     assert len(top) == 10 and [r[2] for r in top] == sorted((r[2] for r in top), reverse=True)
     assert all(r[3] > 0 for r in top)  # every top feature also spent in the last seven days
+    assert all(r[1] for r in top)  # a feature without a team is named "(unattributed)", never a blank team
 
     open_now = q(render(PANELS_BY_ID["open_anomalies"].sql, f, db)).rows
     assert [(r[2], r[5]) for r in open_now] == [("query_rewrite", "critical")]
