@@ -670,7 +670,9 @@ def build_report(kind: Kind, data: ChargebackData, period: Period, items: Sequen
 
     shares = daily_shares(data)
     share_teams = [t for t in teams if t in shares]
-    days = period.days()
+    # Days of the period up to now (wow_to: the period's end, or the end of the current hour): no future empty days.
+    last_day = (data.wow_to - timedelta(microseconds=1)).date()
+    days = [d for d in period.days() if d <= last_day]
     tables.append(Table(
         "reasoning_daily", "Reasoning share of cost per day (%)", ("day", *share_teams),
         [(d, *(shares[t].get(d) for t in share_teams)) for d in days],

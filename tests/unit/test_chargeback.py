@@ -258,6 +258,8 @@ def test_report_figures_from_results():
     assert [(d["deploy_version"], d["previous_version"], d["share_day_before_pct"], d["share_deploy_day_pct"],
              d["share_day_after_pct"]) for d in rows(rep, "deploys")] == [("v2", "v1", D("25.00"), D("75.00"), None)]
     assert rows(rep, "reasoning_endpoints")[0]["reasoning_per_output_token"] == D("3.00")  # 900 / 300
+    # The month so far (up to the current hour, 11-24 11:00), not its empty future days.
+    assert [r["day"] for r in rows(rep, "reasoning_daily")] == [date(2026, 11, d) for d in range(1, 25)]
     assert rows(rep, "unattributed") == [{"reason": "no_feature_tag", "feature_id": "(none)", "attempts": 3,
                                           "cost_usd": D(1), "pct_of_total": D("9.09")}]
     assert rep.notes[0] == ("Direct LLM cost 11.00 USD; unattributed 1.00 USD (9.09 %); shared costs allocated: "
