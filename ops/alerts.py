@@ -68,7 +68,7 @@ log = logging.getLogger("tally.alerts")
 
 ALERT_VERSION = 1
 STATE_VERSION = 2  # 2 adds the input position and the outbox; a version 1 file still loads
-SINKS = ("stdout", "pagerduty", "slack", "webhook")
+SINKS = ("stdout", "console", "pagerduty", "slack", "webhook")
 DEFAULT_PAGERDUTY_URL = "https://events.pagerduty.com/v2/enqueue"
 DEFAULT_RENOTIFY_S = 1800.0
 KINDS = ("anomaly", "budget")
@@ -423,6 +423,16 @@ def slack_text(note: Notification) -> str:
     return f":rotating_light: {lead}[{note.severity.upper()}] {what}: {explanation} ({numbers}) [{key}]"
 
 
+def console_text(note: Notification) -> str:
+    """One short line for a person watching a terminal (`tally run`'s pager): what, where, why, the key."""
+    a = note.alert
+    what = f"{a.kind} {a.signal} on {a.feature_id or a.dimension} (team {a.team_id or 'unattributed'})"
+    if note.action == "resolve":
+        return f"RESOLVED {what}: {_summary(a)} [{a.incident_key}]"
+    lead = {"escalated": "ESCALATED ", "reminder": "STILL FIRING "}.get(note.reason, "")
+    return f"PAGE {lead}[{note.severity.upper()}] {what}: {_summary(a)} [{a.incident_key}]"
+
+
 def webhook_body(note: Notification) -> dict[str, Any]:
     """The generic JSON webhook body (also the stdout line): the alert record plus `notification`."""
     return {**note.alert.record, "notification": note.action}
@@ -447,6 +457,19 @@ class StdoutSink:
     def send(self, note: Notification) -> None:
         try:
             sys.stdout.write(dumps(webhook_body(note)).decode() + "\n")
+            sys.stdout.flush()
+        except (OSError, ValueError) as exc:
+            raise DeliveryError(f"cannot write to stdout: {exc}", retryable=False) from exc
+
+
+class ConsoleSink:
+    """One human line per notification on standard output (console_text): the JSON record is the stdout sink's."""
+
+    name = "console"
+
+    def send(self, note: Notification) -> None:
+        try:
+            sys.stdout.write(console_text(note) + "\n")
             sys.stdout.flush()
         except (OSError, ValueError) as exc:
             raise DeliveryError(f"cannot write to stdout: {exc}", retryable=False) from exc
@@ -514,6 +537,8 @@ def build_sinks(config: AlertsConfig) -> list[Sink]:
     for name in config.sinks:
         if name == "stdout":
             sinks.append(StdoutSink())
+        elif name == "console":
+            sinks.append(ConsoleSink())
         elif name == "pagerduty":
             key = config.pagerduty_routing_key.strip()
             sinks.append(HttpSink(name, config.pagerduty_url, functools.partial(pagerduty_event, routing_key=key),

@@ -101,7 +101,7 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
         console.print(f"  simulator  {rate:g} events/s")
     pager = threading.Thread(target=_page_to_stdout, name="pager", args=(s, stop), daemon=True)
     pager.start()
-    console.print("  pager      anomaly and budget alerts print here (the stdout sink of `tally alerts`)")
+    console.print("  pager      anomaly and budget alerts print here, one line each (`tally alerts --sink console`)")
     console.print('\nQuery it from another shell:\n  tally query "SELECT team_id, sum(cost_total_usd) '
                   'FROM tally.usage_events GROUP BY team_id ORDER BY 2 DESC"\nCtrl-C stops everything.\n')
     try:
@@ -156,7 +156,7 @@ def _page_to_stdout(s: Settings, stop: threading.Event) -> None:
     from ops.alerts import AlertsConfig, run_alerts
 
     try:
-        run_alerts(s, AlertsConfig(sinks=("stdout",)).validated(), stop)
+        run_alerts(s, AlertsConfig(sinks=("console",)).validated(), stop)
     except TallyError as exc:
         console.print(f"[red]pager stopped: {exc}[/]")
 
@@ -401,7 +401,7 @@ def reference_load(c: Ctx, paths: tuple[Path, ...]) -> None:
 # ---------------------------------------------------------------- paging
 @cli.command("alerts")
 @click.option("--sink", "sinks", multiple=True, default=("stdout",), show_default=True,
-              type=click.Choice(["stdout", "pagerduty", "slack", "webhook"]), envvar="TALLY_ALERTS_SINKS",
+              type=click.Choice(["stdout", "console", "pagerduty", "slack", "webhook"]), envvar="TALLY_ALERTS_SINKS",
               help="Where to page (repeatable).")
 @click.option("--pagerduty-url", envvar="TALLY_PAGERDUTY_URL", default=None,
               help="PagerDuty Events API v2 endpoint (default: PagerDuty's).")

@@ -23,6 +23,8 @@ from ops.alerts import (
     OutboxEntry,
     Pager,
     decide,
+    build_sinks,
+    console_text,
     decode_line,
     dumps,
     load_incidents,
@@ -182,6 +184,16 @@ def test_slack_text_is_one_escaped_line() -> None:
     assert slack_text(reminder).startswith(":rotating_light: Reminder, still firing: [CRITICAL]")
     resolved = decide(alert_record(state="resolved"), incidents, T0)[0]
     assert slack_text(resolved).startswith(":white_check_mark: Resolved: anomaly cost_per_request on search_answer")
+
+
+def test_console_text_is_one_short_line_for_a_terminal() -> None:
+    incidents: dict[str, Incident] = {}
+    fire = decide(alert_record(explanation="median cost rose\n from $0.11 to $0.42"), incidents, T0)[0]
+    assert console_text(fire) == (f"PAGE [WARNING] anomaly cost_per_request on search_answer (team search): "
+                                  f"median cost rose from $0.11 to $0.42 [{KEY}]")
+    resolved = decide(alert_record(state="resolved"), incidents, T0)[0]
+    assert console_text(resolved).startswith("RESOLVED anomaly cost_per_request on search_answer (team search)")
+    assert build_sinks(AlertsConfig(sinks=("console",)).validated())[0].name == "console"
 
 
 def test_webhook_body_is_the_record_plus_the_notification() -> None:
