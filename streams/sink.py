@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import functools
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Protocol
 
 import orjson
+import pyarrow as pa
 
 from streams.fold import (
     REQUEST_COLUMNS,
@@ -33,6 +36,7 @@ from streams.records import (
     Source,
     encode_record,
 )
+from streams.sink_columns import SINK_SCHEMA, ArrowPart, AttemptBatch, DictPart, Part, Refused, arrow_part
 from streams.watermarks import is_watermark
 from tally.errors import SinkGaveUp, SinkRefused, StoreError
 from tally.store import Store
@@ -99,22 +103,36 @@ def decode_rows(value: bytes, source: Source, shape: RowShape = ATTEMPT_ROWS
     return rows, bad
 
 
-def decode_batch(messages: Sequence[tuple[bytes | None, Source]], shape: RowShape = ATTEMPT_ROWS
-                 ) -> tuple[list[dict[str, Any]], dict[int, list[bytes]]]:
+def decode_batch(messages: Sequence[tuple[bytes | None, Source]], shape: RowShape = ATTEMPT_ROWS,
+                 columnar: bool = True) -> tuple[Sequence[dict[str, Any]], dict[int, list[bytes]]]:
     """Decode a batch of messages: rows to insert, and dead-letter lines keyed by partition.
 
+    Attempt rows (with `columnar`) come as an AttemptBatch: each message in Arrow columns where the fast path
+    (streams.sink_columns.arrow_part) takes all of its lines, else through decode_rows, line by line, whose dead
+    letters are the only ones. Other shapes are decoded by decode_rows.
     Watermark messages (streams.watermarks, on the requests topic) are the detectors' and are passed over.
     """
+    fast = columnar and shape is ATTEMPT_ROWS
     rows: list[dict[str, Any]] = []
+    batch = AttemptBatch()
     dead: dict[int, list[bytes]] = {}
     for value, source in messages:
         if is_watermark(value):
             continue
+        if fast:
+            try:
+                batch.parts.append(arrow_part(value or b"", source, origin_of(source)))
+                continue
+            except Refused:
+                pass
         ok, bad = decode_rows(value or b"", source, shape)
-        rows.extend(ok)
+        if fast:
+            batch.parts.append(DictPart(ok))
+        else:
+            rows.extend(ok)
         if bad:
             dead.setdefault(source.partition, []).extend(encode_record(r.to_record()) for r in bad)
-    return rows, dead
+    return (batch if fast else rows), dead
 
 
 def insert_token(table: str, keys: Iterable[str], scope: Iterable[str] = ()) -> str:
@@ -155,6 +173,8 @@ class Piece:
     """One insert of a plan: whole groups of rows, their days, and the token that makes a re-send a no-op.
 
     `origin` is the input message all its rows came from ('' for a writer that does not group by message).
+    A columnar piece (the attempts' fast path) holds its rows as an Arrow table in `data` (every column of the
+    insert, in order) and their keys in `keys`, and no groups: each row is its own group.
     """
 
     table: str
@@ -162,10 +182,24 @@ class Piece:
     token: str
     days: tuple[date, ...]
     origin: str = ""
+    data: pa.Table | None = None
+    keys: tuple[str, ...] = ()
 
     @property
     def rows(self) -> list[dict[str, Any]]:
+        if self.data is not None:
+            raise TypeError("a columnar piece holds an Arrow table (data), not dict rows")
         return [r for g in self.groups for r in g]
+
+    @property
+    def size(self) -> int:
+        """How many rows the piece inserts."""
+        return len(self.keys) if self.data is not None else sum(len(g) for g in self.groups)
+
+    @property
+    def splittable(self) -> bool:
+        """Whether it has more than one group, so that halves can be sent."""
+        return self.size > 1 if self.data is not None else len(self.groups) > 1
 
 
 # Days in one piece of a message at most: rollup_minute is partitioned by day and ClickHouse refuses an insert block
@@ -205,9 +239,19 @@ def _piece(table: str, groups: tuple[Group, ...], key: Callable[[dict[str, Any]]
 
 def split_piece(piece: Piece, key: Callable[[dict[str, Any]], str]) -> list[Piece]:
     """Two halves of a piece ClickHouse found too large, each with the token of its own rows."""
+    if piece.data is not None:
+        half = piece.size // 2
+        return [_arrow_piece(piece.table, piece.data.slice(start, stop - start), piece.keys[start:stop], piece.days,
+                             piece.origin) for start, stop in ((0, half), (half, piece.size))]
     half = len(piece.groups) // 2
     return [_piece(piece.table, gs, key, piece.days, piece.origin)
             for gs in (piece.groups[:half], piece.groups[half:])]
+
+
+def _arrow_piece(table: str, data: pa.Table, keys: Sequence[str], days: tuple[date, ...], origin: str) -> Piece:
+    """A columnar piece, with the token _piece gives the same rows (same table, origin, days and keys)."""
+    scope = (origin, *map(str, days)) if origin else ()
+    return Piece(table, (), insert_token(table, keys, scope), days, origin, data, tuple(keys))
 
 
 @dataclass
@@ -280,15 +324,18 @@ def run_plan(writer: Writer, rows: Sequence[dict[str, Any]]) -> int:
         writer.insert(piece)
     if plan.finish is not None:
         plan.finish()
-    return sum(len(p.rows) for p in plan.pieces)
+    return sum(p.size for p in plan.pieces)
 
 
 def _insert(writer: Writer, store: Store, piece: Piece, columns: Sequence[str]) -> None:
     started = time.perf_counter()
-    rows = piece.rows
-    store.insert_columns(piece.table, [[r[c] for r in rows] for c in columns], columns, piece.token)
+    if piece.data is not None:
+        store.insert_arrow(piece.table, piece.data, piece.token)
+    else:
+        rows = piece.rows
+        store.insert_columns(piece.table, [[r[c] for r in rows] for c in columns], columns, piece.token)
     writer.stats.last_insert_s = time.perf_counter() - started
-    writer.stats.rows_inserted += len(rows)
+    writer.stats.rows_inserted += piece.size
 
 
 # usage_events as the sink writes it: content_hash (008) and origin, the input message of the row (011).
@@ -335,42 +382,108 @@ class SinkWriter:
     table: str = "usage_events"
 
     def plan(self, rows: Sequence[dict[str, Any]]) -> Plan:
-        """Steps 1-4: the pieces to insert and the conflicting duplicates. Reads ClickHouse, writes nothing."""
-        for row in rows:
-            if "origin" not in row:
-                raise SinkRefused(f"row {row['event_id']} has no origin: attempt rows reach the sink through "
-                                  "decode_rows, which names the message each came from")
-            row["content_hash"] = content_hash(row["payload"])
-        saved = self.store.saved_events(list({row["event_id"]: None for row in rows}))
+        """Steps 1-4: the pieces to insert and the conflicting duplicates. Reads ClickHouse, writes nothing.
+
+        In columns: the batch (an AttemptBatch from decode_batch; dict rows are taken as one part) is read column
+        by column. An event_id that ClickHouse does not hold and that the batch carries once (nearly all of them)
+        is inserted: a set difference. Only the event_ids held or repeated go through the decision of step 3, row
+        by row in batch order (a decision depends only on the rows of its own event_id). The rows of a message the
+        fast path decoded become columnar pieces (one insert_arrow each); dict rows make dict pieces, with the
+        same tokens for the same rows.
+        """
+        batch = rows if isinstance(rows, AttemptBatch) else AttemptBatch([DictPart(list(rows))])
+        hashes: list[str] = []
+        for part in batch.parts:
+            if isinstance(part, ArrowPart):
+                hashes.extend(content_hash(p) for p in part.table.column("payload").to_pylist())
+                continue
+            for row in part.rows:
+                if "origin" not in row:
+                    raise SinkRefused(f"row {row['event_id']} has no origin: attempt rows reach the sink through "
+                                      "decode_rows, which names the message each came from")
+                row["content_hash"] = content_hash(row["payload"])
+                hashes.append(row["content_hash"])
+        eids: list[str] = batch.column("event_id")
+        origins: list[str] = batch.column("origin")
+        saved = self.store.saved_events(list(dict.fromkeys(eids)))
+        contested = saved.keys() | {eid for eid, n in Counter(eids).items() if n > 1}
         held = {eid: s.content_hash for eid, s in saved.items()}  # event_id → hash, as held after this batch
         planned: set[str] = set()
-        fresh: list[dict[str, Any]] = []
+        fresh: list[int] = []  # rows to insert, by position in the batch
         rejections: list[Rejection] = []
-        for row in rows:
-            eid, digest = row["event_id"], row["content_hash"]
+        for i, eid in enumerate(eids):
+            if eid not in contested:
+                fresh.append(i)
+                continue
+            digest = hashes[i]
             found = saved.get(eid)
-            if eid not in planned and (found is None or found == (digest, row["origin"])):
+            if eid not in planned and (found is None or found == (digest, origins[i])):
                 self.stats.resent += found is not None
                 held[eid] = digest
                 planned.add(eid)
-                fresh.append(row)
+                fresh.append(i)
                 continue
             known, where = held[eid], "earlier in this batch" if eid in planned else "saved"
             if known not in (digest, ""):
-                rejections.append(_conflict(row, known, where))
+                rejections.append(_conflict({**batch[i], "content_hash": digest}, known, where))
             elif eid in planned:
                 self.stats.duplicates_in_batch += 1
             else:
                 self.stats.already_saved += 1
         self.stats.conflicting_duplicates += len(rejections)
         self.stats.batches += 1
-        pieces = make_pieces(self.table, ((r,) for r in fresh), self.key, lambda g: (utc_day(g[0]["ts"]),),
-                             lambda g: str(g[0]["origin"]), DAYS_PER_PIECE)
-        counted: dict[str, dict[str, Any]] = {}  # each event_id once, as it counts (conflicting copies never do)
-        for row in rows:
-            if held[row["event_id"]] in (row["content_hash"], ""):
-                counted.setdefault(row["event_id"], row)
-        return Plan(pieces, rejections, functools.partial(self.supersede, list(counted.values())))
+        pieces = self._pieces(batch, fresh, eids, origins, hashes)
+        request_ids: dict[str, str] = {}  # each event_id once, as it counts (conflicting copies never do)
+        for i, rid in enumerate(batch.column("request_id")):
+            if eids[i] not in contested or held[eids[i]] in (hashes[i], ""):
+                request_ids.setdefault(eids[i], rid)
+        # supersede reads only the request_id of each counted row
+        counted = [{"request_id": rid} for rid in request_ids.values()]
+        return Plan(pieces, rejections, functools.partial(self.supersede, counted))
+
+    def _pieces(self, batch: AttemptBatch, fresh: Sequence[int], eids: Sequence[str], origins: Sequence[str],
+                hashes: Sequence[str]) -> list[Piece]:
+        """Step 4 over positions: make_pieces' cuts (origin message, then up to DAYS_PER_PIECE sorted days).
+
+        Each cut is a columnar piece when its rows are all of one fast-path message, else a piece of dict rows.
+        """
+        days = batch.days()
+        by_cut: dict[tuple[str, date], list[int]] = {}
+        for i in fresh:
+            by_cut.setdefault((origins[i], days[i]), []).append(i)
+        cuts: list[tuple[str, list[date], list[int]]] = []
+        for (origin, day), positions in sorted(by_cut.items()):
+            last = cuts[-1] if cuts else None
+            if last is not None and last[0] == origin and len(last[1]) < DAYS_PER_PIECE:
+                last[1].append(day)
+                last[2].extend(positions)
+            else:
+                cuts.append((origin, [day], list(positions)))
+        starts: list[int] = []
+        n = 0
+        for each in batch.parts:
+            starts.append(n)
+            n += len(each)
+        pieces: list[Piece] = []
+        for origin, cut_days, positions in cuts:
+            where = {bisect.bisect_right(starts, i) - 1 for i in (positions[0], positions[-1])}
+            part_n = where.pop() if len(where) == 1 else -1
+            part: Part | None = batch.parts[part_n] if part_n >= 0 else None
+            if (isinstance(part, ArrowPart) and part.origin == origin
+                    and all(starts[part_n] <= i < starts[part_n] + len(part) for i in positions)):
+                data = part.table.take(pa.array([i - starts[part_n] for i in positions], pa.int64()))
+                data = data.add_column(data.num_columns - 1, SINK_SCHEMA.field("content_hash"),
+                                       pa.array([hashes[i] for i in positions], pa.string()))
+                pieces.append(_arrow_piece(self.table, data, [eids[i] for i in positions], tuple(cut_days), origin))
+                continue
+            groups: list[Group] = []
+            for i in positions:
+                p, local = batch.locate(i)
+                row = batch.parts[p].row(local)
+                row["content_hash"] = hashes[i]
+                groups.append((row,))
+            pieces.append(_piece(self.table, tuple(groups), self.key, tuple(cut_days), origin))
+        return pieces
 
     def supersede(self, rows: Sequence[dict[str, Any]]) -> int:
         """Step 6. Runs in the sink's executor thread; returns how many rows it superseded now."""
@@ -389,7 +502,8 @@ class SinkWriter:
 
     def landed(self, piece: Piece) -> int:
         """How many of the piece's rows usage_events holds (through event_ids)."""
-        return len(self.store.saved_events([r["event_id"] for r in piece.rows]))
+        keys = list(piece.keys) if piece.data is not None else [r["event_id"] for r in piece.rows]
+        return len(self.store.saved_events(keys))
 
     def write(self, rows: Sequence[dict[str, Any]]) -> int:
         """Plan and insert once (run_plan); returns how many rows were inserted."""
@@ -698,8 +812,8 @@ async def write_with_retry(writer: Writer, rows: Sequence[dict[str, Any]], execu
         try:
             await loop.run_in_executor(executor, writer.insert, piece)
         except Exception as exc:
-            what = f"insert of {len(piece.rows)} rows into {piece.table} ({', '.join(map(str, piece.days))})"
-            if _too_large(exc) and len(piece.groups) > 1:
+            what = f"insert of {piece.size} rows into {piece.table} ({', '.join(map(str, piece.days))})"
+            if _too_large(exc) and piece.splittable:
                 held = await backoff.run(executor, f"checking {what}", functools.partial(writer.landed, piece))
                 if held:
                     raise SinkGaveUp(f"{what}: {piece.table} took {held} rows but a materialized view refused them "
@@ -711,7 +825,7 @@ async def write_with_retry(writer: Writer, rows: Sequence[dict[str, Any]], execu
             continue
         backoff.delay = 0.2
         queue.pop(0)
-        inserted += len(piece.rows)
+        inserted += piece.size
     if plan.finish is not None:
         await backoff.run(executor, f"finishing {len(rows)} rows", plan.finish)
     return Written(inserted, plan.rejections)

@@ -15,6 +15,7 @@ from typing import IO, Any, NamedTuple
 from urllib.parse import urlparse
 
 import clickhouse_connect
+import pyarrow as pa
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import ClickHouseError
 
@@ -24,6 +25,14 @@ from tally.query_policy import check_select, parse_explain_ast
 
 MIGRATIONS_DIR = SCHEMAS_DIR / "migrations"
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
+
+
+# Every sink insert: deduplicated by its token in its table and in every view target it reaches, synchronous.
+_INSERT_SETTINGS: dict[str, Any] = {
+    "insert_deduplicate": 1,
+    "deduplicate_blocks_in_dependent_materialized_views": 1,
+    "async_insert": 0,
+}
 
 
 class Saved(NamedTuple):
@@ -263,12 +272,15 @@ class Store:
         """Column-oriented insert with a deterministic deduplication token; synchronous (async_insert = 0)."""
         self.client.insert(
             f"{self.db}.{table}", list(columns), column_names=list(column_names), column_oriented=True,
-            settings={
-                "insert_deduplication_token": token,
-                "insert_deduplicate": 1,
-                "deduplicate_blocks_in_dependent_materialized_views": 1,
-                "async_insert": 0,
-            })
+            settings=_INSERT_SETTINGS | {"insert_deduplication_token": token})
+
+    def insert_arrow(self, table: str, data: pa.Table, token: str) -> None:
+        """insert_columns for an Arrow table: the same deterministic token and settings, one INSERT … FORMAT Arrow.
+
+        Columns go by name, of the table's types: decimal128 for the Decimal columns, never a float.
+        """
+        self.client.insert_arrow(f"{self.db}.{table}", data, settings=_INSERT_SETTINGS | {
+            "insert_deduplication_token": token})
 
     def record_offsets(self, consumer: str, topic: str, offsets: dict[int, int]) -> None:
         """Store the sink's input position: per partition, the last offset whose rows ClickHouse holds."""

@@ -211,10 +211,17 @@ def _table(results: dict[str, Any]) -> str:
     if sk and "error" not in sk:
         lookups = sk.get("lookup_s_by_ids") or {}
         rows += [
-            ("1 sink decode_rows", _fmt(sk.get("decode_us"), " µs/row"),
+            ("1 sink decode, row path (dicts)", _fmt(sk.get("decode_us"), " µs/row"),
              f"attempt lines {_fmt(sk.get('attempt_line_bytes'))} B"),
-            (f"1 sink write ({_fmt(sk.get('write_batch_rows'))}-row batches)", _fmt(sk.get("write_us"), " µs/row"),
-             "lookup + chDB insert"),
+            (f"1 sink write, row path ({_fmt(sk.get('write_batch_rows'))}-row batches)",
+             _fmt(sk.get("write_us"), " µs/row"), "plan + insert_columns (chDB)"),
+            ("1 sink decode, columnar (Arrow)", _fmt(sk.get("columnar_decode_us"), " µs/row"),
+             f"{_ratio(sk.get('columnar_decode_us'), sk.get('decode_us'))} of the row path; fast path took "
+             f"{_fmt(sk.get('columnar_fast_share'))} of messages"),
+            ("1 sink write, columnar", _fmt(sk.get("columnar_write_us"), " µs/row"),
+             f"{_ratio(sk.get('columnar_write_us'), sk.get('write_us'))} of the row path; plan + insert_arrow"),
+            ("1 sink decoders, same messages", ", ".join(f"{k} {v}" for k, v in
+                                                         (sk.get("decoders_us") or {}).items()), "µs/row"),
             ("1 sink decode + write a logical-request row",
              f"{_fmt(sk.get('request_decode_us'))} + {_fmt(sk.get('request_write_us'))} µs/row",
              f"request lines {_fmt(sk.get('request_line_bytes'))} B"),

@@ -15,8 +15,9 @@ from typing import Any
 from streams.enrich import enrich
 from streams.fold import FoldConfig, Folder, apply_writes
 from streams.pipeline import FoldStep, process_messages
-from streams.records import Source, encode_row
-from streams.sink import ATTEMPT_ROWS, REQUEST_ROWS, RequestWriter, RowShape, SinkWriter, decode_rows
+from streams.records import ATTEMPT_COLUMNS, COST_COLUMNS, TIME_COLUMNS, Source, encode_row
+from streams.sink import ATTEMPT_ROWS, REQUEST_ROWS, RequestWriter, RowShape, SinkWriter, decode_batch, decode_rows
+from streams.sink_columns import SINK_SCHEMA, ArrowPart, arrow_part
 from streams.validate import Validator
 from tally.config import Settings
 from tally.partitioning import partition_for
@@ -111,30 +112,47 @@ def measure_stages(pool: EventPool, count: int, partitions: int, repeats: int = 
 
 def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int = 10_000,
                  lookup_sizes: tuple[int, ...] = (10_000, 20_000, 30_000)) -> dict[str, Any]:
-    """The sink's per-row cost in process (embedded chDB in a temporary directory, no Kafka).
+    """The sink's per-row cost in process (embedded chDB in a temporary directory, no Kafka), both paths.
 
-    decode_rows over the process stage's output, SinkWriter.write (lookup + column insert) in batches of
-    `batch_rows`, then the already-saved lookup alone for batches of fresh ids of each size in `lookup_sizes`
-    against the `count` rows just written (that lookup is what every sink batch pays first).
+    The process stage's attempt rows in 400-line messages, in batches of about `batch_rows` rows; each batch is
+    decoded and written by the row path (decode_batch(columnar=False): dicts with Decimal costs, insert_columns)
+    and then by the columnar path (Arrow tables, insert_arrow), into two databases of one chDB, so both see the
+    same load. Logical-request rows (row path only); then the already-saved lookup alone for batches of fresh ids
+    of each size in `lookup_sizes` against the rows just written (what every sink batch pays first).
     """
     messages = _messages(pool, count, partitions)
     out = process_messages(messages, Validator(), snapshot_of(reference_docs()), partitions, datetime.now(UTC),
                            FoldStep(Folder(FoldConfig(), partitions), {}, partitions), time.time())
-    rows, line_bytes, decode_s = _decoded(out.attempts, ATTEMPT_ROWS)
+    values = _values(out.attempts)
     requests, request_bytes, request_decode_s = _decoded(out.requests, REQUEST_ROWS)
-    result: dict[str, Any] = {"rows": len(rows), "attempt_line_bytes": round(line_bytes / len(rows)),
-                              "decode_us": round(decode_s / len(rows) * 1e6, 2), "write_batch_rows": batch_rows,
+    per_batch = max(1, batch_rows // SINK_MESSAGE_LINES)
+    attempts = [[(v, Source("llm.cost.attempts.v1", 0, start + n))
+                 for n, v in enumerate(values[start:start + per_batch])] for start in range(0, len(values), per_batch)]
+    rows_n = sum(v.count(b"\n") + 1 for v in values)
+    result: dict[str, Any] = {"rows": rows_n, "attempt_line_bytes": round(sum(map(len, values)) / rows_n),
+                              "write_batch_rows": per_batch * SINK_MESSAGE_LINES,
                               "requests": len(requests), "request_line_bytes": round(request_bytes / len(requests)),
                               "request_decode_us": round(request_decode_s / len(requests) * 1e6, 2)}
+    spent = dict.fromkeys(("decode_us", "write_us", "columnar_decode_us", "columnar_write_us"), 0.0)
     with tempfile.TemporaryDirectory(prefix="tally-bench-sink-") as tmp:
         store = Store(Settings(data_dir=Path(tmp)))
+        columnar_store = Store(Settings(data_dir=Path(tmp), database="tally_columnar"))
+        columnar_store._client = store.client  # one chDB engine per process: the same connection, another database
         try:
             store.migrate()
-            writer = SinkWriter(store)
-            t0 = time.perf_counter()
-            for start in range(0, len(rows), batch_rows):
-                writer.write(rows[start:start + batch_rows])
-            result["write_us"] = round((time.perf_counter() - t0) / len(rows) * 1e6, 2)
+            columnar_store.migrate()
+            writer, columnar_writer = SinkWriter(store), SinkWriter(columnar_store)
+            for batch in attempts:
+                for columnar, w, keys in ((False, writer, ("decode_us", "write_us")),
+                                          (True, columnar_writer, ("columnar_decode_us", "columnar_write_us"))):
+                    t0 = time.perf_counter()
+                    rows, _ = decode_batch(batch, ATTEMPT_ROWS, columnar=columnar)
+                    t1 = time.perf_counter()
+                    w.write(rows)
+                    spent[keys[0]] += t1 - t0
+                    spent[keys[1]] += time.perf_counter() - t1
+            result.update({k: round(v / rows_n * 1e6, 2) for k, v in spent.items()})
+            result["columnar_fast_share"] = _fast_share(attempts)
             request_writer = RequestWriter(store)
             t0 = time.perf_counter()
             for start in range(0, len(requests), batch_rows):
@@ -148,14 +166,82 @@ def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int =
                 lookups[str(size)] = round(time.perf_counter() - t0, 2)
             result["lookup_s_by_ids"] = lookups
         finally:
+            columnar_store._client = None
             store.close()
+    result["decoders_us"] = measure_sink_decoders(values)
     return result
+
+
+def _fast_share(batches: list[list[tuple[bytes | None, Source]]]) -> float:
+    """The share of attempt messages the columnar fast path took (the rest went the precise way)."""
+    parts = [p for b in batches for p in decode_batch(b, ATTEMPT_ROWS)[0].parts]  # type: ignore[attr-defined]
+    return round(sum(isinstance(p, ArrowPart) for p in parts) / max(len(parts), 1), 3)
+
+
+def measure_sink_decoders(values: list[bytes], repeats: int = 3) -> dict[str, float]:
+    """µs per attempt row of each way to decode the sink's messages, interleaved, median of `repeats` passes.
+
+    precise: decode_rows (dicts, Decimal, datetime); orjson_columns: arrow_part, what the sink uses (orjson per
+    line, exact key check, Arrow columns); pyarrow_json: pyarrow.json.read_json of the message with an explicit
+    schema (money and times as strings, tags and tool_calls inferred as structs) — parsing only, without the exact
+    key check it cannot make (a missing Nullable column reads as null) nor maps; msgspec: a typed decode of the
+    message's lines into structs, then columns (only if msgspec is installed; tally does not depend on it).
+    """
+    import io
+
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    source = Source("llm.cost.attempts.v1", 0, 0)
+    rows_n = sum(v.count(b"\n") + 1 for v in values)
+    text = {c: pa.string() for c in (*COST_COLUMNS, *TIME_COLUMNS)}
+    schema = pa.schema([(f.name, text.get(f.name, f.type)) for f in SINK_SCHEMA
+                        if f.name in ATTEMPT_COLUMNS and f.name not in ("tags", "tool_calls")])
+    parse = pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer")
+    read = pj.ReadOptions(use_threads=False, block_size=8 << 20)
+    ways: dict[str, Any] = {
+        "precise": lambda v: decode_rows(v, source),
+        "orjson_columns": lambda v: arrow_part(v, source, "o"),
+        "pyarrow_json": lambda v: pj.read_json(io.BytesIO(v), read_options=read, parse_options=parse),
+    }
+    try:
+        import msgspec
+
+        kinds = {**dict.fromkeys((*COST_COLUMNS, *TIME_COLUMNS), str), "tags": dict[str, str],
+                 "tool_calls": dict[str, int], "stream_terminated_at_token_n": int | None, "latency_ms": int | None}
+        pytypes = {pa.string(): str, pa.bool_(): bool}
+        fields = [(c, kinds.get(c) or pytypes.get(SINK_SCHEMA.field(c).type, int)) for c in ATTEMPT_COLUMNS]
+        decoder = msgspec.json.Decoder(list[msgspec.defstruct("Row", fields, forbid_unknown_fields=True)])  # type: ignore[misc]
+
+        def with_msgspec(v: bytes) -> list[list[Any]]:
+            rows = decoder.decode(b"[" + b",".join(line for line in v.split(b"\n") if line) + b"]")
+            return [[getattr(r, c) for r in rows] for c in ATTEMPT_COLUMNS]
+
+        ways["msgspec"] = with_msgspec
+    except ImportError:
+        pass
+    spent: dict[str, list[float]] = {k: [] for k in ways}
+    for _ in range(repeats):
+        for name, way in ways.items():
+            t0 = time.perf_counter()
+            for v in values:
+                way(v)
+            spent[name].append(time.perf_counter() - t0)
+    return {k: round(statistics.median(v) / rows_n * 1e6, 2) for k, v in spent.items()}
+
+
+SINK_MESSAGE_LINES = 400
+
+
+def _values(lines_by_partition: dict[int, list[bytes]]) -> list[bytes]:
+    """A stage's output as the sink reads it: messages of SINK_MESSAGE_LINES lines."""
+    return [b"\n".join(lines[i:i + SINK_MESSAGE_LINES]) for lines in lines_by_partition.values()
+            for i in range(0, len(lines), SINK_MESSAGE_LINES)]
 
 
 def _decoded(lines_by_partition: dict[int, list[bytes]], shape: RowShape) -> tuple[list[dict[str, Any]], int, float]:
     """Decode a stage's output as the sink does (400-line messages): rows, total line bytes, seconds spent."""
-    values = [b"\n".join(lines[i:i + 400]) for lines in lines_by_partition.values()
-              for i in range(0, len(lines), 400)]
+    values = _values(lines_by_partition)
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     for offset, value in enumerate(values):

@@ -1,0 +1,266 @@
+"""The sink's hot path in columns: priced attempt rows decoded into Arrow tables, inserted with insert_arrow.
+
+A message of llm.cost.attempts.v1 (NDJSON, one priced attempt per line: decimal strings for money, RFC 3339 times)
+is decoded here into one Arrow table (`arrow_part`) whose columns have usage_events' types: Decimal(38, 18) money
+as decimal128(38, 18) (never a float), DateTime64(3, 'UTC') as timestamp[ms, UTC], maps as Arrow maps. The fast
+path accepts a message only if every line is a row the precise decode (streams.sink.decode_rows) would accept with
+the same values, and every value fits its column as the column-oriented insert would write it:
+  - each line is a JSON object with exactly the attempt columns (orjson, as the precise path);
+  - strings, integers, booleans and maps hold exactly those Python types (no float where an integer goes, no
+    null where the column is not Nullable), integers within their column's range;
+  - money is a decimal string that Arrow casts to decimal128(38, 18) without losing a digit (it refuses a value
+    with more than 18 decimals or 38 digits, which the precise path would round);
+  - a time is `YYYY-MM-DDTHH:MM:SS[.fff|.ffffff](Z|±HH:MM)` at or after 1970, truncated to the millisecond as the
+    column-oriented insert does.
+Anything else (a bad line, a float, a naive time) makes the whole message fall back to the precise per-line decode,
+so a dead letter keeps its exact reason, message and bytes, and the rows of that message are inserted as before.
+
+`AttemptBatch` is a batch of such parts in topic order (Arrow parts and precise parts side by side); SinkWriter
+plans over its columns and inserts each Arrow piece with one `insert_arrow`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from itertools import accumulate, chain
+from typing import Any, overload
+
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from streams.records import ATTEMPT_COLUMNS, COST_COLUMNS, TIME_COLUMNS, Source
+
+MONEY = pa.decimal128(38, 18)  # usage_events' Decimal(38, 18), schemas/migrations/002
+TIME = pa.timestamp("ms", tz="UTC")  # DateTime64(3, 'UTC')
+_TIME_US = pa.timestamp("us", tz="UTC")
+
+# The Arrow type of each attempt column (schemas/migrations/002_usage_events.sql), and whether it may hold null.
+_STRING_COLUMNS = (
+    "event_id", "request_id", "logical_request_id", "provider", "model_requested", "model_actual", "fallback_from",
+    "status", "error", "service_tier", "pricing_status", "pricing_note", "price_card_version", "tenant_id", "team_id",
+    "feature_id", "product", "endpoint", "environment", "cost_center", "business_unit", "api_key_id",
+    "deploy_version", "user_segment", "ownership_version", "attribution_status", "attribution_reason",
+    "attribution_conflict", "source_topic", "payload",
+)
+_BOOL_COLUMNS = ("final", "batch", "usage_reported")
+_INT_COLUMNS: dict[str, pa.DataType] = {
+    "attempt": pa.uint32(), "input_tokens": pa.uint64(), "output_tokens": pa.uint64(),
+    "reasoning_tokens": pa.uint64(), "cache_read_tokens": pa.uint64(), "cache_write_tokens": pa.uint64(),
+    "cache_write_1h_tokens": pa.uint64(), "source_partition": pa.uint16(), "source_offset": pa.uint64(),
+    "source_line": pa.uint32(),
+}
+_NULLABLE_INT_COLUMNS: dict[str, pa.DataType] = {"stream_terminated_at_token_n": pa.uint64(),
+                                                 "latency_ms": pa.uint32()}
+_MAP_COLUMNS: dict[str, tuple[pa.DataType, type]] = {
+    "tool_calls": (pa.map_(pa.string(), pa.uint32()), int),
+    "tags": (pa.map_(pa.string(), pa.string()), str),
+}
+
+
+def _arrow_type(column: str) -> pa.DataType:
+    if column in _STRING_COLUMNS:
+        return pa.string()
+    if column in _BOOL_COLUMNS:
+        return pa.bool_()
+    if column in COST_COLUMNS:
+        return MONEY
+    if column in TIME_COLUMNS:
+        return TIME
+    for types in (_INT_COLUMNS, _NULLABLE_INT_COLUMNS):
+        if column in types:
+            return types[column]
+    if column in _MAP_COLUMNS:
+        return _MAP_COLUMNS[column][0]
+    raise KeyError(f"no Arrow type for attempt column {column}")
+
+
+# usage_events as the sink writes it: the attempt columns, then content_hash (008) and origin (011).
+SINK_SCHEMA = pa.schema([pa.field(c, _arrow_type(c), nullable=c in _NULLABLE_INT_COLUMNS) for c in ATTEMPT_COLUMNS]
+                        + [pa.field("content_hash", pa.string(), nullable=False),
+                           pa.field("origin", pa.string(), nullable=False)])
+_PART_SCHEMA = pa.schema([*SINK_SCHEMA][:-2] + [SINK_SCHEMA.field("origin")])  # before the plan adds the hash
+
+_TIME_TEXT = (r"^\d{4}-\d{2}-\d{2}T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{3}|\.\d{6})?"
+              r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)$")
+_COLUMN_SET = frozenset(ATTEMPT_COLUMNS)
+
+
+class Refused(ValueError):
+    """The fast path does not take this message; the precise decode does (streams.sink.decode_rows)."""
+
+
+def _only(values: Sequence[Any], *kinds: type) -> None:
+    """Refused unless every value is of one of these exact types (True is not an int, 1.0 is not an int)."""
+    if not set(map(type, values)) <= set(kinds):
+        raise Refused(f"a value that is not {' or '.join(k.__name__ for k in kinds)}")
+
+
+def _not_null(array: pa.Array) -> pa.Array:
+    if array.null_count:
+        raise Refused("null in a column that is not Nullable")
+    return array
+
+
+def _column(name: str, values: Sequence[Any]) -> pa.Array:
+    """One attempt column as Arrow, or Refused where the precise path and the column-oriented insert might differ.
+
+    pyarrow refuses a non-string for a string, a non-bool for a bool, a negative or too large integer for an
+    unsigned column (ArrowInvalid, ArrowTypeError, OverflowError); it would take 1.0 for an integer, hence _only.
+    """
+    if name in _STRING_COLUMNS:
+        return _not_null(pa.array(values, pa.string()))
+    if name in _BOOL_COLUMNS:
+        return _not_null(pa.array(values, pa.bool_()))
+    if name in COST_COLUMNS:  # ArrowInvalid on any digit lost (more than 18 decimals or 38 digits)
+        return _not_null(pc.cast(pa.array(values, pa.string()), MONEY))
+    if name in TIME_COLUMNS:
+        text = _not_null(pa.array(values, pa.string()))
+        if not pc.all(pc.match_substring_regex(text, _TIME_TEXT)).as_py():
+            raise Refused(f"{name}: a time the fast path does not parse")
+        micros = pc.cast(text, _TIME_US)
+        if len(micros) and pc.min(micros.cast(pa.int64())).as_py() < 0:
+            raise Refused(f"{name}: a time before 1970")
+        return pc.cast(micros, TIME, safe=False)  # floor to the millisecond (after 1970), as DateTime64(3) is written
+    if name in _INT_COLUMNS:
+        _only(values, int)
+        return _not_null(pa.array(values, _INT_COLUMNS[name]))
+    if name in _NULLABLE_INT_COLUMNS:
+        _only(values, int, type(None))
+        return pa.array(values, _NULLABLE_INT_COLUMNS[name])
+    if name in _MAP_COLUMNS:
+        arrow_type, kind = _MAP_COLUMNS[name]
+        _only(values, dict)
+        keys = list(chain.from_iterable(values))
+        items = list(chain.from_iterable(m.values() for m in values))
+        _only(keys, str)
+        _only(items, kind)
+        offsets = pa.array([0, *accumulate(map(len, values))], pa.int32())
+        return pa.MapArray.from_arrays(offsets, pa.array(keys, pa.string()), pa.array(items, arrow_type.item_type),
+                                       type=arrow_type)
+    raise KeyError(name)
+
+
+def arrow_part(value: bytes, source: Source, origin: str) -> ArrowPart:
+    """One message's attempt rows as an Arrow table (SINK_SCHEMA without content_hash).
+
+    Refused if any line is not a row the fast path takes exactly (see the module's docstring).
+    """
+    lines = [line for line in value.split(b"\n") if line]
+    try:
+        rows = [orjson.loads(line) for line in lines]
+    except orjson.JSONDecodeError as exc:
+        raise Refused(str(exc)) from exc
+    for row in rows:
+        if type(row) is not dict or row.keys() != _COLUMN_SET:
+            raise Refused("not an attempt row")
+    try:
+        arrays = [_column(name, [r[name] for r in rows]) for name in ATTEMPT_COLUMNS]
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError) as exc:
+        raise Refused(str(exc)) from exc
+    arrays.append(pa.array([origin] * len(rows), pa.string()))
+    return ArrowPart(pa.Table.from_arrays(arrays, schema=_PART_SCHEMA), lines, source, origin)
+
+
+@dataclass
+class ArrowPart:
+    """The rows of one message decoded by the fast path.
+
+    Its table, and the message's lines to re-read one row exactly as the precise path gives it (a dead letter's
+    message quotes its values).
+    """
+
+    table: pa.Table
+    lines: list[bytes]
+    source: Source
+    origin: str
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def row(self, i: int) -> dict[str, Any]:
+        from streams.sink import decode_rows  # the precise decode, which builds on this module
+
+        (row,), bad = decode_rows(self.lines[i], self.source)
+        assert not bad, bad  # the fast path took this line, so the precise one does
+        return row
+
+
+@dataclass
+class DictPart:
+    """Rows decoded by the precise path (or handed over as dicts by tools and tests)."""
+
+    rows: list[dict[str, Any]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def row(self, i: int) -> dict[str, Any]:
+        return self.rows[i]
+
+
+Part = ArrowPart | DictPart
+
+
+@dataclass
+class AttemptBatch(Sequence[dict[str, Any]]):
+    """A sink batch of priced attempts in topic order: one part per message, in columns where the fast path took it.
+
+    As a Sequence it yields each row as a dict (the precise path's values); the writer reads its columns instead.
+    """
+
+    parts: list[Part] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.parts)
+
+    @overload
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[dict[str, Any]]: ...
+
+    def __getitem__(self, i: int | slice) -> dict[str, Any] | Sequence[dict[str, Any]]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        part, local = self.locate(i if i >= 0 else len(self) + i)
+        return self.parts[part].row(local)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for p in self.parts:
+            for i in range(len(p)):
+                yield p.row(i)
+
+    def locate(self, i: int) -> tuple[int, int]:
+        """(part, row in that part) of row `i` of the batch."""
+        if i < 0:
+            raise IndexError(i)
+        for n, p in enumerate(self.parts):
+            if i < len(p):
+                return n, i
+            i -= len(p)
+        raise IndexError(i)
+
+    def column(self, name: str) -> list[Any]:
+        """One column over the whole batch as Python values (strings, dates of days): what the plan reads."""
+        out: list[Any] = []
+        for p in self.parts:
+            if isinstance(p, ArrowPart):
+                out.extend(p.table.column(name).to_pylist())
+            else:
+                out.extend(r[name] for r in p.rows)
+        return out
+
+    def days(self) -> list[date]:
+        """The UTC day of each row's ts, in batch order."""
+        from streams.sink import utc_day
+
+        out: list[date] = []
+        for p in self.parts:
+            if isinstance(p, ArrowPart):
+                out.extend(pc.cast(p.table.column("ts"), pa.date32()).to_pylist())
+            else:
+                out.extend(utc_day(r["ts"]) for r in p.rows)
+        return out

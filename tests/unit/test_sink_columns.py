@@ -1,0 +1,232 @@
+"""The sink's columnar decode: the fast path takes exactly what the precise path would, to the last digit."""
+
+import random
+from datetime import UTC, timedelta, timezone
+from decimal import Decimal, localcontext
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pytest
+
+from streams.records import ATTEMPT_COLUMNS, COST_COLUMNS, Source, encode_row
+from streams.sink import (
+    ATTEMPT_ROWS,
+    REQUEST_ROWS,
+    SinkWriter,
+    decode_batch,
+    decode_rows,
+    origin_of,
+    utc_day,
+)
+from streams.sink_columns import MONEY, SINK_SCHEMA, ArrowPart, AttemptBatch, DictPart, Refused, arrow_part
+from tally.store import Saved
+from tests.factories import attempt_row_factory, clock, event_factory
+
+SOURCE = Source("llm.cost.attempts.v1", 2, 41)
+
+
+def attempt(n: int, rng: random.Random, days: int = 120, **overrides: Any) -> dict[str, Any]:
+    """A priced attempt row with random money (up to 18 decimals, up to 20 integer digits), its ts in the last
+    `days` days (before the suite's clock)."""
+    at = clock() - timedelta(days=rng.randrange(0, days), milliseconds=rng.randrange(0, 86_400_000))
+    row = attempt_row_factory(f"lr-{n}", ts_ms=int(at.timestamp() * 1000))
+    for c in COST_COLUMNS:
+        digits = rng.choice([0, 1, 6, 12, 18])
+        whole = rng.choice([0, 0, 1, 37, 10**rng.randrange(1, 20) - 1])
+        frac = rng.randrange(0, 10**digits) if digits else 0
+        row[c] = Decimal(f"{whole}.{frac:0{digits}d}") if digits else Decimal(whole)
+    row["ts"] = at.replace(microsecond=rng.choice([0, 590_000, rng.randrange(0, 1_000_000)]))
+    row["ingested_at"] = clock().replace(microsecond=rng.randrange(0, 1_000_000))
+    row["tags"] = {"team_id": "inbox", "feature_id": f"f{n % 3}"}
+    row["tool_calls"] = {"web_search": n % 4} if n % 2 else {}
+    row["latency_ms"] = None if n % 5 == 0 else rng.randrange(0, 60_000)
+    row["stream_terminated_at_token_n"] = rng.randrange(0, 500) if n % 7 == 0 else None
+    row["payload"] = orjson.dumps(event_factory(event_id=row["event_id"])).decode()
+    row.update(overrides)
+    return row
+
+
+def message(rows: list[dict[str, Any]]) -> bytes:
+    return b"\n".join(encode_row(r) for r in rows) + b"\n"
+
+
+def dead_records(dead: dict[int, list[bytes]]) -> list[dict[str, Any]]:
+    """Dead letters without their rejected_at (the clock of the decode)."""
+    out = []
+    for lines in dead.values():
+        for line in lines:
+            record = orjson.loads(line)
+            record.pop("rejected_at")
+            out.append(record)
+    return out
+
+
+def test_the_fast_path_gives_the_precise_rows_with_money_exact_to_the_last_digit():
+    rng = random.Random(7)
+    rows = [attempt(n, rng) for n in range(300)]
+    value = message(rows)
+    part = arrow_part(value, SOURCE, origin_of(SOURCE))
+    precise, bad = decode_rows(value, SOURCE)
+    assert not bad and len(part) == len(precise) == 300
+    table = part.table
+    for c in COST_COLUMNS:
+        assert table.schema.field(c).type == MONEY  # decimal128(38, 18), never a float
+        assert table.column(c).to_pylist() == [r[c] for r in precise]  # Decimal equality: every digit
+        with localcontext(prec=60):  # in atto-dollars, as ClickHouse stores Decimal(38, 18)
+            assert [int(v.scaleb(18)) for v in table.column(c).to_pylist()] == [
+                int(r[c].scaleb(18)) for r in precise]
+    for c in ("ts", "ingested_at"):  # DateTime64(3): the precise time floored to the millisecond
+        assert table.column(c).to_pylist() == [r[c].replace(microsecond=r[c].microsecond // 1000 * 1000)
+                                               for r in precise]
+    for c in ATTEMPT_COLUMNS:
+        if c not in (*COST_COLUMNS, "ts", "ingested_at", "tags", "tool_calls"):
+            assert table.column(c).to_pylist() == [r[c] for r in precise], c
+    assert [dict(m) for m in table.column("tags").to_pylist()] == [r["tags"] for r in precise]
+    assert [dict(m) for m in table.column("tool_calls").to_pylist()] == [r["tool_calls"] for r in precise]
+    assert table.column("origin").to_pylist() == [origin_of(SOURCE)] * 300
+    assert [part.row(i) for i in range(300)] == precise  # a row read back is the precise path's, exactly
+
+
+def test_times_in_other_offsets_are_the_same_instants():
+    rng = random.Random(11)
+    rows = [attempt(n, rng) for n in range(50)]
+    lines = []
+    for n, r in enumerate(rows):
+        offset = timedelta(hours=(n % 27) - 13, minutes=30 * (n % 2))
+        line = orjson.loads(encode_row(r))
+        line["ts"] = r["ts"].astimezone(timezone(offset)).isoformat()
+        if n % 3 == 1:
+            line["ts"] = r["ts"].astimezone(UTC).isoformat().replace("+00:00", "Z")
+        lines.append(orjson.dumps(line))
+    value = b"\n".join(lines)
+    part = arrow_part(value, SOURCE, origin_of(SOURCE))
+    precise, _ = decode_rows(value, SOURCE)
+    got = part.table.column("ts").to_pylist()
+    assert got == [r["ts"].astimezone(UTC).replace(microsecond=r["ts"].microsecond // 1000 * 1000) for r in precise]
+    assert AttemptBatch([part]).days() == [utc_day(r["ts"]) for r in precise]
+
+
+# Lines the precise path accepts but the fast path does not take exactly: its whole message goes the precise way.
+ACCEPTED_ELSEWHERE = {
+    "a float cost": {"cost_total_usd": 0.5},
+    "an integer cost": {"cost_total_usd": 3},
+    "more than 18 decimals": {"cost_total_usd": "0.1234567890123456789"},
+    "a naive time": {"ts": "2026-11-20T10:00:00"},
+    "a space for T": {"ts": "2026-11-20 10:00:00+00:00"},
+    "a float token count": {"output_tokens": 300.0},
+    "a bool token count": {"input_tokens": True},
+    "a null error": {"error": None},
+    "a float tool count": {"tool_calls": {"web_search": 1.0}},
+}
+# Lines no path accepts: the precise path's dead letter, byte for byte.
+REJECTED = {
+    "not JSON": b"{not json",
+    "a missing column": "drop:latency_ms",
+    "an extra column": {"prompt": "hello"},
+    "a bad cost": {"cost_total_usd": "12 USD"},
+    "a bad time": {"ts": "yesterday"},
+    "a JSON array": b"[1, 2]",
+}
+
+
+def _mutated(base: dict[str, Any], how: Any) -> bytes:
+    if isinstance(how, bytes):
+        return how
+    line = orjson.loads(encode_row(base))
+    if isinstance(how, str):
+        line.pop(how.split(":", 1)[1])
+    else:
+        line.update(how)
+    return orjson.dumps(line)
+
+
+@pytest.mark.parametrize("case", sorted(ACCEPTED_ELSEWHERE))
+def test_a_line_the_fast_path_refuses_is_decoded_by_the_precise_path(case):
+    rng = random.Random(3)
+    good = [attempt(n, rng) for n in range(4)]
+    value = b"\n".join([encode_row(good[0]), _mutated(good[1], ACCEPTED_ELSEWHERE[case]), *map(encode_row, good[2:])])
+    with pytest.raises(Refused):
+        arrow_part(value, SOURCE, origin_of(SOURCE))
+    other = Source(SOURCE.topic, SOURCE.partition, SOURCE.offset + 1)
+    batch, dead = decode_batch([(value, SOURCE), (message(good), other)], ATTEMPT_ROWS)
+    assert isinstance(batch, AttemptBatch) and not dead
+    assert [type(p) for p in batch.parts] == [DictPart, ArrowPart]  # the other message stays in columns
+    assert list(batch) == decode_batch([(value, SOURCE), (message(good), other)], ATTEMPT_ROWS, columnar=False)[0]
+
+
+@pytest.mark.parametrize("case", sorted(REJECTED))
+def test_a_rejected_line_has_the_precise_paths_dead_letter(case):
+    rng = random.Random(5)
+    good = [attempt(n, rng) for n in range(5)]
+    value = b"\n".join([*map(encode_row, good[:2]), _mutated(good[2], REJECTED[case]), *map(encode_row, good[3:])])
+    batch, dead = decode_batch([(value, SOURCE)], ATTEMPT_ROWS)
+    rows, precise_dead = decode_batch([(value, SOURCE)], ATTEMPT_ROWS, columnar=False)
+    assert dead_records(dead) == dead_records(precise_dead)
+    [record] = dead_records(dead)
+    assert record["reason"] == "bad_attempt_row" and record["stage"] == "sink" and record["source_line"] == 3
+    assert list(batch) == rows and len(rows) == 4
+
+
+def test_other_shapes_and_watermarks_are_decoded_as_before():
+    rows, dead = decode_batch([(b'{"a": 1}', Source("llm.cost.requests.v1", 0, 0))], REQUEST_ROWS)
+    assert isinstance(rows, list) and rows == [] and len(dead_records(dead)) == 1
+
+
+class LookupOnly:
+    """The event_ids lookup of a Store; the plan reads nothing else and writes nothing."""
+
+    def __init__(self, saved: dict[str, Saved] | None = None) -> None:
+        self.saved = saved or {}
+
+    def saved_events(self, ids: list[str]) -> dict[str, Saved]:
+        return {i: self.saved[i] for i in ids if i in self.saved}
+
+
+def _plans(messages: list[tuple[bytes, Source]], saved: dict[str, Saved] | None = None) -> tuple[Any, Any]:
+    columnar, _ = decode_batch(messages, ATTEMPT_ROWS)
+    rows, _ = decode_batch(messages, ATTEMPT_ROWS, columnar=False)
+    return (SinkWriter(LookupOnly(saved)).plan(columnar),  # type: ignore[arg-type]
+            SinkWriter(LookupOnly(saved)).plan(rows))  # type: ignore[arg-type]
+
+
+def test_the_columnar_plan_cuts_the_same_pieces_with_the_same_tokens():
+    rng = random.Random(13)
+    rows = [attempt(n, rng) for n in range(400)]  # 120 days: pieces of up to 50 days per message
+    messages = [(message(rows[i:i + 100]), Source(SOURCE.topic, 1, 500 + i)) for i in range(0, 400, 100)]
+    fast, slow = _plans(messages)
+    assert [(p.token, p.days, p.origin, p.size) for p in fast.pieces] == [
+        (p.token, p.days, p.origin, p.size) for p in slow.pieces]
+    assert all(p.data is not None and p.data.schema.equals(SINK_SCHEMA) for p in fast.pieces)
+    for a, b in zip(fast.pieces, slow.pieces, strict=True):
+        assert list(a.keys) == [r["event_id"] for r in b.rows]
+        assert a.data.column("content_hash").to_pylist() == [r["content_hash"] for r in b.rows]
+        assert a.data.column("cost_total_usd").to_pylist() == [r["cost_total_usd"] for r in b.rows]
+    assert fast.finish is not None and slow.finish is not None
+    assert fast.finish.args == slow.finish.args  # the same calls are superseded
+
+
+def test_duplicates_and_conflicts_are_decided_as_by_the_row_plan():
+    rng = random.Random(17)
+    rows = [attempt(n, rng) for n in range(30)]
+    changed = dict(rows[4], payload=orjson.dumps(event_factory(event_id=rows[4]["event_id"], attempt=3)).decode())
+    first = message(rows[:20])
+    second = message([*rows[15:], rows[2], changed])  # 5 copies of the first message's rows, then a conflict
+    saved = {rows[25]["event_id"]: Saved("someone-else", "elsewhere"), rows[26]["event_id"]: Saved("", "")}
+    messages = [(first, Source(SOURCE.topic, 0, 1)), (second, Source(SOURCE.topic, 0, 2))]
+    fast, slow = _plans(messages, saved)
+    assert [(p.token, p.size) for p in fast.pieces] == [(p.token, p.size) for p in slow.pieces]
+    assert [r.to_record(clock()) for r in fast.rejections] == [r.to_record(clock()) for r in slow.rejections]
+    assert {r.reason for r in fast.rejections} == {"conflicting_duplicate"} and len(fast.rejections) == 2
+    assert fast.finish.args == slow.finish.args  # type: ignore[union-attr]
+
+
+def test_an_empty_batch_plans_nothing():
+    batch, dead = decode_batch([(b"", SOURCE), (b"\n\n", SOURCE)], ATTEMPT_ROWS)
+    assert len(batch) == 0 and not dead
+    assert SinkWriter(LookupOnly()).plan(batch).pieces == []  # type: ignore[arg-type]
+
+
+def test_money_is_never_a_float_in_the_insert():
+    assert [f.name for f in SINK_SCHEMA if pa.types.is_floating(f.type)] == []
+    assert all(SINK_SCHEMA.field(c).type == pa.decimal128(38, 18) for c in COST_COLUMNS)
