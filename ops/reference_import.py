@@ -1,8 +1,8 @@
 """Price cards from a maintained source: the installed `genai-prices` package's data as tally price-card YAML.
 
 `tally reference import genai-prices` calls `import_genai_prices` and writes `ImportResult.text`. The package's
-prices are already `Decimal` objects (its data module builds them from decimal literals), so no price passes through
-a float: a value that is not a `Decimal` is refused, never converted.
+prices are already `Decimal` objects (its data module builds them from quoted literals, `Decimal('0.8')`), so no
+price passes through a float: a value that is not a `Decimal` is refused, never converted.
 
 The mapping, per model and per point in time (README, "Price cards from genai-prices"):
 
@@ -19,9 +19,10 @@ The mapping, per model and per point in time (README, "Price cards from genai-pr
   (input including cache) is strictly above the start.
 - a price variant for `processing: batch` becomes `batch_discount`, one for `service_tier: NAME` becomes
   `service_tiers: {NAME: multiplier}`, when the variant scales every token price of the model by the same exact
-  factor (≤ 3 decimal places) and leaves the tool prices alone. Otherwise it is left out: tally then prices such an
-  event at the standard rates and marks it `partial` (never a guessed multiplier marked `priced`), and the gap is
-  listed.
+  factor (≤ 3 decimal places) and leaves the tool prices alone; a batch variant that halves everything but cached
+  input (OpenAI, Google) becomes `batch_discount` with `batch_undiscounted: [cache_read]`. Otherwise it is left out:
+  tally then prices such an event at the standard rates and marks it `partial` (never a guessed multiplier marked
+  `priced`), and the gap is listed.
 - per-call tools: `web_searches_kcount` → `web_search` (Google: `google_search`), `storage_searches_kcount` →
   `file_search`, `code_executions_kcount` → `code_execution`, each per 1,000 calls divided by 1,000 (exact).
 - aliases: the model's `equals` match clauses, and the prefix of a `starts_with` clause (tally strips date suffixes

@@ -26,7 +26,7 @@ from ops.cli import _run_reference_files, cli
 from ops.reference_import import FIRST_EFFECTIVE, GENAI_PRICES_CARD_PATH, import_genai_prices
 from streams.enrich import PARTIAL, PRICED, UNPRICED, price_event
 from tally.errors import ReferenceDataError
-from tally.reference import load_reference_files, parse_reference_yaml, snapshot_of
+from tally.reference import ReferenceDoc, load_reference_files, parse_reference_yaml, snapshot_of
 
 D = Decimal
 BATCH_START = date(2026, 10, 14)
@@ -128,6 +128,15 @@ def test_batch_tiers_and_tools(refs) -> None:
     assert (batch.total, batch.status) == (D("0.625") + D("5") + D("0.125"), PRICED)
     priority = price_event(_event("flagship", usage=usage, service_tier="priority"), card)
     assert (priority.total, priority.status) == (D("22.75"), PRICED)
+
+
+def test_the_cards_survive_the_reference_topics_json(result) -> None:
+    """Workers read the cards as JSON from the compacted topic: batch_undiscounted survives the trip."""
+    for doc in parse_reference_yaml(result.text, "import"):
+        again = ReferenceDoc.from_json(doc.to_json())
+        assert again.parsed.models == doc.parsed.models
+    last = ReferenceDoc.from_json(doc.to_json()).parsed.find("openai", "flagship")
+    assert last.batch_undiscounted == {"cache_read"}
 
 
 def test_aliases_from_equals_and_starts_with_clauses(refs, result) -> None:
