@@ -9,7 +9,7 @@ KAFKA_JARS := deploy/kafka/libs/.complete
 
 .DEFAULT_GOAL := help
 .PHONY: help run test install kafka-jars lint typecheck test-unit test-integration test-e2e bench bench-detect bench-detect-stack clean \
-	grafana dashboard-assets test-faketime
+	grafana dashboard-assets test-faketime reference-prices
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -79,6 +79,11 @@ bench-detect: install ## Detection benchmark: precision, recall, delay per incid
 DETECT_STACK_ARGS ?= --days 2 --rate 0.4 --seeds 7 --paced-minutes 6 --sdk-batch-events 2000 --sdk-max-bytes 1000000
 bench-detect-stack: install kafka-jars ## Detection through a real stack: offline, backfill and paced side by side
 	$(PY) -m tests.bench.detect --mode all $(DETECT_STACK_ARGS)
+
+# The price card `tally run` loads by default, generated from the installed genai-prices (committed: the stack runs
+# offline, and a new genai-prices release is a reviewed diff; tests/unit/test_genai_prices_grid.py checks it is current).
+reference-prices: install ## Regenerate reference/genai_prices.yaml from the installed genai-prices package
+	$(TALLY) reference import genai-prices --out reference/genai_prices.yaml
 
 grafana: install ## Regenerate the Grafana dashboard (deploy/grafana/) from tally/dashboard/panels.py
 	$(PY) -m tally.dashboard.grafana

@@ -71,7 +71,8 @@ def cli(ctx: click.Context, **overrides: Any) -> None:
 # ---------------------------------------------------------------- the stack
 @cli.command()
 @click.option("--reference", "references", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="Reference files to load first (default: the sample price cards and org).")
+              help="Reference files to load first (default: the price card imported from genai-prices, the sample "
+                   "org and budgets).")
 @click.option("--rate", type=float, default=300.0, show_default=True, help="Simulated events per second.")
 @click.option("--seed", type=int, default=None, help="Simulator seed (default: time-based).")
 @click.option("--no-simulate", is_flag=True, help="Start the stack without simulated traffic.")
@@ -89,14 +90,22 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
     console.print(f"  worker     pid {info['worker_pid']}, role all, log {info['worker_log']}")
     console.print(f"  clickhouse {s.redacted_ch_url()}")
     console.print(f"  dashboard  {s.web_url}{PAGE_PATH}  (live; Grafana dashboards in deploy/grafana/)")
-    docs = _load_reference(s, references or _example_reference_files())
+    docs = _load_reference(s, references or _run_reference_files())
     console.print(f"  reference  {len(docs)} versions loaded")
+    # The simulated traffic calls the sample card's models (a realistic mix; every one is in the imported card),
+    # not each of the hundreds of models a full card lists.
+    if not references:
+        from tally.reference import load_reference_files
+
+        sim_docs = load_reference_files(_example_reference_files())
+    else:
+        sim_docs = docs
     stop = threading.Event()
     sim_thread: threading.Thread | None = None
     sim_counter = [0]
     if not no_simulate:
         sim_thread = threading.Thread(target=_simulate_until, name="simulator",
-                                      args=(s, docs, rate, seed, stop, sim_counter), daemon=True)
+                                      args=(s, sim_docs, rate, seed, stop, sim_counter), daemon=True)
         sim_thread.start()
         console.print(f"  simulator  {rate:g} events/s")
     pager = threading.Thread(target=_page_to_stdout, name="pager", args=(s, stop), daemon=True)
@@ -362,6 +371,13 @@ def _example_reference_files() -> list[Path]:
     return sorted(EXAMPLE_REFERENCE.glob("*.yaml"))
 
 
+def _run_reference_files() -> list[Path]:
+    """What `tally run` loads by default: the imported price card, and the samples' other kinds (org, budgets)."""
+    from ops.reference_import import GENAI_PRICES_CARD_PATH
+
+    return [GENAI_PRICES_CARD_PATH] + [p for p in _example_reference_files() if p.name != "price_cards.yaml"]
+
+
 def _load_reference(s: Settings, paths: Sequence[Path]) -> list[Any]:
     from confluent_kafka import Producer
 
@@ -396,6 +412,40 @@ def reference_load(c: Ctx, paths: tuple[Path, ...]) -> None:
     docs = _load_reference(c.settings, files)
     for d in docs:
         console.print(f"loaded {d.kind} {d.version} effective {d.effective_at.isoformat()}")
+
+
+@reference.command("import")
+@click.argument("source", type=click.Choice(["genai-prices"]))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the price-card YAML here (default: stdout).")
+@click.option("--provider", "providers", multiple=True,
+              help="A genai-prices provider id to import (repeatable; default: every mapped provider).")
+def reference_import(source: str, out: Path | None, providers: tuple[str, ...]) -> None:
+    """Convert the installed genai-prices data (with its price history) into tally's effective-dated price cards.
+
+    One card version per price change. What the card cannot express is listed on stderr (and in the README).
+    Publish the result with `tally reference load`.
+    """
+    from ops.reference_import import PROVIDERS, import_genai_prices
+
+    try:
+        result = import_genai_prices(providers or None)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--provider") from exc
+    if out is None:
+        sys.stdout.write(result.text)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(result.text, encoding="utf-8")
+    chosen = providers or tuple(PROVIDERS)
+    console.print(f"{source} {result.package_version}: providers {', '.join(f'{p}→{PROVIDERS[p]}' for p in chosen)}")
+    for version, effective_at, n in result.versions:
+        console.print(f"  {version}  effective {effective_at:%Y-%m-%dT%H:%M:%SZ}  {n} models")
+    console.print(f"{len(result.gaps)} things the card cannot express (what the import did instead):")
+    for gap in result.gaps:
+        console.print(f"  {gap.line()}", markup=False, highlight=False)
+    if out is not None:
+        console.print(f"wrote {len(result.versions)} versions to {out}")
 
 
 # ---------------------------------------------------------------- paging

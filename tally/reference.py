@@ -129,14 +129,18 @@ class ModelPrice:
     long_context: LongContextTier | None
     service_tiers: Mapping[str, Decimal]
     tools: Mapping[str, Decimal]
+    # Token classes batch_discount does not apply to (e.g. cached input, which OpenAI and Google bill at the
+    # standard rate in batch); ClassPrices field names.
+    batch_undiscounted: frozenset[str] = frozenset()
     _rates: dict[tuple[bool, str, bool], Rates] = field(default_factory=dict, compare=False, repr=False)
 
     def rates(self, batch: bool, service_tier: str, long_context: bool) -> Rates:
         """Return per-token prices for one (batch, service tier, long context) combination; memoized, exact.
 
-        Contract: batch=True multiplies every token class by batch_discount (none listed → full price and a
-        note); the service tier multiplier comes from service_tiers, standard names mean 1, an unknown tier
-        means 1 and a note. long_context=True selects the long-context prices (callers check the threshold).
+        Contract: batch=True multiplies every token class but those in batch_undiscounted by batch_discount (none
+        listed → full price and a note); the service tier multiplier comes from service_tiers, standard names mean
+        1, an unknown tier means 1 and a note. long_context=True selects the long-context prices (callers check
+        the threshold).
         """
         key = (batch, service_tier, long_context)
         found = self._rates.get(key)
@@ -144,20 +148,24 @@ class ModelPrice:
             return found
         notes: list[str] = []
         multiplier = Decimal(1)
+        batch_multiplier = Decimal(1)
         if batch:
             if self.batch_discount is None:
                 notes.append(f"no batch price for {self.provider}/{self.model}: priced at standard rates")
             else:
-                multiplier = self.batch_discount
+                batch_multiplier = self.batch_discount
         tier_multiplier = self.service_tiers.get(service_tier)
         if tier_multiplier is not None:
-            multiplier = MONEY_CONTEXT.multiply(multiplier, tier_multiplier)
+            multiplier = tier_multiplier
         elif service_tier not in STANDARD_TIERS:
             notes.append(f"unknown service tier {service_tier!r} for {self.provider}/{self.model}: "
                          "multiplier 1")
+        both = MONEY_CONTEXT.multiply(multiplier, batch_multiplier)
         prices = self.long_context.prices if (long_context and self.long_context) else self.prices
         p_in, p_out, p_re, p_cr, p_cw, p_cw1h = (
-            None if p is None else MONEY_CONTEXT.multiply(p.scaleb(-6, MONEY_CONTEXT), multiplier) for p in prices)
+            None if p is None else MONEY_CONTEXT.multiply(
+                p.scaleb(-6, MONEY_CONTEXT), multiplier if name in self.batch_undiscounted else both)
+            for name, p in zip(ClassPrices._fields, prices, strict=True))
         if p_re is None:
             p_re = p_out
         per_token = (p_in, p_out, p_re, p_cr, p_cw, p_cw1h)
@@ -208,6 +216,7 @@ class PriceCard:
             reasoning: "10.00"                 # optional, defaults to output
             cache_read: "0.125"                # optional (as are cache_write_5m, cache_write_1h)
             batch_discount: "0.5"              # optional multiplier, ≤ 3 decimal places
+            batch_undiscounted: [cache_read]   # optional: classes batch_discount does not apply to
             service_tiers: {priority: "2"}     # optional multipliers by tier name
             long_context: {above_input_tokens: 200000, input: "2.50", output: "15.00"}
             tools: {web_search: "0.01"}        # USD per call, ≤ 9 decimal places
@@ -570,6 +579,25 @@ def _named_decimals(p: _Problems, path: Path_, data: Mapping[str, Any], key: str
     return out
 
 
+def _class_names(p: _Problems, path: Path_, value: Any) -> frozenset[str]:
+    """A list of distinct token class names (ClassPrices fields), e.g. batch_undiscounted: [cache_read]."""
+    if not isinstance(value, list):
+        p.add(path, f"must be a list of token classes ({', '.join(_PRICE_KEYS)}), got {_describe(value)}")
+        return frozenset()
+    names: set[str] = set()
+    for i, raw in enumerate(value):
+        if raw not in _PRICE_KEYS:
+            close = difflib.get_close_matches(str(raw), _PRICE_KEYS, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(_PRICE_KEYS)})"
+            shown = repr(raw) if isinstance(raw, str) else _describe(raw)
+            p.add(path + (i,), f"unknown token class {shown}{hint}")
+        elif raw in names:
+            p.add(path + (i,), f"duplicate token class {raw!r}")
+        else:
+            names.add(raw)
+    return frozenset(names)
+
+
 def _parse_price_card(p: _Problems, body: Mapping[str, Any], version: str,
                       effective_at: datetime) -> PriceCard:
     _keys(p, (), body, ("kind", "version", "effective_at", "currency", "models"),
@@ -602,7 +630,7 @@ def _parse_price_card(p: _Problems, body: Mapping[str, Any], version: str,
         before = len(p.items)
         _keys(p, path, entry, ("provider", "model", "input", "output"),
               ("aliases", "reasoning", "cache_read", "cache_write_5m", "cache_write_1h", "long_context",
-               "description", *_EXTRAS_KEYS))
+               "description", "batch_undiscounted", *_EXTRAS_KEYS))
         provider = (_string(p, path + ("provider",), entry["provider"], _PROVIDER_RE)
                     if "provider" in entry else None)
         model = _string(p, path + ("model",), entry["model"], _NAME_RE) if "model" in entry else None
@@ -632,6 +660,8 @@ def _parse_price_card(p: _Problems, body: Mapping[str, Any], version: str,
                 if isinstance(threshold, int):
                     long_tier = LongContextTier(threshold, lprices)
         batch, tiers, tools = _extras(p, path, entry)
+        undiscounted = _class_names(p, path + ("batch_undiscounted",), entry["batch_undiscounted"]) \
+            if "batch_undiscounted" in entry else frozenset()
         if len(p.items) > before or provider is None or model is None:
             continue
         d_batch, d_tiers, d_tools = defaults.get(provider, (None, {}, {}))
@@ -641,6 +671,7 @@ def _parse_price_card(p: _Problems, body: Mapping[str, Any], version: str,
             long_context=long_tier,
             service_tiers=MappingProxyType({**d_tiers, **tiers}),
             tools=MappingProxyType({**d_tools, **tools}),
+            batch_undiscounted=undiscounted,
         )
         for name in (model, *aliases):
             if (provider, name) in claimed:
