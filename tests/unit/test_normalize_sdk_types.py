@@ -17,6 +17,7 @@ from tally.sdk.normalize import (
     from_openai_chat,
     from_openai_responses,
 )
+from tests.factories import clock
 
 
 def classes(inp: int = 0, out: int = 0, reasoning: int = 0, read: int = 0, write: int = 0,
@@ -114,7 +115,7 @@ def test_anthropic_server_tools_tier_and_batch_go_on_the_event() -> None:
     info = anthropic_call_info(usage)
     assert info == {"tool_calls": {"web_search": 3}, "service_tier": "priority"}
     event = usage_event(request_id="r-1", provider="anthropic", model_actual="claude-sonnet-4-5",
-                        usage=from_anthropic(usage), timestamp="2026-01-01T00:00:00Z", **info)
+                        usage=from_anthropic(usage), timestamp=clock(), **info)
     assert event["tool_calls"] == {"web_search": 3} and event["service_tier"] == "priority"
     assert anthropic_call_info(anthropic_usage(service_tier="batch")) == {"batch": True}
     assert anthropic_call_info(anthropic_usage()) == {}
