@@ -45,6 +45,27 @@ def stop_hard(code: int, message: str, *args: Any) -> None:
     os._exit(code)
 
 
+def line_runs(batch: Batch, max_lines: int) -> list[Batch]:
+    """The batch in consecutive runs of whole messages holding at most `max_lines` NDJSON lines each, in order.
+
+    A message with more lines than `max_lines` is a run of its own. Handling one run at a time bounds the Python
+    objects a batch holds at once (settings.batch_max_lines).
+    """
+    runs: list[Batch] = []
+    run: Batch = []
+    lines = 0
+    for value, source in batch:
+        n = value.count(b"\n") + 1 if value else 1
+        if run and lines + n > max_lines:
+            runs.append(run)
+            run, lines = [], 0
+        run.append((value, source))
+        lines += n
+    if run:
+        runs.append(run)
+    return runs
+
+
 def agent_name(fun: str) -> str:
     """The name Faust gave the agent `fun` when create_app declared every agent in streams.app (its logs say it)."""
     return f"streams.app.{fun}"

@@ -18,11 +18,13 @@ from streams.positions import audit_line, encode_offset, last_offsets, position_
 from streams.reference_feed import ReferenceFeed
 from streams.roles.context import (
     EXIT_AGENT_FAILED,
+    Batch,
     KeyedTable,
     RoleContext,
     agent_name,
     audit,
     batch_of,
+    line_runs,
     stop_hard,
     timer_name,
 )
@@ -134,6 +136,32 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
     async def follow_reference_data() -> None:
         await feed.run()
 
+    async def process_run(batch: Batch, step: FoldStep, loop: asyncio.AbstractEventLoop) -> None:
+        """One run of messages: processed, its outputs delivered, then its fold state and input positions stored."""
+        forget_if_rebalanced()
+        out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
+                                         partitions, datetime.now(UTC), step, time.time())
+        await ctx.fail_at("process.after_decode")
+        # Outputs delivered, then state and position: the position never runs ahead of either.
+        sent = await ctx.publish(ctx.attempts_topic, out.attempts)
+        sent += await ctx.publish(ctx.dlq_topic, out.dead_letters)
+        await ctx.fail_at("process.before_delivery")
+        await asyncio.gather(*sent)
+        await ctx.fail_at("process.after_delivery")
+        done = last_offsets(src for _, src in batch)
+        await commit_fold(out.requests, out.fold_writes, done)
+        finished = time.time()
+        folder.finished(done, finished)
+        await publish_watermarks(progress.after_batch(
+            done, {p: c.now_ms for p, c in folder.clocks.items()}, finished))
+        if audit.isEnabledFor(logging.DEBUG):
+            audit.debug(audit_line(topics.usage, [src for _, src in batch], {
+                "attempt_lines": out.accepted, "dead_letters": out.rejected,
+                "request_rows": sum(len(v) for v in out.requests.values()),
+                "state_writes": len(out.fold_writes)}))
+        stats.events_accepted += out.accepted
+        stats.events_rejected += out.rejected
+
     @app.agent(ctx.usage_topic, name=agent_name("process"))
     async def process(stream: faust.StreamT) -> None:
         """llm.usage.v1 → validate → enrich → fold → llm.cost.attempts.v1, llm.cost.requests.v1, DLQ."""
@@ -144,35 +172,11 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
         try:
             async for events in stream.take_events(  # type: ignore[attr-defined]
                     settings.process_batch_messages, settings.batch_within_s):
-                batch = batch_of(events)
                 async with fold_lock:
-                    batch = await ctx.admit(batch, topics.usage, "fold")
-                    if not batch:
-                        continue
-                    forget_if_rebalanced()
-                    out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
-                                                     partitions, datetime.now(UTC), step, time.time())
-                    await ctx.fail_at("process.after_decode")
-                    # Outputs delivered, then state and position: the position never runs ahead of either.
-                    sent = await ctx.publish(ctx.attempts_topic, out.attempts)
-                    sent += await ctx.publish(ctx.dlq_topic, out.dead_letters)
-                    await ctx.fail_at("process.before_delivery")
-                    await asyncio.gather(*sent)
-                    await ctx.fail_at("process.after_delivery")
-                    done = last_offsets(src for _, src in batch)
-                    await commit_fold(out.requests, out.fold_writes, done)
-                    finished = time.time()
-                    folder.finished(done, finished)
-                    await publish_watermarks(progress.after_batch(
-                        done, {p: c.now_ms for p, c in folder.clocks.items()}, finished))
-                    if audit.isEnabledFor(logging.DEBUG):
-                        audit.debug(audit_line(topics.usage, [src for _, src in batch], {
-                            "attempt_lines": out.accepted, "dead_letters": out.rejected,
-                            "request_rows": sum(len(v) for v in out.requests.values()),
-                            "state_writes": len(out.fold_writes)}))
-                stats.messages += len(events)
-                stats.events_accepted += out.accepted
-                stats.events_rejected += out.rejected
+                    batch = await ctx.admit(batch_of(events), topics.usage, "fold")
+                    for run in line_runs(batch, settings.batch_max_lines):
+                        await process_run(run, step, loop)
+                    stats.messages += len(batch)
         except Exception:
             stop_hard(EXIT_AGENT_FAILED, "the process agent failed; stopping without committing its batch")
 

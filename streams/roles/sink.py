@@ -16,11 +16,13 @@ from streams.positions import audit_line, last_offsets
 from streams.roles.context import (
     EXIT_AGENT_FAILED,
     EXIT_SINK_GAVE_UP,
+    Batch,
     RoleContext,
     StoredPositions,
     agent_name,
     audit,
     batch_of,
+    line_runs,
     stop_hard,
 )
 from streams.sink import (
@@ -74,6 +76,26 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
     for topic in (topics.attempts, topics.requests, topics.alerts):
         ctx.own_positions(topic, "sink", sink_positions(topic))
 
+    async def sink_run(batch: Batch, topic: str, write: Any, decode: Callable[..., Any], sink_stats: SinkStats,
+                       loop: asyncio.AbstractEventLoop) -> None:
+        """One run of messages: decoded, written, its refused lines dead-lettered, then its position stored."""
+        # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
+        rows, bad_lines = await loop.run_in_executor(executor, decode, batch)
+        await ctx.fail_at("sink.after_decode")
+        written = await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
+        await ctx.fail_at("sink.after_insert")
+        for partition, lines in written.dead_letters().items():
+            bad_lines.setdefault(partition, []).extend(lines)
+        await asyncio.gather(*await ctx.publish(ctx.dlq_topic, bad_lines))  # delivered before the position
+        ctx.stats.events_rejected += sum(len(v) for v in bad_lines.values())
+        await run_with_retry(functools.partial(writer.store.record_offsets, sink_consumer, topic,
+                                               last_offsets(src for _, src in batch)),
+                             executor, settings.sink_retry_s, sink_stats, f"storing the {topic} position")
+        if audit.isEnabledFor(logging.DEBUG):
+            audit.debug(audit_line(topic, [src for _, src in batch], {
+                "rows": len(rows), "inserted": written.inserted,
+                "dead_letters": sum(len(v) for v in bad_lines.values())}))
+
     async def sink_batches(stream: faust.StreamT, write: Any, decode: Callable[..., Any],
                            sink_stats: SinkStats) -> None:
         """Admit → decode → write with retry → dead-letter bad lines and refused rows → store the position.
@@ -88,24 +110,8 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
                 batch = batch_of(events)
                 topic = batch[0][1].topic if batch else ""
                 batch = await ctx.admit(batch, topic, "sink") if batch else batch
-                if not batch:
-                    continue
-                # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
-                rows, bad_lines = await loop.run_in_executor(executor, decode, batch)
-                await ctx.fail_at("sink.after_decode")
-                written = await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
-                await ctx.fail_at("sink.after_insert")
-                for partition, lines in written.dead_letters().items():
-                    bad_lines.setdefault(partition, []).extend(lines)
-                await asyncio.gather(*await ctx.publish(ctx.dlq_topic, bad_lines))  # delivered before the position
-                ctx.stats.events_rejected += sum(len(v) for v in bad_lines.values())
-                await run_with_retry(functools.partial(writer.store.record_offsets, sink_consumer, topic,
-                                                       last_offsets(src for _, src in batch)),
-                                     executor, settings.sink_retry_s, sink_stats, f"storing the {topic} position")
-                if audit.isEnabledFor(logging.DEBUG):
-                    audit.debug(audit_line(topic, [src for _, src in batch], {
-                        "rows": len(rows), "inserted": written.inserted,
-                        "dead_letters": sum(len(v) for v in bad_lines.values())}))
+                for run in line_runs(batch, settings.batch_max_lines):
+                    await sink_run(run, topic, write, decode, sink_stats, loop)
         except SinkGaveUp as exc:
             # Going on would let Faust commit offsets of unsaved rows: stop hard, commit nothing.
             stop_hard(EXIT_SINK_GAVE_UP, "sink gave up, stopping the worker without committing: %s", exc)

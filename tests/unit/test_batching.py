@@ -347,3 +347,35 @@ def test_bad_event_still_published(fake_producer: type[FakeProducer]) -> None:
     (m,) = fake_producer.instances[0].produced
     assert m["key"] is None
     assert m["partition"] == partition_for_bytes(m["value"], 8)
+
+
+# ---------------------------------------------------------------- line_runs (a worker's batch, bounded in lines)
+
+
+def _message(lines: int, offset: int, partition: int = 0) -> tuple[bytes | None, Any]:
+    from streams.records import Source
+
+    return b"\n".join(b'{"n":%d}' % i for i in range(lines)), Source("llm.usage.v1", partition, offset)
+
+
+def test_line_runs_bound_lines_and_never_split_a_message() -> None:
+    from streams.roles.context import line_runs
+
+    batch = [_message(n, i) for i, n in enumerate([4, 3, 5, 1, 12, 2])]
+    runs = line_runs(batch, 8)
+    assert [[src.offset for _, src in run] for run in runs] == [[0, 1], [2, 3], [4], [5]]
+    assert [m for run in runs for m in run] == batch  # every message once, in order
+    assert line_runs([], 8) == []
+    assert line_runs([(None, batch[0][1])], 8) == [[(None, batch[0][1])]]  # a tombstone counts as one line
+
+
+@given(st.lists(st.integers(1, 30), max_size=40), st.integers(1, 50))
+def test_line_runs_keep_order_and_bound(sizes: list[int], limit: int) -> None:
+    from streams.roles.context import line_runs
+
+    batch = [_message(n, i, partition=i % 3) for i, n in enumerate(sizes)]
+    runs = line_runs(batch, limit)
+    assert [m for run in runs for m in run] == batch
+    for run in runs:
+        lines = sum(v.count(b"\n") + 1 for v, _ in run if v)
+        assert lines <= limit or len(run) == 1
