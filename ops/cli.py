@@ -255,6 +255,29 @@ def worker(c: Ctx, role: str) -> None:
     run_worker(c.settings, role)
 
 
+@cli.command()
+@click.argument("topic")
+@click.option("--messages", "-n", type=int, default=10, show_default=True,
+              help="the last N messages of each partition (0: all)")
+@click.option("--partition", "partitions", type=int, multiple=True, help="only these partitions (repeatable)")
+@click.option("--follow", "-f", is_flag=True, help="keep printing new messages until interrupted")
+@pass_ctx
+def tail(c: Ctx, topic: str, messages: int, partitions: tuple[int, ...], follow: bool) -> None:
+    """Print a tally topic as JSON lines (Arrow attempts messages too), e.g. `tally tail llm.cost.attempts.v1`."""
+    from ops.tail import tail as run_tail
+
+    out = sys.stdout.buffer
+
+    def write(line: bytes) -> None:
+        out.write(line + b"\n")
+        out.flush()
+
+    try:
+        run_tail(c.settings.kafka_bootstrap, topic, messages, follow, write, list(partitions) or None)
+    except KeyboardInterrupt:
+        pass
+
+
 # ---------------------------------------------------------------- traffic
 def _lines(path: str) -> Iterator[bytes]:
     fh = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115 - closed below

@@ -36,7 +36,20 @@ from streams.records import (
     Source,
     encode_record,
 )
-from streams.sink_columns import SINK_SCHEMA, ArrowPart, AttemptBatch, DictPart, Part, Refused, arrow_part
+from streams.sink_columns import (
+    REQUEST_SCHEMA,
+    SINK_SCHEMA,
+    ArrowPart,
+    AttemptBatch,
+    DictPart,
+    Part,
+    Refused,
+    arrow_part,
+    decode_message,
+    ipc_part,
+    is_arrow,
+    table_rows,
+)
 from streams.watermarks import is_watermark
 from tally.errors import SinkGaveUp, SinkRefused, StoreError
 from tally.store import Store
@@ -107,7 +120,8 @@ def decode_batch(messages: Sequence[tuple[bytes | None, Source]], shape: RowShap
                  columnar: bool = True) -> tuple[Sequence[dict[str, Any]], dict[int, list[bytes]]]:
     """Decode a batch of messages: rows to insert, and dead-letter lines keyed by partition.
 
-    Attempt rows (with `columnar`) come as an AttemptBatch: each message in Arrow columns where the fast path
+    Attempt rows (with `columnar`) come as an AttemptBatch: an Arrow message as its table (ipc_part; one that is not
+    a table of attempts is one dead letter), an NDJSON message in Arrow columns where the fast path
     (streams.sink_columns.arrow_part) takes all of its lines, else through decode_rows, line by line, whose dead
     letters are the only ones. Other shapes are decoded by decode_rows.
     Watermark messages (streams.watermarks, on the requests topic) are the detectors' and are passed over.
@@ -118,6 +132,26 @@ def decode_batch(messages: Sequence[tuple[bytes | None, Source]], shape: RowShap
     dead: dict[int, list[bytes]] = {}
     for value, source in messages:
         if is_watermark(value):
+            continue
+        if is_arrow(value):  # the process role's Arrow hand-off
+            try:
+                if shape is ATTEMPT_ROWS:
+                    part = ipc_part(value or b"", source, origin_of(source))
+                    if fast:
+                        batch.parts.append(part)
+                    else:
+                        rows.extend(table_rows(part.table))
+                elif shape is REQUEST_ROWS:
+                    origin = origin_of(source)
+                    for row in table_rows(decode_message(value or b"", REQUEST_SCHEMA, "llm.cost.requests.v1")):
+                        row["origin"] = origin
+                        rows.append(row)
+                else:
+                    raise Refused(f"no Arrow form of {shape.what} rows")
+            except Refused as exc:  # the whole message is the dead letter: its rows cannot be told apart
+                reject = Rejection(shape.reason, STAGE_SINK, f"cannot decode {shape.what}s: {exc}", value or b"",
+                                   source, 1)
+                dead.setdefault(source.partition, []).append(encode_record(reject.to_record()))
             continue
         if fast:
             try:

@@ -15,6 +15,12 @@ the same values, and every value fits its column as the column-oriented insert w
 Anything else (a bad line, a float, a naive time) makes the whole message fall back to the precise per-line decode,
 so a dead letter keeps its exact reason, message and bytes, and the rows of that message are inserted as before.
 
+The process role publishes attempts as Arrow instead (`handoff_format = "arrow"`, the default): one message is an
+Arrow IPC stream (zstd) of ATTEMPT_SCHEMA, thousands of rows in ≤ 900 KB where NDJSON held ~400
+(`encode_attempt_rows`). The sink reads such a message straight into a part (`ipc_part`); a message that starts like
+an IPC stream but is not one of ATTEMPT_SCHEMA is dead-lettered whole, with its bytes. The sink takes both formats
+on one topic, so a topic written before the switch (or by a third party, in NDJSON) is read as before.
+
 `AttemptBatch` is a batch of such parts in topic order (Arrow parts and precise parts side by side); SinkWriter
 plans over its columns and inserts each Arrow piece with one `insert_arrow`.
 """
@@ -23,15 +29,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from itertools import accumulate, chain
+from operator import itemgetter
 from typing import Any, overload
 
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyarrow import ipc
 
-from streams.records import ATTEMPT_COLUMNS, COST_COLUMNS, TIME_COLUMNS, Source
+from streams.fold import REQUEST_COLUMNS, REQUEST_COST_COLUMNS, REQUEST_TIME_COLUMNS
+from streams.records import ATTEMPT_COLUMNS, COST_COLUMNS, TIME_COLUMNS, TOKEN_CLASSES, Source
 
 MONEY = pa.decimal128(38, 18)  # usage_events' Decimal(38, 18), schemas/migrations/002
 TIME = pa.timestamp("ms", tz="UTC")  # DateTime64(3, 'UTC')
@@ -82,6 +92,35 @@ SINK_SCHEMA = pa.schema([pa.field(c, _arrow_type(c), nullable=c in _NULLABLE_INT
                         + [pa.field("content_hash", pa.string(), nullable=False),
                            pa.field("origin", pa.string(), nullable=False)])
 _PART_SCHEMA = pa.schema([*SINK_SCHEMA][:-2] + [SINK_SCHEMA.field("origin")])  # before the plan adds the hash
+
+# llm.cost.attempts.v1 in Arrow: the attempt columns with usage_events' types, in ATTEMPT_COLUMNS order.
+ATTEMPT_SCHEMA = pa.schema([SINK_SCHEMA.field(c) for c in ATTEMPT_COLUMNS])
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+IPC_MAGIC = b"\xff\xff\xff\xff"  # an Arrow IPC stream's first bytes (continuation marker); NDJSON starts with "{"
+
+
+def _request_type(column: str) -> pa.DataType:
+    """The Arrow type of a logical_requests column (schemas/migrations/004_logical_requests.sql)."""
+    if column in REQUEST_COST_COLUMNS:
+        return MONEY
+    if column in REQUEST_TIME_COLUMNS:
+        return TIME
+    if column in ("attempts", "retries", "fallbacks", "revision"):
+        return pa.uint32()
+    if column == "sign":
+        return pa.int8()
+    if column in TOKEN_CLASSES or column == "terminated_at_token_n":
+        return pa.uint64()
+    if column in ("terminated", "usage_complete"):
+        return pa.bool_()
+    if column in ("fallback_chain", "price_card_versions", "attempt_event_ids"):
+        return pa.list_(pa.string())
+    return pa.string()
+
+
+# llm.cost.requests.v1 in Arrow: the logical_requests columns with their ClickHouse types, in REQUEST_COLUMNS order.
+REQUEST_SCHEMA = pa.schema([pa.field(c, _request_type(c), nullable=c == "terminated_at_token_n")
+                            for c in REQUEST_COLUMNS])
 
 _TIME_TEXT = (r"^\d{4}-\d{2}-\d{2}T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{3}|\.\d{6})?"
               r"(?:Z|[+-](?:[01]\d|2[0-3]):[0-5]\d)$")
@@ -143,6 +182,122 @@ def _column(name: str, values: Sequence[Any]) -> pa.Array:
     raise KeyError(name)
 
 
+def is_arrow(value: bytes | None) -> bool:
+    """Whether a message is an Arrow IPC stream (the process role's attempts) rather than NDJSON."""
+    return bool(value) and value[:4] == IPC_MAGIC  # type: ignore[index]
+
+
+def rows_table(rows: Sequence[dict[str, Any]], schema: pa.Schema = ATTEMPT_SCHEMA) -> pa.Table:
+    """Rows as the stages hold them (Decimal money, aware datetimes, dicts, lists) as one table of `schema`.
+
+    Money goes in as decimal128(38, 18), refused (ArrowInvalid) if a digit would be lost; times are floored to the
+    millisecond, as ClickHouse's DateTime64(3) stores them. The rows are transposed in C (itemgetter, zip).
+    """
+    names = schema.names
+    columns = list(zip(*map(itemgetter(*names), rows), strict=True)) if rows else [() for _ in names]
+    arrays = []
+    for f, values in zip(schema, columns, strict=True):
+        if pa.types.is_timestamp(f.type):
+            arrays.append(pc.cast(pa.array(values, _TIME_US), TIME, safe=False))
+        else:
+            arrays.append(pa.array(values, f.type))
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def attempt_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """Priced attempt rows (streams.enrich) as one ATTEMPT_SCHEMA table."""
+    return rows_table(rows, ATTEMPT_SCHEMA)
+
+
+def _ipc(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    with ipc.new_stream(sink, table.schema, options=ipc.IpcWriteOptions(compression="zstd")) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def encode_rows(rows: Sequence[dict[str, Any]], schema: pa.Schema, max_bytes: int) -> list[bytes]:
+    """Rows as Arrow IPC messages of `schema`, at most `max_bytes` each (one row alone may exceed it), in order."""
+    if not rows:
+        return []
+    out: list[bytes] = []
+    pending = [rows_table(rows, schema)]
+    while pending:
+        part = pending.pop(0)
+        blob = _ipc(part)
+        if len(blob) <= max_bytes or part.num_rows == 1:
+            out.append(blob)
+            continue
+        # too large: cut into as many equal slices as the size says, with a tenth to spare
+        pieces = max(2, -(-len(blob) * 11 // (max_bytes * 10)))
+        step = -(-part.num_rows // pieces)
+        pending[:0] = [part.slice(i, step) for i in range(0, part.num_rows, step)]
+    return out
+
+
+def encode_attempt_rows(rows: Sequence[dict[str, Any]], max_bytes: int) -> list[bytes]:
+    """Priced attempt rows as llm.cost.attempts.v1 Arrow messages of at most `max_bytes` each."""
+    return encode_rows(rows, ATTEMPT_SCHEMA, max_bytes)
+
+
+def decode_message(value: bytes, schema: pa.Schema, what: str) -> pa.Table:
+    """An Arrow message as its table of `schema`; Refused if it is not exactly one (nulls only where Nullable)."""
+    try:
+        table = ipc.open_stream(pa.py_buffer(value)).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise Refused(f"not an Arrow IPC stream: {exc}") from exc
+    if not table.schema.equals(schema):
+        raise Refused(f"an Arrow IPC stream whose schema is not {what}'s")
+    for f in schema:
+        if not f.nullable and table.column(f.name).null_count:
+            raise Refused(f"null in column {f.name}, which is not Nullable")
+    return table
+
+
+def decode_attempt_message(value: bytes) -> pa.Table:
+    """An Arrow attempts message as its ATTEMPT_SCHEMA table; Refused if it is not exactly one."""
+    return decode_message(value, ATTEMPT_SCHEMA, "llm.cost.attempts.v1")
+
+
+def ipc_part(value: bytes, source: Source, origin: str) -> ArrowPart:
+    """One Arrow attempts message as a part of the sink's batch (its table plus the origin column)."""
+    table = decode_attempt_message(value).combine_chunks()
+    table = table.append_column(_PART_SCHEMA.field("origin"), pa.array([origin] * table.num_rows, pa.string()))
+    return ArrowPart(table, [], source, origin)
+
+
+def plain_decimal(value: Decimal) -> Decimal:
+    """A decimal128(38, 18) value without its padding zeros, as the JSON path reads it (0.0008068, not 0.000806800…)."""
+    text = format(value, "f")
+    return Decimal(text.rstrip("0").rstrip(".") if "." in text else text)
+
+
+def table_rows(table: pa.Table, plain: bool = False) -> list[dict[str, Any]]:
+    """Every row of a table as the precise JSON decode gives rows, converted column by column.
+
+    Decimal money (equal to the last digit; with `plain`, also written without decimal128's padding zeros), UTC
+    datetimes, dict maps.
+    """
+    names = table.column_names
+    columns: list[list[Any]] = []
+    for f in table.schema:
+        values = [] if pa.types.is_timestamp(f.type) else table.column(f.name).to_pylist()
+        if pa.types.is_decimal(f.type) and plain:
+            values = [plain_decimal(v) for v in values]
+        elif pa.types.is_timestamp(f.type):  # via epoch ms: pyarrow's own datetimes cost ~6x more here
+            millis = table.column(f.name).cast(pa.int64()).to_pylist()
+            values = [_EPOCH + timedelta(milliseconds=v) for v in millis]
+        elif pa.types.is_map(f.type):
+            values = [dict(v) for v in values]
+        columns.append(values)
+    return [dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True)]
+
+
+def table_row(table: pa.Table, i: int) -> dict[str, Any]:
+    """Row `i` of a table as the precise decode gives a row."""
+    return table_rows(table.slice(i, 1), plain=True)[0]
+
+
 def arrow_part(value: bytes, source: Source, origin: str) -> ArrowPart:
     """One message's attempt rows as an Arrow table (SINK_SCHEMA without content_hash).
 
@@ -173,7 +328,7 @@ class ArrowPart:
     """
 
     table: pa.Table
-    lines: list[bytes]
+    lines: list[bytes]  # empty for an Arrow message: its rows are read from the table
     source: Source
     origin: str
 
@@ -182,6 +337,9 @@ class ArrowPart:
 
     def row(self, i: int) -> dict[str, Any]:
         from streams.sink import decode_rows  # the precise decode, which builds on this module
+
+        if not self.lines:
+            return table_row(self.table, i)
 
         (row,), bad = decode_rows(self.lines[i], self.source)
         assert not bad, bad  # the fast path took this line, so the precise one does

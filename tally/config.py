@@ -114,6 +114,10 @@ class Settings:
     # took 4.2 GB at once (123 µs/event), runs of 10,000 lines 0.9 GB (71 µs/event), and a backfill of 888k events
     # reached 12 GB in role all with no bound.
     batch_max_lines: int = 10_000
+    # How the process role hands priced attempts to the sink on llm.cost.attempts.v1: "arrow" (Arrow IPC record
+    # batches, zstd, thousands of rows a message: one ClickHouse insert each) or "json" (NDJSON, ~400 rows a
+    # message). The sink reads both. `tally tail` prints either as JSON lines.
+    handoff_format: str = "arrow"
     batch_within_s: float = 0.2
     # Dead letters: top-level fields whose values are replaced by "[redacted]" in a refused line's stored original
     # (comma-separated; "unknown" = every field event v1 does not have, e.g. a prompt sent by mistake; "" = none).
@@ -255,6 +259,8 @@ class Settings:
                      "rollup_minute_retention_days", "rollup_hour_retention_days", "rollup_day_retention_days"):
             if getattr(self, name) < 1:
                 out.append(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.handoff_format not in ("arrow", "json"):
+            out.append(f"handoff_format must be arrow or json, got {self.handoff_format!r}")
         if self.batch_within_s <= 0:
             out.append(f"batch_within_s must be positive, got {self.batch_within_s}")
         if not 3 <= self.session_timeout_s <= 300:

@@ -206,6 +206,11 @@ class RoleContext:
             await self.app.consumer.seek(TP(topic, partition), offset)
         return admitted.messages
 
+    async def publish_messages(self, topic: faust.TopicT, messages_by_partition: dict[int, list[bytes]]) -> list[Any]:
+        """Hand whole messages to the producer; returns their delivery futures (await them before the batch ends)."""
+        return [await topic.send(value=message, partition=partition, force=True)
+                for partition, messages in messages_by_partition.items() for message in messages]
+
     async def publish(self, topic: faust.TopicT, lines_by_partition: dict[int, list[bytes]]) -> list[Any]:
         """Hand batch messages to the producer; returns their delivery futures (await them before the batch ends)."""
         pending = []

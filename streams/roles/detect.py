@@ -24,6 +24,7 @@ from streams.roles.context import (
     stop_hard,
     timer_name,
 )
+from streams.sink_columns import REQUEST_SCHEMA, Refused, decode_message, is_arrow, table_rows
 from streams.watermarks import decode_watermarks, is_watermark
 from tally.config import Settings
 from tally.partitioning import partition_for_bytes
@@ -103,6 +104,13 @@ def wire_detect(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
             stats.detect_snapshots += len(snapshots)
             last_snapshot[0] = time.time()
 
+    def request_rows(value: bytes | None) -> list[dict[str, Any]]:
+        """A requests message's rows: NDJSON decoded, or an Arrow message's columns the detectors read."""
+        if is_arrow(value):
+            table = decode_message(value or b"", REQUEST_SCHEMA, "llm.cost.requests.v1")
+            return table_rows(table.drop_columns(["attempts_detail", "attempt_event_ids", "price_card_versions"]))
+        return [orjson.loads(line) for line in (value or b"").split(b"\n") if line]
+
     def observe(batch: Batch) -> list[dict[str, Any]]:
         """The batch in offset order per partition: rows fill windows, watermarks close them."""
         alerts: list[dict[str, Any]] = []
@@ -111,7 +119,13 @@ def wire_detect(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
                 marks, sources = decode_watermarks(value or b"")
                 alerts.extend(detector.watermark(src.partition, marks, sources))
                 continue
-            rows = [orjson.loads(line) for line in (value or b"").split(b"\n") if line]
+            try:
+                rows = request_rows(value)
+            except Refused as exc:  # not a table of logical requests: the sink dead-letters the message
+                stats.detect_errors += 1
+                log.warning("detect: %s[%d]@%d is not logical requests (%s); passed over", src.topic, src.partition,
+                            src.offset, exc)
+                continue
             stats.detect_requests += len(rows)
             detector.observe(rows, src.partition)
         stats.detect_late = detector.late_rows

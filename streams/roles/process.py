@@ -13,11 +13,12 @@ import faust
 from faust.types import TP
 
 from streams.fold import FoldConfig, Folder
-from streams.pipeline import FoldStep, group_requests, process_messages
+from streams.pipeline import FoldStep, group_requests, process_messages, request_messages
 from streams.positions import audit_line, encode_offset, last_offsets, position_key, positions_in_state
 from streams.reference_feed import ReferenceFeed
 from streams.roles.context import (
     EXIT_AGENT_FAILED,
+    OUTPUT_MESSAGE_BYTES,
     Batch,
     KeyedTable,
     RoleContext,
@@ -68,14 +69,16 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
     # Event-time progress per input partition, published to every requests partition (streams.watermarks).
     progress = InputProgress(settle_ms=int(settings.fold_settle_s * 1000), idle_s=settings.fold_idle_s)
     fold_lock = asyncio.Lock()
+    # Attempts go to the sink as Arrow IPC messages (thousands of rows each) unless settings say NDJSON.
+    arrow_bytes = OUTPUT_MESSAGE_BYTES if settings.handoff_format == "arrow" else None
     rebalanced = [False]
 
     @app.on_rebalance_complete.connect  # type: ignore[arg-type]
     async def _forget_fold_index(sender: Any, **kwargs: Any) -> None:
         rebalanced[0] = True  # the folder rebuilds its clocks and heaps from the restored state
 
-    async def commit_fold(requests: dict[int, list[bytes]], writes: dict[bytes, bytes | None],
-                          positions: dict[int, int] | None = None) -> None:
+    async def commit_fold(requests: dict[int, list[bytes]], messages: dict[int, list[bytes]], rows: int,
+                          writes: dict[bytes, bytes | None], positions: dict[int, int] | None = None) -> None:
         """Deliver emitted requests, then the state saying so and the input positions it covers; await both.
 
         A crash between the steps replays the batch against the last state whose position was written: the
@@ -83,9 +86,10 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
         position entry is written on the changelog partition of its input partition after that partition's state
         writes (one producer, in order), so a restored state and its recovered position always agree.
         """
-        if requests:
-            await asyncio.gather(*await ctx.publish(ctx.requests_topic, requests))
-            stats.requests_emitted += sum(len(v) for v in requests.values())
+        if requests or messages:  # NDJSON lines, or Arrow messages (settings.handoff_format)
+            await asyncio.gather(*await ctx.publish(ctx.requests_topic, requests),
+                                 *await ctx.publish_messages(ctx.requests_topic, messages))
+            stats.requests_emitted += rows
         stats.fold_state_writes += len(writes)
         for key, value in writes.items():
             if value is not None:
@@ -140,16 +144,17 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
         """One run of messages: processed, its outputs delivered, then its fold state and input positions stored."""
         forget_if_rebalanced()
         out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
-                                         partitions, datetime.now(UTC), step, time.time())
+                                         partitions, datetime.now(UTC), step, time.time(), arrow_bytes)
         await ctx.fail_at("process.after_decode")
         # Outputs delivered, then state and position: the position never runs ahead of either.
         sent = await ctx.publish(ctx.attempts_topic, out.attempts)
+        sent += await ctx.publish_messages(ctx.attempts_topic, out.attempt_messages)
         sent += await ctx.publish(ctx.dlq_topic, out.dead_letters)
         await ctx.fail_at("process.before_delivery")
         await asyncio.gather(*sent)
         await ctx.fail_at("process.after_delivery")
         done = last_offsets(src for _, src in batch)
-        await commit_fold(out.requests, out.fold_writes, done)
+        await commit_fold(out.requests, out.request_messages, out.request_rows, out.fold_writes, done)
         finished = time.time()
         folder.finished(done, finished)
         await publish_watermarks(progress.after_batch(
@@ -157,7 +162,7 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
         if audit.isEnabledFor(logging.DEBUG):
             audit.debug(audit_line(topics.usage, [src for _, src in batch], {
                 "attempt_lines": out.accepted, "dead_letters": out.rejected,
-                "request_rows": sum(len(v) for v in out.requests.values()),
+                "request_rows": out.request_rows,
                 "state_writes": len(out.fold_writes)}))
         stats.events_accepted += out.accepted
         stats.events_rejected += out.rejected
@@ -198,7 +203,12 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
                 silent = progress.silent(assigned, caught_up(assigned), wall)
                 result = await loop.run_in_executor(cpu, folder.tick, silent, fold_table.data, wall,
                                                     datetime.now(UTC))
-                await commit_fold(group_requests(result.emitted, req_partitions), result.writes)
+                if arrow_bytes is None:
+                    await commit_fold(group_requests(result.emitted, req_partitions), {}, len(result.emitted),
+                                      result.writes)
+                else:
+                    await commit_fold({}, request_messages(result.emitted, req_partitions, arrow_bytes),
+                                      len(result.emitted), result.writes)
                 await publish_watermarks(progress.idle(silent, wall))
             except Exception:
                 stop_hard(EXIT_AGENT_FAILED, "the fold timer failed; stopping")

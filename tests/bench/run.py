@@ -220,11 +220,23 @@ def _table(results: dict[str, Any]) -> str:
              f"{_fmt(sk.get('columnar_fast_share'))} of messages"),
             ("1 sink write, columnar", _fmt(sk.get("columnar_write_us"), " µs/row"),
              f"{_ratio(sk.get('columnar_write_us'), sk.get('write_us'))} of the row path; plan + insert_arrow"),
+            ("1 process: encode an attempt, NDJSON / Arrow", f"{_fmt(sk.get('encode_json_us'))} / "
+             f"{_fmt(sk.get('encode_arrow_us'))} µs/row", "encode_row vs encode_attempt_rows (the hand-off)"),
+            ("1 sink decode, Arrow hand-off", _fmt(sk.get("arrow_decode_us"), " µs/row"),
+             f"{_ratio(sk.get('arrow_decode_us'), sk.get('decode_us'))} of the row path; "
+             f"{_fmt(sk.get('arrow_rows_per_message'))} rows, {_fmt(sk.get('arrow_bytes_per_row'))} B/row a message"),
+            ("1 sink write, Arrow hand-off", _fmt(sk.get("arrow_write_us"), " µs/row"),
+             f"{_ratio(sk.get('arrow_write_us'), sk.get('write_us'))} of the row path; same rows landed: "
+             f"{sk.get('arrow_rows_equal')}"),
             ("1 sink decoders, same messages", ", ".join(f"{k} {v}" for k, v in
                                                          (sk.get("decoders_us") or {}).items()), "µs/row"),
             ("1 sink decode + write a logical-request row",
              f"{_fmt(sk.get('request_decode_us'))} + {_fmt(sk.get('request_write_us'))} µs/row",
              f"request lines {_fmt(sk.get('request_line_bytes'))} B"),
+            ("1 sink decode + write a logical-request row, Arrow hand-off",
+             f"{_fmt(sk.get('arrow_request_decode_us'))} + {_fmt(sk.get('arrow_request_write_us'))} µs/row",
+             f"{_ratio(sk.get('arrow_request_write_us'), sk.get('request_write_us'))} of the NDJSON write; "
+             f"{_fmt(sk.get('arrow_request_messages'))} messages"),
             (f"1 sink lookup vs {_fmt(sk.get('rows'))} saved rows", ", ".join(f"{k} ids {v} s" for k, v in
                                                                          lookups.items()), "one call each"),
         ]

@@ -16,8 +16,9 @@ from streams.enrich import enrich
 from streams.fold import FoldConfig, Folder, apply_writes
 from streams.pipeline import FoldStep, process_messages
 from streams.records import ATTEMPT_COLUMNS, COST_COLUMNS, TIME_COLUMNS, Source, encode_row
+from streams.roles.context import OUTPUT_MESSAGE_BYTES
 from streams.sink import ATTEMPT_ROWS, REQUEST_ROWS, RequestWriter, RowShape, SinkWriter, decode_batch, decode_rows
-from streams.sink_columns import SINK_SCHEMA, ArrowPart, arrow_part
+from streams.sink_columns import SINK_SCHEMA, ArrowPart, arrow_part, decode_attempt_message, encode_attempt_rows
 from streams.validate import Validator
 from tally.config import Settings
 from tally.partitioning import partition_for
@@ -133,15 +134,51 @@ def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int =
                               "write_batch_rows": per_batch * SINK_MESSAGE_LINES,
                               "requests": len(requests), "request_line_bytes": round(request_bytes / len(requests)),
                               "request_decode_us": round(request_decode_s / len(requests) * 1e6, 2)}
-    spent = dict.fromkeys(("decode_us", "write_us", "columnar_decode_us", "columnar_write_us"), 0.0)
+    # The Arrow hand-off: the same rows as the process role publishes them by default (Arrow IPC messages of up to
+    # OUTPUT_MESSAGE_BYTES), in batches of about the same number of rows.
+    arrow_out = process_messages(messages, Validator(), snapshot_of(reference_docs()), partitions, datetime.now(UTC),
+                                 FoldStep(Folder(FoldConfig(), partitions), {}, partitions), time.time(),
+                                 OUTPUT_MESSAGE_BYTES)
+    arrow_values = [m for ms in arrow_out.attempt_messages.values() for m in ms]
+    arrow_requests = [(m, Source("llm.cost.requests.v1", 0, n)) for n, m in enumerate(
+        m for ms in arrow_out.request_messages.values() for m in ms)]
+    arrow_rows = [decode_attempt_message(v).num_rows for v in arrow_values]
+    arrow_batches: list[list[tuple[bytes | None, Source]]] = [[]]
+    in_batch = 0
+    for n, (v, k) in enumerate(zip(arrow_values, arrow_rows, strict=True)):
+        if in_batch and in_batch + k > per_batch * SINK_MESSAGE_LINES:
+            arrow_batches.append([])
+            in_batch = 0
+        arrow_batches[-1].append((v, Source("llm.cost.attempts.v1", 0, n)))
+        in_batch += k
+    result.update({"arrow_messages": len(arrow_values),
+                   "arrow_rows_per_message": round(sum(arrow_rows) / len(arrow_values)),
+                   "arrow_bytes_per_row": round(sum(len(v) for v in arrow_values) / sum(arrow_rows), 1)})
+    plain = [row for v in values for row in decode_rows(v, Source("llm.cost.attempts.v1", 0, 0))[0]]
+    for row in plain:
+        row.pop("origin")
+    t0 = time.perf_counter()
+    for row in plain:
+        encode_row(row)
+    t1 = time.perf_counter()
+    encode_attempt_rows(plain, OUTPUT_MESSAGE_BYTES)
+    t2 = time.perf_counter()
+    result.update({"encode_json_us": round((t1 - t0) / len(plain) * 1e6, 2),
+                   "encode_arrow_us": round((t2 - t1) / len(plain) * 1e6, 2)})
+    spent = dict.fromkeys(("decode_us", "write_us", "columnar_decode_us", "columnar_write_us", "arrow_decode_us",
+                           "arrow_write_us"), 0.0)
     with tempfile.TemporaryDirectory(prefix="tally-bench-sink-") as tmp:
         store = Store(Settings(data_dir=Path(tmp)))
         columnar_store = Store(Settings(data_dir=Path(tmp), database="tally_columnar"))
         columnar_store._client = store.client  # one chDB engine per process: the same connection, another database
+        arrow_store = Store(Settings(data_dir=Path(tmp), database="tally_arrow"))
+        arrow_store._client = store.client
         try:
             store.migrate()
             columnar_store.migrate()
+            arrow_store.migrate()
             writer, columnar_writer = SinkWriter(store), SinkWriter(columnar_store)
+            arrow_writer = SinkWriter(arrow_store)
             for batch in attempts:
                 for columnar, w, keys in ((False, writer, ("decode_us", "write_us")),
                                           (True, columnar_writer, ("columnar_decode_us", "columnar_write_us"))):
@@ -151,13 +188,34 @@ def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int =
                     w.write(rows)
                     spent[keys[0]] += t1 - t0
                     spent[keys[1]] += time.perf_counter() - t1
+            for batch in arrow_batches:
+                t0 = time.perf_counter()
+                rows, _ = decode_batch(batch, ATTEMPT_ROWS)
+                t1 = time.perf_counter()
+                arrow_writer.write(rows)
+                spent["arrow_decode_us"] += t1 - t0
+                spent["arrow_write_us"] += time.perf_counter() - t1
             result.update({k: round(v / rows_n * 1e6, 2) for k, v in spent.items()})
+            held = [int(st.client.query(f"SELECT count() FROM {st.settings.database}.usage_events").result_rows[0][0])
+                    for st in (store, arrow_store)]
+            result["arrow_rows_equal"] = held[0] == held[1] == rows_n
             result["columnar_fast_share"] = _fast_share(attempts)
             request_writer = RequestWriter(store)
             t0 = time.perf_counter()
             for start in range(0, len(requests), batch_rows):
                 request_writer.write(requests[start:start + batch_rows])
             result["request_write_us"] = round((time.perf_counter() - t0) / len(requests) * 1e6, 2)
+            t0 = time.perf_counter()
+            arrow_request_rows, _ = decode_batch(arrow_requests, REQUEST_ROWS)
+            t1 = time.perf_counter()
+            arrow_request_writer = RequestWriter(arrow_store)
+            for start in range(0, len(arrow_request_rows), batch_rows):
+                arrow_request_writer.write(arrow_request_rows[start:start + batch_rows])
+            t2 = time.perf_counter()
+            result.update({"arrow_request_messages": len(arrow_requests),
+                           "arrow_request_decode_us": round((t1 - t0) / len(arrow_request_rows) * 1e6, 2),
+                           "arrow_request_write_us": round((t2 - t1) / len(arrow_request_rows) * 1e6, 2),
+                           "arrow_request_rows_equal": len(arrow_request_rows) == len(requests)})
             lookups: dict[str, float] = {}
             for size in lookup_sizes:
                 fresh = [f"ev-lookup-{uuid.uuid4().hex}" for _ in range(size)]
@@ -167,6 +225,7 @@ def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int =
             result["lookup_s_by_ids"] = lookups
         finally:
             columnar_store._client = None
+            arrow_store._client = None
             store.close()
     result["decoders_us"] = measure_sink_decoders(values)
     return result

@@ -230,3 +230,73 @@ def test_an_empty_batch_plans_nothing():
 def test_money_is_never_a_float_in_the_insert():
     assert [f.name for f in SINK_SCHEMA if pa.types.is_floating(f.type)] == []
     assert all(SINK_SCHEMA.field(c).type == pa.decimal128(38, 18) for c in COST_COLUMNS)
+
+
+# ---------------------------------------------------------------- the Arrow hand-off (process role → sink)
+
+
+def test_arrow_attempt_messages_give_the_rows_of_the_json_path_to_the_last_digit():
+    from streams.sink_columns import encode_attempt_rows, is_arrow
+
+    rng = random.Random(11)
+    rows = [attempt(n, rng) for n in range(500)]
+    messages = encode_attempt_rows(rows, 900 * 1024)
+    assert len(messages) == 1 and is_arrow(messages[0]) and not is_arrow(message(rows))
+    got, dead = decode_batch([(messages[0], SOURCE)])
+    want, bad = decode_rows(message(rows), SOURCE)
+    assert not dead and not bad
+    assert isinstance(got, AttemptBatch) and [type(p) for p in got.parts] == [ArrowPart]
+    for mine, theirs in zip(got, want, strict=True):
+        for c in ("ts", "ingested_at"):  # DateTime64(3): floored to the millisecond, as the JSON path's insert does
+            assert mine[c] == theirs[c].replace(microsecond=theirs[c].microsecond // 1000 * 1000)
+            assert mine[c].utcoffset() == timedelta(0)
+        for c in COST_COLUMNS:
+            assert mine[c] == theirs[c]  # every digit
+            assert "." not in str(mine[c]) or not str(mine[c]).endswith("0")  # without decimal128's padding
+        assert {k: v for k, v in mine.items() if k not in ("ts", "ingested_at")} == {
+            k: v for k, v in theirs.items() if k not in ("ts", "ingested_at")}
+    # the same table as the NDJSON message's fast path
+    assert got.parts[0].table.equals(arrow_part(message(rows), SOURCE, origin_of(SOURCE)).table)
+
+
+def test_arrow_attempt_messages_are_cut_to_the_size_limit_in_row_order():
+    from streams.sink_columns import decode_attempt_message, encode_attempt_rows
+
+    rng = random.Random(3)
+    rows = [attempt(n, rng) for n in range(400)]
+    whole = encode_attempt_rows(rows, 10**7)
+    assert len(whole) == 1
+    limit = len(whole[0]) // 5
+    messages = encode_attempt_rows(rows, limit)
+    assert len(messages) >= 5 and all(len(m) <= limit for m in messages)
+    ids = [eid for m in messages for eid in decode_attempt_message(m).column("event_id").to_pylist()]
+    assert ids == [r["event_id"] for r in rows]
+    assert encode_attempt_rows([], 1024) == []
+
+
+def test_an_arrow_message_that_is_not_attempts_is_one_dead_letter_with_its_bytes():
+    import base64
+
+    import pyarrow.ipc as ipc
+
+    sink = pa.BufferOutputStream()
+    other = pa.table({"event_id": ["a"]})
+    with ipc.new_stream(sink, other.schema) as writer:
+        writer.write_table(other)
+    foreign = sink.getvalue().to_pybytes()
+    truncated = encode_attempt_rows_of(3)[:-40]
+    for value in (foreign, truncated):
+        got, dead = decode_batch([(value, SOURCE)])
+        (record,) = dead_records(dead)
+        assert len(got) == 0
+        assert record["reason"] == "bad_attempt_row" and record["stage"] == "sink"
+        assert base64.b64decode(record["original_b64"]) == value
+        assert record["source_offset"] == SOURCE.offset
+
+
+def encode_attempt_rows_of(n: int) -> bytes:
+    from streams.sink_columns import encode_attempt_rows
+
+    rng = random.Random(n)
+    (value,) = encode_attempt_rows([attempt(i, rng) for i in range(n)], 10**6)
+    return value
