@@ -50,6 +50,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds allowed per pipeline run (rates are then measured over what landed)")
     p.add_argument("--alt-sink-batch-messages", type=int, default=40, metavar="N",
                    help="also run batch messages, role all, with sink_batch_messages=N (0 = skip)")
+    p.add_argument("--alt-handoff", default="json", choices=("json", "arrow", ""),
+                   help="also run batch messages, role all and process+sink, with this handoff_format ('' = skip)")
     p.add_argument("--latency-rate", type=float, default=10_000.0)
     p.add_argument("--latency-seconds", type=float, default=20.0)
     p.add_argument("--latency-low-rate", type=float, default=2_000.0,
@@ -249,10 +251,13 @@ def _table(results: dict[str, Any]) -> str:
     ]
     alt = _get(results, "pipeline_batch_all_alt", "overrides") or {}
     alt_label = "4 pipeline batch msgs, role all, " + ",".join(f"{k}={v}" for k, v in alt.items())
+    handoff = f"handoff_format={(results.get('args') or {}).get('alt_handoff')}"
     for name, label in (("pipeline_batch_all", "4 pipeline batch msgs, role all"),
                         ("pipeline_batch_all_alt", alt_label),
+                        ("pipeline_batch_all_handoff", f"4 pipeline batch msgs, role all, {handoff}"),
                         ("pipeline_single_all", "4 pipeline 1-event msgs, role all"),
-                        ("pipeline_batch_split", "4 pipeline batch msgs, process+sink")):
+                        ("pipeline_batch_split", "4 pipeline batch msgs, process+sink"),
+                        ("pipeline_batch_split_handoff", f"4 pipeline batch msgs, process+sink, {handoff}")):
         steady = _get(results, name, "rate_steady")
         total = _get(results, name, "rate_total")
         note = _ratio(steady, raw) + " of raw"
@@ -329,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                     _step(results, "pipeline_batch_all_alt", lambda: pipeline.throughput(
                         base, root, pool, args.pipeline_events, single=False, split=False, timeout_s=timeout,
                         profile_s=args.profile, sink_batch_messages=args.alt_sink_batch_messages))
+                if args.alt_handoff:
+                    _step(results, "pipeline_batch_all_handoff", lambda: pipeline.throughput(
+                        base, root, pool, args.pipeline_events, single=False, split=False, timeout_s=timeout,
+                        profile_s=args.profile, handoff_format=args.alt_handoff))
                 _step(results, "pipeline_single_all", lambda: pipeline.throughput(
                     base, root, pool, args.single_events, single=True, split=False, timeout_s=timeout,
                     profile_s=args.profile))
@@ -336,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
                 _step(results, "pipeline_batch_split", lambda: pipeline.throughput(
                     base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
                     profile_s=args.profile))
+                if args.alt_handoff:
+                    _step(results, "pipeline_batch_split_handoff", lambda: pipeline.throughput(
+                        base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
+                        profile_s=args.profile, handoff_format=args.alt_handoff))
             if "latency" in only:
                 _step(results, "latency", lambda: pipeline.latency(
                     base, root, pool, args.latency_rate, args.latency_seconds, args.sample_every, first_event=0))
