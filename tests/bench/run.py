@@ -256,6 +256,7 @@ def _table(results: dict[str, Any]) -> str:
                         ("pipeline_batch_all_alt", alt_label),
                         ("pipeline_batch_all_handoff", f"4 pipeline batch msgs, role all, {handoff}"),
                         ("pipeline_single_all", "4 pipeline 1-event msgs, role all"),
+                        ("pipeline_single_all_handoff", f"4 pipeline 1-event msgs, role all, {handoff}"),
                         ("pipeline_batch_split", "4 pipeline batch msgs, process+sink"),
                         ("pipeline_batch_split_handoff", f"4 pipeline batch msgs, process+sink, {handoff}")):
         steady = _get(results, name, "rate_steady")
@@ -341,6 +342,10 @@ def main(argv: list[str] | None = None) -> int:
                 _step(results, "pipeline_single_all", lambda: pipeline.throughput(
                     base, root, pool, args.single_events, single=True, split=False, timeout_s=timeout,
                     profile_s=args.profile))
+                if args.alt_handoff:
+                    _step(results, "pipeline_single_all_handoff", lambda: pipeline.throughput(
+                        base, root, pool, args.single_events, single=True, split=False, timeout_s=timeout,
+                        profile_s=args.profile, handoff_format=args.alt_handoff))
             if "split" in only:
                 _step(results, "pipeline_batch_split", lambda: pipeline.throughput(
                     base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
