@@ -110,9 +110,9 @@ class Settings:
     sink_batch_messages: int = 100
     # A batch's work is also bounded in lines: the messages taken are handled in consecutive runs of at most this
     # many lines (a message never split), each published and its position stored before the next. Python objects
-    # cost ~23 KB per event while a run is in hand (`python -m tests.bench.memory`): 100 SDK messages of 2,000 events
-    # took 4.2 GB at once (123 µs/event), runs of 10,000 lines 0.9 GB (71 µs/event), and a backfill of 888k events
-    # reached 12 GB in role all with no bound.
+    # cost ~35 KB per event while a run is in hand: `python -m tests.bench.memory` (100 SDK messages, 135,684 events)
+    # peaks 4,749 MiB for the whole batch at once (78 us/event), 501 MiB in runs of 10,000 lines (63 us/event); a
+    # backfill of 888k events reached 12 GB in role all with no bound, 2.7 GB with it.
     batch_max_lines: int = 10_000
     # How the process role hands priced attempts to the sink on llm.cost.attempts.v1: "arrow" (Arrow IPC record
     # batches, zstd, thousands of rows a message: one ClickHouse insert each) or "json" (NDJSON, ~400 rows a
