@@ -183,7 +183,7 @@ def _column(name: str, values: Sequence[Any]) -> pa.Array:
 
 
 def is_arrow(value: bytes | None) -> bool:
-    """Whether a message is an Arrow IPC stream (the process role's attempts) rather than NDJSON."""
+    """Whether a message is an Arrow IPC stream (the process role's hand-off) rather than NDJSON."""
     return bool(value) and value[:4] == IPC_MAGIC  # type: ignore[index]
 
 

@@ -16,6 +16,7 @@ from faust.types import TP
 
 from streams.positions import PositionGuard, is_meta_key, meta_partition
 from streams.records import Source
+from streams.sink_columns import is_arrow
 from tally.config import Settings
 from tally.failpoints import Failpoints
 from tally.partitioning import partition_for_bytes
@@ -45,8 +46,23 @@ def stop_hard(code: int, message: str, *args: Any) -> None:
     os._exit(code)
 
 
+# An Arrow hand-off message counts as this many bytes a row when a batch is cut into runs: an attempt takes ~253 B
+# compressed, a logical request more, so the estimate errs toward smaller runs (`python -m tests.bench.run --only
+# stages`: arrow_bytes_per_row).
+ARROW_BYTES_PER_ROW = 250
+
+
+def lines_in(value: bytes | None) -> int:
+    """How many rows a message holds, for bounding work: NDJSON lines, or an Arrow message's size estimate."""
+    if not value:
+        return 1
+    if is_arrow(value):
+        return max(1, len(value) // ARROW_BYTES_PER_ROW)
+    return value.count(b"\n") + 1
+
+
 def line_runs(batch: Batch, max_lines: int) -> list[Batch]:
-    """The batch in consecutive runs of whole messages holding at most `max_lines` NDJSON lines each, in order.
+    """The batch in consecutive runs of whole messages holding at most `max_lines` lines (rows) each, in order.
 
     A message with more lines than `max_lines` is a run of its own. Handling one run at a time bounds the Python
     objects a batch holds at once (settings.batch_max_lines).
@@ -55,7 +71,7 @@ def line_runs(batch: Batch, max_lines: int) -> list[Batch]:
     run: Batch = []
     lines = 0
     for value, source in batch:
-        n = value.count(b"\n") + 1 if value else 1
+        n = lines_in(value)
         if run and lines + n > max_lines:
             runs.append(run)
             run, lines = [], 0

@@ -379,3 +379,13 @@ def test_line_runs_keep_order_and_bound(sizes: list[int], limit: int) -> None:
     for run in runs:
         lines = sum(v.count(b"\n") + 1 for v, _ in run if v)
         assert lines <= limit or len(run) == 1
+
+
+def test_an_arrow_message_counts_as_its_estimated_rows() -> None:
+    from streams.records import Source
+    from streams.roles.context import ARROW_BYTES_PER_ROW, line_runs, lines_in
+
+    arrow = b"\xff\xff\xff\xff" + b"\n" * (ARROW_BYTES_PER_ROW * 40 - 4)  # newlines inside binary count for nothing
+    assert lines_in(arrow) == 40
+    batch = [(arrow, Source("llm.cost.attempts.v1", 0, i)) for i in range(5)]
+    assert [len(r) for r in line_runs(batch, 100)] == [2, 2, 1]
