@@ -6,10 +6,10 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import faust
 from faust.types import TP
@@ -33,6 +33,7 @@ EXIT_SINK_GAVE_UP = 70
 EXIT_AGENT_FAILED = 71
 
 Batch = list[tuple[bytes | None, Source]]
+T = TypeVar("T")
 StoredPositions = Callable[[], Awaitable[dict[int, int]]]  # → {partition: last offset whose effects are durable}
 
 
@@ -80,6 +81,51 @@ def line_runs(batch: Batch, max_lines: int) -> list[Batch]:
     if run:
         runs.append(run)
     return runs
+
+
+async def gathered(batches: AsyncIterable[Sequence[T]], max_lines: int, within_s: float,
+                   lines_of: Callable[[T], int]) -> AsyncIterator[list[T]]:
+    """Batches from `batches` (stream.take_events), gathered until they hold `max_lines` lines or `within_s` passed.
+
+    A take of one-event messages holds 100 lines; handled alone, its outputs are a few messages of ~25 rows, and
+    the sink pays one ClickHouse insert per message. Gathering takes that come in quick succession makes outputs of
+    thousands of rows. It never waits for data that is not there: once `within_s` has passed since the first take
+    of a gathered batch, what is held is yielded, and the take still in flight is awaited for the next one.
+    Faust acks a take's events when the next take starts, before they are processed here: tally's positions, not
+    Kafka's committed offsets, decide where a worker resumes (streams.positions), so nothing is lost by it.
+    """
+    loop = asyncio.get_running_loop()
+    it = batches.__aiter__()
+    ahead: asyncio.Future[Sequence[T]] | None = None
+    try:
+        while True:
+            if ahead is None:
+                ahead = asyncio.ensure_future(it.__anext__())
+            try:
+                first = await ahead
+            except StopAsyncIteration:
+                return
+            ahead = None
+            held = list(first)
+            lines = sum(map(lines_of, held))
+            deadline = loop.time() + within_s
+            while lines < max_lines and loop.time() < deadline:
+                ahead = asyncio.ensure_future(it.__anext__())
+                done, _ = await asyncio.wait({ahead}, timeout=deadline - loop.time())
+                if not done:
+                    break  # nothing more in time: `ahead` stays in flight for the next gathered batch
+                try:
+                    more = ahead.result()
+                except StopAsyncIteration:
+                    yield held
+                    return
+                ahead = None
+                held.extend(more)
+                lines += sum(map(lines_of, more))
+            yield held
+    finally:
+        if ahead is not None:  # the worker is stopping: the take in flight goes with it
+            ahead.cancel()
 
 
 def agent_name(fun: str) -> str:

@@ -25,7 +25,9 @@ from streams.roles.context import (
     agent_name,
     audit,
     batch_of,
+    gathered,
     line_runs,
+    lines_in,
     stop_hard,
     timer_name,
 )
@@ -175,8 +177,10 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
         loop = asyncio.get_running_loop()
         step = FoldStep(folder, fold_table.data, req_partitions)
         try:
-            async for events in stream.take_events(  # type: ignore[attr-defined]
-                    settings.process_batch_messages, settings.batch_within_s):
+            takes = stream.take_events(  # type: ignore[attr-defined]
+                settings.process_batch_messages, settings.batch_within_s)
+            async for events in gathered(takes, settings.batch_max_lines, settings.batch_within_s,
+                                         lambda e: lines_in(e.message.value)):
                 async with fold_lock:
                     batch = await ctx.admit(batch_of(events), topics.usage, "fold")
                     for run in line_runs(batch, settings.batch_max_lines):

@@ -389,3 +389,47 @@ def test_an_arrow_message_counts_as_its_estimated_rows() -> None:
     assert lines_in(arrow) == 40
     batch = [(arrow, Source("llm.cost.attempts.v1", 0, i)) for i in range(5)]
     assert [len(r) for r in line_runs(batch, 100)] == [2, 2, 1]
+
+
+# ---------------------------------------------------------------- gathered (takes joined into larger batches)
+
+
+async def _takes(plan: list[tuple[float, list[int]]]):  # type: ignore[no-untyped-def]
+    """A stand-in for stream.take_events: after each delay, a take of messages (each an int: its lines)."""
+    import asyncio
+
+    for delay, take in plan:
+        await asyncio.sleep(delay)
+        yield take
+
+
+def _gather(plan: list[tuple[float, list[int]]], max_lines: int, within_s: float) -> list[list[int]]:
+    import asyncio
+
+    from streams.roles.context import gathered
+
+    async def run() -> list[list[int]]:
+        return [b async for b in gathered(_takes(plan), max_lines, within_s, lambda n: n)]
+
+    return asyncio.run(run())
+
+
+def test_quick_takes_are_gathered_up_to_the_line_bound() -> None:
+    plan = [(0.0, [1] * 100)] * 5  # five takes of 100 one-line messages, back to back
+    assert [len(b) for b in _gather(plan, max_lines=250, within_s=5.0)] == [300, 200]  # bound reached, then the end
+
+
+def test_a_gathered_batch_never_waits_past_its_time_for_data_that_is_not_there() -> None:
+    import time
+
+    plan = [(0.0, [1, 1]), (0.0, [1]), (0.6, [1, 1, 1])]  # the third take comes long after
+    started = time.monotonic()
+    got = _gather(plan, max_lines=10_000, within_s=0.1)
+    assert got == [[1, 1, 1], [1, 1, 1]]  # the first two gathered, yielded once 0.1 s passed; the late one alone
+    assert time.monotonic() - started < 2.0
+
+
+def test_a_large_take_is_yielded_at_once_and_order_is_kept() -> None:
+    plan = [(0.0, [5000, 7000]), (0.0, [1, 2]), (0.0, [3])]
+    got = _gather(plan, max_lines=10_000, within_s=5.0)
+    assert got == [[5000, 7000], [1, 2, 3]]
