@@ -204,11 +204,6 @@ def rows_table(rows: Sequence[dict[str, Any]], schema: pa.Schema = ATTEMPT_SCHEM
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def attempt_table(rows: Sequence[dict[str, Any]]) -> pa.Table:
-    """Priced attempt rows (streams.enrich) as one ATTEMPT_SCHEMA table."""
-    return rows_table(rows, ATTEMPT_SCHEMA)
-
-
 def _ipc(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     with ipc.new_stream(sink, table.schema, options=ipc.IpcWriteOptions(compression="zstd")) as writer:

@@ -47,9 +47,9 @@ def stop_hard(code: int, message: str, *args: Any) -> None:
     os._exit(code)
 
 
-# An Arrow hand-off message counts as this many bytes a row when a batch is cut into runs: an attempt takes ~253 B
-# compressed, a logical request more, so the estimate errs toward smaller runs (`python -m tests.bench.run --only
-# stages`: arrow_bytes_per_row).
+# An Arrow hand-off message counts as this many bytes a row when a batch is cut into runs: compressed, an attempt
+# takes ~253 B and a logical request ~255 B (20,000 events of tests.bench's pool through process_messages), so a
+# run of estimated rows is close to a run of real ones.
 ARROW_BYTES_PER_ROW = 250
 
 

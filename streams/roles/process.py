@@ -207,12 +207,10 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
                 silent = progress.silent(assigned, caught_up(assigned), wall)
                 result = await loop.run_in_executor(cpu, folder.tick, silent, fold_table.data, wall,
                                                     datetime.now(UTC))
-                if arrow_bytes is None:
-                    await commit_fold(group_requests(result.emitted, req_partitions), {}, len(result.emitted),
-                                      result.writes)
-                else:
-                    await commit_fold({}, request_messages(result.emitted, req_partitions, arrow_bytes),
-                                      len(result.emitted), result.writes)
+                lines = group_requests(result.emitted, req_partitions) if arrow_bytes is None else {}
+                messages = {} if arrow_bytes is None else request_messages(result.emitted, req_partitions,
+                                                                             arrow_bytes)
+                await commit_fold(lines, messages, len(result.emitted), result.writes)
                 await publish_watermarks(progress.idle(silent, wall))
             except Exception:
                 stop_hard(EXIT_AGENT_FAILED, "the fold timer failed; stopping")

@@ -1,6 +1,7 @@
 """The columnar sink path into ClickHouse: the same rows, money and rollups as the row path; replays absorbed."""
 
 import random
+from datetime import timedelta
 from pathlib import Path
 
 import orjson
@@ -11,6 +12,7 @@ from streams.sink import ATTEMPT_ROWS, SinkWriter, decode_batch
 from streams.sink_columns import ArrowPart, AttemptBatch, DictPart
 from tally.config import Settings
 from tally.store import Store
+from tests.factories import clock
 from tests.unit.test_sink_columns import attempt, message
 
 pytestmark = pytest.mark.integration
@@ -37,7 +39,8 @@ def test_the_columnar_path_stores_what_the_row_path_stores(tmp_path: Path):
     rng = random.Random(23)
     rows = [attempt(n, rng, days=10) for n in range(600)]  # within rollup_minute's retention (14 days)
     bad = orjson.loads(message(rows[500:501]))
-    bad["ts"] = "2026-11-20T10:00:00"  # naive: the precise path takes it, the fast path does not
+    # naive (no offset): the precise path takes it, the fast path does not; two hours before the suite's clock
+    bad["ts"] = (clock() - timedelta(hours=2)).replace(tzinfo=None).isoformat(timespec="seconds")
     mixed = message(rows[500:520]).replace(message(rows[500:501]), orjson.dumps(bad) + b"\n", 1)
     messages = [(message(rows[i:i + 100]), Source(TOPIC, 0, i)) for i in range(0, 500, 100)]
     messages += [(mixed, Source(TOPIC, 1, 7)), (message(rows[520:]), Source(TOPIC, 1, 8))]
