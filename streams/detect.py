@@ -297,27 +297,28 @@ class Sequential:
     (Detector._confirm): a page needs both.
     """
 
-    mean: stats.EWMean
-    dev: stats.EWMean  # mean absolute deviation: a spread one huge request inflates far less than a variance
+    fading: float
+    mean: float = 0.0
+    dev: float = 0.0  # mean absolute deviation: a spread one huge request inflates far less than a variance
     n: int = 0
     cusum: float = 0.0
     run: Window | None = None
 
-    @classmethod
-    def new(cls, fading: float) -> Sequential:
-        return cls(stats.EWMean(fading), stats.EWMean(fading))
-
     @property
     def sd(self) -> float:
         """The spread as a standard deviation (mean absolute deviation × √(π/2): equal for a normal law)."""
-        return max(self.dev.get() * 1.2533, _SEQ_SD_FLOOR)
+        return max(self.dev * 1.2533, _SEQ_SD_FLOOR)
 
     def learn(self, x: float) -> None:
-        """Learn one request's value (unclipped: clipping would bias the mean of a skewed or two-peaked law)."""
-        if self.n:
-            self.dev.update(abs(x - self.mean.get()))
-        self.mean.update(x)
+        """Learn one request's value: the plain mean of the first ones, then exponentially weighted.
+
+        (Plain at first: an exponentially weighted mean started at the first value keeps it for about a half life.)
+        Unclipped: clipping would bias the mean of a skewed or two-peaked law (a feature's reasoning shares).
+        """
         self.n += 1
+        if self.n > 1:
+            self.dev += max(self.fading, 1.0 / (self.n - 1)) * (abs(x - self.mean) - self.dev)
+        self.mean += max(self.fading, 1.0 / self.n) * (x - self.mean)
 
 
 @dataclass
@@ -708,9 +709,9 @@ class Detector:
                     continue
                 test = state.seq.get(spec.name)
                 if test is None:
-                    test = state.seq[spec.name] = Sequential.new(cfg.seq_fading)
+                    test = state.seq[spec.name] = Sequential(cfg.seq_fading)
                 b = state.baselines.get(spec.name)
-                mean, sd = test.mean.get(), test.sd
+                mean, sd = test.mean, test.sd
                 if quiet and test.n >= cfg.seq_warmup and b is not None and b.n >= cfg.warmup_windows \
                         and b.firing is None:
                     test.cusum = max(0.0, test.cusum + min((x - mean) / sd, cfg.seq_clip) - cfg.seq_k)

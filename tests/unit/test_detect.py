@@ -308,18 +308,18 @@ def quiet(rng: random.Random, ts: datetime, i: int) -> dict[str, Any]:
                        logical_request_id=f"lr-{ts.timestamp()}-{i}")
 
 
-def quiet_incident(change: Callable[[random.Random, dict[str, Any]], None], seed: int
-                   ) -> tuple[list[dict[str, Any]], datetime]:
-    """Eight hours of a quiet feature, then an hour of incident: what the defaults page, and when it started."""
-    start = T0 + timedelta(hours=8)
+def quiet_incident(change: Callable[[random.Random, dict[str, Any]], None], seed: int, hours: int = 8,
+                   config: DetectConfig | None = None) -> tuple[list[dict[str, Any]], datetime]:
+    """`hours` of a quiet feature, then an hour of incident: what the detectors page, and when it started."""
+    start = T0 + timedelta(hours=hours)
 
     def shape(rng: random.Random, ts: datetime, i: int) -> dict[str, Any]:
         row = quiet(rng, ts, i)
         if ts >= start:
             change(rng, row)
         return row
-    d = Detector(DetectConfig())
-    return feed(d, stream(9 * 60, per_minute=1, shape=shape, seed=seed), per_batch=1), start
+    d = Detector(config or DetectConfig())
+    return feed(d, stream((hours + 1) * 60, per_minute=1, shape=shape, seed=seed), per_batch=1), start
 
 
 def retry_storm(rng: random.Random, row: dict[str, Any]) -> None:
@@ -348,6 +348,29 @@ def test_a_quiet_feature_pages_within_half_an_hour(change: Callable[[random.Rand
     assert fired, f"{signal} never paged"
     delay = datetime.fromisoformat(fired[0]["detected_at"]) - start
     assert timedelta(0) < delay <= timedelta(minutes=30)
+
+
+def output_inflation(rng: random.Random, row: dict[str, Any]) -> None:
+    row["output_tokens"] *= 4
+
+
+@pytest.mark.parametrize(("change", "signal"), [(retry_storm, "retry_rate"), (reasoning_spike, "reasoning_share"),
+                                                (prompt_regression, "input_per_request"),
+                                                (output_inflation, "output_input_ratio")])
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_a_warm_quiet_feature_is_judged_request_by_request(
+        change: Callable[[random.Random, dict[str, Any]], None], signal: str, seed: int) -> None:
+    # Once the sequential tests know the feature (seq_warmup requests), a change shows after a handful of requests,
+    # not after several windows of volume_requests: at one request a minute, within a quarter of an hour.
+    alerts, start = quiet_incident(change, seed, hours=10)
+    assert [a for a in alerts if a["state"] == "firing" and datetime.fromisoformat(a["detected_at"]) < start] == []
+    fired = [a for a in alerts if a["state"] == "firing" and a["signal"] == signal]
+    assert fired, f"{signal} never paged"
+    delay = datetime.fromisoformat(fired[0]["detected_at"]) - start
+    assert timedelta(0) < delay <= timedelta(minutes=15), delay
+    windowed, _ = quiet_incident(change, seed, hours=10, config=DetectConfig(seq_h=1e9))  # the windows alone
+    later = [a for a in windowed if a["state"] == "firing" and a["signal"] == signal]
+    assert later and datetime.fromisoformat(later[0]["detected_at"]) - start > delay
 
 
 def test_a_reasoning_share_is_judged_on_its_odds_and_shown_as_a_share() -> None:
