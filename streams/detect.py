@@ -79,7 +79,8 @@ SIGNALS: tuple[SignalSpec, ...] = (
 SPECS = {s.name: s for s in SIGNALS}
 # The per-request signals a quiet feature also tests request by request (see Sequential).
 SEQUENTIAL = tuple(s for s in SIGNALS if s.kind in ("ratio", "mix"))
-_SEQ_SD_FLOOR = 0.15  # per-request values are logs or 0/1: a spread below this is a feature too steady to scale by
+_SEQ_SD_FLOOR = 0.15
+_SEEN = 4096  # per-request values are logs or 0/1: a spread below this is a feature too steady to scale by
 
 
 def request_value(signal: str, v: Vector, new_model: bool | None) -> float | None:
@@ -348,6 +349,9 @@ class FeatureState:
     req_rate: float = 0.0
     rate_n: int = 0
     seq: dict[str, Sequential] = field(default_factory=dict)  # per-request signal → its sequential test
+    # The last _SEEN logical ids (hashed) through the sequential tests: a request re-emitted after its window closed
+    # (an upstream replay, or one re-folded with another end time) is still counted once.
+    seen: dict[int, None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -432,7 +436,7 @@ class Detector:
             state = self._state(fid, partition)
             target, late = self._target(state, ts)
             lid = row.get("logical_request_id")
-            if lid and id_hash(str(lid)) in target.ids:
+            if lid and ((h := id_hash(str(lid))) in target.ids or h in state.seen):
                 self.duplicate_rows += 1
                 continue
             self.late_rows += late
@@ -701,7 +705,14 @@ class Detector:
         quiet = self._span(state) >= cfg.seq_min_span_s
         usual = self._usual_models(state)
         alerts: list[dict[str, Any]] = []
-        for ts, _, v, dims, team in sorted(pending, key=lambda r: (r[0], r[1])):
+        for ts, h, v, dims, team in sorted(pending, key=lambda r: (r[0], r[1])):
+            if h:
+                if h in state.seen:
+                    self.duplicate_rows += 1
+                    continue
+                state.seen[h] = None
+                if len(state.seen) > _SEEN:
+                    del state.seen[next(iter(state.seen))]
             new_model = None if usual is None else dims[0] not in usual
             for spec in SEQUENTIAL:
                 x = request_value(spec.name, v, new_model)
@@ -1021,6 +1032,7 @@ def _upgrade(state: FeatureState, version: int) -> FeatureState:
             if one.window is not None:
                 one.window.__dict__["ids"] = set()  # version 1 counted no ids
         one.__dict__.setdefault("seq", {})
+        one.__dict__.setdefault("seen", {})
         for w in (one.window, one.carry, *one.open.values()):
             if w is not None:
                 w.__dict__.setdefault("inputs", [])
