@@ -127,8 +127,9 @@ class DetectConfig:
     signal (Sequential): each request's z-score against the feature's earlier requests (memory `seq_half_life`
     requests, active after `seq_warmup`), clipped at `seq_clip`, less `seq_k`, summed while positive; at `seq_h` the
     run of requests behind the sum (at least `seq_min_requests`) is judged as one window and pages if it passes the
-    signal's guards with z_fire. Measured (`python -m tests.bench.detect --days 2 --rate 0.4 --seeds 7,11,13`): median
-    delay 20.2 → 8.8 min on the quiet stream, precision 0.98 → 0.97; the busy stream's pages unchanged.
+    signal's guards with z_fire. A per-request signal's window of n requests is judged against its baseline's
+    variance scaled to n (Baseline.scaled): a night's small windows vary more than a day's. Measured figures: the
+    README's detection section.
     """
 
     window_s: int = 60
@@ -149,6 +150,7 @@ class DetectConfig:
     seasonal_min_samples: int = 1
     known_model_share: float = 0.03
     new_model_min_requests: float = 0.2
+    new_model_min_count: int = 3
     # Sequential tests of a quiet feature (see Sequential): CUSUM of clipped per-request z-scores.
     seq_k: float = 1.0
     seq_clip: float = 3.0
@@ -276,15 +278,29 @@ class Baseline:
     normal_run: int = 0
     cusum: float = 0.0
     firing: dict[str, Any] | None = None
+    # The squared deviations times the window's requests (EW mean): a per-request-signal window of n requests varies
+    # about this / n, so a night's 6-request windows are judged wider than a day's 60 (None: a rate, or older state).
+    scaled: stats.EWMean | None = None
 
     @classmethod
     def new(cls, fading: float) -> Baseline:
         return cls(stats.EWMean(fading), stats.EWVar(fading))
 
-    def learn(self, x: float) -> None:
+    def learn(self, x: float, requests: float = 0.0) -> None:
+        if requests > 0:
+            if self.scaled is None:
+                self.scaled = stats.EWMean(self.mean.fading_factor)
+            if self.n:
+                self.scaled.update((x - self.mean.get()) ** 2 * requests)
         self.mean.update(x)
         self.var.update(x)
         self.n += 1
+
+    def variance(self, requests: float = 0.0) -> float:
+        """The variance to judge a window of `requests` by: scaled by its volume when known, else the plain one."""
+        if requests > 0 and self.scaled is not None and self.n > 1:
+            return self.scaled.get() / requests
+        return max(self.var.get(), 0.0)
 
 
 @dataclass
@@ -780,11 +796,13 @@ class Detector:
         b = state.baselines.get(spec.name)
         if b is None:
             b = state.baselines[spec.name] = Baseline.new(cfg.fading)
+        n = w.total[REQUESTS] if spec.kind in ("ratio", "mix") else 0.0
         if b.n < cfg.warmup_windows:
-            b.learn(x)
+            b.learn(x, n)
             return []
         mean = b.mean.get()
-        z = self._z(x, mean, b.var.get(), spec)
+        var = b.variance(n)
+        z = self._z(x, mean, var, spec)
         # Persistence: a one-sided CUSUM of the z-scores of consecutive windows that rise past the signal's guards
         # (min_rise, abs_rise), each z capped at z_fire. One window, however extreme, adds at most
         # z_fire - cusum_k < cusum_h, so only a sustained rise reaches cusum_h; a window within the guards resets it.
@@ -794,10 +812,10 @@ class Detector:
         recovered = z < cfg.z_resolve or x < mean * (1.0 + spec.min_rise / 2) or x - mean < spec.abs_rise / 2
         # Anomalous windows outside an incident are learned clipped to the alert line: the variance keeps the
         # signal's real spread (a heavy tail) without one outlier moving the mean far.
-        ceiling = mean + cfg.z_fire * math.sqrt(max(b.var.get(), 0.0))
+        ceiling = mean + cfg.z_fire * math.sqrt(var)
         return self._step(state, b, spec.name, anomalous, recovered, x, mean, z, w, 1,
                           lambda: self._attribute(state, spec, w, minutes, mean),
-                          lambda: b.learn(min(x, ceiling)))
+                          lambda: b.learn(min(x, ceiling), n))
 
     def _z(self, x: float, mean: float, var: float, spec: SignalSpec) -> float:
         floor = max(0.1 * abs(mean), spec.abs_rise / self.config.z_fire, 1e-12)
@@ -903,12 +921,14 @@ class Detector:
     def _mix(self, w: Window, usual: set[str] | None) -> float | None:
         """Share of the window's spend on models new to the feature.
 
-        0 unless they also serve `new_model_min_requests` of its requests: one expensive stray fallback is no drift.
+        0 unless they also serve `new_model_min_requests` of its requests and at least `new_model_min_count` of them:
+        one expensive stray fallback is no drift, nor are two in a night's window of six.
         """
         if usual is None:
             return None
         new = [v for m, v in w.by["model"].items() if m not in usual]
-        if sum(v[REQUESTS] for v in new) < self.config.new_model_min_requests * w.total[REQUESTS]:
+        count = sum(v[REQUESTS] for v in new)
+        if count < self.config.new_model_min_requests * w.total[REQUESTS] or count < self.config.new_model_min_count:
             return 0.0
         return sum(v[COST] for v in new) / w.total[COST]
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from streams.detect import DetectConfig, Detector, dump_state, load_state
+from streams.detect import Baseline, DetectConfig, Detector, Window, dump_state, load_state
 from tests.bench.detect import ZScoreBaseline
 from tests.factories import request_row
 
@@ -406,3 +406,29 @@ def test_pages_do_not_depend_on_how_far_one_watermark_moves() -> None:
     jumped = backfill.advance(0, datetime.fromisoformat(rows[-1]["last_ts"]).timestamp())
     key = [(a["incident_id"], a["state"], a["severity"]) for a in stepped]
     assert key and key == [(a["incident_id"], a["state"], a["severity"]) for a in jumped]
+
+
+def test_a_small_window_is_judged_by_a_variance_scaled_to_its_requests() -> None:
+    # A per-request signal's window of n requests varies about σ²/n: learned on windows of 60 requests (a busy day)
+    # and of 6 (the night), the baseline expects the small window to vary ten times as much.
+    rng = random.Random(3)
+    b = Baseline.new(DetectConfig().fading)
+    for i in range(400):
+        n = 60 if i % 2 else 6
+        b.learn(0.1 + rng.gauss(0.0, 0.05 / n ** 0.5), n)
+    assert 8.0 < b.variance(6) / b.variance(60) < 12.0
+    assert b.variance(6) == pytest.approx(0.05 ** 2 / 6, rel=0.25)
+    assert b.variance() == pytest.approx(b.var.get())  # a rate: the plain variance
+
+
+def test_two_requests_on_a_new_model_are_no_drift() -> None:
+    d = Detector(DetectConfig())
+    usual = {"gpt-4.1"}
+    w = Window(0, 60)
+    for i, model in enumerate(["gpt-4.1"] * 4 + ["claude-opus-4-1"] * 2):
+        w.add(request_row(T0 + timedelta(seconds=i), final_model=model, cost_total_usd="0.05" if "opus" in model
+                          else "0.01", logical_request_id=f"lr-{i}"))
+    assert d._mix(w, usual) == 0.0  # a third of a night's six requests, by chance
+    w.add(request_row(T0 + timedelta(seconds=9), final_model="claude-opus-4-1", cost_total_usd="0.05",
+                      logical_request_id="lr-9"))
+    assert d._mix(w, usual) == pytest.approx(0.15 / 0.19)
