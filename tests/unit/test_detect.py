@@ -432,3 +432,21 @@ def test_two_requests_on_a_new_model_are_no_drift() -> None:
     w.add(request_row(T0 + timedelta(seconds=9), final_model="claude-opus-4-1", cost_total_usd="0.05",
                       logical_request_id="lr-9"))
     assert d._mix(w, usual) == pytest.approx(0.15 / 0.19)
+
+
+def test_a_request_re_emitted_after_its_window_closed_is_counted_once() -> None:
+    # After a crash the process role replays its last run and may emit a logical request again, after the detectors
+    # have closed its window and tested it: it must not count twice (the windows' own id check no longer reaches it).
+    rows = list(stream(90, per_minute=1, shape=quiet))
+    d = Detector(DetectConfig())
+    feed(d, iter(rows), per_batch=1)
+    duplicates = d.duplicate_rows
+    d.observe(rows[10:12], 0)  # an hour after their windows closed
+    d.advance(0, live(rows) + 600)
+    assert d.duplicate_rows == duplicates + 2
+    once = Detector(DetectConfig())
+    feed(once, iter(rows), per_batch=1)
+    once.advance(0, live(rows) + 600)
+    tested = d.features["summarize_email_v2"].seq["input_per_request"]
+    assert tested.n == once.features["summarize_email_v2"].seq["input_per_request"].n == len(rows)
+    assert tested.mean == once.features["summarize_email_v2"].seq["input_per_request"].mean
