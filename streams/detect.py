@@ -309,11 +309,11 @@ class Baseline:
 class Sequential:
     """One per-request signal's sequential test on a quiet feature: a one-sided CUSUM of clipped z-scores.
 
-    Each request's value (request_value) is standardized against an exponentially weighted mean and variance of the
-    feature's earlier requests (river), clipped at seq_clip, less seq_k, and summed while positive: no window, so a
-    feature with one request a minute shows a change after a handful of them. `run` holds the requests since the sum
-    last left zero; when the sum reaches seq_h they are judged as one window against the signal's window baseline
-    (Detector._confirm): a page needs both.
+    Each request's value (request_value) is standardized against the mean and mean absolute deviation of the
+    feature's earlier requests (exponentially weighted), clipped at seq_clip, less seq_k, and summed while positive:
+    no window, so a feature with one request a minute shows a change after a handful of them. `run` holds the
+    requests since the sum last left zero; when the sum reaches seq_h they are judged as one window against the
+    signal's window baseline (Detector._confirm): a page needs both.
     """
 
     fading: float
@@ -788,7 +788,7 @@ class Detector:
         if x is None:
             return []
         mean = b.mean.get()
-        z = self._z(x, mean, b.var.get(), spec)
+        z = self._z(x, mean, b.variance(run.total[REQUESTS]), spec)
         if not (x >= mean * (1.0 + spec.min_rise) and x - mean >= spec.abs_rise and z >= cfg.z_fire):
             return []
         run.end = max(run.end, end)
