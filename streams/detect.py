@@ -220,11 +220,15 @@ class Window:
     # A feature's requests not yet seen by its sequential tests: (event time, id hash, vector, dims, team).
     pending: list[tuple[float, int, Vector, tuple[str, ...], str]] = field(default_factory=list)
 
-    def add(self, row: Mapping[str, Any], late: bool = False, ts: float | None = None) -> None:
-        """Count one request; given its event time `ts`, also keep it for the feature's sequential tests."""
+    def add(self, row: Mapping[str, Any], late: bool = False, ts: float | None = None,
+            lid_hash: int | None = None) -> None:
+        """Count one request; given its event time `ts`, also keep it for the feature's sequential tests.
+
+        `lid_hash`: its logical id's id_hash when the caller has it (0: none), else computed here.
+        """
         lid = row.get("logical_request_id")
-        h = id_hash(str(lid)) if lid else 0
-        if lid:
+        h = lid_hash if lid_hash is not None else (id_hash(str(lid)) if lid else 0)
+        if h:
             self.ids.add(h)
         v = request_vector(row)
         dims = tuple(str(row.get(_DIM_FIELD[dim]) or "") for dim in DIMENSIONS)
@@ -454,11 +458,12 @@ class Detector:
             state = self._state(fid, partition)
             target, late = self._target(state, ts)
             lid = row.get("logical_request_id")
-            if lid and ((h := id_hash(str(lid))) in target.ids or h in state.seen):
+            h = id_hash(str(lid)) if lid else 0
+            if h and (h in target.ids or h in state.seen):
                 self.duplicate_rows += 1
                 continue
             self.late_rows += late
-            target.add(row, late=late, ts=ts)
+            target.add(row, late=late, ts=ts, lid_hash=h)
             model = str(row.get("final_model") or "")
             pair = state.by_model.get(model)
             if pair is None and len(state.by_model) < _MAX_DIM_VALUES:
@@ -467,7 +472,7 @@ class Detector:
                     pair.window = Window(state.window.start, state.window.end)
             if pair is not None:
                 into, pair_late = self._target(pair, ts)
-                into.add(row, late=pair_late)
+                into.add(row, late=pair_late, lid_hash=h)
             dv = str(row.get("deploy_version") or "")
             if dv and dv not in state.deploy_first_seen:
                 state.deploy_first_seen[dv] = int(ts)
@@ -657,14 +662,8 @@ class Detector:
                 x: float | None = raw / self._season(state, slot)
             elif rw is None:
                 x = None
-            elif spec.kind == "mix":
-                x, judged = (self._mix(rw, usual_models) if rw.total[COST] > 0 else None), rw
-            elif spec.name == "cost_per_request":
-                x, judged = (statistics.median(rw.costs) if rw.costs else None), rw  # one huge request moves no median
-            elif spec.name == "input_per_request":
-                x, judged = (statistics.median(rw.inputs) if rw.inputs else None), rw
             else:
-                x, judged = _ratio(rw.total, spec), rw
+                x, judged = self._per_request_value(spec, rw, usual_models), rw
             values[spec.name] = x
             parent = feature.baselines.get(spec.name) if state.model else None
             if x is not None and not (parent is not None and parent.firing is not None and
@@ -713,7 +712,7 @@ class Detector:
         """The feature's requests up to `w.end` not yet tested, in event-time order, through its sequential tests.
 
         Every feature's per-request baselines learn (a busy feature's from its first seq_busy_learn requests of each
-        step: enough to be warm when it quietens, ~9 µs a request saved); the tests run only on a quiet feature
+        step: enough to be warm when it quietens, ~8 µs a request saved); the tests run only on a quiet feature
         (windows planned at least seq_min_span_s long), where a window-by-window judgement needs several long
         windows. Event-time order (ties by id), whatever the arrival order: the same stream gives the same pages.
         """
@@ -777,14 +776,7 @@ class Detector:
         run, test.cusum, test.run = test.run, 0.0, None
         if run is None or run.total[REQUESTS] < cfg.seq_min_requests:
             return []
-        if spec.kind == "mix":
-            x = self._mix(run, usual) if run.total[COST] > 0 else None
-        elif spec.name == "cost_per_request":
-            x = statistics.median(run.costs)
-        elif spec.name == "input_per_request":
-            x = statistics.median(run.inputs)
-        else:
-            x = _ratio(run.total, spec)
+        x = self._per_request_value(spec, run, usual)
         if x is None:
             return []
         mean = b.mean.get()
@@ -795,6 +787,16 @@ class Detector:
         minutes = (run.end - run.start) / 60.0
         return self._step(state, b, spec.name, True, False, x, mean, z, run, 1,
                           lambda: self._attribute(state, spec, run, minutes, mean), lambda: None)
+
+    def _per_request_value(self, spec: SignalSpec, w: Window, usual: set[str] | None) -> float | None:
+        """A per-request signal's value over a window: a median (one huge request moves none), a mix or a ratio."""
+        if spec.kind == "mix":
+            return self._mix(w, usual) if w.total[COST] > 0 else None
+        if spec.name == "cost_per_request":
+            return statistics.median(w.costs) if w.costs else None
+        if spec.name == "input_per_request":
+            return statistics.median(w.inputs) if w.inputs else None
+        return _ratio(w.total, spec)
 
     # ------------------------------------------------------------------ judging one signal
     def _judge(self, state: FeatureState, spec: SignalSpec, x: float, w: Window,
