@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import bisect
 import functools
 import hashlib
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 import orjson
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from streams.fold import (
     REQUEST_COLUMNS,
@@ -47,7 +49,10 @@ from streams.sink_columns import (
     arrow_part,
     decode_message,
     ipc_part,
+    ipc_stream,
     is_arrow,
+    request_part,
+    rows_table,
     table_rows,
 )
 from streams.watermarks import is_watermark
@@ -123,10 +128,12 @@ def decode_batch(messages: Sequence[tuple[bytes | None, Source]], shape: RowShap
     Attempt rows (with `columnar`) come as an AttemptBatch: an Arrow message as its table (ipc_part; one that is not
     a table of attempts is one dead letter), an NDJSON message in Arrow columns where the fast path
     (streams.sink_columns.arrow_part) takes all of its lines, else through decode_rows, line by line, whose dead
-    letters are the only ones. Other shapes are decoded by decode_rows.
+    letters are the only ones. Logical-request rows (with `columnar`) come as an AttemptBatch too: an Arrow message
+    as its table (request_part), an NDJSON message through decode_rows. Other shapes are decoded by decode_rows.
     Watermark messages (streams.watermarks, on the requests topic) are the detectors' and are passed over.
     """
     fast = columnar and shape is ATTEMPT_ROWS
+    parts = columnar and shape in (ATTEMPT_ROWS, REQUEST_ROWS)  # the writer plans over an AttemptBatch's columns
     rows: list[dict[str, Any]] = []
     batch = AttemptBatch()
     dead: dict[int, list[bytes]] = {}
@@ -142,10 +149,11 @@ def decode_batch(messages: Sequence[tuple[bytes | None, Source]], shape: RowShap
                     else:
                         rows.extend(table_rows(part.table))
                 elif shape is REQUEST_ROWS:
-                    origin = origin_of(source)
-                    for row in table_rows(decode_message(value or b"", REQUEST_SCHEMA, "llm.cost.requests.v1")):
-                        row["origin"] = origin
-                        rows.append(row)
+                    part = request_part(value or b"", source, origin_of(source))
+                    if columnar:
+                        batch.parts.append(part)
+                    else:
+                        rows.extend(table_rows(part.table))
                 else:
                     raise Refused(f"no Arrow form of {shape.what} rows")
             except Refused as exc:  # the whole message is the dead letter: its rows cannot be told apart
@@ -160,13 +168,13 @@ def decode_batch(messages: Sequence[tuple[bytes | None, Source]], shape: RowShap
             except Refused:
                 pass
         ok, bad = decode_rows(value or b"", source, shape)
-        if fast:
+        if parts:
             batch.parts.append(DictPart(ok))
         else:
             rows.extend(ok)
         if bad:
             dead.setdefault(source.partition, []).extend(encode_record(r.to_record()) for r in bad)
-    return (batch if fast else rows), dead
+    return (batch if parts else rows), dead
 
 
 def insert_token(table: str, keys: Iterable[str], scope: Iterable[str] = ()) -> str:
@@ -573,6 +581,34 @@ class _Head:
         return {f["event_id"] for f in self.facts}
 
 
+JOURNAL_ARROW = "arrow:"  # request_plans.lines: base64 of an Arrow IPC stream of REQUEST_SCHEMA after it; else NDJSON
+
+
+def journal_rows(text: str) -> list[dict[str, Any]]:
+    """A message's journaled rows (RequestWriter.journal), as dict rows; a journal written as NDJSON reads too."""
+    if text.startswith(JOURNAL_ARROW):
+        table = decode_message(base64.b64decode(text[len(JOURNAL_ARROW):]), REQUEST_SCHEMA, "request_plans")
+        return table_rows(table)
+    rows = decode_rows(text.encode(), Source("request_plans", 0, 0), REQUEST_ROWS)[0]
+    for row in rows:
+        del row["origin"]  # the caller gives them the origin of the message they were decided for
+    return rows
+
+
+def _take(arrow_parts: Sequence[tuple[int, ArrowPart]], positions: Sequence[int]) -> pa.Table | None:
+    """The REQUEST_COLUMNS of these batch positions, if they all lie in one Arrow part (None otherwise, or if none)."""
+    if not positions:
+        return None
+    starts = [start for start, _ in arrow_parts]
+    n = bisect.bisect_right(starts, positions[0]) - 1
+    if n < 0:
+        return None
+    start, part = arrow_parts[n]
+    if not all(start <= i < start + len(part) for i in positions):
+        return None
+    return part.table.take(pa.array([i - start for i in positions], pa.int64())).select(list(REQUEST_COLUMNS))
+
+
 @dataclass
 class RequestWriter:
     """Writes logical requests to logical_requests so each request counts once, at its latest revision.
@@ -603,15 +639,17 @@ class RequestWriter:
     stats: SinkStats = field(default_factory=SinkStats)
     table: str = "logical_requests"
 
-    def decide(self, rows: Sequence[dict[str, Any]], journaled: dict[str, str] | None = None
-               ) -> list[dict[str, Any]]:
+    def decide(self, rows: Sequence[dict[str, Any]], journaled: dict[str, str] | None = None,
+               found: dict[str, tuple[int, datetime, str]] | None = None) -> list[dict[str, Any]]:
         """Steps 1-2: the rows to insert for these incoming revisions (cancel rows included), in order.
 
-        A message whose decision is journaled (`journaled`: origin → NDJSON rows) is not decided again: its
-        journaled rows are taken as they are, and the heads move as they moved then.
+        A message whose decision is journaled (`journaled`: origin → its journal, journal_rows) is not decided
+        again: its journaled rows are taken as they are, and the heads move as they moved then. `found`: the heads
+        of the rows' requests, when the caller has looked them up.
         """
         journaled = journaled or {}
-        found = self.store.request_heads(list({r["logical_request_id"] for r in rows}))
+        if found is None:
+            found = self.store.request_heads(list({r["logical_request_id"] for r in rows}))
         heads = {lid: _Head(rev, at, detail) for lid, (rev, at, detail) in found.items()}
         out: list[dict[str, Any]] = []
         replayed: set[str] = set()
@@ -620,7 +658,7 @@ class RequestWriter:
             if origin in journaled:
                 if origin not in replayed:
                     replayed.add(origin)
-                    again = decode_rows(journaled[origin].encode(), Source("request_plans", 0, 0), REQUEST_ROWS)[0]
+                    again = journal_rows(journaled[origin])
                     for r in again:
                         r["origin"] = origin
                         if r["sign"] == 1:
@@ -653,26 +691,76 @@ class RequestWriter:
         return out
 
     def plan(self, rows: Sequence[dict[str, Any]]) -> Plan:
-        """Steps 1-4: the decided rows grouped by message and request, in pieces by day; `prepare` journals them."""
-        origins = list({r["origin"]: None for r in rows if r.get("origin")})
-        journaled = self.store.request_plans(origins) if origins else {}
-        decided = self.decide(rows, journaled)
+        """Steps 1-4: the decided rows grouped by message and request, in pieces by day; `prepare` journals them.
+
+        In columns: the batch (an AttemptBatch from decode_batch; dict rows are taken as one part) is read column by
+        column. A row of an Arrow message not journaled, whose request ClickHouse does not hold and that the batch
+        carries once (nearly all of them), is inserted as it came: a set difference, no row made. Only the others
+        go through the decision of step 2, in batch order. A cut whose rows are all of one Arrow message is one
+        insert_arrow; any other is a piece of dict rows, with the same token for the same rows either way.
+        """
+        batch = rows if isinstance(rows, AttemptBatch) else AttemptBatch([DictPart(list(rows))])
+        lids: list[str] = batch.column("logical_request_id")
+        origins: list[str] = []
+        days: list[date | None] = []  # the UTC day of first_ts of a row that may go as it came
+        arrow_parts: list[tuple[int, ArrowPart]] = []  # (first position, part)
+        for part in batch.parts:
+            if isinstance(part, ArrowPart):
+                arrow_parts.append((len(origins), part))
+                origins.extend([part.origin] * len(part))
+                days.extend(pc.cast(part.table.column("first_ts"), pa.date32()).to_pylist())
+            else:
+                origins.extend(r.get("origin", "") for r in part.rows)
+                days.extend([None] * len(part))
+        messages = list(dict.fromkeys(o for o in origins if o))
+        journaled = self.store.request_plans(messages) if messages else {}
+        found = self.store.request_heads(list(dict.fromkeys(lids)))
+        counts = Counter(lids)
+        as_came = [i for i in range(len(lids)) if days[i] is not None and origins[i] not in journaled
+                   and counts[lids[i]] == 1 and lids[i] not in found]
+        taken = set(as_came)
+        decided = self.decide([batch[i] for i in range(len(lids)) if i not in taken], journaled, found)
+        self.stats.batches += 1
+        # Cuts as make_pieces makes them: (origin, sorted UTC days of the group); a group is a request's rows of
+        # one message (a cancel row and its revision), a row that goes as it came is a group alone.
+        cuts: dict[tuple[str, tuple[date, ...]], tuple[list[int], list[Group]]] = {}
+        for i in as_came:
+            cuts.setdefault((origins[i], (days[i],)), ([], []))[0].append(i)  # type: ignore[arg-type]
         groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
         for r in decided:
             groups.setdefault((r.get("origin", ""), r["logical_request_id"]), []).append(r)
-        self.stats.batches += 1
-        fresh: dict[str, list[bytes]] = {}
-        for r in decided:
-            if r.get("origin") and r["origin"] not in journaled:
-                fresh.setdefault(r["origin"], []).append(encode_record({c: r[c] for c in REQUEST_COLUMNS}))
-        pieces = make_pieces(self.table, (tuple(g) for g in groups.values()), self.key,
-                             lambda g: (utc_day(r["first_ts"]) for r in g), lambda g: str(g[0].get("origin", "")))
+        for (origin, _), group in groups.items():
+            cut = (origin, tuple(sorted({utc_day(r["first_ts"]) for r in group})))
+            cuts.setdefault(cut, ([], []))[1].append(tuple(group))
+        pieces = [self._piece(origin, cut_days, positions, dict_groups, batch, arrow_parts)
+                  for (origin, cut_days), (positions, dict_groups) in sorted(cuts.items())]
+        fresh: dict[str, pa.Table] = {}
+        for origin in dict.fromkeys(o for o in origins if o and o not in journaled):
+            tables = [_take(arrow_parts, [i for i in as_came if origins[i] == origin])]
+            tables.append(rows_table([r for r in decided if r.get("origin") == origin], REQUEST_SCHEMA))
+            fresh[origin] = pa.concat_tables([t for t in tables if t is not None])
         return Plan(pieces, prepare=functools.partial(self.journal, fresh) if fresh else None)
 
-    def journal(self, fresh: dict[str, list[bytes]]) -> None:
-        """Step 0: the decided rows of each message, before any of them is sent (request_plans, migration 011)."""
+    def _piece(self, origin: str, days: tuple[date, ...], positions: list[int], groups: list[Group],
+               batch: AttemptBatch, arrow_parts: list[tuple[int, ArrowPart]]) -> Piece:
+        """One cut: an Arrow piece when all its rows came as they are from one message, else a piece of dicts."""
+        if not groups:
+            data = _take(arrow_parts, positions)
+            if data is not None:
+                keys = [f"{lid}#{rev}#{sign}" for lid, rev, sign in zip(
+                    data.column("logical_request_id").to_pylist(), data.column("revision").to_pylist(),
+                    data.column("sign").to_pylist(), strict=True)]
+                return _arrow_piece(self.table, data, keys, days, origin)
+        all_groups = tuple((batch[i],) for i in positions) + tuple(groups)
+        return _piece(self.table, all_groups, self.key, days, origin)
+
+    def journal(self, fresh: dict[str, pa.Table]) -> None:
+        """Step 0: the decided rows of each message, before any of them is sent (request_plans, migration 011).
+
+        Each message's rows as one Arrow IPC stream of REQUEST_SCHEMA, base64 after "arrow:" (journal_rows).
+        """
         origins = sorted(fresh)
-        lines = [b"\n".join(fresh[o]).decode() for o in origins]
+        lines = [JOURNAL_ARROW + base64.b64encode(ipc_stream(fresh[o])).decode("ascii") for o in origins]
         self.store.insert_columns("request_plans", [origins, lines], ("origin", "lines"),
                                   insert_token("request_plans", origins))
 
@@ -685,7 +773,8 @@ class RequestWriter:
 
     def landed(self, piece: Piece) -> int:
         """How many of the piece's rows logical_requests holds."""
-        return self.store.held_request_rows([self.key(r) for r in piece.rows])
+        keys = list(piece.keys) if piece.data is not None else [self.key(r) for r in piece.rows]
+        return self.store.held_request_rows(keys)
 
     def write(self, rows: Sequence[dict[str, Any]]) -> int:
         """Plan and insert once (run_plan); returns how many rows were inserted."""

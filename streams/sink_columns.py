@@ -204,7 +204,8 @@ def rows_table(rows: Sequence[dict[str, Any]], schema: pa.Schema = ATTEMPT_SCHEM
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def _ipc(table: pa.Table) -> bytes:
+def ipc_stream(table: pa.Table) -> bytes:
+    """A table as one Arrow IPC stream, zstd-compressed."""
     sink = pa.BufferOutputStream()
     with ipc.new_stream(sink, table.schema, options=ipc.IpcWriteOptions(compression="zstd")) as writer:
         writer.write_table(table)
@@ -219,7 +220,7 @@ def encode_rows(rows: Sequence[dict[str, Any]], schema: pa.Schema, max_bytes: in
     pending = [rows_table(rows, schema)]
     while pending:
         part = pending.pop(0)
-        blob = _ipc(part)
+        blob = ipc_stream(part)
         if len(blob) <= max_bytes or part.num_rows == 1:
             out.append(blob)
             continue
@@ -258,6 +259,14 @@ def ipc_part(value: bytes, source: Source, origin: str) -> ArrowPart:
     """One Arrow attempts message as a part of the sink's batch (its table plus the origin column)."""
     table = decode_attempt_message(value).combine_chunks()
     table = table.append_column(_PART_SCHEMA.field("origin"), pa.array([origin] * table.num_rows, pa.string()))
+    return ArrowPart(table, [], source, origin)
+
+
+def request_part(value: bytes, source: Source, origin: str) -> ArrowPart:
+    """One Arrow logical-requests message as a part of the request sink's batch (its table plus the origin column)."""
+    table = decode_message(value, REQUEST_SCHEMA, "llm.cost.requests.v1").combine_chunks()
+    table = table.append_column(pa.field("origin", pa.string(), nullable=False),
+                                pa.array([origin] * table.num_rows, pa.string()))
     return ArrowPart(table, [], source, origin)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from streams.fold import call_rank
 from streams.records import TOKEN_CLASSES
 from streams.sink import insert_token
-from tally.store import Store
+from tally.store import Store, string_array
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,8 @@ def _calls(store: Store, request_ids: Sequence[str]) -> dict[Call, list[tuple[Ca
         res = store.query(
             "SELECT logical_request_id, request_id, groupArray((event_id, usage_reported, ts, team_id, feature_id, "
             "ingested_at, superseded)) FROM {db}.call_rows "
-            "WHERE request_id IN (SELECT arrayJoin({ids:Array(String)})) "
-            "GROUP BY logical_request_id, request_id HAVING uniqExact(event_id) > 1",
-            parameters={"ids": list(request_ids[start:start + _CHUNK])})
+            f"WHERE request_id IN (SELECT arrayJoin({string_array(request_ids[start:start + _CHUNK])})) "
+            "GROUP BY logical_request_id, request_id HAVING uniqExact(event_id) > 1", lookup=True)
         for lid, request_id, markers in res.rows:
             found[(lid, request_id)] = [
                 (CallRow(lid, request_id, eid, bool(reported), _aware(ts), team, feature, _aware(at)),
@@ -111,11 +110,10 @@ def _usage_rows(store: Store, rows: Sequence[CallRow]) -> dict[str, dict[str, An
     """The usage_events rows of these call rows by event_id, read through usage_events' primary key prefix."""
     res = store.query(
         f"SELECT {', '.join(_USAGE_COLUMNS)} FROM {{db}}.usage_events "
-        "WHERE team_id IN (SELECT arrayJoin({teams:Array(String)})) "
-        "AND ts >= fromUnixTimestamp64Milli({lo:Int64}, 'UTC') AND ts <= fromUnixTimestamp64Milli({hi:Int64}, 'UTC') "
-        "AND event_id IN (SELECT arrayJoin({ids:Array(String)}))",
-        parameters={"teams": sorted({r.team_id for r in rows}), "ids": [r.event_id for r in rows],
-                    "lo": min(r.rank[1] for r in rows), "hi": max(r.rank[1] for r in rows)})
+        f"WHERE team_id IN (SELECT arrayJoin({string_array(sorted({r.team_id for r in rows}))})) "
+        f"AND ts >= fromUnixTimestamp64Milli({int(min(r.rank[1] for r in rows))}, 'UTC') "
+        f"AND ts <= fromUnixTimestamp64Milli({int(max(r.rank[1] for r in rows))}, 'UTC') "
+        f"AND event_id IN (SELECT arrayJoin({string_array([r.event_id for r in rows])}))", lookup=True)
     found: dict[str, dict[str, Any]] = {}
     for values in res.rows:
         row = dict(zip(_USAGE_COLUMNS, values, strict=True))

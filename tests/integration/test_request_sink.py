@@ -1,5 +1,7 @@
 """logical_requests in real ClickHouse (chDB): revisions collapse, replays and late attempts count once."""
 
+import base64
+import itertools
 from datetime import timedelta
 from decimal import Decimal
 
@@ -7,10 +9,11 @@ import orjson
 import pytest
 
 from ops.simulate import TrafficGenerator, catalog_from_reference
-from streams.fold import FoldConfig, Folder, apply_writes
+from streams.fold import REQUEST_COLUMNS, REQUEST_TIME_COLUMNS, FoldConfig, Folder, apply_writes
 from streams.pipeline import FoldStep, process_messages
-from streams.records import Source
-from streams.sink import REQUEST_ROWS, RequestWriter, decode_rows
+from streams.records import Source, encode_record
+from streams.sink import JOURNAL_ARROW, REQUEST_ROWS, RequestWriter, decode_batch, decode_rows, journal_rows
+from streams.sink_columns import REQUEST_SCHEMA, encode_rows, ipc_stream, rows_table
 from streams.validate import Validator
 from tally.reference import snapshot_of
 from tests.factories import attempt_row_factory as row
@@ -33,9 +36,27 @@ def current(store):
     return {r[0]: (r[1], r[2], r[3]) for r in res.rows}
 
 
-def test_revisions_collapse_and_replays_change_nothing(store, now):
+OFFSETS = itertools.count(1)
+
+
+def as_arrow_messages(rows):
+    """Rows as the process role hands them over (one Arrow message at a new offset), decoded as the sink does."""
+    messages = [(m, Source("llm.cost.requests.v1", 0, next(OFFSETS)))
+                for m in encode_rows(rows, REQUEST_SCHEMA, 900_000)]
+    batch, dead = decode_batch(messages, REQUEST_ROWS)
+    assert not dead
+    return batch
+
+
+@pytest.mark.parametrize("handoff", ["rows", "arrow"])
+def test_revisions_collapse_and_replays_change_nothing(store, now, handoff):
     folder, state = Folder(FoldConfig(grace_ms=0), 4), {}
-    writer = RequestWriter(store)
+    request_writer = RequestWriter(store)
+
+    class writer:  # noqa: N801 - the writer as the test drives it: dict rows, or Arrow messages of those rows
+        @staticmethod
+        def write(rows):
+            return request_writer.write(rows if handoff == "rows" else as_arrow_messages(rows))
     t0 = int((now - timedelta(hours=1)).timestamp() * 1000)  # event time (ms) an hour before emission
 
     def fold(*rows, wall=t0 / 1000 + 60):
@@ -84,3 +105,19 @@ def test_generated_traffic_folds_to_one_row_per_logical_request(store, docs, now
     n, attempts, cost, identity = got.rows[0]
     attempt_cost = sum((Decimal(r["cost_total_usd"]) for r in rows), Decimal(0))
     assert (n, attempts, cost, identity) == (400, len(events), attempt_cost, 0)
+
+
+def test_a_journal_reads_back_the_same_rows_in_arrow_and_in_the_ndjson_of_earlier_versions(docs, now):
+    gen = TrafficGenerator(catalog_from_reference(docs), seed=5, bad_rate=0.0, start=now - timedelta(hours=1))
+    msg = b"\n".join(orjson.dumps(e) for _ in range(50) for e in gen.logical_request())
+    out = process_messages([(msg, Source("llm.usage.v1", 0, 1))], Validator(), snapshot_of(docs), 1, now,
+                           FoldStep(Folder(FoldConfig(), 1), {}, 4))
+    rows = [r for lines in out.requests.values()
+            for r in decode_rows(b"\n".join(lines), Source("llm.cost.requests.v1", 0, 1), REQUEST_ROWS)[0]]
+    ndjson = "\n".join(encode_record({c: r[c] for c in REQUEST_COLUMNS}).decode() for r in rows)
+    arrow = JOURNAL_ARROW + base64.b64encode(ipc_stream(rows_table(rows, REQUEST_SCHEMA))).decode()
+    plain = [{c: r[c] for c in REQUEST_COLUMNS} for r in rows]
+    assert len(rows) == 50 and journal_rows(ndjson) == plain
+    # Arrow holds times to the millisecond, as logical_requests' DateTime64(3) does
+    to_ms = {c: (lambda t: t.replace(microsecond=t.microsecond // 1000 * 1000)) for c in REQUEST_TIME_COLUMNS}
+    assert journal_rows(arrow) == [{c: to_ms[c](v) if c in to_ms else v for c, v in r.items()} for r in plain]

@@ -16,13 +16,17 @@ from streams.pipeline import FoldStep, process_messages
 from streams.records import ATTEMPT_COLUMNS, Source
 from streams.sink import (
     ATTEMPT_ROWS,
+    JOURNAL_ARROW,
     REQUEST_ROWS,
     RequestWriter,
     SinkWriter,
     content_hash,
+    decode_batch,
     decode_rows,
+    origin_of,
     write_with_retry,
 )
+from streams.sink_columns import REQUEST_SCHEMA, AttemptBatch, encode_rows
 from streams.validate import Validator
 from tally import store as store_module
 from tally.config import load_settings
@@ -297,26 +301,42 @@ def test_migration_011_applies_on_an_existing_database(tmp_path, monkeypatch):
                        {"e": new["event_id"]}).rows == [(new["origin"],)]
 
 
-def test_a_request_replay_after_a_kill_mid_insert_resends_its_journaled_pieces(store, docs):
+@pytest.mark.parametrize("handoff", ["json", "arrow"])
+def test_a_request_replay_after_a_kill_mid_insert_resends_its_journaled_pieces(store, docs, handoff):
     """The logical-request sink killed mid-insert: logical_requests and its heads took a piece, some grains did not.
 
     The heads now show the revisions, so deciding again would skip them; the new writer re-sends the journaled
-    rows of the crashed messages instead (another batch composition), and every grain matches its sources.
+    rows of the crashed messages instead (another batch composition), and every grain matches its sources. With
+    the Arrow hand-off the rows go as they came (columnar pieces) and the journal is Arrow.
     """
     gen = TrafficGenerator(catalog_from_reference(docs), seed=43, bad_rate=0.0, start=NOW - timedelta(hours=2))
     attempts, requests = pipeline_batch([e for _ in range(200) for e in gen.logical_request()], docs)
     origins = sorted({r["origin"] for r in requests})
     assert len(origins) > 1 and write(SinkWriter(store), attempts).inserted == len(attempts)
-    crashed = [r for r in requests if r["origin"] != origins[-1]]
+    if handoff == "json":
+        def batch_of(keep):
+            return [dict(r) for r in requests if keep(r["origin"])]
+    else:
+        messages = {o: (encode_rows([r for r in requests if r["origin"] == o], REQUEST_SCHEMA, 900_000)[0],
+                        Source("llm.cost.requests.v1", 0, next(OFFSETS))) for o in origins}
+
+        def batch_of(keep):
+            rows, dead = decode_batch([m for o, m in messages.items() if keep(o)], REQUEST_ROWS)
+            assert isinstance(rows, AttemptBatch) and not dead
+            return rows
+    crashed = batch_of(lambda o: o != origins[-1])
     arm_failpoint(store)
     with pytest.raises(Exception, match="failpoint"):
-        RequestWriter(store).write([dict(r) for r in crashed])  # this worker is killed now
+        RequestWriter(store).write(crashed)  # this worker is killed now
     store.command("TRUNCATE TABLE {db}.failpoint")
+    journal = store.request_plans(origins if handoff == "json" else [origin_of(m[1]) for m in messages.values()])
+    assert len(journal) == len(origins) - 1
+    assert all(text.startswith(JOURNAL_ARROW) for text in journal.values())  # dict rows are journaled in Arrow too
     heads = store.request_heads([r["logical_request_id"] for r in crashed])
     assert heads and not audit(store, (NOW - timedelta(days=1)).date()).ok  # the heads hold what a grain lacks
 
     writer = RequestWriter(store)  # the restarted worker: the crashed messages and the next one in one batch
-    written = write(writer, [dict(r) for r in requests])
+    written = write(writer, batch_of(lambda o: True))
     assert written.inserted == len(requests) and writer.stats.resent == len(crashed)
     assert writer.stats.already_saved == 0
     result = audit(store, (NOW - timedelta(days=1)).date())

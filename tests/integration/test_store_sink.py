@@ -11,7 +11,7 @@ from streams.validate import Validator
 from tally.config import load_settings
 from tally.errors import StoreError, StoreLockedError
 from tally.reference import snapshot_of
-from tally.store import Store
+from tally.store import Store, string_array
 from tests.factories import in_message
 
 pytestmark = pytest.mark.integration
@@ -130,3 +130,14 @@ def test_an_injected_outage_fails_every_call_until_lifted_and_the_sink_lands_eac
         assert total == sum((r["cost_total_usd"] for r in rows), Decimal(0))
     finally:
         store.close()
+
+
+def test_a_string_array_literal_reads_back_every_value_as_it_was(store):
+    """Ids written into a lookup's text come back byte for byte, whatever they hold (quotes, braces, escapes)."""
+    odd = ["plain-id_1.2:3", "it's", "back\\slash", "{db}", "{ids:Array(String)}", "%(x)s %s", "new\nline",
+           "tab\there", "nul\0byte", "ünïcødé ✓", "", "'; DROP TABLE x; --", "\\'"]
+    for values in (odd, ["only-plain", "ids"], []):
+        rows = store.query(f"SELECT arrayJoin({string_array(values)}) AS v").rows
+        assert [r[0] for r in rows] == values
+    saved = store.saved_events(odd)
+    assert saved == {}

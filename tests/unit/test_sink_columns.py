@@ -168,8 +168,10 @@ def test_a_rejected_line_has_the_precise_paths_dead_letter(case):
     assert list(batch) == rows and len(rows) == 4
 
 
-def test_other_shapes_and_watermarks_are_decoded_as_before():
+def test_a_bad_request_line_is_a_dead_letter_and_request_rows_come_as_a_batch():
     rows, dead = decode_batch([(b'{"a": 1}', Source("llm.cost.requests.v1", 0, 0))], REQUEST_ROWS)
+    assert isinstance(rows, AttemptBatch) and list(rows) == [] and len(dead_records(dead)) == 1
+    rows, dead = decode_batch([(b'{"a": 1}', Source("llm.cost.requests.v1", 0, 0))], REQUEST_ROWS, columnar=False)
     assert isinstance(rows, list) and rows == [] and len(dead_records(dead)) == 1
 
 

@@ -38,7 +38,7 @@ class FakeStore:
         self.fail = list(fail or [])
         self.calls = 0
 
-    def query(self, sql: str, parameters: dict[str, object] | None = None) -> QueryResult:
+    def query(self, sql: str, parameters: dict[str, object] | None = None, lookup: bool = False) -> QueryResult:
         """Reads of other tables (the supersede step's call_rows): this store holds none of their rows."""
         return QueryResult([], [])
 
