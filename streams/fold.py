@@ -22,6 +22,7 @@ quiet partition are still emitted; a backlog or a slow batch never moves it.
 from __future__ import annotations
 
 import heapq
+import json
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -99,9 +100,28 @@ def dump_facts(facts: Any) -> bytes:
     """Facts (or a structure holding them) as compact JSON.
 
     Copied to an exact-size bytes object: orjson's output keeps a buffer of at least 4 KiB, which a long-lived
-    state entry would otherwise hold (measured: 16 KiB per open request instead of ~1 KiB).
+    state entry would otherwise hold (measured: 16 KiB per open request instead of ~1 KiB). orjson refuses an
+    integer beyond 64 bits, i.e. a cost of $18.45 or more in atto-dollars: such facts are written by the standard
+    library's encoder (the same JSON), and load_facts reads them back exactly.
     """
-    return bytes(memoryview(orjson.dumps(facts)))
+    try:
+        return bytes(memoryview(orjson.dumps(facts)))
+    except TypeError:
+        return json.dumps(facts, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def load_facts(raw: bytes | str) -> Any:
+    """dump_facts' JSON back: orjson, unless a number is beyond 64 bits (orjson reads it as a float, losing digits)."""
+    value = orjson.loads(raw)
+    if _has_float(value):
+        return json.loads(raw)
+    return value
+
+
+def _has_float(value: Any) -> bool:
+    """Whether a cost of a fact is a float: a list of facts, or an entry ([facts, revision, …])."""
+    facts = value[0] if value and type(value[0]) is list else value
+    return any(type(f.get(c)) is float for f in facts for c in _FACT_COSTS)
 
 
 def effective(facts: Iterable[Fact]) -> list[Fact]:
@@ -160,7 +180,14 @@ def summarize(logical_id: str, facts: Sequence[Fact], revision: int, emitted_at:
     cost_wasted_usd = cost of every attempt except the one whose outcome is the request's (the final attempt, else
     the last ok one, else for an abandoned request the last one), so waste + cost_final_usd = cost_total_usd exactly.
     """
-    ordered = effective(facts) if len(facts) != 1 else list(facts)
+    if len(facts) == 1:
+        return _summarize_one(logical_id, facts[0], revision, emitted_at, sign)
+    return _summarize_many(logical_id, facts, revision, emitted_at, sign)
+
+
+def _summarize_many(logical_id: str, facts: Sequence[Fact], revision: int, emitted_at: datetime,
+                    sign: int) -> dict[str, Any]:
+    ordered = effective(facts)
     if not ordered:
         raise ValueError(f"logical request {logical_id} has no attempts")
     answer, final_status, closed_by = _answer(ordered)
@@ -218,9 +245,48 @@ def summarize(logical_id: str, facts: Sequence[Fact], revision: int, emitted_at:
     return row
 
 
+def _summarize_one(logical_id: str, f: Fact, revision: int, emitted_at: datetime, sign: int) -> dict[str, Any]:
+    """summarize() of a single attempt (most requests), without the sums, sorts and loops over attempts."""
+    if f["final"]:
+        final_status, closed_by = f["status"], "final"
+    elif f["status"] == "ok":
+        final_status, closed_by = "ok", "settled"
+    else:
+        final_status, closed_by = "abandoned", "inactive"
+    chain = [f["model_requested"] or f["model_actual"]]
+    if f["fallback_from"] and chain[-1] != f["fallback_from"]:
+        chain.append(f["fallback_from"])
+    if chain[-1] != f["model_actual"]:
+        chain.append(f["model_actual"])
+    at = _ts(f["ts_ms"])
+    cut = f["status"] == "terminated"
+    total = from_atto(f["cost_total_usd"])
+    row: dict[str, Any] = {
+        "logical_request_id": logical_id, "revision": revision, "sign": sign, "first_ts": at, "last_ts": at,
+        "emitted_at": emitted_at, "closed_by": closed_by, "attempts": 1, "retries": 0, "fallbacks": 0,
+        "fallback_chain": chain, "requested_model": chain[0], "final_model": f["model_actual"],
+        "final_provider": f["provider"], "final_status": final_status, "final_event_id": f["event_id"],
+        "terminated": cut, "terminated_at_token_n": f["stream_terminated_at_token_n"] if cut else None,
+        "usage_complete": bool(f["usage_reported"]), "pricing_status": f["pricing_status"],
+    }
+    for c in TOKEN_CLASSES:
+        row[c] = f[c]
+    for c in CLASS_COSTS:
+        row[c] = from_atto(f[c])
+    row["cost_total_usd"] = total
+    row["cost_final_usd"] = total
+    row["cost_wasted_usd"] = total - total
+    for c in OWNER_COLUMNS:
+        row[c] = f[c]
+    row["price_card_versions"] = [f["price_card_version"]] if f["price_card_version"] else []
+    row["attempt_event_ids"] = [f["event_id"]]
+    row["attempts_detail"] = dump_facts([f]).decode()
+    return row
+
+
 def facts_of_detail(detail: str) -> list[Fact]:
     """The facts a logical_requests row was computed from (its attempts_detail column)."""
-    facts: list[Fact] = orjson.loads(detail)
+    facts: list[Fact] = load_facts(detail)
     return facts
 
 
@@ -245,7 +311,7 @@ class Entry:
 
     @classmethod
     def load(cls, raw: bytes) -> Entry:
-        facts, revision, emitted_ids, phase, due_ms = orjson.loads(raw)
+        facts, revision, emitted_ids, phase, due_ms = load_facts(raw)
         return cls(facts, revision, emitted_ids, phase, due_ms)
 
     def event_ids(self) -> set[str]:

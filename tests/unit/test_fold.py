@@ -17,6 +17,7 @@ from streams.fold import (
     Entry,
     FoldConfig,
     Folder,
+    _summarize_many,
     apply_writes,
     effective,
     fact_of,
@@ -298,3 +299,33 @@ def test_costs_travel_as_exact_atto_dollars():
     assert from_atto(to_atto(Decimal("12345.678"))) == Decimal("12345.678")
     with pytest.raises(ValueError, match="more than 18 decimal places"):
         to_atto(Decimal("1E-19"))
+
+
+@given(final=st.booleans(), status=st.sampled_from(["ok", "error", "terminated", "timeout"]),
+       model=st.sampled_from(["gpt-4.1-mini", "gpt-4.1"]), requested=st.sampled_from(["", "gpt-4.1", "o3"]),
+       fallback_from=st.sampled_from(["", "o3", "gpt-4.1-mini"]), usage=st.booleans(),
+       token_n=st.one_of(st.none(), st.integers(0, 10_000)),
+       pricing=st.sampled_from(["priced", "partial", "estimated", "unpriced", "no_usage"]),
+       cost=st.decimals(0, 1000, places=18), card=st.sampled_from(["", "openai-2026-06"]),
+       sign=st.sampled_from([1, -1]))
+def test_a_single_attempt_summarizes_as_the_general_path_does(final, status, model, requested, fallback_from, usage,
+                                                              token_n, pricing, cost, card, sign):
+    r = row("L1", final=final, status=status, model=model, model_requested=requested, fallback_from=fallback_from,
+            usage_reported=usage, token_n=token_n, pricing_status=pricing, cost=cost)
+    r["price_card_version"] = card
+    f = fact_of(r)
+    assert summarize("L1", [f], 3, NOW, sign=sign) == _summarize_many("L1", [f], 3, NOW, sign)
+
+
+def test_an_attempt_of_more_than_18_dollars_folds_and_its_state_reads_back_exactly():
+    """Atto-dollars of $18.45 or more are beyond 64 bits, which orjson refuses to write and reads as a float."""
+    big = Decimal("150.123456789012345678")
+    run = Run()
+    assert run.fold(row("BIG", status="error", cost=big, ts_ms=T0)) == []  # open: its entry holds the fact
+    entry = Entry.load(run.state[b"BIG"])
+    assert entry.facts[0]["cost_total_usd"] == to_atto(big) and type(entry.facts[0]["cost_total_usd"]) is int
+    [emitted] = run.fold(row("BIG", attempt=1, final=True, cost=Decimal("20"), ts_ms=T0 + 5))
+    assert emitted["cost_total_usd"] == big + 20 and emitted["cost_wasted_usd"] == big
+    assert sum(f["cost_total_usd"] for f in facts_of_detail(emitted["attempts_detail"])) == to_atto(big + 20)
+    [single] = run.fold(row("ONE", final=True, cost=big, ts_ms=T0))
+    assert facts_of_detail(single["attempts_detail"])[0]["cost_total_usd"] == to_atto(big)
