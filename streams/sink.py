@@ -719,7 +719,9 @@ class RequestWriter:
         as_came = [i for i in range(len(lids)) if days[i] is not None and origins[i] not in journaled
                    and counts[lids[i]] == 1 and lids[i] not in found]
         taken = set(as_came)
-        decided = self.decide([batch[i] for i in range(len(lids)) if i not in taken], journaled, found)
+        # A row of a journaled message is replaced by its journal: decide reads only its origin.
+        decided = self.decide([{"origin": origins[i]} if origins[i] in journaled else batch[i]
+                               for i in range(len(lids)) if i not in taken], journaled, found)
         self.stats.batches += 1
         # Cuts as make_pieces makes them: (origin, sorted UTC days of the group); a group is a request's rows of
         # one message (a cancel row and its revision), a row that goes as it came is a group alone.
