@@ -736,10 +736,16 @@ class RequestWriter:
             cuts.setdefault(cut, ([], []))[1].append(tuple(group))
         pieces = [self._piece(origin, cut_days, positions, dict_groups, batch, arrow_parts)
                   for (origin, cut_days), (positions, dict_groups) in sorted(cuts.items())]
+        came: dict[str, list[int]] = {o: [] for o in messages if o not in journaled}
+        made: dict[str, list[dict[str, Any]]] = {o: [] for o in came}
+        for i in as_came:
+            came[origins[i]].append(i)
+        for r in decided:
+            if r.get("origin") in made:
+                made[r["origin"]].append(r)
         fresh: dict[str, pa.Table] = {}
-        for origin in dict.fromkeys(o for o in origins if o and o not in journaled):
-            tables = [_take(arrow_parts, [i for i in as_came if origins[i] == origin])]
-            tables.append(rows_table([r for r in decided if r.get("origin") == origin], REQUEST_SCHEMA))
+        for origin, positions in came.items():
+            tables = [_take(arrow_parts, positions), rows_table(made[origin], REQUEST_SCHEMA)]
             fresh[origin] = pa.concat_tables([t for t in tables if t is not None])
         return Plan(pieces, prepare=functools.partial(self.journal, fresh) if fresh else None)
 
