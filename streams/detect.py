@@ -25,6 +25,13 @@ REQUESTS, COST, INPUT, OUTPUT, REASONING, RETRIES, FALLBACKS = range(7)
 _WIDTH = 7
 DIMENSIONS: tuple[str, ...] = ("model", "tenant", "endpoint", "deploy_version")
 _DIM_FIELD = {"model": "final_model", "tenant": "tenant_id", "endpoint": "endpoint", "deploy_version": "deploy_version"}
+# The logical_requests columns the detectors read (Detector.observe, request_vector); the detect role decodes only
+# these from an Arrow requests message (tests/unit/test_detect.py feeds rows that hold nothing else).
+DETECT_COLUMNS: tuple[str, ...] = (
+    "logical_request_id", "revision", "sign", "feature_id", "last_ts", "team_id", *_DIM_FIELD.values(),
+    "cost_total_usd", "input_tokens", "cache_read_tokens", "cache_write_tokens", "cache_write_1h_tokens",
+    "output_tokens", "reasoning_tokens", "retries", "fallbacks",
+)
 _MAX_DIM_VALUES = 64  # per feature and dimension; the quietest value is forgotten beyond this
 _MAX_COSTS = 2000
 _ALONE = 0.9  # a model serving this share of a feature's requests needs no feature × model detectors of its own

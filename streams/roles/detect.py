@@ -10,7 +10,7 @@ from typing import Any
 import faust
 import orjson
 
-from streams.detect import DetectConfig, Detector
+from streams.detect import DETECT_COLUMNS, DetectConfig, Detector
 from streams.positions import encode_offset, is_meta_key, last_offsets, position_key, positions_in_state, watermarks_key
 from streams.records import encode_record
 from streams.roles.context import (
@@ -93,7 +93,9 @@ def wire_detect(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
         await asyncio.gather(*sent)
         stats.anomaly_alerts += len(alerts)
         if force_snapshot or time.time() - last_snapshot[0] >= settings.detect_snapshot_s:
-            snapshots = detector.take_dirty()
+            # Pickling and compressing the changed features is CPU work: on the detectors' thread (callers hold
+            # detect_lock, so no batch is observed meanwhile), not on the event loop.
+            snapshots = await asyncio.get_running_loop().run_in_executor(cpu, detector.take_dirty)
             for fid, blob in snapshots.items():
                 detect_table[fid.encode()] = blob
             for r, offset in detect_done.items():
@@ -108,7 +110,7 @@ def wire_detect(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
         """A requests message's rows: NDJSON decoded, or an Arrow message's columns the detectors read."""
         if is_arrow(value):
             table = decode_message(value or b"", REQUEST_SCHEMA, "llm.cost.requests.v1")
-            return table_rows(table.drop_columns(["attempts_detail", "attempt_event_ids", "price_card_versions"]))
+            return table_rows(table.select(list(DETECT_COLUMNS)))
         return [orjson.loads(line) for line in (value or b"").split(b"\n") if line]
 
     def observe(batch: Batch) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from streams.detect import Baseline, DetectConfig, Detector, Window, dump_state, load_state
+from streams.detect import DETECT_COLUMNS, Baseline, DetectConfig, Detector, Window, dump_state, load_state
 from tests.bench.detect import ZScoreBaseline
 from tests.factories import request_row
 
@@ -450,3 +450,28 @@ def test_a_request_re_emitted_after_its_window_closed_is_counted_once() -> None:
     tested = d.features["summarize_email_v2"].seq["input_per_request"]
     assert tested.n == once.features["summarize_email_v2"].seq["input_per_request"].n == len(rows)
     assert tested.mean == once.features["summarize_email_v2"].seq["input_per_request"].mean
+
+
+class OnlyDetectColumns(dict):  # type: ignore[type-arg]
+    """A request row that fails any read of a column outside DETECT_COLUMNS (the detect role decodes no others)."""
+
+    def __getitem__(self, key: str) -> Any:
+        assert key in DETECT_COLUMNS, f"the detectors read {key!r}, which DETECT_COLUMNS does not name"
+        return super().__getitem__(key)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        assert key in DETECT_COLUMNS, f"the detectors read {key!r}, which DETECT_COLUMNS does not name"
+        return super().get(key, default)
+
+
+def test_the_detectors_read_only_the_columns_the_detect_role_decodes() -> None:
+    def restricted(shape: Shape) -> Shape:
+        def make(rng: random.Random, ts: datetime, i: int) -> dict[str, Any]:
+            return OnlyDetectColumns({k: v for k, v in shape(rng, ts, i).items() if k in DETECT_COLUMNS})
+        return make
+
+    full, narrow = Detector(CONFIG), Detector(CONFIG)
+    expected = feed(full, stream(60)) + feed(full, stream(10, shape=storm, start=T0 + timedelta(minutes=60)))
+    got = feed(narrow, stream(60, shape=restricted(normal)))
+    got += feed(narrow, stream(10, shape=restricted(storm), start=T0 + timedelta(minutes=60)))
+    assert expected and got == expected
