@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from itertools import accumulate, chain
-from operator import itemgetter
 from typing import Any, overload
 
 import orjson
@@ -191,17 +190,12 @@ def rows_table(rows: Sequence[dict[str, Any]], schema: pa.Schema = ATTEMPT_SCHEM
     """Rows as the stages hold them (Decimal money, aware datetimes, dicts, lists) as one table of `schema`.
 
     Money goes in as decimal128(38, 18), refused (ArrowInvalid) if a digit would be lost; times are floored to the
-    millisecond, as ClickHouse's DateTime64(3) stores them. The rows are transposed in C (itemgetter, zip).
+    millisecond, as ClickHouse's DateTime64(3) stores them. The dicts are read in C, as one struct array: an attempt
+    row 10.6 -> 8.5 µs, a request row 9.0 -> 5.9 µs against a column at a time (one-off, 20,000 bench events, best
+    of 3). Keys beyond the schema's are ignored; a missing key is a null, as a None is: the sink refuses a message
+    with a null where its column cannot hold one (decode_message), as it always did.
     """
-    names = schema.names
-    columns = list(zip(*map(itemgetter(*names), rows), strict=True)) if rows else [() for _ in names]
-    arrays = []
-    for f, values in zip(schema, columns, strict=True):
-        if pa.types.is_timestamp(f.type):
-            arrays.append(pc.cast(pa.array(values, _TIME_US), TIME, safe=False))
-        else:
-            arrays.append(pa.array(values, f.type))
-    return pa.Table.from_arrays(arrays, schema=schema)
+    return pa.Table.from_struct_array(pa.array(rows, type=pa.struct(list(schema))))
 
 
 def ipc_stream(table: pa.Table) -> bytes:
