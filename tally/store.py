@@ -85,7 +85,7 @@ def string_array(values: Sequence[str]) -> str:
     """A ClickHouse Array(String) literal of `values`, to write into a query's text.
 
     The lookups of the sink pass thousands of ids a batch; clickhouse-connect's parameter binding escapes them
-    character by character in Python (~7 µs an id, tests/bench stages), this joins them in C and escapes only a
+    character by character in Python (~7 µs an id under cProfile, one-off), this joins them in C and escapes only a
     value that needs it. The literal holds no brace, so it never reads as a placeholder.
     """
     if not values:
