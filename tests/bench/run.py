@@ -13,6 +13,7 @@ import os
 import platform
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +36,7 @@ from tests.conftest import free_ports
 
 TARGET_BATCH_RATE = 50_000
 TARGET_SINGLE_RATIO = 0.8
+TARGET_STATE_RSS_MIB = 1024  # a worker with 1,000,000 open logical requests and 10,000 features' detectors
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -60,6 +62,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sample-every", type=int, default=200)
     p.add_argument("--profile", type=int, default=0, metavar="SECONDS",
                    help="py-spy the worker (sink worker when split) for this long in each pipeline run")
+    p.add_argument("--state-open-requests", type=int, default=1_000_000,
+                   help="stages: open logical requests in the worker-state memory measurement")
+    p.add_argument("--state-features", type=int, default=10_000,
+                   help="stages: features' detectors in the worker-state memory measurement")
     p.add_argument("--eos-sizes", default="1,100,1000,10000",
                    help="eos: input events per batch, comma-separated (one run of both protocols per size)")
     p.add_argument("--eos-seconds", type=float, default=6.0,
@@ -96,6 +102,15 @@ def _step(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
             print(f"   py-spy, {role} worker:\n{profile.render(summary)}", flush=True)
     results[name] = value
     return value
+
+
+def _state_memory(open_requests: int, features: int) -> dict[str, Any]:
+    """tests.bench.state_memory in a process of its own, so that nothing else this bench holds is counted."""
+    proc = subprocess.run([sys.executable, "-m", "tests.bench.state_memory", "--open-requests", str(open_requests),
+                           "--features", str(features)], capture_output=True, timeout=900, check=True,
+                          cwd=Path(__file__).resolve().parents[2])
+    result: dict[str, Any] = orjson.loads(proc.stdout.splitlines()[-1])
+    return result
 
 
 def _start_kafka(root: Path, partitions: int) -> LocalKafka:
@@ -209,6 +224,14 @@ def _table(results: dict[str, Any]) -> str:
                      f"{_fmt(fm.get('state_bytes_per_request'))} B/request (value "
                      f"{_fmt(fm.get('value_bytes_per_request'))} B); "
                      f"fold {_fmt(fm.get('fold_open_us'))} µs/open request"))
+    sm = results.get("state_memory") or {}
+    if sm and "error" not in sm:
+        peak = sm.get("rss_peak_mib") or 0
+        rows.append((f"6 worker state RSS, {_fmt(sm.get('open_requests'))} open requests + "
+                     f"{_fmt(sm.get('features'))} features' detectors", _fmt(peak, " MiB"),
+                     f"target ≤ {TARGET_STATE_RSS_MIB:,}: {'MET' if peak <= TARGET_STATE_RSS_MIB else 'MISSED'}; "
+                     f"imports {_fmt(sm.get('rss_base_mib'))}, + fold state → {_fmt(sm.get('rss_with_fold_mib'))}, "
+                     f"+ detectors → {_fmt(sm.get('rss_with_detectors_mib'))} MiB (no Faust)"))
     sk = results.get("sink_stages") or {}
     if sk and "error" not in sk:
         lookups = sk.get("lookup_s_by_ids") or {}
@@ -319,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             _step(results, "stages", lambda: stages.measure_stages(pool, args.stage_events, args.partitions))
             _step(results, "sink_stages", lambda: stages.measure_sink(pool, args.stage_events, args.partitions))
             _step(results, "fold_memory", lambda: stages.measure_fold_memory(pool))
+            _step(results, "state_memory", lambda: _state_memory(args.state_open_requests, args.state_features))
         if only - {"stages"}:
             broker = _start_kafka(root, args.partitions)
             print(f"   Kafka at {broker.bootstrap}", flush=True)
