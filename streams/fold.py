@@ -121,8 +121,8 @@ def load_facts(raw: bytes | str) -> Any:
 def _has_float(value: Any) -> bool:
     """Whether a cost of a fact is a float: a list of facts, or an entry ([facts, revision, …], facts packed)."""
     facts = value[0] if value and type(value[0]) is list else value
-    return any(any(type(v) is float for v in f) if type(f) is list  # a packed fact holds no float at all
-               else any(type(f.get(c)) is float for c in _FACT_COSTS) for f in facts)
+    return any(any(type(f[i]) is float for i in _COST_AT) if type(f) is list and len(f) == len(_FACT_KEYS)
+               else type(f) is dict and any(type(f.get(c)) is float for c in _FACT_COSTS) for f in facts)
 
 
 # The fold state holds a fact as the list of its values in this order: its keys are written here once, not in
@@ -131,6 +131,7 @@ def _has_float(value: Any) -> bool:
 # length: an entry packed before it is refused by _unpack rather than read into the wrong keys.
 _FACT_KEYS: tuple[str, ...] = (*_FACT_FIELDS, "ts_ms", *_FACT_COSTS)
 _FACT_KEY_SET = frozenset(_FACT_KEYS)
+_COST_AT: tuple[int, ...] = tuple(_FACT_KEYS.index(c) for c in _FACT_COSTS)
 
 
 def _pack(fact: Fact) -> Fact | list[Any]:

@@ -249,19 +249,21 @@ def decode_attempt_message(value: bytes) -> pa.Table:
     return decode_message(value, ATTEMPT_SCHEMA, "llm.cost.attempts.v1")
 
 
-def ipc_part(value: bytes, source: Source, origin: str) -> ArrowPart:
-    """One Arrow attempts message as a part of the sink's batch (its table plus the origin column)."""
-    table = decode_attempt_message(value).combine_chunks()
+def _message_part(table: pa.Table, source: Source, origin: str) -> ArrowPart:
+    """A decoded Arrow message as a part of a sink batch: its table plus the origin column."""
+    table = table.combine_chunks()
     table = table.append_column(_PART_SCHEMA.field("origin"), pa.array([origin] * table.num_rows, pa.string()))
     return ArrowPart(table, [], source, origin)
 
 
+def ipc_part(value: bytes, source: Source, origin: str) -> ArrowPart:
+    """One Arrow attempts message as a part of the sink's batch (its table plus the origin column)."""
+    return _message_part(decode_attempt_message(value), source, origin)
+
+
 def request_part(value: bytes, source: Source, origin: str) -> ArrowPart:
     """One Arrow logical-requests message as a part of the request sink's batch (its table plus the origin column)."""
-    table = decode_message(value, REQUEST_SCHEMA, "llm.cost.requests.v1").combine_chunks()
-    table = table.append_column(pa.field("origin", pa.string(), nullable=False),
-                                pa.array([origin] * table.num_rows, pa.string()))
-    return ArrowPart(table, [], source, origin)
+    return _message_part(decode_message(value, REQUEST_SCHEMA, "llm.cost.requests.v1"), source, origin)
 
 
 def plain_decimal(value: Decimal) -> Decimal:

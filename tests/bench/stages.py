@@ -315,26 +315,39 @@ def _decoded(lines_by_partition: dict[int, list[bytes]], shape: RowShape) -> tup
     return rows, sum(map(len, values)), time.perf_counter() - t0
 
 
+def priced_rows(pool: EventPool, partitions: int, now: datetime, events: int = 2000) -> list[dict[str, Any]]:
+    """The first `events` pool events validated, enriched and priced: attempt rows as the fold receives them."""
+    validator = Validator()
+    accepted = [a for v, s in _messages(pool, events, partitions)
+                for a in validator.validate_message(v, s, partitions, now=now)[0]]
+    rows, _ = enrich(accepted, snapshot_of(reference_docs()), now)
+    return rows
+
+
+def open_request_rows(template: list[dict[str, Any]], start: int, stop: int, partitions: int
+                      ) -> list[dict[str, Any]]:
+    """Requests `start`..`stop` that stay open: one non-final attempt each, copied from the priced `template`."""
+    rows = []
+    for n in range(start, stop):
+        r = dict(template[n % len(template)])
+        lid = f"open-{n:07d}-{r['logical_request_id']}"
+        r.update(logical_request_id=lid, event_id=f"ev-open-{n}", final=False,
+                 source_partition=partition_for(lid, partitions))
+        rows.append(r)
+    return rows
+
+
 def measure_fold_memory(pool: EventPool, in_flight: int = 100_000, batch: int = 10_000) -> dict[str, Any]:
     """Memory held by `in_flight` open logical requests: the fold state (the bytes a Faust memory store keeps per
     key, here a dict) plus the folder's heaps, measured with tracemalloc; and the fold's cost per open request.
 
     Each request is one non-final attempt, priced from a pool event (real tags and sizes), so it stays open.
     """
-    refs = snapshot_of(reference_docs())
     now = datetime.now(UTC)
-    validator = Validator()
-    accepted = [a for v, s in _messages(pool, 2000, 4) for a in validator.validate_message(v, s, 4, now=now)[0]]
-    template, _ = enrich(accepted, refs, now)
     partitions = 4
+    template = priced_rows(pool, partitions, now)
     folder, state = Folder(FoldConfig(), partitions), {}
-    rows = []
-    for n in range(in_flight):
-        r = dict(template[n % len(template)])
-        lid = f"open-{n:07d}-{r['logical_request_id']}"
-        r.update(logical_request_id=lid, event_id=f"ev-open-{n}", final=False,
-                 source_partition=partition_for(lid, partitions))
-        rows.append(r)
+    rows = open_request_rows(template, 0, in_flight, partitions)
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     t0 = time.perf_counter()

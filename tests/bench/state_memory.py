@@ -20,13 +20,9 @@ from typing import Any
 import orjson
 
 from streams.detect import DetectConfig, Detector
-from streams.enrich import enrich
 from streams.fold import FoldConfig, Folder, apply_writes
-from streams.validate import Validator
-from tally.partitioning import partition_for
-from tally.reference import snapshot_of
-from tests.bench.common import EventPool, reference_docs
-from tests.bench.stages import _messages
+from tests.bench.common import EventPool
+from tests.bench.stages import open_request_rows, priced_rows
 from tests.factories import request_row
 
 
@@ -41,21 +37,12 @@ def _rss_mib(field: str = "VmRSS") -> float:
 def measure(open_requests: int, features: int, batch: int = 10_000, partitions: int = 4) -> dict[str, Any]:
     """The figures of the module's docstring, as a dict."""
     now = datetime.now(UTC)
-    validator = Validator()
-    accepted = [a for v, s in _messages(EventPool(2000, partitions), 2000, partitions)
-                for a in validator.validate_message(v, s, partitions, now=now)[0]]
-    template, _ = enrich(accepted, snapshot_of(reference_docs()), now)
+    template = priced_rows(EventPool(2000, partitions), partitions, now)
     base = _rss_mib()
     folder, state = Folder(FoldConfig(), partitions), {}
     t0 = time.perf_counter()
     for start in range(0, open_requests, batch):
-        rows = []
-        for n in range(start, min(open_requests, start + batch)):
-            r = dict(template[n % len(template)])
-            lid = f"open-{n:07d}-{r['logical_request_id']}"
-            r.update(logical_request_id=lid, event_id=f"ev-open-{n}", final=False,
-                     source_partition=partition_for(lid, partitions))
-            rows.append(r)
+        rows = open_request_rows(template, start, min(open_requests, start + batch), partitions)
         res = folder.fold(rows, state, time.time(), now)
         apply_writes(state, res.writes)
     fold_s = time.perf_counter() - t0
