@@ -3,7 +3,7 @@
 import asyncio
 import itertools
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 
 import orjson
@@ -33,12 +33,12 @@ from tally.config import load_settings
 from tally.partitioning import partition_for
 from tally.reference import snapshot_of
 from tally.store import Store
-from tests.factories import attempt_row_factory, event_factory, in_message
+from tests.factories import attempt_row_factory, clock, event_factory, in_message
 
 pytestmark = pytest.mark.integration
 OFFSETS = itertools.count()  # each sink input message of these tests at its own offset
 
-NOW = datetime.now(UTC)  # the one clock: every date below, and verify's retention windows, derive from it
+NOW = clock()  # the one clock: every date below, and verify's retention windows, derive from it
 GRAINS = ("minute", "hour", "day")
 
 

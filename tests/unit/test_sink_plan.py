@@ -2,7 +2,7 @@
 
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from decimal import Decimal
 
 import orjson
@@ -24,9 +24,9 @@ from streams.sink import (
 )
 from tally.errors import SinkGaveUp, SinkRefused, StoreError
 from tally.store import QueryResult, Saved
-from tests.factories import attempt_row_factory, event_factory, in_message
+from tests.factories import attempt_row_factory, clock, event_factory, in_message
 
-NOW = datetime.now(UTC)
+NOW = clock()
 
 
 class FakeStore:
