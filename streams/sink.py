@@ -369,10 +369,20 @@ def run_plan(writer: Writer, rows: Sequence[dict[str, Any]]) -> int:
     return sum(p.size for p in plan.pieces)
 
 
-def _insert(writer: Writer, store: Store, piece: Piece, columns: Sequence[str]) -> None:
+def _insert(writer: Writer, store: Store, piece: Piece, columns: Sequence[str], schema: pa.Schema | None = None
+            ) -> None:
+    """Insert one piece. With `schema`, every piece goes in one form: an Arrow table of it (Store.insert_arrow).
+
+    ClickHouse derives a block's deduplication id from the insert's token *and* how the insert was chunked: the
+    same token sent once as one Arrow batch and once as clickhouse-connect's Native blocks is two blocks, both
+    kept. A replay re-sends a piece in the form a journal or another path gives it (a columnar piece of a message
+    comes back as dict rows from request_plans), so the writers whose replays must be absorbed pass their schema.
+    """
     started = time.perf_counter()
     if piece.data is not None:
         store.insert_arrow(piece.table, piece.data, piece.token)
+    elif schema is not None:
+        store.insert_arrow(piece.table, rows_table(piece.rows, schema), piece.token)
     else:
         rows = piece.rows
         store.insert_columns(piece.table, [[r[c] for r in rows] for c in columns], columns, piece.token)
@@ -540,7 +550,7 @@ class SinkWriter:
 
     def insert(self, piece: Piece) -> None:
         """Step 5 for one piece. Runs in the sink's executor thread."""
-        _insert(self, self.store, piece, SINK_COLUMNS)
+        _insert(self, self.store, piece, SINK_COLUMNS, SINK_SCHEMA)
 
     def landed(self, piece: Piece) -> int:
         """How many of the piece's rows usage_events holds (through event_ids)."""
@@ -777,7 +787,7 @@ class RequestWriter:
 
     def insert(self, piece: Piece) -> None:
         """Step 4 for one piece. Runs in the sink's executor thread."""
-        _insert(self, self.store, piece, REQUEST_COLUMNS)
+        _insert(self, self.store, piece, REQUEST_COLUMNS, REQUEST_SCHEMA)
 
     def landed(self, piece: Piece) -> int:
         """How many of the piece's rows logical_requests holds."""

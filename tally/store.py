@@ -307,9 +307,11 @@ class Store:
     def insert_arrow(self, table: str, data: pa.Table, token: str) -> None:
         """insert_columns for an Arrow table: the same deterministic token and settings, one INSERT … FORMAT Arrow.
 
-        Columns go by name, of the table's types: decimal128 for the Decimal columns, never a float.
+        Columns go by name, of the table's types: decimal128 for the Decimal columns, never a float. The table
+        goes as one record batch: ClickHouse's deduplication id of a block depends on the token and on the chunks
+        the insert arrived in, so the same rows re-sent under the same token must arrive chunked the same way.
         """
-        self.client.insert_arrow(f"{self.db}.{table}", data, settings=_INSERT_SETTINGS | {
+        self.client.insert_arrow(f"{self.db}.{table}", data.combine_chunks(), settings=_INSERT_SETTINGS | {
             "insert_deduplication_token": token})
 
     def record_offsets(self, consumer: str, topic: str, offsets: dict[int, int]) -> None:

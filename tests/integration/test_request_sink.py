@@ -121,3 +121,27 @@ def test_a_journal_reads_back_the_same_rows_in_arrow_and_in_the_ndjson_of_earlie
     # Arrow holds times to the millisecond, as logical_requests' DateTime64(3) does
     to_ms = {c: (lambda t: t.replace(microsecond=t.microsecond // 1000 * 1000)) for c in REQUEST_TIME_COLUMNS}
     assert journal_rows(arrow) == [{c: to_ms[c](v) if c in to_ms else v for c, v in r.items()} for r in plain]
+
+
+def test_a_replay_of_a_large_message_after_its_pieces_landed_counts_each_request_once(store, now):
+    """The kill -9 case: a message's rows landed as one Arrow piece, its position was not stored, it is replayed.
+
+    The replay re-sends the journaled rows (dict rows) under the piece's token. ClickHouse's block id depends on
+    the token and on the insert's chunking, and clickhouse-connect cuts a Native insert into ~2 MB blocks: before
+    every piece went as one Arrow batch, a message of some thousands of requests was inserted a second time.
+    """
+    t0 = int((now - timedelta(hours=1)).timestamp() * 1000)
+    folder = Folder(FoldConfig(), 1)
+    attempts = [row(f"big-{i:05d}", final=True, cost=Decimal("0.001"), ts_ms=t0 + i) for i in range(6_000)]
+    emitted = folder.fold(attempts, {}, t0 / 1000 + 60, now).emitted
+    assert len(emitted) == 6_000
+    batch = as_arrow_messages(emitted)
+    assert len(batch.parts) == 1  # one message, inserted as it came: a columnar piece
+    assert RequestWriter(store).write(batch) == 6_000
+    again = RequestWriter(store)  # the restarted worker: the same message, now journaled
+    assert again.write(batch) == 6_000
+    assert again.stats.resent == 6_000
+    got = store.query("SELECT count(), sum(sign), uniqExact(logical_request_id) FROM {db}.logical_requests").rows[0]
+    assert got == (6_000, 6_000, 6_000)
+    minute = store.query("SELECT sum(requests) FROM {db}.rollup_minute").rows[0][0]
+    assert minute == 6_000  # the view targets absorbed the replay too

@@ -96,19 +96,19 @@ def test_a_view_failure_mid_insert_is_repaired_by_resending_the_same_piece(store
     gen = TrafficGenerator(catalog_from_reference(docs), seed=31, bad_rate=0.0, start=NOW - timedelta(hours=3))
     attempts, requests = pipeline_batch([e for _ in range(300) for e in gen.logical_request()], docs)
     arm_failpoint(store)
-    real_insert, seen = store.insert_columns, []
+    real_insert, seen = store.insert_arrow, []
 
-    def insert_then_disarm(table, columns, names, token):
+    def insert_then_disarm(table, data, token):
         try:
-            real_insert(table, columns, names, token)
+            real_insert(table, data, token)
         except Exception as exc:
             # The source and event_ids took the block, a view refused it: the grains disagree now.
             ids = store.query("SELECT count() FROM {db}.event_ids").rows[0][0]
-            seen.append((table, str(exc), ids - len(columns[0]), [grain_totals(store, g) for g in GRAINS]))
+            seen.append((table, str(exc), ids - data.num_rows, [grain_totals(store, g) for g in GRAINS]))
             store.command("TRUNCATE TABLE {db}.failpoint")  # the cause goes away; the retry must fill the view
             raise
 
-    store.insert_columns = insert_then_disarm
+    store.insert_arrow = insert_then_disarm
     attempt_writer, request_writer = SinkWriter(store), RequestWriter(store)
     assert write(attempt_writer, attempts).inserted == len(attempts)
     store.command("INSERT INTO {db}.failpoint VALUES (1)")

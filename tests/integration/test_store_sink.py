@@ -70,6 +70,23 @@ def test_same_insert_token_is_absorbed_by_clickhouse(store, docs, now):
     assert ids == len(rows)  # the view target deduplicated too
 
 
+def test_the_same_token_is_absorbed_whatever_chunks_the_table_arrives_in(store, docs, now):
+    """ClickHouse's block id depends on the token and the insert's chunks: Store.insert_arrow sends one batch."""
+    import pyarrow as pa
+
+    from streams.sink_columns import SINK_SCHEMA, rows_table
+
+    rows = [{**r, "content_hash": "h"} for r in priced_rows(docs, now, 60)]
+    whole = rows_table(rows, SINK_SCHEMA)
+    pieces = pa.concat_tables([whole.slice(0, 20), whole.slice(20, 25), whole.slice(45)])
+    assert whole.column(0).num_chunks == 1 and pieces.column(0).num_chunks == 3
+    token = insert_token("usage_events", (r["event_id"] for r in rows))
+    store.insert_arrow("usage_events", pieces, token)
+    store.insert_arrow("usage_events", whole, token)  # the replay, chunked otherwise
+    assert totals(store)[0] == len(rows)
+    assert store.query("SELECT sum(attempts) FROM {db}.rollup_minute").rows[0][0] == len(rows)
+
+
 def test_money_is_exact_in_clickhouse(store, docs, now):
     rows = priced_rows(docs, now, 200)
     SinkWriter(store).write(rows)

@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -28,6 +29,7 @@ from streams.fold import (
     to_atto,
 )
 from streams.sink import RequestWriter
+from streams.sink_columns import table_rows
 from tally.partitioning import partition_for
 from tests.factories import attempt_row_factory as row
 
@@ -76,6 +78,9 @@ class MemoryHeads:
 
     def insert_columns(self, table: str, columns: list[list[Any]], names: tuple[str, ...], token: str) -> None:
         self.rows.extend(dict(zip(names, values, strict=True)) for values in zip(*columns, strict=True))
+
+    def insert_arrow(self, table: str, data: pa.Table, token: str) -> None:
+        self.rows.extend(table_rows(data))
 
     def current(self) -> dict[str, dict[str, Any]]:
         """Per logical request: sum(sign) and sum(sign * column), as a query over logical_requests computes them."""

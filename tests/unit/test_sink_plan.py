@@ -6,6 +6,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import orjson
+import pyarrow as pa
 import pytest
 
 from streams.records import Source
@@ -54,6 +55,10 @@ class FakeStore:
             for eid, digest, origin in zip(data["event_id"], data["content_hash"], data["origin"], strict=True):
                 self.saved.setdefault(eid, Saved(digest, origin))  # type: ignore[arg-type]
         self.inserts.append((table, len(columns[0]), token))
+
+    def insert_arrow(self, table: str, data: pa.Table, token: str) -> None:
+        self.insert_columns(table, [data.column(n).to_pylist() for n in data.column_names], tuple(data.column_names),
+                            token)
 
 
 def rows_over_days(n: int, live: int = 0) -> list[dict[str, object]]:
