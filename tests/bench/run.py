@@ -239,7 +239,7 @@ def _table(results: dict[str, Any]) -> str:
             ("1 sink decode, row path (dicts)", _fmt(sk.get("decode_us"), " µs/row"),
              f"attempt lines {_fmt(sk.get('attempt_line_bytes'))} B"),
             (f"1 sink write, row path ({_fmt(sk.get('write_batch_rows'))}-row batches)",
-             _fmt(sk.get("write_us"), " µs/row"), "plan + insert_columns (chDB)"),
+             _fmt(sk.get("write_us"), " µs/row"), "plan + dicts to Arrow + insert (chDB)"),
             ("1 sink decode, columnar (Arrow)", _fmt(sk.get("columnar_decode_us"), " µs/row"),
              f"{_ratio(sk.get('columnar_decode_us'), sk.get('decode_us'))} of the row path; fast path took "
              f"{_fmt(sk.get('columnar_fast_share'))} of messages"),

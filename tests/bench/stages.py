@@ -116,10 +116,10 @@ def measure_sink(pool: EventPool, count: int, partitions: int, batch_rows: int =
     """The sink's per-row cost in process (embedded chDB in a temporary directory, no Kafka), both paths.
 
     The process stage's attempt rows in 400-line messages, in batches of about `batch_rows` rows; each batch is
-    decoded and written by the row path (decode_batch(columnar=False): dicts with Decimal costs, insert_columns)
-    and then by the columnar path (Arrow tables, insert_arrow), into two databases of one chDB, so both see the
-    same load. Logical-request rows (row path only); then the already-saved lookup alone for batches of fresh ids
-    of each size in `lookup_sizes` against the rows just written (what every sink batch pays first).
+    decoded and written by the row path (decode_batch(columnar=False): dicts with Decimal costs, made Arrow at
+    the insert) and then by the columnar path (Arrow tables, insert_arrow), into two databases of one chDB, so both
+    see the same load. Logical-request rows (row path only); then the already-saved lookup alone for batches of
+    fresh ids of each size in `lookup_sizes` against the rows just written (what every sink batch pays first).
     """
     messages = _messages(pool, count, partitions)
     out = process_messages(messages, Validator(), snapshot_of(reference_docs()), partitions, datetime.now(UTC),
