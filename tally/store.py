@@ -117,6 +117,7 @@ class Store:
         self._api_clients: queue.SimpleQueue[Client] = queue.SimpleQueue()
         self._api_opened: list[Client] = []
         self._outage = Path(settings.store_outage_flag) if settings.store_outage_flag else None  # tests only
+        self._lanes: list[Store] = []
 
     @property
     def embedded(self) -> bool:
@@ -178,6 +179,20 @@ class Store:
             self._lock_file.close()
             self._lock_file = None
 
+    def lane(self) -> Store:
+        """Another connection to the same database, for a second sink thread; closed with this store.
+
+        Each connection is used from one thread at a time; chDB runs statements of different connections side by
+        side, so the logical-request sink's inserts do not queue behind the attempts sink's (see streams.roles.sink).
+        An injected outage (store_outage_flag) fails it as it fails this store.
+        """
+        lane = Store(self.settings)
+        if self.embedded:
+            self.client  # noqa: B018 - this store's connection opens the engine (and takes the lock) first
+            lane._client = get_chdb_client(urlparse(self.url).path)
+        self._lanes.append(lane)
+        return lane
+
     def _api_client(self) -> Client:
         """A connection for API queries: the API's limits and readonly = 1 are its session settings."""
         try:
@@ -231,6 +246,8 @@ class Store:
 
     def close(self) -> None:
         """Close the clients and release the chDB directory."""
+        while self._lanes:
+            self._lanes.pop().close()
         while self._api_opened:
             self._api_opened.pop().close()
         self._api_clients = queue.SimpleQueue()

@@ -57,20 +57,30 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
     if ctx.store is None:
         raise ValueError("the sink role needs a Store")
     writer = SinkWriter(ctx.store)
-    request_writer = RequestWriter(ctx.store, SinkStats())
     anomaly_writer = AnomalyWriter(ctx.store, SinkStats())
-    # One thread owns the ClickHouse client: inserts and API queries are serialized on it, and the event loop
-    # (Faust's consumer) keeps running while an insert is in flight.
+    # One thread owns the ClickHouse client: the attempts and anomalies sinks' statements (and the budget reads) are
+    # serialized on it, and the event loop (Faust's consumer) keeps running while an insert is in flight.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
     ctx.clickhouse = executor
+    # The logical-request sink has a lane of its own (a connection and a thread): its inserts, as costly as the
+    # attempts' (the views they feed), run beside them instead of after them.
+    request_store = ctx.store.lane()
+    request_writer = RequestWriter(request_store, SinkStats())
+    request_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-requests")
+    lanes = {topics.requests: (request_store, request_executor)}
+
+    def lane_of(topic: str) -> tuple[Store, ThreadPoolExecutor]:
+        return lanes.get(topic, (ctx.store, executor))  # type: ignore[arg-type]
 
     # The sink's input positions live in ClickHouse (sink_offsets), under one name whatever the role.
     sink_consumer = settings.group_id("sink")
 
     def sink_positions(topic: str) -> StoredPositions:
+        store, thread = lane_of(topic)
+
         async def read() -> dict[int, int]:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(executor, writer.store.stored_offsets, sink_consumer, topic)
+            return await loop.run_in_executor(thread, store.stored_offsets, sink_consumer, topic)
         return read
 
     for topic in (topics.attempts, topics.requests, topics.alerts):
@@ -79,18 +89,19 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
     async def sink_run(batch: Batch, topic: str, write: Any, decode: Callable[..., Any], sink_stats: SinkStats,
                        loop: asyncio.AbstractEventLoop) -> None:
         """One run of messages: decoded, written, its refused lines dead-lettered, then its position stored."""
+        store, thread = lane_of(topic)
         # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
-        rows, bad_lines = await loop.run_in_executor(executor, decode, batch)
+        rows, bad_lines = await loop.run_in_executor(thread, decode, batch)
         await ctx.fail_at("sink.after_decode")
-        written = await write_with_retry(write, rows, executor, settings.sink_retry_s, sink_stats)
+        written = await write_with_retry(write, rows, thread, settings.sink_retry_s, sink_stats)
         await ctx.fail_at("sink.after_insert")
         for partition, lines in written.dead_letters().items():
             bad_lines.setdefault(partition, []).extend(lines)
         await asyncio.gather(*await ctx.publish(ctx.dlq_topic, bad_lines))  # delivered before the position
         ctx.stats.events_rejected += sum(len(v) for v in bad_lines.values())
-        await run_with_retry(functools.partial(writer.store.record_offsets, sink_consumer, topic,
+        await run_with_retry(functools.partial(store.record_offsets, sink_consumer, topic,
                                                last_offsets(src for _, src in batch)),
-                             executor, settings.sink_retry_s, sink_stats, f"storing the {topic} position")
+                             thread, settings.sink_retry_s, sink_stats, f"storing the {topic} position")
         if audit.isEnabledFor(logging.DEBUG):
             audit.debug(audit_line(topic, [src for _, src in batch], {
                 "rows": len(rows), "inserted": written.inserted,
