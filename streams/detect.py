@@ -9,6 +9,7 @@ import math
 import pickle
 import statistics
 import zlib
+from array import array
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,7 +44,10 @@ STATE_VERSION = 2  # 2: zlib-compressed pickle (1: plain pickle, before buckets;
 MAX_SNAPSHOT_BYTES = 2 * 1024 * 1024
 
 Kind = Literal["ratio", "rate", "mix", "tenant"]
-Vector = list[float]
+# One window's (or one request's) sums: doubles in a C array, 120 B where a list of floats took ~300 B (a feature
+# holds dozens: the window's totals per dimension value, the learned rates, its pending requests). Snapshots
+# written before hold lists, which read and compute the same.
+Vector = array  # array('d') of _WIDTH doubles
 
 
 @dataclass(frozen=True)
@@ -180,8 +184,11 @@ class DetectConfig:
         return 1.0 - 0.5 ** (1.0 / self.seq_half_life)
 
 
+_ZEROS = array("d", [0.0] * _WIDTH)
+
+
 def _blank() -> Vector:
-    return [0.0] * _WIDTH
+    return array("d", _ZEROS)
 
 
 def request_vector(row: Mapping[str, Any]) -> Vector:
