@@ -76,18 +76,27 @@ def cli(ctx: click.Context, **overrides: Any) -> None:
 @click.option("--rate", type=float, default=300.0, show_default=True, help="Simulated events per second.")
 @click.option("--seed", type=int, default=None, help="Simulator seed (default: time-based).")
 @click.option("--no-simulate", is_flag=True, help="Start the stack without simulated traffic.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Process workers beside the sink, each an OS process [default: the cores less one, at least 1].")
+@click.option("--role", type=click.Choice(ROLES), default=None,
+              help="One worker of this role instead (all: every stage in one process).")
 @pass_ctx
-def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_simulate: bool) -> None:
-    """Run the whole local stack in the foreground: Kafka, worker, traffic simulator, live status. Ctrl-C stops."""
+def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_simulate: bool,
+        workers: int | None, role: str | None) -> None:
+    """Run the whole local stack in the foreground: Kafka, workers, traffic simulator, live status. Ctrl-C stops.
+
+    The sink and the process workers run as separate OS processes (`--workers N`), as in production.
+    """
     from ops import stack
     from ops.kafka_local import LocalKafka
     from tally.dashboard import PAGE_PATH
 
     s = c.settings
     console.print(f"[bold]tally[/] starting the local stack in {s.data_dir}")
-    info = stack.up(s)
+    info = stack.up(s, role, workers)
     console.print(f"  kafka      {s.kafka_bootstrap} ({'started' if info['kafka_started'] else 'already running'})")
-    console.print(f"  worker     pid {info['worker_pid']}, role all, log {info['worker_log']}")
+    for w in info["workers"]:
+        console.print(f"  worker     {w['name']:<10} pid {w['pid']}, log {w['log']}")
     console.print(f"  clickhouse {s.redacted_ch_url()}")
     console.print(f"  dashboard  {s.web_url}{PAGE_PATH}  (live; Grafana dashboards in deploy/grafana/)")
     docs = _load_reference(s, references or _run_reference_files())
@@ -132,33 +141,39 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
         if sim_thread is not None:
             sim_thread.join(timeout=30)
         pager.join(timeout=30)
-        stack.stop_worker(s, "all")
+        stack.stop_workers(s)
         if info["kafka_started"]:
             LocalKafka(s).stop()
         console.print("stopped.")
 
 
 def _status_line(s: Settings, last: tuple[float, int], published: int) -> tuple[str, tuple[float, int]]:
+    """One line of `tally run`'s live status, whatever the layout.
+
+    What has landed in ClickHouse, read through the sink's API, and the process role's own input position (tally's,
+    not a consumer group's).
+    """
     from ops import stack
-    from ops.kafka_admin import committed_offsets, end_offsets, lag
+    from ops.kafka_admin import end_offsets, lag
+    from ops.wait import process_positions
 
     try:
-        st = stack.api(s, "/api/status", timeout=2)
         spend = stack.api(s, "/api/query", {"sql": "SELECT toString(sum(cost_total_usd)), count() "
                                                    "FROM tally.usage_events"}, timeout=5)["rows"][0]
         folded = stack.api(s, "/api/query", {"sql": "SELECT sum(sign), toString(sum(sign * cost_wasted_usd)) "
                                                     "FROM tally.logical_requests"}, timeout=5)["rows"][0]
         ends = end_offsets(s.kafka_bootstrap, s.topics.usage)
-        behind = lag(ends, committed_offsets(s.kafka_bootstrap, s.group_id("all"), s.topics.usage, list(ends)))
+        behind = lag(ends, process_positions(s))
+        dead = sum(end_offsets(s.kafka_bootstrap, s.topics.dlq).values())
     except (OSError, TallyError) as exc:
         return f"[yellow]worker not answering: {exc}[/]", last
     now = time.monotonic()
-    done = int(st["events_accepted"]) + int(st["events_rejected"])
-    rate = (done - last[1]) / max(now - last[0], 1e-6)
-    line = (f"published {published:>9,}  processed {done:>9,}  [bold]{rate:8,.0f} ev/s[/]  lag {behind:>5} msgs  "
-            f"DLQ {st['events_rejected']:>6,}  rows {int(spend[1]):>9,}  spend [bold green]${Decimal(spend[0]):,.4f}[/]"
+    rows = int(spend[1])
+    rate = (rows - last[1]) / max(now - last[0], 1e-6)
+    line = (f"published {published:>9,}  rows {rows:>9,}  [bold]{rate:8,.0f} rows/s[/]  lag {behind:>5} msgs  "
+            f"dead-letter msgs {dead:>5,}  spend [bold green]${Decimal(spend[0]):,.4f}[/]"
             f"  requests {int(folded[0]):>9,}  waste ${Decimal(folded[1]):,.4f}")
-    return line, (now, done)
+    return line, (now, rows)
 
 
 def _page_to_stdout(s: Settings, stop: threading.Event) -> None:
@@ -182,13 +197,19 @@ def _simulate_until(s: Settings, docs: Sequence[Any], rate: float, seed: int | N
 
 
 @cli.command()
-@click.option("--role", type=click.Choice(ROLES), default="all", show_default=True)
+@click.option("--role", type=click.Choice(ROLES), default=None,
+              help="Start one worker of this role instead of the default stack (all: every stage in one process).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Process workers beside the sink [default: the cores less one, at least 1].")
 @pass_ctx
-def up(c: Ctx, role: str) -> None:
-    """Start Kafka, create topics and start a worker, in the background (for scripts)."""
+def up(c: Ctx, role: str | None, workers: int | None) -> None:
+    """Start Kafka, create topics and start the workers in the background (for scripts).
+
+    By default the sink and the process workers run as separate OS processes (`tally status` lists them).
+    """
     from ops import stack
 
-    info = stack.up(c.settings, role)
+    info = stack.up(c.settings, role, workers)
     out.print_json(orjson.dumps(info).decode())
 
 
@@ -214,10 +235,8 @@ def status(c: Ctx) -> None:
     table = Table(title="tally status", show_header=False)
     ks = LocalKafka(s).status()
     table.add_row("kafka", f"{s.kafka_bootstrap}  running={ks.get('running')} pid={ks.get('pid')}")
-    for role in ROLES:
-        pid = stack.worker_pid(s, role)
-        if pid:
-            table.add_row(f"worker {role}", f"pid {pid}  log {stack.log_file(s, role)}")
+    for name, pid in stack.running_workers(s).items():
+        table.add_row(f"worker {name}", f"pid {pid}  log {stack.log_file(s, name)}")
     try:
         for topic, roles in ((s.topics.usage, ("all", "process")), (s.topics.attempts, ("all", "sink")),
                              (s.topics.requests, ("all", "sink"))):

@@ -1,4 +1,4 @@
-"""The local stack: Kafka broker, topics and a worker process, in the foreground (`run`) or background (`up`)."""
+"""The local stack: Kafka broker, topics and worker processes, in the foreground (`run`) or background (`up`)."""
 
 from __future__ import annotations
 
@@ -24,27 +24,59 @@ class StackError(TallyError):
     """The local stack could not be started or stopped."""
 
 
-def _pid_file(settings: Settings, role: str) -> Path:
-    return settings.data_dir / "run" / f"worker-{role}.pid"
+def _pid_file(settings: Settings, name: str) -> Path:
+    return settings.data_dir / "run" / f"worker-{name}.pid"
 
 
-def log_file(settings: Settings, role: str) -> Path:
-    """Where a background worker of this role logs."""
-    return settings.data_dir / "logs" / f"worker-{role}.log"
+def log_file(settings: Settings, name: str) -> Path:
+    """Where a background worker logs (`name`: its role, or `process-2`… for the second process worker on)."""
+    return settings.data_dir / "logs" / f"worker-{name}.log"
+
+
+def role_of(name: str) -> str:
+    """A background worker's role from its name: `process-2` is the second process worker."""
+    return name.split("-", 1)[0]
+
+
+def default_workers() -> int:
+    """Process workers on this machine by default: one a core, less the core the sink keeps (at least one)."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def layout(workers: int) -> list[str]:
+    """The background workers of the default stack, in start order.
+
+    The sink (it applies the migrations and serves the API), then `workers` process workers, each an OS process of
+    its own (validate, enrich, fold, detect).
+    """
+    if workers < 1:
+        raise StackError(f"--workers must be at least 1, not {workers}")
+    return ["sink", "process", *(f"process-{i}" for i in range(2, workers + 1))]
 
 
 def _alive(pid: int) -> bool:
     return alive(pid, b"ops.cli", b"worker")
 
 
-def worker_pid(settings: Settings, role: str) -> int | None:
-    """The pid of the background worker of a role, if it is running."""
-    path = _pid_file(settings, role)
+def worker_pid(settings: Settings, name: str) -> int | None:
+    """The pid of a background worker (by role, or name: `process-2`), if it is running."""
+    path = _pid_file(settings, name)
     try:
         pid = int(path.read_text().strip())
     except (OSError, ValueError):
         return None
     return pid if _alive(pid) else None
+
+
+def running_workers(settings: Settings) -> dict[str, int]:
+    """Every background worker that is running, by name (`all`, `sink`, `process`, `process-2`, …)."""
+    out: dict[str, int] = {}
+    for path in sorted((settings.data_dir / "run").glob("worker-*.pid")):
+        name = path.stem.removeprefix("worker-")
+        pid = worker_pid(settings, name)
+        if pid is not None:
+            out[name] = pid
+    return out
 
 
 def api(settings: Settings, path: str, payload: dict[str, Any] | None = None, timeout: float = 30.0) -> Any:
@@ -67,39 +99,44 @@ def api(settings: Settings, path: str, payload: dict[str, Any] | None = None, ti
         raise TallyError(f"worker API {path}: {detail}") from exc
 
 
-def start_worker(settings: Settings, role: str = "all", wait_s: float = 90.0) -> int:
-    """Start `tally worker --role ROLE` detached, logging to the data directory; wait until its API answers."""
-    pid = worker_pid(settings, role)
+def start_worker(settings: Settings, role: str = "all", wait_s: float = 90.0, name: str | None = None) -> int:
+    """Start `tally worker --role ROLE` detached, logging to the data directory; wait until its API answers.
+
+    `name` tells several workers of one role apart (pid and log files); a process worker serves no API and is not
+    waited for.
+    """
+    name = name or role
+    pid = worker_pid(settings, name)
     if pid is not None:
         return pid
-    log_path = log_file(settings, role)
+    log_path = log_file(settings, name)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    _pid_file(settings, role).parent.mkdir(parents=True, exist_ok=True)
+    _pid_file(settings, name).parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **settings.to_env()}
     with log_path.open("ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "ops.cli", "worker", "--role", role], env=env,
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
-    _pid_file(settings, role).write_text(str(proc.pid))
+    _pid_file(settings, name).write_text(str(proc.pid))
     if role == "process":
         return proc.pid
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise StackError(f"the {role} worker exited with code {proc.returncode}; last lines of {log_path}:\n"
+            raise StackError(f"the {name} worker exited with code {proc.returncode}; last lines of {log_path}:\n"
                              + tail(log_path))
         try:
             api(settings, "/api/status", timeout=2)
             return proc.pid
         except (OSError, TallyError):
             time.sleep(0.3)
-    raise StackError(f"the {role} worker did not answer on {settings.web_url} within {wait_s:.0f}s; see {log_path}")
+    raise StackError(f"the {name} worker did not answer on {settings.web_url} within {wait_s:.0f}s; see {log_path}")
 
 
-def stop_worker(settings: Settings, role: str = "all", timeout: float = 30.0) -> bool:
-    """SIGTERM the background worker of a role and wait for it (SIGKILL after the timeout)."""
-    pid = worker_pid(settings, role)
-    path = _pid_file(settings, role)
+def stop_worker(settings: Settings, name: str = "all", timeout: float = 30.0) -> bool:
+    """SIGTERM a background worker (by role, or name) and wait for it (SIGKILL after the timeout)."""
+    pid = worker_pid(settings, name)
+    path = _pid_file(settings, name)
     if pid is None:
         path.unlink(missing_ok=True)
         return False
@@ -111,6 +148,12 @@ def stop_worker(settings: Settings, role: str = "all", timeout: float = 30.0) ->
         os.kill(pid, signal.SIGKILL)
     path.unlink(missing_ok=True)
     return True
+
+
+def stop_workers(settings: Settings) -> list[str]:
+    """Stop every background worker: the process workers first (they feed the sink), then the sink or role all."""
+    names = sorted(running_workers(settings), key=lambda n: (role_of(n) != "process", n))
+    return [name for name in names if stop_worker(settings, name)]
 
 
 def ensure_kafka(settings: Settings) -> bool:
@@ -126,18 +169,27 @@ def ensure_kafka(settings: Settings) -> bool:
         return True
 
 
-def up(settings: Settings, role: str = "all") -> dict[str, Any]:
-    """Kafka (started locally unless one answers), topics, and a background worker. Idempotent."""
+def up(settings: Settings, role: str | None = None, workers: int | None = None) -> dict[str, Any]:
+    """Kafka (started locally unless one answers), topics, and the background workers. Idempotent.
+
+    With a `role`, one worker of that role (`all`: every stage in one process). Without, the default stack: the
+    sink and `workers` process workers (default_workers()), each its own OS process, so the stages do not share one
+    interpreter lock.
+    """
+    if role is not None and workers is not None:
+        raise StackError("give --role (one worker) or --workers (the default stack), not both")
     started = ensure_kafka(settings)
     created = ensure_topics(settings)
-    pid = start_worker(settings, role)
+    names = [role] if role is not None else layout(workers or default_workers())
+    started_workers = [{"name": name, "role": role_of(name), "pid": start_worker(settings, role_of(name), name=name),
+                        "log": str(log_file(settings, name))} for name in names]
     return {"kafka": settings.kafka_bootstrap, "kafka_started": started, "topics_created": created,
-            "worker_pid": pid, "worker_log": str(log_file(settings, role)), "api": settings.web_url}
+            "workers": started_workers, "api": settings.web_url}
 
 
 def down(settings: Settings) -> list[str]:
     """Stop every background worker, then the local broker."""
-    stopped = [role for role in ("process", "sink", "all") if stop_worker(settings, role)]
+    stopped = stop_workers(settings)
     if LocalKafka(settings).stop():
         stopped.append("kafka")
     return stopped

@@ -222,7 +222,7 @@ class LocalStack:
         return proc.stdout.decode()
 
     def up(self) -> None:
-        self.tally("up", timeout=240)
+        self.tally("up", "--role", "all", timeout=240)
 
     def worker_pid(self) -> int:
         return int((self.settings.data_dir / "run" / "worker-all.pid").read_text())

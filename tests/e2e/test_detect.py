@@ -65,7 +65,7 @@ def test_a_storm_in_a_replay_of_old_events_pages_in_event_time(stack, tmp_path, 
     # Issue 13: during a replay the detectors' clocks jumped to the wall clock, and nothing old paged any more. The
     # clocks are the input partitions' watermarks now: the storm pages as of its own event time, days ago.
     stack = short_windows(stack)
-    stack.tally("up", timeout=180)
+    stack.tally("up", "--role", "all", timeout=180)
     stack.tally("reference", "load", *map(str, REFERENCE_FILES))
     storm = publish_storm(stack, tmp_path, now - timedelta(days=3))
     wait_for_page(stack)
@@ -78,7 +78,7 @@ def test_a_storm_in_a_replay_of_old_events_pages_in_event_time(stack, tmp_path, 
 
 def test_an_injected_retry_storm_pages_and_lands_in_anomalies(stack, tmp_path):
     stack = short_windows(stack)
-    stack.tally("up", timeout=180)
+    stack.tally("up", "--role", "all", timeout=180)
     stack.tally("reference", "load", *map(str, REFERENCE_FILES))
     publish_storm(stack, tmp_path, datetime.now(UTC))
     row = wait_for_page(stack)
@@ -97,7 +97,7 @@ def test_an_injected_retry_storm_pages_and_lands_in_anomalies(stack, tmp_path):
         assert time.monotonic() < deadline, "no detector snapshot reached tally.detect.state.changelog"
         time.sleep(1)
     stack.tally("down", timeout=120)
-    stack.tally("up", timeout=180)
+    stack.tally("up", "--role", "all", timeout=180)
     time.sleep(8)
     stack.tally("wait", "--timeout", "120")
     assert firing(stack) == [row]

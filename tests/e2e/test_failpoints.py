@@ -29,7 +29,7 @@ def test_the_worker_points_are_the_named_ones():
 def test_a_crash_at_every_failpoint_loses_nothing(stack):
     docs = load_reference_files(REFERENCE_FILES)
     settings = stack.settings
-    stack.tally("up", timeout=180)
+    stack.tally("up", "--role", "all", timeout=180)
     stack.tally("reference", "load", str(EXAMPLES))
     stack.tally("down", timeout=120)
     gen = TrafficGenerator(catalog_from_reference(docs), seed=41, bad_rate=0.0, rate=50.0,
@@ -39,7 +39,7 @@ def test_a_crash_at_every_failpoint_loses_nothing(stack):
     log = stack_ops.log_file(settings, "all")
     for point, nth in WORKER_POINTS.items():
         stack.env["TALLY_FAILPOINT"] = f"{point}:{nth}"
-        stack.tally("up", timeout=180)
+        stack.tally("up", "--role", "all", timeout=180)
         pid = stack.worker_pid()
         fired = f"failpoint {point} fired"
         deadline = time.monotonic() + 120
@@ -54,7 +54,7 @@ def test_a_crash_at_every_failpoint_loses_nothing(stack):
             time.sleep(1.0)
         assert fired in log.read_text(), f"{point} did not fire within 120 s"
     del stack.env["TALLY_FAILPOINT"]
-    stack.tally("up", timeout=180)
+    stack.tally("up", "--role", "all", timeout=180)
     stack.tally("wait", "--timeout", "300", timeout=360)
     stack.assert_matches_ground_truth(events)
     stack.assert_requests_match_ground_truth(events)

@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from ops.simulate import TrafficGenerator, catalog_from_reference
+from ops.stack import default_workers
 from streams.records import Rejection
 from streams.validate import Validator
 from tally.reference import load_reference_files
@@ -41,7 +42,11 @@ def test_publish_wait_query_exactly_once_with_exact_costs(stack, tmp_path):
     path = tmp_path / "traffic.jsonl"
     path.write_bytes(b"\n".join(all_lines) + b"\n")
 
-    stack.tally("up", timeout=180)
+    # the default stack: the sink and the process workers, each an OS process of its own
+    info = orjson.loads(stack.tally("up", timeout=180).stdout)
+    assert [w["role"] for w in info["workers"]] == ["sink"] + ["process"] * default_workers()
+    status = stack.tally("status").stdout.decode()
+    assert all(f"worker {w['name']}" in status for w in info["workers"])
     stack.tally("reference", "load", str(EXAMPLES))
     out = stack.tally("publish", str(path))
     assert f"published {len(all_lines):,} lines" in out.stderr.decode()
@@ -92,7 +97,7 @@ def test_publish_wait_query_exactly_once_with_exact_costs(stack, tmp_path):
 
 def test_kill_9_three_times_while_streaming(stack):
     docs = load_reference_files(REFERENCE_FILES)
-    stack.tally("up", timeout=180)
+    stack.tally("up", "--role", "all", timeout=180)
     stack.tally("reference", "load", str(EXAMPLES))
     gen = TrafficGenerator(catalog_from_reference(docs), seed=29, bad_rate=0.0, rate=50.0,
                            start=datetime(2026, 11, 10, tzinfo=UTC))
@@ -116,7 +121,7 @@ def test_kill_9_three_times_while_streaming(stack):
         os.kill(stack.worker_pid(), signal.SIGKILL)
         kills += 1
         time.sleep(1)
-        stack.tally("up", timeout=180)
+        stack.tally("up", "--role", "all", timeout=180)
     producer.join(timeout=300)
     assert done.is_set() and kills == 3
     stack.tally("wait", "--timeout", "400", timeout=450)
@@ -147,7 +152,7 @@ def _commit_to_end(bootstrap: str, group: str, topic: str) -> int:
 def test_a_commit_past_unprocessed_input_loses_nothing(stack):
     """Kafka's committed offsets are a lag hint: the worker resumes from the positions it stored with its state."""
     docs = load_reference_files(REFERENCE_FILES)
-    stack.tally("up", timeout=180)
+    stack.tally("up", "--role", "all", timeout=180)
     stack.tally("reference", "load", str(EXAMPLES))
     gen = TrafficGenerator(catalog_from_reference(docs), seed=5, bad_rate=0.0, rate=20.0,
                            start=datetime.now(UTC) - timedelta(hours=2))
@@ -163,7 +168,7 @@ def test_a_commit_past_unprocessed_input_loses_nothing(stack):
             pub.publish(e)
     skipped = _commit_to_end(settings.kafka_bootstrap, settings.group_id("all"), settings.topics.usage)
     assert skipped > 0  # the group's committed offsets now claim the unread half is done
-    stack.tally("up", timeout=180)
+    stack.tally("up", "--role", "all", timeout=180)
     stack.tally("wait", "--timeout", "240", timeout=300)
     stack.assert_matches_ground_truth(events)
     stack.assert_requests_match_ground_truth(events)

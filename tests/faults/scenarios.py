@@ -169,7 +169,7 @@ def r2_broker_killed(suite: Suite, size: Size) -> Row:
         published = stream.join()
         worker_survived = stack_ops.worker_pid(st.settings, "all") is not None
         if not worker_survived:  # a worker that lost its broker may stop; the operator (here: us) restarts it
-            st.tally("up", timeout=180)
+            st.tally("up", "--role", "all", timeout=180)
         recovery = clock.recover(st, time.monotonic())
         return measure(st, "R2 broker SIGKILL", published, Expected(events), recovery, suite.oracle,
                        notes=f"killed at {moment}, down {size.broker_down_s:.0f} s; worker "
@@ -184,7 +184,7 @@ def r3_clickhouse_down(suite: Suite, size: Size) -> Row:
     flag = st.settings.data_dir / "clickhouse-down"
     st.settings = dataclasses.replace(st.settings, store_outage_flag=str(flag))
     st.env.update(st.settings.to_env())
-    st.tally("up", timeout=180)
+    st.tally("up", "--role", "all", timeout=180)
     st.tally("reference", "load", str(EXAMPLES))
     try:
         events = suite.traffic(303, size.requests)
@@ -251,7 +251,7 @@ def r4_replayed(suite: Suite, size: Size) -> Row:
         st.tally("down", timeout=120)
         reset = _reset_groups_to_earliest(st)
         clock = Clock()
-        st.tally("up", timeout=180)
+        st.tally("up", "--role", "all", timeout=180)
         recovery = clock.recover(st, time.monotonic())
         return measure(st, "R4 published twice + group reset", 2 * len(events), Expected(events), recovery,
                        suite.oracle, notes=f"{reset} partitions reset to offset 0 while the worker was down")
