@@ -13,7 +13,7 @@ from typing import Any
 
 from ops.cli import _load_reference
 from ops.kafka_local import ensure_topics
-from ops.stack import StackError, api, log_file, start_worker, stop_worker, tail, worker_pid
+from ops.stack import StackError, api, layout, log_file, start_worker, stop_worker, tail, worker_pid
 from tally.config import Settings
 from tally.errors import TallyError
 from tally.sdk.publisher import Publisher
@@ -88,24 +88,26 @@ class Workers:
 
 
 @contextmanager
-def workers(settings: Settings, split: bool) -> Iterator[Workers]:
-    """Start a role-all worker, or a process worker and a sink worker (only the sink serves the API); stop them."""
+def workers(settings: Settings, split: bool, process_workers: int = 1) -> Iterator[Workers]:
+    """Start a role-all worker, or `process_workers` process workers and a sink worker (only the sink serves the
+    API), as `tally up --workers N` names them; stop them."""
     ws = Workers()
     try:
         if split:
             process_settings = dataclasses.replace(settings, web_port=free_ports(1)[0])
-            ws.started["process"] = (process_settings, start_worker(process_settings, "process"))
+            for name in layout(process_workers)[1:]:
+                ws.started[name] = (process_settings, start_worker(process_settings, "process", name=name))
             ws.started["sink"] = (settings, start_worker(settings, "sink"))
         else:
             ws.started["all"] = (settings, start_worker(settings, "all"))
         yield ws
     finally:
-        for role, (s, _) in ws.started.items():
-            stop_worker(s, role)
+        for name, (s, _) in ws.started.items():
+            stop_worker(s, name)
 
 
 def throughput(base: Settings, root: Path, pool: EventPool, events: int, single: bool, split: bool,
-               timeout_s: float, profile_s: int = 0, **overrides: Any) -> dict[str, Any]:
+               timeout_s: float, profile_s: int = 0, process_workers: int = 1, **overrides: Any) -> dict[str, Any]:
     """Pre-publish `events`, start the worker(s), poll the row count until all are queryable (or the timeout).
 
     rate_steady = (rows at the end − rows at the first non-zero poll) / (time between those polls);
@@ -114,6 +116,8 @@ def throughput(base: Settings, root: Path, pool: EventPool, events: int, single:
     thread busy) counts as no change.
     """
     label = ("single" if single else "batch") + ("-split" if split else "-all")
+    if split and process_workers > 1:
+        label += f"{process_workers}"
     if overrides:
         label += "-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items())).replace("_", "")
     settings = fresh_settings(base, root, label, **overrides)
@@ -125,7 +129,7 @@ def throughput(base: Settings, root: Path, pool: EventPool, events: int, single:
     _load_reference(settings, REFERENCE_FILES)
     started = time.monotonic()
     profilers: dict[str, Any] = {}
-    with workers(settings, split) as ws:
+    with workers(settings, split, process_workers) as ws:
         api_ready = time.monotonic()
         first_t = 0.0
         first_n = last_n = 0
@@ -187,9 +191,12 @@ def throughput(base: Settings, root: Path, pool: EventPool, events: int, single:
 
 
 def latency(base: Settings, root: Path, pool: EventPool, rate: float, duration_s: float, sample_every: int,
-            first_event: int, poll_s: float = 0.05, drain_timeout_s: float = 60.0) -> dict[str, Any]:
+            first_event: int, poll_s: float = 0.05, drain_timeout_s: float = 60.0,
+            split: bool = True) -> dict[str, Any]:
     """Publish at a steady `rate` with the SDK (5 ms linger, 50 ms max buffer) and time sampled events until a
     query through the worker API returns them: latency = first-seen time − publish() call time.
+
+    `split`: the default stack (a process worker and the sink, two OS processes), else one worker of role all.
     """
     settings = fresh_settings(base, root, "latency")
     _load_reference(settings, REFERENCE_FILES)
@@ -199,7 +206,7 @@ def latency(base: Settings, root: Path, pool: EventPool, rate: float, duration_s
     lock = threading.Lock()
     stats: dict[str, float] = {}
     errors: list[BaseException] = []
-    with workers(settings, split=False) as ws:
+    with workers(settings, split=split) as ws:
         # Warm up: the consumer group is joined and the first insert done before the clock starts.
         publish_batches(settings.kafka_bootstrap, settings.topics.usage, pool, first_event, warm,
                         settings.partitions)
@@ -287,6 +294,7 @@ def latency(base: Settings, root: Path, pool: EventPool, rate: float, duration_s
     p50, p99 = quantile(lat_ms, 0.50), quantile(lat_ms, 0.99)
     return {
         "target_rate": rate,
+        "layout": "process + sink" if split else "role all",
         "events": total,
         "publish_rate": round(total / publish_s) if publish_s == publish_s and publish_s > 0 else None,
         "samples": len(sent_at),

@@ -36,6 +36,7 @@ from tests.conftest import free_ports
 
 TARGET_BATCH_RATE = 50_000
 TARGET_SINGLE_RATIO = 0.8
+TARGET_TWO_WORKERS = 1.7  # two process workers against one, the sink in a process of its own
 TARGET_STATE_RSS_MIB = 1024  # a worker with 1,000,000 open logical requests and 10,000 features' detectors
 
 
@@ -188,7 +189,8 @@ def _latency_rows(lat: dict[str, Any]) -> list[tuple[str, str, str]]:
     p99 = ("≥ " if lat.get("p99_lower_bound") else "") + _fmt(lat.get("p99_ms"), " ms")
     return [
         (f"5 event→queryable p50 @ {_fmt(lat.get('target_rate'))}/s", p50,
-         f"published at {_fmt(lat.get('publish_rate'))} ev/s; {lat.get('seen')}/{lat.get('samples')} samples seen"),
+         f"{lat.get('layout', 'role all')}; published at {_fmt(lat.get('publish_rate'))} ev/s; "
+         f"{lat.get('seen')}/{lat.get('samples')} samples seen"),
         (f"5 event→queryable p99 @ {_fmt(lat.get('target_rate'))}/s", p99,
          f"max {_fmt(lat.get('max_ms'), ' ms')}; {_fmt(lat.get('rows_landed'))} of {_fmt(lat.get('events'))} rows "
          f"in {_fmt(lat.get('window_s'), ' s')}"),
@@ -281,6 +283,7 @@ def _table(results: dict[str, Any]) -> str:
                         ("pipeline_single_all", "4 pipeline 1-event msgs, role all"),
                         ("pipeline_single_all_handoff", f"4 pipeline 1-event msgs, role all, {handoff}"),
                         ("pipeline_batch_split", "4 pipeline batch msgs, process+sink"),
+                        ("pipeline_batch_split2", "4 pipeline batch msgs, 2 process + sink"),
                         ("pipeline_batch_split_handoff", f"4 pipeline batch msgs, process+sink, {handoff}")):
         steady = _get(results, name, "rate_steady")
         total = _get(results, name, "rate_total")
@@ -293,6 +296,11 @@ def _table(results: dict[str, Any]) -> str:
             want = TARGET_SINGLE_RATIO * bare_single
             note += (f"; {steady / bare_single:.2f}× bare Faust 1-event, target ≥ {TARGET_SINGLE_RATIO}: "
                      f"{'MET' if steady >= want else 'MISSED'}")
+        one = _get(results, "pipeline_batch_split", "rate_steady")
+        if name == "pipeline_batch_split2" and isinstance(steady, int) and isinstance(one, int) and one:
+            note += (f"; {steady / one:.2f}× one process worker, target ≥ {TARGET_TWO_WORKERS}: "
+                     f"{'MET' if steady >= TARGET_TWO_WORKERS * one else 'MISSED'} "
+                     f"({os.cpu_count()} cores for 3 processes)")
         if _get(results, name, "error"):
             note = "ERROR: " + str(_get(results, name, "error"))[:80]
         elif _get(results, name, "complete") is False:
@@ -306,7 +314,7 @@ def _table(results: dict[str, Any]) -> str:
         rows += eos.rows(results["eos"]) if "error" not in results["eos"] else [
             ("7 eos", "—", "ERROR: " + str(results["eos"]["error"])[:80])]
     for name in ("pipeline_batch_all", "pipeline_batch_all_alt", "pipeline_single_all", "pipeline_batch_split",
-                 "latency", "latency_low"):
+                 "pipeline_batch_split2", "latency", "latency_low"):
         rss = _get(results, name, "peak_rss_mib")
         if isinstance(rss, dict):
             rows.append((f"6 peak RSS (VmHWM), {name}", ", ".join(f"{r} {_fmt(v, ' MiB')}" for r, v in rss.items()),
@@ -374,6 +382,9 @@ def main(argv: list[str] | None = None) -> int:
                 _step(results, "pipeline_batch_split", lambda: pipeline.throughput(
                     base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
                     profile_s=args.profile))
+                _step(results, "pipeline_batch_split2", lambda: pipeline.throughput(
+                    base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
+                    profile_s=args.profile, process_workers=2))
                 if args.alt_handoff:
                     _step(results, "pipeline_batch_split_handoff", lambda: pipeline.throughput(
                         base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
