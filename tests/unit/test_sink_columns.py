@@ -302,3 +302,16 @@ def encode_attempt_rows_of(n: int) -> bytes:
     rng = random.Random(n)
     (value,) = encode_attempt_rows([attempt(i, rng) for i in range(n)], 10**6)
     return value
+
+
+def test_a_batch_of_thousands_of_rows_is_cut_into_messages_that_fit_in_row_order():
+    from streams.sink_columns import decode_attempt_message, encode_attempt_rows
+
+    rng = random.Random(5)
+    rows = [attempt(n, rng) for n in range(3000)]
+    (whole,) = encode_attempt_rows(rows, 10**8)
+    limit = len(whole) // 3
+    messages = encode_attempt_rows(rows, limit)
+    assert 3 <= len(messages) <= 5 and all(len(m) <= limit for m in messages)
+    ids = [eid for m in messages for eid in decode_attempt_message(m).column("event_id").to_pylist()]
+    assert ids == [r["event_id"] for r in rows]
