@@ -249,18 +249,10 @@ def status(c: Ctx) -> None:
         table.add_row("kafka", f"[red]{exc}[/]")
     try:
         st = stack.api(s, "/api/status", timeout=2)
-        if st.get("role") == "sink":  # the process workers' counters are theirs: a sink would show them as 0
-            st = {k: v for k, v in st.items() if k not in _PROCESS_COUNTERS}
         table.add_row("worker api", ", ".join(f"{k}={_status_value(k, v)}" for k, v in st.items()))
     except (OSError, TallyError):
         table.add_row("worker api", f"not answering on {s.web_url}")
     out.print(table)
-
-
-# WorkerStats counters only the process role moves (validate, fold, detect); the sink's API does not serve them.
-_PROCESS_COUNTERS = frozenset({"events_accepted", "requests_emitted", "fold_state_writes", "detect_requests",
-                               "detect_errors", "anomaly_alerts", "detect_snapshots", "detect_late",
-                               "detect_duplicates"})
 
 
 def _status_value(key: str, value: Any) -> str:

@@ -44,9 +44,9 @@ STATE_VERSION = 2  # 2: zlib-compressed pickle (1: plain pickle, before buckets;
 MAX_SNAPSHOT_BYTES = 2 * 1024 * 1024
 
 Kind = Literal["ratio", "rate", "mix", "tenant"]
-# One window's (or one request's) sums: doubles in a C array, 120 B where a list of floats took ~300 B (a feature
-# holds dozens: the window's totals per dimension value, the learned rates, its pending requests). Snapshots
-# written before hold lists, which read and compute the same.
+# One window's (or one request's) sums: doubles in a C array, 136 B where a list of seven floats takes 288 B (a
+# feature holds dozens: the window's totals per dimension value, the learned rates, its pending requests).
+# Snapshots written before hold lists, which read and compute the same.
 Vector = array  # array('d') of _WIDTH doubles
 
 

@@ -8,7 +8,7 @@ import os
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, TypeVar
 
 import faust
@@ -143,6 +143,11 @@ def batch_of(events: Iterable[Any]) -> Batch:
     return [(e.message.value, Source(e.message.topic, e.message.partition, e.message.offset)) for e in events]
 
 
+def _process(default: Any = 0) -> Any:
+    """A WorkerStats counter only the process role moves (validate, fold, detect)."""
+    return field(default=default, metadata={"role": "process"})
+
+
 @dataclass
 class WorkerStats:
     """Counters a worker serves on /api/status (and `tally status` / `tally run` print)."""
@@ -150,18 +155,23 @@ class WorkerStats:
     role: str
     started_at: float = field(default_factory=time.time)
     messages: int = 0
-    events_accepted: int = 0
+    events_accepted: int = _process()
     events_rejected: int = 0
     reference_ready: bool = False
-    requests_emitted: int = 0
-    fold_state_writes: int = 0
+    requests_emitted: int = _process()
+    fold_state_writes: int = _process()
     budget_alerts: int = 0
-    detect_requests: int = 0
-    detect_errors: int = 0
-    anomaly_alerts: int = 0
-    detect_snapshots: int = 0
-    detect_late: int = 0  # requests older than their feature's current window (counted in ratios, not rates)
-    detect_duplicates: int = 0  # re-emitted requests already counted
+    detect_requests: int = _process()
+    detect_errors: int = _process()
+    anomaly_alerts: int = _process()
+    detect_snapshots: int = _process()
+    detect_late: int = _process()  # requests older than their feature's current window (counted in ratios, not rates)
+    detect_duplicates: int = _process()  # re-emitted requests already counted
+
+    def served(self) -> dict[str, Any]:
+        """The counters this worker's role moves: a sink does not serve the process role's, which would read 0."""
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if self.role != "sink" or f.metadata.get("role") != "process"}
 
 
 class KeyedTable(faust.Table):  # type: ignore[misc]

@@ -6,7 +6,6 @@ import asyncio
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from decimal import Decimal
 from typing import Any
 
@@ -80,7 +79,7 @@ def wire_web(ctx: RoleContext, sink: SinkWiring, budget_states: dict[str, dict[s
             if not authorized(request, settings):
                 return json_response(self, UNAUTHORIZED, status=401)
             rows = writer.stats  # only sink and all roles serve the web API
-            return json_response(self, {**asdict(stats), "sink_rows_inserted": rows.rows_inserted,
+            return json_response(self, {**stats.served(), "sink_rows_inserted": rows.rows_inserted,
                                         "sink_duplicates_skipped": rows.duplicates_in_batch + rows.already_saved,
                                         "sink_retries": rows.retries,
                                         "sink_conflicting_duplicates": rows.conflicting_duplicates,
