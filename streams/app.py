@@ -42,6 +42,9 @@ class PositionedConsumer(aiokafka_driver.Consumer):  # type: ignore[misc]
         await self._thread.call_thread(self._thread.seek, partition, offset)  # type: ignore[arg-type]
 
     async def seek_to_committed(self) -> Any:
+        hold = getattr(self.app, "hold_positions", None)
+        if hold is not None:
+            hold()  # no stage admits input until its positions are read (streams.positions.PositionGuard)
         committed = dict(await super().seek_to_committed())
         recover = getattr(self.app, "recover_positions", None)
         if recover is not None:
@@ -112,6 +115,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         crash=Failpoints(settings.failpoint),
     )
     app.recover_positions = ctx.recover_positions  # type: ignore[attr-defined]  # PositionedConsumer calls it
+    app.hold_positions = ctx.hold_positions  # type: ignore[attr-defined]
 
     if role in ("process", "all"):
         # Validation, pricing, folding and the detectors are CPU work: one thread keeps the event loop (heartbeats,

@@ -97,28 +97,52 @@ class Admitted:
     messages: list[tuple[bytes | None, Source]]
     replayed: int = 0  # messages at or below the stored position: their effects are saved already
     rewind: dict[int, int] = field(default_factory=dict)  # partition → offset to seek back to (a gap was seen)
+    held: int = 0  # messages that arrived while the guard was closed (an assignment not yet recovered)
 
 
 @dataclass
 class PositionGuard:
     """Per-partition next expected offset of one consumer of one topic, from the stored position on.
 
-    Offsets of the topics tally reads are contiguous (no transactions, no compaction), so a message above the
-    expected offset means messages were skipped (a commit past unprocessed input, a dropped fetch); it and the rest
-    of its partition in the batch are held back and the partition is rewound to the expected offset. A message below
-    it is a replay of saved input and is passed over. A partition with no stored position starts wherever Kafka
-    delivers first.
+    Closed from its creation, and again from the start of every assignment (`hold`), until `reset` gives it the
+    stored positions: Faust resumes fetching from Kafka's committed offsets before tally has read its own, and a
+    message admitted then, against no expectation or a stale one, could move the stored position past input that
+    was never processed (seen: a restarted worker stored a position past a message it never wrote, then crashed;
+    the next one resumed after it). Input that arrives while closed is held back, not processed: the seek to the
+    stored positions that follows every reset delivers it again.
+
+    Every assigned partition gets an expectation: its stored position + 1, or, with none stored, the first offset
+    its log holds (`starts`). Offsets of the topics tally reads are contiguous (no transactions, no compaction), so
+    a message above the expected offset means messages were skipped (a commit past unprocessed input, a dropped
+    fetch, a message fetched before the seek); it and the rest of its partition in the batch are held back and the
+    partition is rewound to the expected offset. A message below it is a replay of saved input and is passed over.
     """
 
     topic: str
     expected: dict[int, int] = field(default_factory=dict)
     gaps: int = 0
+    open: bool = False
+    # Partitions reset whose expected offset has not arrived since: a message above it is most likely one fetched
+    # from Kafka's committed offset before the seek to the stored position, rewound without an alarm.
+    unsettled: set[int] = field(default_factory=set)
 
-    def reset(self, stored: Mapping[int, int], partitions: Iterable[int]) -> None:
-        """After an assignment: expect each assigned partition's stored position + 1 (unknown: no expectation)."""
-        self.expected = {p: stored[p] + 1 for p in partitions if p in stored}
+    def hold(self) -> None:
+        """An assignment starts: hold input back until `reset` gives the stored positions."""
+        self.open = False
+
+    def reset(self, stored: Mapping[int, int], partitions: Iterable[int], starts: Mapping[int, int]) -> dict[int, int]:
+        """After an assignment: expect each assigned partition's stored position + 1, else its log's first offset.
+
+        Returns the offset to seek each partition to (the expectation) and opens the guard.
+        """
+        self.expected = {p: stored[p] + 1 if p in stored else starts[p] for p in partitions}
+        self.unsettled = set(self.expected)
+        self.open = True
+        return dict(self.expected)
 
     def admit(self, messages: Sequence[tuple[bytes | None, Source]]) -> Admitted:
+        if not self.open:
+            return Admitted([], held=len(messages))
         out = Admitted([])
         blocked: set[int] = set()
         for value, source in messages:
@@ -132,10 +156,15 @@ class PositionGuard:
             if want is not None and source.offset > want:
                 blocked.add(p)
                 out.rewind[p] = want
+                if p in self.unsettled:
+                    log.info("%s[%d]: offset %d arrived while %d was expected (fetched before the seek to the stored "
+                             "position); rewinding", self.topic, p, source.offset, want)
+                    continue
                 self.gaps += 1
                 log.error("%s[%d]: offset %d arrived while %d was expected (input skipped upstream); rewinding to %d",
                           self.topic, p, source.offset, want, want)
                 continue
+            self.unsettled.discard(p)
             self.expected[p] = source.offset + 1
             out.messages.append((value, source))
         return out

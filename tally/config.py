@@ -160,6 +160,9 @@ class Settings:
     # An event stamped more than this far ahead of its ingest time is dead-lettered as future_timestamp.
     max_future_skew_s: float = 900.0
     log_level: str = "INFO"
+    # Log every batch's input range per partition and what it produced (logger tally.offsets, at INFO):
+    # the trail an operator (or a fault test) reads to see which input a stage saved, replayed or passed over.
+    audit_offsets: bool = False
     # The worker's HTTP API (query, status, dashboard data): a bearer token, required when web_host is not a loopback
     # address. From TALLY_API_TOKEN or the file TALLY_API_TOKEN_FILE names; a secret, never logged or passed on.
     api_token: str = field(default="", repr=False)

@@ -250,22 +250,35 @@ class RoleContext:
         else:
             self.crash.hit(name)
 
+    def hold_positions(self) -> None:
+        """An assignment starts: every stage holds its input back until recover_positions has read its positions."""
+        for guard in self.guards.values():
+            guard.hold()
+
     async def recover_positions(self, assigned: set[TP]) -> dict[TP, int]:
-        """After an assignment: the offset to resume each owned partition from (stored position + 1, else 0)."""
+        """After an assignment: the offset to resume each owned partition from; opens the stages' guards.
+
+        Each stage resumes after its stored position. With none stored, nothing of the partition is known to be
+        saved, whatever Kafka's committed offset says (it can run past input whose outputs never landed): it is
+        read from the first offset its log holds. Every stage is idempotent, so a replay costs time, never money.
+        Two stages on one topic resume it from the lower of their offsets. The guards open together, after every
+        position is read (PositionGuard: input that arrived before is held back, and the seek delivers it again).
+        """
         out: dict[TP, int] = {}
+        found: list[tuple[PositionGuard, dict[int, int], set[int]]] = []
         for (topic, stage), guard in self.guards.items():
             partitions = {tp.partition for tp in assigned if tp.topic == topic}
-            if not partitions:
-                continue
-            positions = await self.stored[(topic, stage)]()
-            await self.fail_at("rebalance")
-            guard.reset(positions, partitions)
-            # No stored position: nothing of this partition is known to be saved, whatever Kafka's committed offset
-            # says (it can run past input whose outputs never landed). Read it from its beginning: every stage is
-            # idempotent, so a replay costs time, never money.
-            for p in partitions:
-                at = positions[p] + 1 if p in positions else 0
-                out[TP(topic, p)] = min(at, out.get(TP(topic, p), at))
+            if partitions:
+                found.append((guard, await self.stored[(topic, stage)](), partitions))
+        await self.fail_at("rebalance")
+        unstored = {TP(guard.topic, p) for guard, positions, partitions in found for p in partitions
+                    if p not in positions}
+        starts = dict(await self.app.consumer.earliest_offsets(*unstored)) if unstored else {}
+        for guard, positions, partitions in found:
+            begin = {p: int(starts.get(TP(guard.topic, p)) or 0) for p in partitions if p not in positions}
+            for p, at in guard.reset(positions, partitions, begin).items():
+                tp = TP(guard.topic, p)
+                out[tp] = min(at, out.get(tp, at))
         if out:
             log.info("resuming from stored positions: %s",
                      ", ".join(f"{tp.topic}[{tp.partition}]@{o}" for tp, o in sorted(out.items())))
@@ -274,6 +287,9 @@ class RoleContext:
     async def admit(self, batch: Batch, topic: str, stage: str) -> Batch:
         """The batch without replayed input; a partition with skipped input is rewound to its stored position."""
         admitted = self.guards[(topic, stage)].admit(batch)
+        if (admitted.replayed or admitted.held) and self.settings.audit_offsets:
+            audit.info("%s: passed over %d replayed messages of %s (at or below the stored position), held back %d "
+                       "(before its positions were read)", stage, admitted.replayed, topic, admitted.held)
         for partition, offset in admitted.rewind.items():
             await self.app.consumer.seek(TP(topic, partition), offset)
         return admitted.messages

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -161,8 +160,8 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
         folder.finished(done, finished)
         await publish_watermarks(progress.after_batch(
             done, {p: c.now_ms for p, c in folder.clocks.items()}, finished))
-        if audit.isEnabledFor(logging.DEBUG):
-            audit.debug(audit_line(topics.usage, [src for _, src in batch], {
+        if settings.audit_offsets:
+            audit.info(audit_line(topics.usage, [src for _, src in batch], {
                 "attempt_lines": out.accepted, "dead_letters": out.rejected,
                 "request_rows": out.request_rows,
                 "state_writes": len(out.fold_writes)}))

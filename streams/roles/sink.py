@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -93,6 +92,7 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
         # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
         rows, bad_lines = await loop.run_in_executor(thread, decode, batch)
         await ctx.fail_at("sink.after_decode")
+        resent_before = sink_stats.resent
         written = await write_with_retry(write, rows, thread, settings.sink_retry_s, sink_stats)
         await ctx.fail_at("sink.after_insert")
         for partition, lines in written.dead_letters().items():
@@ -102,9 +102,9 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
         await run_with_retry(functools.partial(store.record_offsets, sink_consumer, topic,
                                                last_offsets(src for _, src in batch)),
                              thread, settings.sink_retry_s, sink_stats, f"storing the {topic} position")
-        if audit.isEnabledFor(logging.DEBUG):
-            audit.debug(audit_line(topic, [src for _, src in batch], {
-                "rows": len(rows), "inserted": written.inserted,
+        if settings.audit_offsets:
+            audit.info(audit_line(topic, [src for _, src in batch], {
+                "rows": len(rows), "inserted": written.inserted, "resent": sink_stats.resent - resent_before,
                 "dead_letters": sum(len(v) for v in bad_lines.values())}))
 
     async def sink_batches(stream: faust.StreamT, write: Any, decode: Callable[..., Any],

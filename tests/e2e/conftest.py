@@ -88,7 +88,8 @@ class Stack:
 
 @pytest.fixture
 def stack(kafka_settings: Settings) -> Iterator[Stack]:
-    settings = dataclasses.replace(kafka_settings, web_port=free_ports(1)[0])
+    # The offsets audit on: a failed test's worker logs say which input each stage saved, replayed or held back.
+    settings = dataclasses.replace(kafka_settings, web_port=free_ports(1)[0], audit_offsets=True)
     st = Stack(settings)
     yield st
     st.tally("down", check=False, timeout=120)

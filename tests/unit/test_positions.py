@@ -28,7 +28,7 @@ def test_last_offsets_takes_the_highest_per_partition():
 
 def test_guard_passes_contiguous_input_and_skips_replayed_input():
     guard = PositionGuard("t")
-    guard.reset({0: 9}, [0, 1])
+    guard.reset({0: 9}, [0, 1], {1: 40})
     got = guard.admit(_batch((0, 8), (0, 9), (0, 10), (0, 11), (1, 40), (1, 41)))
     assert [(s.partition, s.offset) for _, s in got.messages] == [(0, 10), (0, 11), (1, 40), (1, 41)]
     assert got.replayed == 2 and got.rewind == {}
@@ -37,17 +37,40 @@ def test_guard_passes_contiguous_input_and_skips_replayed_input():
 
 def test_guard_rewinds_a_partition_whose_input_was_skipped():
     guard = PositionGuard("t")
-    guard.reset({0: 9, 1: 0}, [0, 1])
-    got = guard.admit(_batch((0, 10), (0, 14), (0, 15), (1, 1)))
+    guard.reset({0: 9, 1: 0}, [0, 1], {})
+    guard.admit(_batch((0, 10)))  # the stored position's next offset arrived: what follows is in order
+    got = guard.admit(_batch((0, 14), (0, 15), (1, 1)))
     # offsets 11..13 never arrived: 14 and the rest of partition 0 wait until the rewind delivers them
-    assert [(s.partition, s.offset) for _, s in got.messages] == [(0, 10), (1, 1)]
+    assert [(s.partition, s.offset) for _, s in got.messages] == [(1, 1)]
     assert got.rewind == {0: 11} and guard.gaps == 1
     again = guard.admit(_batch((0, 11), (0, 12)))
     assert [s.offset for _, s in again.messages] == [11, 12] and again.rewind == {}
 
 
-def test_guard_without_a_stored_position_starts_where_kafka_delivers():
+def test_guard_without_a_stored_position_starts_at_the_first_offset_the_log_holds():
     guard = PositionGuard("t")
-    guard.reset({}, [0])
+    assert guard.reset({}, [0], {0: 500}) == {0: 500}
     got = guard.admit(_batch((0, 500), (0, 501)))
     assert len(got.messages) == 2 and guard.expected == {0: 502}
+
+
+def test_guard_holds_input_back_until_its_positions_are_read():
+    """Faust fetches from Kafka's committed offsets before tally has read its own: nothing may be admitted then.
+
+    The case that lost rows: a restarted worker admitted a message from the committed offset (past its stored
+    position) before its guard was reset, stored that message's position, and crashed before the replay of the
+    input in between; the next worker resumed after it.
+    """
+    guard = PositionGuard("t")
+    early = guard.admit(_batch((0, 6), (0, 7)))
+    assert early.messages == [] and early.held == 2 and guard.expected == {}
+    assert guard.reset({0: 3}, [0], {}) == {0: 4}
+    # a message fetched before the seek arrives after the reset: rewound to the stored position, not an alarm
+    stale = guard.admit(_batch((0, 7)))
+    assert stale.messages == [] and stale.rewind == {0: 4} and guard.gaps == 0
+    got = guard.admit(_batch((0, 4), (0, 5), (0, 6)))
+    assert [s.offset for _, s in got.messages] == [4, 5, 6]
+    # once the expected offset arrived, a jump is input skipped upstream
+    assert guard.admit(_batch((0, 9))).rewind == {0: 7} and guard.gaps == 1
+    guard.hold()  # the next assignment
+    assert guard.admit(_batch((0, 7))).held == 1 and guard.expected == {0: 7}
