@@ -8,8 +8,8 @@ difference measured is the protocol, not the client):
   in every protocol and are left out); a batch of N events takes ceil(N / 500) input messages;
 - outputs: per input message, its events as ~560-byte NDJSON lines on the same partition number of a 3-partition
   output topic, packed with `pack_ndjson` up to `OUTPUT_MESSAGE_BYTES` (900 KiB) as streams/app.py does;
-- state: 0.11 fold-state records per event of 1,032 bytes (the fold's figures from the stage bench, README
-  "Performance") to a compacted 3-partition changelog, on the input message's partition.
+- state: 0.11 fold-state records per event of 1,032 bytes (the fold's figures from the stage bench, docs/performance.md,
+  first table) to a compacted 3-partition changelog, on the input message's partition.
 
 current (tally today): acks=all, linger 5 ms, no idempotence (the app's Faust producer); produce the outputs and
 wait for every delivery report, then the state records plus one position entry per input partition

@@ -10,8 +10,8 @@ pytestmark = pytest.mark.e2e
 # R2 kills the broker (this session's is shared by every test); R4 and R5 run in `make faults` only, which keeps
 # this module under 3 minutes. R1 is left out because it finds a real duplicate: a sink killed inside an insert,
 # after usage_events took the block and before its materialized views did, re-plans the batch after the restart
-# with other batch boundaries, hence another insert token, and usage_events takes the rows twice (README,
-# "Exactly once": known failure). It stays in `make faults`, failing, until the sink persists its plan.
+# with other batch boundaries, hence another insert token, and usage_events takes the rows twice (docs/exactly-once.md,
+# known failures). It stays in `make faults`, failing, until the sink persists its plan.
 IN_MAKE_TEST = ("R3", "R6", "R7", "R9", "R10", "R11")
 
 
