@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import signal
+import time
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -11,6 +16,7 @@ from confluent_kafka import Consumer, KafkaException
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 
+from streams.positions import SoughtOffsets
 from streams.roles.budget import read_compacted, wire_budget
 from streams.roles.context import OUTPUT_MESSAGE_BYTES, RoleContext, WorkerStats, log
 from streams.roles.detect import detect_config, wire_detect
@@ -20,7 +26,7 @@ from streams.roles.web import wire_web
 from tally.config import Settings
 from tally.errors import TallyError
 from tally.failpoints import Failpoints
-from tally.logs import demote_routine_library_logs
+from tally.logs import demote_routine_library_logs, dump_tasks
 from tally.store import Store
 
 # Re-exported: ops and tests import read_compacted from here; the benches' comments name OUTPUT_MESSAGE_BYTES and
@@ -34,12 +40,39 @@ class PositionedConsumer(aiokafka_driver.Consumer):  # type: ignore[misc]
     Faust seeks to the committed offsets after every assignment (start, rebalance, restart) and when its flow was
     stopped; tally then moves each partition it owns a position for to that position + 1. Kafka's committed offsets
     are only a lag hint: a commit past unprocessed input cannot lose it.
+
+    After tally seeks a partition it owns (`seek_owned`: those moves, and a stage's rewind), Faust's read offset
+    is moved before the seek, and the records of it fetched before the seek are passed over until the sought one
+    arrives (streams.positions.SoughtOffsets). Either gap let Faust drop the records the seek fetched, and the
+    partition stalled with its input fetched but never processed.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._sought = SoughtOffsets()
 
     async def _seek(self, partition: TP, offset: int) -> None:
         # On the consumer's own thread, as Faust's seek_to_committed runs: a seek from the event loop's thread
         # races the fetcher there (seen: KeyError in aiokafka's fetched_records right after a restart).
         await self._thread.call_thread(self._thread.seek, partition, offset)  # type: ignore[arg-type]
+
+    async def seek_owned(self, partition: TP, offset: int) -> None:
+        """Seek a partition tally owns a position for; what was fetched before is passed over (see the class).
+
+        Faust's own seek notes the new read offset only after the seek returned from the consumer's thread: a record
+        the seek fetched in between met the old read offset and was dropped, and the partition stalled with its
+        records fetched but never delivered (seen with `kill -USR1`: the fetch position at the end of the log, the
+        read offset at the sought one). Here the read offset is moved first.
+        """
+        self._sought.seek(partition, offset)
+        self._read_offset[partition] = offset if offset else None
+        await self._seek(partition, offset)
+
+    async def getmany(self, timeout: float) -> AsyncIterator[tuple[TP, Any]]:
+        sought = self._sought
+        async for tp, message in super().getmany(timeout):
+            if not sought.sought or sought.deliver(tp, message.offset):
+                yield tp, message
 
     async def seek_to_committed(self) -> Any:
         hold = getattr(self.app, "hold_positions", None)
@@ -49,7 +82,7 @@ class PositionedConsumer(aiokafka_driver.Consumer):  # type: ignore[misc]
         recover = getattr(self.app, "recover_positions", None)
         if recover is not None:
             for tp, offset in (await recover(self.assignment())).items():
-                await self._seek(tp, offset)
+                await self.seek_owned(tp, offset)
                 committed[tp] = offset
         return committed
 
@@ -116,6 +149,44 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     )
     app.recover_positions = ctx.recover_positions  # type: ignore[attr-defined]  # PositionedConsumer calls it
     app.hold_positions = ctx.hold_positions  # type: ignore[attr-defined]
+
+    @app.timer(interval=5.0, name="tally.watch_positions")
+    async def watch_positions() -> None:
+        """Input fetched but never handed to its stage is sought again (streams.positions.StallWatch)."""
+        await ctx.unstall(time.monotonic())
+
+    @app.task
+    async def tasks_on_sigusr1() -> None:
+        """`kill -USR1 <pid>` logs where each of the worker's asyncio tasks waits (a stuck worker's first question)."""
+        loop = asyncio.get_running_loop()
+
+        def dump() -> None:
+            try:
+                dump_state()
+            except Exception:  # the framework's internals moved: say so, keep the worker running
+                log.exception("SIGUSR1: the state dump failed")
+
+        def dump_state() -> None:
+            dump_tasks(loop, log)
+            consumer: Any = app.consumer  # Faust's own bookkeeping, read for the operator
+            log.warning("consumer (SIGUSR1): assigned %s; active %s; paused %s; buffered %s; read offsets %s; "
+                        "sought %s; flow active %s", sorted(consumer.assignment()),
+                        sorted(consumer._active_partitions or ()), sorted(consumer._paused_partitions),
+                        sorted(consumer._buffered_partitions), sorted(consumer._read_offset.items()),
+                        sorted(getattr(consumer, "_sought", SoughtOffsets()).sought.items()), consumer.flow_active)
+            conductor: Any = app.topics
+            log.warning("channels (SIGUSR1): %s", [(sorted(t.topics), t.queue.qsize())
+                                                   for t in getattr(conductor, "_topics", ())])
+
+            async def positions() -> None:
+                with contextlib.suppress(Exception):
+                    log.warning("aiokafka paused (SIGUSR1): %s", sorted(consumer._thread._ensure_consumer().paused()))
+                for tp in sorted(consumer.assignment()):
+                    log.warning("position (SIGUSR1) %s[%d]: %s, highwater %s", tp.topic, tp.partition,
+                                await consumer.position(tp), consumer.highwater(tp))
+            loop.create_task(positions())
+
+        loop.add_signal_handler(signal.SIGUSR1, dump)
 
     if role in ("process", "all"):
         # Validation, pricing, folding and the detectors are CPU work: one thread keeps the event loop (heartbeats,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from streams.records import Source
 
@@ -88,6 +89,73 @@ def audit_line(topic: str, sources: Sequence[Source], produced: Mapping[str, int
     first, last = first_offsets(sources), last_offsets(sources)
     ranges = " ".join(f"{topic}[{p}]@{first[p]}..{last[p]}" for p in sorted(last))
     return f"batch {ranges} -> " + " ".join(f"{k}={v}" for k, v in produced.items())
+
+
+# Records of a partition dropped after a seek before the sought offset must have arrived (a fetch holds at most a
+# few thousand); past this the log no longer holds that offset, and the stage's guard sees the gap.
+STALE_LIMIT = 50_000
+
+
+@dataclass
+class SoughtOffsets:
+    """After a seek, the records of that partition fetched before it are passed over until the sought one arrives.
+
+    Faust's fetch loop delivers a batch it fetched before a seek after the seek, and notes each delivered offset as
+    read; it then drops every record below that, so the records the seek fetched again were dropped and the
+    partition stalled until new input came (seen: a restarted worker left 20 messages of three partitions
+    unprocessed after a stage rewound them). Only for tally's own topics: they are never compacted, so the sought
+    offset arrives, unless retention removed it (then, after `limit` records, delivery resumes and says so).
+    """
+
+    limit: int = STALE_LIMIT
+    sought: dict[Any, int] = field(default_factory=dict)  # partition → the offset sought, until that record arrives
+    stale: dict[Any, int] = field(default_factory=dict)  # records passed over since that seek
+
+    def seek(self, tp: Any, offset: int) -> None:
+        self.sought[tp] = offset
+        self.stale[tp] = 0
+
+    def deliver(self, tp: Any, offset: int) -> bool:
+        """True if the record at `offset` of `tp` is to be delivered (False: fetched before the last seek)."""
+        want = self.sought.get(tp)
+        if want is None:
+            return True
+        if offset == want:
+            del self.sought[tp]
+            return True
+        self.stale[tp] += 1
+        if self.stale[tp] <= self.limit:
+            return False
+        log.error("%s: offset %d sought, %d records later it has not arrived (the log no longer holds it?); "
+                  "delivering from %d", tp, want, self.limit, offset)
+        del self.sought[tp]
+        return True
+
+
+@dataclass
+class StallWatch:
+    """Partitions whose input waits but is not delivered: fetched past the expected offset, never handed over.
+
+    A last line of defence beside SoughtOffsets: Faust's fetch loop can skip records it fetched (its read offset,
+    a partition paused while its batch was being handed over), and the fetch position then sits past input no
+    stage has seen; nothing but a seek delivers it again. A partition is stalled when its high watermark and the
+    fetch position are past the offset a stage expects, the read offset Faust has delivered up to is not, and that
+    has lasted `after_s` (a busy stage never looks so: Faust reads ahead of it).
+    """
+
+    after_s: float = 15.0
+    since: dict[Any, float] = field(default_factory=dict)
+
+    def suspect(self, tp: Any, want: int, high: int | None, read: int | None, now: float) -> bool:
+        """True when `tp` has looked stalled for `after_s` (then ask for the fetch position, and seek)."""
+        if high is None or high <= want or (read is not None and read > want):
+            self.since.pop(tp, None)
+            return False
+        first = self.since.setdefault(tp, now)
+        if now - first < self.after_s:
+            return False
+        self.since[tp] = now  # at most one seek per `after_s`
+        return True
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import logging
 import re
 
@@ -37,3 +39,38 @@ def demote_routine_library_logs() -> None:
     logger = logging.getLogger(name)
     if not any(isinstance(f, DemoteToDebug) and f.pattern == pattern for f in logger.filters):
         logger.addFilter(DemoteToDebug(pattern))
+
+
+def _awaits(coro: object, depth: int = 40) -> list[str]:
+    """Where a suspended coroutine waits: each frame of its await chain, outermost first."""
+    out: list[str] = []
+    while coro is not None and depth > 0:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "ag_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is not None:
+            out.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "ag_await", None) or getattr(coro, "gi_yieldfrom", None)
+        depth -= 1
+    if coro is not None:
+        out.append(repr(coro))
+    return out
+
+
+def dump_tasks(loop: asyncio.AbstractEventLoop, logger: logging.Logger) -> None:
+    """Log where every asyncio task of `loop` waits (a worker that stopped moving: `kill -USR1 <pid>`)."""
+    out = io.StringIO()
+    tasks = sorted(asyncio.all_tasks(loop), key=lambda t: t.get_name())
+    for task in tasks:
+        out.write(f"--- {task.get_name()}\n")
+        for line in _awaits(task.get_coro()):
+            out.write(f"    {line}\n")
+    # A framework may wrap a coroutine so that its task's await chain ends early (Faust's agents): every suspended
+    # coroutine of this project's own code, with where it waits.
+    import gc
+    import types
+
+    for obj in gc.get_objects():
+        if isinstance(obj, types.CoroutineType) and obj.cr_frame is not None and "/streams/" in obj.cr_code.co_filename:
+            out.write(f"--- coroutine {obj.cr_code.co_name}\n")
+            for line in _awaits(obj):
+                out.write(f"    {line}\n")
+    logger.warning("%d asyncio tasks (SIGUSR1):\n%s", len(tasks), out.getvalue())

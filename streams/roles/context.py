@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import faust
 from faust.types import TP
 
-from streams.positions import PositionGuard, is_meta_key, meta_partition
+from streams.positions import PositionGuard, StallWatch, is_meta_key, meta_partition
 from streams.records import Source
 from streams.sink_columns import is_arrow
 from tally.config import Settings
@@ -250,6 +250,36 @@ class RoleContext:
         else:
             self.crash.hit(name)
 
+    stalls: StallWatch = field(default_factory=StallWatch)
+
+    async def unstall(self, now: float) -> None:
+        """Seek again every owned partition whose input waits undelivered (StallWatch); a timer calls this."""
+        consumer: Any = self.app.consumer
+        read = getattr(consumer, "_read_offset", None)
+        if read is None or getattr(self.app, "rebalancing", False):
+            return
+        wants: dict[TP, int] = {}
+        for (topic, _), guard in self.guards.items():
+            if guard.open:
+                for p, want in guard.expected.items():
+                    tp = TP(topic, p)
+                    wants[tp] = min(want, wants.get(tp, want))
+        for tp, want in wants.items():
+            try:
+                high = consumer.highwater(tp)
+            except Exception:  # noqa: S112 - not fetched yet, or between assignments: nothing to judge yet
+                continue
+            if not self.stalls.suspect(tp, want, high, read.get(tp), now):
+                continue
+            position = await consumer.position(tp)
+            if position is None or position <= want:
+                continue  # the fetch has not passed it: it is coming
+            log.warning("%s[%d]: input waits at %d (fetched to %d, high watermark %d) but none was delivered for "
+                        "%.0f s; seeking it again", tp.topic, tp.partition, want, position, high,
+                        self.stalls.after_s)
+            seek = getattr(consumer, "seek_owned", consumer.seek)
+            await seek(tp, want)
+
     def hold_positions(self) -> None:
         """An assignment starts: every stage holds its input back until recover_positions has read its positions."""
         for guard in self.guards.values():
@@ -290,8 +320,10 @@ class RoleContext:
         if (admitted.replayed or admitted.held) and self.settings.audit_offsets:
             audit.info("%s: passed over %d replayed messages of %s (at or below the stored position), held back %d "
                        "(before its positions were read)", stage, admitted.replayed, topic, admitted.held)
+        consumer = self.app.consumer
+        seek = getattr(consumer, "seek_owned", consumer.seek)  # PositionedConsumer drops what it fetched before
         for partition, offset in admitted.rewind.items():
-            await self.app.consumer.seek(TP(topic, partition), offset)
+            await seek(TP(topic, partition), offset)
         return admitted.messages
 
     async def publish_messages(self, topic: faust.TopicT, messages_by_partition: dict[int, list[bytes]]) -> list[Any]:

@@ -1,5 +1,7 @@
 from streams.positions import (
     PositionGuard,
+    SoughtOffsets,
+    StallWatch,
     encode_offset,
     is_position_key,
     last_offsets,
@@ -74,3 +76,30 @@ def test_guard_holds_input_back_until_its_positions_are_read():
     assert guard.admit(_batch((0, 9))).rewind == {0: 7} and guard.gaps == 1
     guard.hold()  # the next assignment
     assert guard.admit(_batch((0, 7))).held == 1 and guard.expected == {0: 7}
+
+
+def test_records_fetched_before_a_seek_are_passed_over_until_the_sought_one_arrives():
+    """Faust notes each delivered offset as read and drops anything below it: a record fetched before a seek and
+    delivered after it made Faust drop the records the seek fetched again (a partition stalled)."""
+    sought = SoughtOffsets(limit=3)
+    assert sought.deliver("t[0]", 52)  # nothing sought: everything passes
+    sought.seek("t[0]", 28)
+    assert [o for o in (53, 54, 28, 29) if sought.deliver("t[0]", o)] == [28, 29]
+    assert sought.deliver("t[1]", 7)  # other partitions are not held
+    sought.seek("t[0]", 10)  # the log no longer holds 10: after `limit` records delivery resumes
+    assert [o for o in (40, 41, 42, 43, 44) if sought.deliver("t[0]", o)] == [43, 44]
+
+
+def test_a_partition_whose_fetched_input_is_never_delivered_is_suspected_after_a_while():
+    watch = StallWatch(after_s=15.0)
+    # caught up (high watermark at the expected offset), or Faust delivered past it: never a stall
+    assert not watch.suspect("t[0]", 39, 39, 38, now=0.0)
+    assert not watch.suspect("t[0]", 39, 55, 54, now=100.0)
+    # input waits, nothing delivered past the expected offset: suspected only once it has lasted after_s
+    assert not watch.suspect("t[0]", 39, 55, 39, now=200.0)
+    assert not watch.suspect("t[0]", 39, 55, 39, now=210.0)
+    assert watch.suspect("t[0]", 39, 55, 39, now=215.0)
+    assert not watch.suspect("t[0]", 39, 55, 39, now=220.0)  # at most once per after_s
+    assert watch.suspect("t[0]", 39, 55, 39, now=230.0)
+    assert not watch.suspect("t[0]", 39, 55, 60, now=231.0)  # delivered again: forgotten
+    assert not watch.suspect("t[0]", 39, 55, 39, now=240.0)
