@@ -90,6 +90,19 @@ class PositionedConsumer(aiokafka_driver.Consumer):  # type: ignore[misc]
 class TallyApp(faust.App):  # type: ignore[misc]
     """The Faust app with tally's positioned consumer (see PositionedConsumer)."""
 
+    async def _consumer_wait_empty(self, consumer: Any, logger: Any) -> None:
+        """On a rebalance, Faust's wait for the streams to finish; on the way out (SIGTERM, `tally down`), none.
+
+        Stopping, Faust waited for every message in flight to be acked and committed offsets while it did; a commit
+        that met a rebalance rejoined the group and the worker never exited (seen: a clean leave during another
+        worker's restart, `tests/e2e/test_roles.py`). tally resumes from its own stored positions, so what the
+        streams had not finished is replayed by the next owner, as after a kill -9.
+        """
+        if self.should_stop:
+            logger.info("stopping: not waiting for the streams (the next owner resumes from the stored positions)")
+            return
+        await super()._consumer_wait_empty(consumer, logger)
+
     def _new_transport(self) -> Any:
         transport = super()._new_transport()
         transport.Consumer = PositionedConsumer  # type: ignore[misc]  # this app's transport only

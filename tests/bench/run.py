@@ -62,7 +62,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--latency-low-seconds", type=float, default=15.0)
     p.add_argument("--sample-every", type=int, default=200)
     p.add_argument("--profile", type=int, default=0, metavar="SECONDS",
-                   help="py-spy the worker (sink worker when split) for this long in each pipeline run")
+                   help="py-spy the worker(s) for this long in each pipeline run")
+    p.add_argument("--profile-default-stack", type=int, default=20, metavar="SECONDS",
+                   help="py-spy the default stack's workers (process and sink) for this long in the split runs (one "
+                        "and two process workers alike, so their ratio stays fair), so the report says where the "
+                        "time goes (0 = not); --profile, when set, wins")
     p.add_argument("--state-open-requests", type=int, default=1_000_000,
                    help="stages: open logical requests in the worker-state memory measurement")
     p.add_argument("--state-features", type=int, default=10_000,
@@ -381,10 +385,10 @@ def main(argv: list[str] | None = None) -> int:
             if "split" in only:
                 _step(results, "pipeline_batch_split", lambda: pipeline.throughput(
                     base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
-                    profile_s=args.profile))
+                    profile_s=args.profile or args.profile_default_stack))
                 _step(results, "pipeline_batch_split2", lambda: pipeline.throughput(
                     base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
-                    profile_s=args.profile, process_workers=2))
+                    profile_s=args.profile or args.profile_default_stack, process_workers=2))
                 if args.alt_handoff:
                     _step(results, "pipeline_batch_split_handoff", lambda: pipeline.throughput(
                         base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
