@@ -170,7 +170,11 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
 
     @app.task
     async def tasks_on_sigusr1() -> None:
-        """`kill -USR1 <pid>` logs where each of the worker's asyncio tasks waits (a stuck worker's first question)."""
+        """`kill -USR1 <pid>` logs where each asyncio task waits, and the consumer's state.
+
+        A stuck worker's first question. It replaces mode's own SIGUSR1 handler, which prints the tasks' frames
+        without their await chains.
+        """
         loop = asyncio.get_running_loop()
 
         def dump() -> None:

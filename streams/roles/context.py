@@ -231,6 +231,7 @@ class RoleContext:
     # over what its stage has already saved.
     guards: dict[tuple[str, str], PositionGuard] = field(default_factory=dict)
     stored: dict[tuple[str, str], StoredPositions] = field(default_factory=dict)
+    stalls: StallWatch = field(default_factory=StallWatch)  # partitions fetched but not delivered (unstall)
 
     def own_positions(self, topic: str, stage: str, stored: StoredPositions) -> None:
         """The stage reads `topic` from the positions `stored` returns, behind a guard that drops replayed input."""
@@ -249,8 +250,6 @@ class RoleContext:
             await asyncio.get_running_loop().run_in_executor(self.clickhouse, self.crash.hit, name)
         else:
             self.crash.hit(name)
-
-    stalls: StallWatch = field(default_factory=StallWatch)
 
     async def unstall(self, now: float) -> None:
         """Seek again every owned partition whose input waits undelivered (StallWatch); a timer calls this."""
