@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import signal
 import time
@@ -26,7 +25,7 @@ from streams.roles.web import wire_web
 from tally.config import Settings
 from tally.errors import TallyError
 from tally.failpoints import Failpoints
-from tally.logs import demote_routine_library_logs, dump_tasks
+from tally.logs import demote_routine_library_logs, dump_worker
 from tally.store import Store
 
 # Re-exported: ops and tests import read_compacted from here; the benches' comments name OUTPUT_MESSAGE_BYTES and
@@ -43,8 +42,9 @@ class PositionedConsumer(aiokafka_driver.Consumer):  # type: ignore[misc]
 
     After tally seeks a partition it owns (`seek_owned`: those moves, and a stage's rewind), Faust's read offset
     is moved before the seek, and the records of it fetched before the seek are passed over until the sought one
-    arrives (streams.positions.SoughtOffsets). Either gap let Faust drop the records the seek fetched, and the
-    partition stalled with its input fetched but never processed.
+    arrives (streams.positions.SoughtOffsets). Either gap can let Faust drop the records the seek fetched, leaving
+    the partition's input fetched but never processed (not shown to cause the stalls seen; RoleContext.unstall
+    heals those).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -60,9 +60,10 @@ class PositionedConsumer(aiokafka_driver.Consumer):  # type: ignore[misc]
         """Seek a partition tally owns a position for; what was fetched before is passed over (see the class).
 
         Faust's own seek notes the new read offset only after the seek returned from the consumer's thread: a record
-        the seek fetched in between met the old read offset and was dropped, and the partition stalled with its
-        records fetched but never delivered (seen with `kill -USR1`: the fetch position at the end of the log, the
-        read offset at the sought one). Here the read offset is moved first.
+        the seek fetched in between can meet the old read offset and be dropped, leaving the partition's records
+        fetched but never delivered (a stalled partition looked like that under `kill -USR1`: the fetch position at
+        the end of the log, the read offset at the sought one). Here the read offset is moved first; stalls went on
+        without this being shown to be their cause, and RoleContext.unstall heals them.
         """
         self._sought.seek(partition, offset)
         self._read_offset[partition] = offset if offset else None
@@ -179,29 +180,9 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
 
         def dump() -> None:
             try:
-                dump_state()
+                dump_worker(app, loop, log)
             except Exception:  # the framework's internals moved: say so, keep the worker running
                 log.exception("SIGUSR1: the state dump failed")
-
-        def dump_state() -> None:
-            dump_tasks(loop, log)
-            consumer: Any = app.consumer  # Faust's own bookkeeping, read for the operator
-            log.warning("consumer (SIGUSR1): assigned %s; active %s; paused %s; buffered %s; read offsets %s; "
-                        "sought %s; flow active %s", sorted(consumer.assignment()),
-                        sorted(consumer._active_partitions or ()), sorted(consumer._paused_partitions),
-                        sorted(consumer._buffered_partitions), sorted(consumer._read_offset.items()),
-                        sorted(getattr(consumer, "_sought", SoughtOffsets()).sought.items()), consumer.flow_active)
-            conductor: Any = app.topics
-            log.warning("channels (SIGUSR1): %s", [(sorted(t.topics), t.queue.qsize())
-                                                   for t in getattr(conductor, "_topics", ())])
-
-            async def positions() -> None:
-                with contextlib.suppress(Exception):
-                    log.warning("aiokafka paused (SIGUSR1): %s", sorted(consumer._thread._ensure_consumer().paused()))
-                for tp in sorted(consumer.assignment()):
-                    log.warning("position (SIGUSR1) %s[%d]: %s, highwater %s", tp.topic, tp.partition,
-                                await consumer.position(tp), consumer.highwater(tp))
-            loop.create_task(positions())
 
         loop.add_signal_handler(signal.SIGUSR1, dump)
 

@@ -100,11 +100,13 @@ STALE_LIMIT = 50_000
 class SoughtOffsets:
     """After a seek, the records of that partition fetched before it are passed over until the sought one arrives.
 
-    Faust's fetch loop delivers a batch it fetched before a seek after the seek, and notes each delivered offset as
-    read; it then drops every record below that, so the records the seek fetched again were dropped and the
-    partition stalled until new input came (seen: a restarted worker left 20 messages of three partitions
-    unprocessed after a stage rewound them). Only for tally's own topics: they are never compacted, so the sought
-    offset arrives, unless retention removed it (then, after `limit` records, delivery resumes and says so).
+    Faust's fetch loop can deliver a batch it fetched before a seek after the seek, and notes each delivered offset
+    as read; it then drops every record below that, so the records the seek fetched again can be dropped and the
+    partition stall until new input comes. A restarted worker was seen leaving 20 messages of three partitions
+    unprocessed after a stage rewound them; that this path caused it is not established (the stalls went on with
+    this filter in place: RoleContext.unstall heals them, docs/exactly-once.md). Only for tally's own topics: they
+    are never compacted, so the sought offset arrives, unless retention removed it (then, after `limit` records,
+    delivery resumes and says so).
     """
 
     limit: int = STALE_LIMIT

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import bisect
 import functools
 import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -19,7 +18,6 @@ from typing import Any, Protocol
 
 import orjson
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from streams.fold import (
     REQUEST_COLUMNS,
@@ -28,6 +26,15 @@ from streams.fold import (
     Fact,
     facts_of_detail,
     summarize,
+)
+from streams.pieces import (
+    Piece,
+    cut_columns,
+    journal_entry,
+    journaled_pieces,
+    make_pieces,
+    plan_id,
+    split_piece,
 )
 from streams.records import (
     ATTEMPT_COLUMNS,
@@ -39,17 +46,15 @@ from streams.records import (
     encode_record,
 )
 from streams.sink_columns import (
+    PART_SCHEMA,
     REQUEST_SCHEMA,
     SINK_SCHEMA,
     ArrowPart,
     AttemptBatch,
     DictPart,
-    Part,
     Refused,
     arrow_part,
-    decode_message,
     ipc_part,
-    ipc_stream,
     is_arrow,
     request_part,
     rows_table,
@@ -177,18 +182,6 @@ def decode_batch(messages: Sequence[tuple[bytes | None, Source]], shape: RowShap
     return (batch if parts else rows), dead
 
 
-def insert_token(table: str, keys: Iterable[str], scope: Iterable[str] = ()) -> str:
-    """Deterministic insert_deduplication_token: the same set of rows (in the same scope) always gets the same token.
-
-    `scope` names what the piece was cut from (its origin message and days); it is hashed before the sorted keys.
-    """
-    h = hashlib.blake2b(digest_size=16)
-    for key in (*scope, "", *sorted(keys)) if scope else sorted(keys):
-        h.update(key.encode())
-        h.update(b"\0")
-    return f"{table}:{h.hexdigest()}"
-
-
 def content_hash(payload: str) -> str:
     """A hash of an event's content: its original fields, whatever their order or spacing on the wire.
 
@@ -207,95 +200,6 @@ def utc_day(at: datetime) -> date:
     return (at.astimezone(UTC) if at.tzinfo is not None else at).date()
 
 
-Group = tuple[dict[str, Any], ...]  # rows that land in one insert or not at all (a cancel row and its revision)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One insert of a plan: whole groups of rows, their days, and the token that makes a re-send a no-op.
-
-    `origin` is the input message all its rows came from ('' for a writer that does not group by message).
-    A columnar piece (the attempts' fast path) holds its rows as an Arrow table in `data` (every column of the
-    insert, in order) and their keys in `keys`, and no groups: each row is its own group.
-    """
-
-    table: str
-    groups: tuple[Group, ...]
-    token: str
-    days: tuple[date, ...]
-    origin: str = ""
-    data: pa.Table | None = None
-    keys: tuple[str, ...] = ()
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        if self.data is not None:
-            raise TypeError("a columnar piece holds an Arrow table (data), not dict rows")
-        return [r for g in self.groups for r in g]
-
-    @property
-    def size(self) -> int:
-        """How many rows the piece inserts."""
-        return len(self.keys) if self.data is not None else sum(len(g) for g in self.groups)
-
-    @property
-    def splittable(self) -> bool:
-        """Whether it has more than one group, so that halves can be sent."""
-        return self.size > 1 if self.data is not None else len(self.groups) > 1
-
-
-# Days in one piece of a message at most: rollup_minute is partitioned by day and ClickHouse refuses an insert block
-# that spans more than max_partitions_per_insert_block (100) partitions; half of it leaves room.
-DAYS_PER_PIECE = 50
-
-
-def make_pieces(table: str, groups: Iterable[Group], key: Callable[[dict[str, Any]], str],
-                days: Callable[[Group], Iterable[date]],
-                origin: Callable[[Group], str] | None = None, days_per_piece: int = 1) -> list[Piece]:
-    """Split groups into pieces by origin message (if `origin` is given) and set of UTC days, in that order.
-
-    One day per piece unless a group spans two; with `days_per_piece` > 1, the single-day groups of one origin are
-    gathered over up to that many consecutive (sorted) days of theirs. Each piece's token is a hash of its origin,
-    days and rows' keys, so the same rows always make the same piece.
-    """
-    by_cut: dict[tuple[str, tuple[date, ...]], list[Group]] = {}
-    for g in groups:
-        by_cut.setdefault((origin(g) if origin else "", tuple(sorted(set(days(g))))), []).append(g)
-    cuts: list[tuple[str, tuple[date, ...], list[Group]]] = []
-    for (o, d), gs in sorted(by_cut.items()):
-        last = cuts[-1] if cuts else None
-        if (days_per_piece > 1 and last is not None and last[0] == o and len(d) == 1
-                and len(last[1]) < days_per_piece):
-            last[2].extend(gs)
-            cuts[-1] = (o, (*last[1], *d), last[2])
-        else:
-            cuts.append((o, d, gs))
-    return [_piece(table, tuple(gs), key, d, o) for o, d, gs in cuts]
-
-
-def _piece(table: str, groups: tuple[Group, ...], key: Callable[[dict[str, Any]], str], days: tuple[date, ...],
-           origin: str) -> Piece:
-    scope = (origin, *map(str, days)) if origin else ()
-    return Piece(table, groups, insert_token(table, (key(r) for g in groups for r in g), scope), days, origin)
-
-
-def split_piece(piece: Piece, key: Callable[[dict[str, Any]], str]) -> list[Piece]:
-    """Two halves of a piece ClickHouse found too large, each with the token of its own rows."""
-    if piece.data is not None:
-        half = piece.size // 2
-        return [_arrow_piece(piece.table, piece.data.slice(start, stop - start), piece.keys[start:stop], piece.days,
-                             piece.origin) for start, stop in ((0, half), (half, piece.size))]
-    half = len(piece.groups) // 2
-    return [_piece(piece.table, gs, key, piece.days, piece.origin)
-            for gs in (piece.groups[:half], piece.groups[half:])]
-
-
-def _arrow_piece(table: str, data: pa.Table, keys: Sequence[str], days: tuple[date, ...], origin: str) -> Piece:
-    """A columnar piece, with the token _piece gives the same rows (same table, origin, days and keys)."""
-    scope = (origin, *map(str, days)) if origin else ()
-    return Piece(table, (), insert_token(table, keys, scope), days, origin, data, tuple(keys))
-
-
 @dataclass
 class Plan:
     """What a writer decided for one batch: the pieces to insert (in order) and the rows it refused."""
@@ -307,11 +211,45 @@ class Plan:
 
 
 @dataclass
+class Journaled:
+    """The journaled plans (streams.pieces) that cover some of a batch's messages.
+
+    Their pieces are re-sent before anything else is planned; the messages they cover are left out of the new plan.
+    """
+
+    pieces: list[Piece] = field(default_factory=list)
+    covered: frozenset[str] = frozenset()
+
+
+def read_journal(store: Store, origins: Sequence[str], schema: pa.Schema,
+                 keys_of: Callable[[pa.Table], list[str]]) -> Journaled:
+    """The journaled plans of these input messages (sink_journal), their pieces in the order they were planned."""
+    messages = list(dict.fromkeys(o for o in origins if o))
+    if not messages:  # rows without an origin (tools, tests) are never journaled
+        return Journaled()
+    covered, entries = store.journaled_plans(messages)
+    missing = set(covered.values()) - entries.keys()
+    if missing:  # one insert writes both rows of a plan: this is a damaged journal, not a race
+        raise StoreError(f"sink_journal covers messages of plans {sorted(missing)[:3]} but holds no pieces for them")
+    pieces = [p for plan in sorted(entries) for p in journaled_pieces(entries[plan], schema, keys_of)]
+    return Journaled(pieces, frozenset(covered))
+
+
+def journal_plan(store: Store, origins: Sequence[str], pieces: Sequence[Piece]) -> None:
+    """Journal a plan's pieces for the messages it covers, in one insert (Plan.prepare: before any piece is sent)."""
+    store.journal_plan(plan_id(origins), sorted(set(origins)), journal_entry(pieces))
+
+
+@dataclass
 class Written:
-    """The outcome of one batch: rows inserted and the dead letters the agent must publish before it acks."""
+    """The outcome of one batch: rows inserted, rows re-sent from the journal, and the dead letters to publish.
+
+    The agent publishes the dead letters before it stores the batch's position.
+    """
 
     inserted: int
     rejections: list[Rejection]
+    resent: int = 0
 
     def dead_letters(self) -> dict[int, list[bytes]]:
         """Dead-letter lines keyed by partition (the partition of the line's source)."""
@@ -322,11 +260,13 @@ class Written:
 
 
 class Writer(Protocol):
-    """What write_with_retry drives: plan a batch once, then insert its pieces until each has landed."""
+    """What write_with_retry drives: re-send the journaled plans, plan the rest once, insert until each piece landed."""
 
     stats: SinkStats
 
-    def plan(self, rows: Sequence[dict[str, Any]]) -> Plan: ...
+    def journaled(self, rows: Sequence[dict[str, Any]]) -> Journaled: ...
+
+    def plan(self, rows: Sequence[dict[str, Any]], covered: frozenset[str] = frozenset()) -> Plan: ...
 
     def insert(self, piece: Piece) -> None: ...
 
@@ -344,19 +284,23 @@ class SinkStats:
     duplicates_in_batch: int = 0
     already_saved: int = 0
     conflicting_duplicates: int = 0
-    resent: int = 0  # rows saved by their own message before, re-sent by its replay (absorbed where they landed)
+    resent: int = 0  # rows of a journaled plan re-sent by a replay (absorbed where they landed)
     retries: int = 0
     last_insert_s: float = 0.0
     superseded: int = 0
 
 
 def run_plan(writer: Writer, rows: Sequence[dict[str, Any]]) -> int:
-    """Plan and insert once, without retry (tools, tests); returns rows inserted.
+    """Re-send the journaled plans, plan and insert once, without retry (tools, tests); returns rows inserted.
 
     Refuses a batch whose plan dead-letters rows (a caller without a dead-letter route would drop them): use
     write_with_retry, which returns them.
     """
-    plan = writer.plan(rows)
+    replay = writer.journaled(rows)
+    for piece in replay.pieces:
+        writer.insert(piece)
+    writer.stats.resent += sum(p.size for p in replay.pieces)
+    plan = writer.plan(rows, replay.covered)
     if plan.rejections:
         raise SinkRefused(f"{len(plan.rejections)} rows need the dead-letter topic "
                           f"({plan.rejections[0].reason}: {plan.rejections[0].message})")
@@ -369,20 +313,16 @@ def run_plan(writer: Writer, rows: Sequence[dict[str, Any]]) -> int:
     return sum(p.size for p in plan.pieces)
 
 
-def _insert(writer: Writer, store: Store, piece: Piece, columns: Sequence[str], schema: pa.Schema | None = None
-            ) -> None:
-    """Insert one piece. With `schema`, every piece goes in one form: an Arrow table of it (Store.insert_arrow).
+def _insert(writer: Writer, store: Store, piece: Piece, columns: Sequence[str]) -> None:
+    """Insert one piece: a columnar piece as one Arrow record batch (Store.insert_arrow), dict rows in columns.
 
     ClickHouse derives a block's deduplication id from the insert's token *and* how the insert was chunked: the
     same token sent once as one Arrow batch and once as clickhouse-connect's Native blocks is two blocks, both
-    kept. A replay re-sends a piece in the form a journal or another path gives it (a columnar piece of a message
-    comes back as dict rows from request_plans), so the writers whose replays must be absorbed pass their schema.
+    kept. So a piece whose replay must be absorbed is always columnar, planned and journaled as one Arrow table.
     """
     started = time.perf_counter()
     if piece.data is not None:
         store.insert_arrow(piece.table, piece.data, piece.token)
-    elif schema is not None:
-        store.insert_arrow(piece.table, rows_table(piece.rows, schema), piece.token)
     else:
         rows = piece.rows
         store.insert_columns(piece.table, [[r[c] for r in rows] for c in columns], columns, piece.token)
@@ -404,20 +344,21 @@ class SinkWriter:
       2. Lookup: the event_ids ClickHouse already holds, each with its hash and origin (table event_ids, TTL = the
          dedup window). All copies of an event share its logical request id, hence its partition, hence one sink
          at a time: no race.
-      3. Decide, in batch order: an event_id not saved, or saved with this row's own origin (the replay of a message
-         whose insert was cut short: some tables may hold it, others not), is inserted once; a copy saved by
-         another message, or already planned earlier in this batch, is a duplicate if its hash matches, skipped;
-         with another hash it is a dead letter conflicting_duplicate (both hashes in its message, the original line
-         as its bytes), never inserted.
-      4. Pieces: the rows to insert grouped by origin message, and within it by up to DAYS_PER_PIECE UTC days of ts
-         (rollup_minute, partitioned by day, is the finest partitioning an insert reaches: a piece never hits
-         TOO_MANY_PARTS), each with insert_deduplication_token = a hash of (table, origin, days, sorted
-         event_ids), async_insert = 0. A
-         message's content never changes and messages are replayed in order from the stored position, so a piece
-         is the same on every replay whatever batch it falls in and whatever part of it landed before.
+      0. Journal: the batch's messages that a journaled plan covers (a replay after a crash mid-insert) have that
+         plan's pieces re-sent first, as they were planned (write_with_retry; streams.pieces). Their rows are
+         still decided below (their dead letters and the supersede step are derived again) but not planned again.
+      3. Decide, in batch order: an event_id not saved, or saved with this row's own origin (a message whose
+         insert was cut short), is inserted once; a copy saved by another message, or already planned earlier in
+         this batch, is a duplicate if its hash matches, skipped; with another hash it is a dead letter
+         conflicting_duplicate (both hashes in its message, the original line as its bytes), never inserted.
+      4. Pieces: the rows to insert, of every message of the batch, in pieces of up to DAYS_PER_PIECE UTC days of
+         ts (rollup_minute, partitioned by day, is the finest partitioning an insert reaches: a piece never hits
+         TOO_MANY_PARTS), one Arrow table each, with insert_deduplication_token = a hash of (table, plan, days,
+         sorted event_ids), async_insert = 0. The plan is journaled (sink_journal) before its first insert.
       5. Insert the pieces; write_with_retry re-sends a failed piece unchanged, and a replay after a crash re-sends
-         it too (step 3). A re-sent block is deduplicated in every table that holds it (usage_events, event_ids and
-         every view target, by their own derived tokens) and fills the ones that missed it: none gets it twice.
+         it from the journal (step 0). A re-sent block is deduplicated in every table that holds it (usage_events,
+         event_ids and every view target, by their own derived tokens) and fills the ones that missed it: none
+         gets it twice.
       6. Supersede (streams.supersede), after every piece landed: rows of the batch's physical calls that no
          longer count (an estimate corrected by real usage) are subtracted from the rollups, once, in any arrival
          order; idempotent, so it is retried like an insert and redone by a replay.
@@ -425,23 +366,32 @@ class SinkWriter:
     before migration 008 has no hash, so any later copy of it counts as a duplicate; an event saved before 011 has
     no origin, so a replay of its message skips it (a cut-short insert from before 011 is not repaired); a replayed
     piece is absorbed only while its blocks are within each table's dedup window (10,000 inserts: the replay is of
-    the last batch, well within it); a piece that ClickHouse found too large and split (write_with_retry) and
-    whose insert was then cut short by a crash is re-sent whole, under another token than its halves.
+    the last batch, well within it) and its plan within the journal's TTL (the dedup window); a piece that
+    ClickHouse found too large and split (write_with_retry) and whose insert was then cut short by a crash is
+    re-sent whole from the journal, under another token than its halves; a sink that still writes a batch after
+    its partitions went to another sink (a zombie: Faust waits for the batch before it gives them up, unless the
+    group's rebalance timeout passes first) may insert rows the new owner plans in another batch, under other
+    tokens (before 012 pieces were per message, so such a copy was absorbed): `tally verify` lists an event_id
+    stored twice.
     """
 
     store: Store
     stats: SinkStats = field(default_factory=SinkStats)
     table: str = "usage_events"
 
-    def plan(self, rows: Sequence[dict[str, Any]]) -> Plan:
+    def journaled(self, rows: Sequence[dict[str, Any]]) -> Journaled:
+        """Step 0: the journaled plans covering any of the batch's messages."""
+        batch = rows if isinstance(rows, AttemptBatch) else AttemptBatch([DictPart(list(rows))])
+        return read_journal(self.store, batch.origins(), SINK_SCHEMA, _event_ids)
+
+    def plan(self, rows: Sequence[dict[str, Any]], covered: frozenset[str] = frozenset()) -> Plan:
         """Steps 1-4: the pieces to insert and the conflicting duplicates. Reads ClickHouse, writes nothing.
 
         In columns: the batch (an AttemptBatch from decode_batch; dict rows are taken as one part) is read column
         by column. An event_id that ClickHouse does not hold and that the batch carries once (nearly all of them)
         is inserted: a set difference. Only the event_ids held or repeated go through the decision of step 3, row
-        by row in batch order (a decision depends only on the rows of its own event_id). The rows of a message the
-        fast path decoded become columnar pieces (one insert_arrow each); dict rows make dict pieces, with the
-        same tokens for the same rows.
+        by row in batch order (a decision depends only on the rows of its own event_id). Rows of the messages in
+        `covered` (re-sent from the journal) are decided but not planned. `prepare` journals the pieces.
         """
         batch = rows if isinstance(rows, AttemptBatch) else AttemptBatch([DictPart(list(rows))])
         hashes: list[str] = []
@@ -470,7 +420,7 @@ class SinkWriter:
             digest = hashes[i]
             found = saved.get(eid)
             if eid not in planned and (found is None or found == (digest, origins[i])):
-                self.stats.resent += found is not None
+                self.stats.resent += found is not None and origins[i] not in covered
                 held[eid] = digest
                 planned.add(eid)
                 fresh.append(i)
@@ -484,58 +434,40 @@ class SinkWriter:
                 self.stats.already_saved += 1
         self.stats.conflicting_duplicates += len(rejections)
         self.stats.batches += 1
-        pieces = self._pieces(batch, fresh, eids, origins, hashes)
+        if covered:
+            fresh = [i for i in fresh if origins[i] not in covered]
+        messages = [o for o in dict.fromkeys(origins) if o not in covered]
+        data = self._rows(batch, fresh, hashes)
+        pieces = cut_columns(self.table, data, [eids[i] for i in fresh], "ts", plan_id(messages))
         request_ids: dict[str, str] = {}  # each event_id once, as it counts (conflicting copies never do)
         for i, rid in enumerate(batch.column("request_id")):
             if eids[i] not in contested or held[eids[i]] in (hashes[i], ""):
                 request_ids.setdefault(eids[i], rid)
         # supersede reads only the request_id of each counted row
         counted = [{"request_id": rid} for rid in request_ids.values()]
-        return Plan(pieces, rejections, functools.partial(self.supersede, counted))
+        prepare = functools.partial(journal_plan, self.store, messages, pieces) if pieces else None
+        return Plan(pieces, rejections, functools.partial(self.supersede, counted), prepare)
 
-    def _pieces(self, batch: AttemptBatch, fresh: Sequence[int], eids: Sequence[str], origins: Sequence[str],
-                hashes: Sequence[str]) -> list[Piece]:
-        """Step 4 over positions: make_pieces' cuts (origin message, then up to DAYS_PER_PIECE sorted days).
-
-        Each cut is a columnar piece when its rows are all of one fast-path message, else a piece of dict rows.
-        """
-        days = batch.days()
-        by_cut: dict[tuple[str, date], list[int]] = {}
-        for i in fresh:
-            by_cut.setdefault((origins[i], days[i]), []).append(i)
-        cuts: list[tuple[str, list[date], list[int]]] = []
-        for (origin, day), positions in sorted(by_cut.items()):
-            last = cuts[-1] if cuts else None
-            if last is not None and last[0] == origin and len(last[1]) < DAYS_PER_PIECE:
-                last[1].append(day)
-                last[2].extend(positions)
-            else:
-                cuts.append((origin, [day], list(positions)))
-        starts: list[int] = []
-        n = 0
-        for each in batch.parts:
-            starts.append(n)
-            n += len(each)
-        pieces: list[Piece] = []
-        for origin, cut_days, positions in cuts:
-            where = {bisect.bisect_right(starts, i) - 1 for i in (positions[0], positions[-1])}
-            part_n = where.pop() if len(where) == 1 else -1
-            part: Part | None = batch.parts[part_n] if part_n >= 0 else None
-            if (isinstance(part, ArrowPart) and part.origin == origin
-                    and all(starts[part_n] <= i < starts[part_n] + len(part) for i in positions)):
-                data = part.table.take(pa.array([i - starts[part_n] for i in positions], pa.int64()))
-                data = data.add_column(data.num_columns - 1, SINK_SCHEMA.field("content_hash"),
-                                       pa.array([hashes[i] for i in positions], pa.string()))
-                pieces.append(_arrow_piece(self.table, data, [eids[i] for i in positions], tuple(cut_days), origin))
-                continue
-            groups: list[Group] = []
-            for i in positions:
-                p, local = batch.locate(i)
-                row = batch.parts[p].row(local)
-                row["content_hash"] = hashes[i]
-                groups.append((row,))
-            pieces.append(_piece(self.table, tuple(groups), self.key, tuple(cut_days), origin))
-        return pieces
+    def _rows(self, batch: AttemptBatch, fresh: Sequence[int], hashes: Sequence[str]) -> pa.Table:
+        """The rows at these batch positions as one table of SINK_SCHEMA (their content hashes added), in order."""
+        tables: list[pa.Table] = []
+        start = 0
+        k = 0  # the first of `fresh` not taken yet
+        for part in batch.parts:
+            end = start + len(part)
+            j = bisect.bisect_left(fresh, end, lo=k)
+            local = [i - start for i in fresh[k:j]]
+            if local:
+                if isinstance(part, ArrowPart) and len(local) == len(part):
+                    table = part.table  # every row of the message is fresh (nearly always): no copy
+                elif isinstance(part, ArrowPart):
+                    table = part.table.take(pa.array(local, pa.int64()))
+                else:
+                    table = rows_table([part.rows[i] for i in local], PART_SCHEMA)
+                tables.append(table.add_column(table.num_columns - 1, SINK_SCHEMA.field("content_hash"),
+                                               pa.array([hashes[i] for i in fresh[k:j]], pa.string())))
+            start, k = end, j
+        return pa.concat_tables(tables) if tables else SINK_SCHEMA.empty_table()
 
     def supersede(self, rows: Sequence[dict[str, Any]]) -> int:
         """Step 6. Runs in the sink's executor thread; returns how many rows it superseded now."""
@@ -550,7 +482,7 @@ class SinkWriter:
 
     def insert(self, piece: Piece) -> None:
         """Step 5 for one piece. Runs in the sink's executor thread."""
-        _insert(self, self.store, piece, SINK_COLUMNS, SINK_SCHEMA)
+        _insert(self, self.store, piece, SINK_COLUMNS)
 
     def landed(self, piece: Piece) -> int:
         """How many of the piece's rows usage_events holds (through event_ids)."""
@@ -591,32 +523,16 @@ class _Head:
         return {f["event_id"] for f in self.facts}
 
 
-JOURNAL_ARROW = "arrow:"  # request_plans.lines: base64 of an Arrow IPC stream of REQUEST_SCHEMA after it; else NDJSON
+def _event_ids(data: pa.Table) -> list[str]:
+    """SinkWriter's keys of a piece's rows."""
+    return [str(e) for e in data.column("event_id").to_pylist()]
 
 
-def journal_rows(text: str) -> list[dict[str, Any]]:
-    """A message's journaled rows (RequestWriter.journal), as dict rows; a journal written as NDJSON reads too."""
-    if text.startswith(JOURNAL_ARROW):
-        table = decode_message(base64.b64decode(text[len(JOURNAL_ARROW):]), REQUEST_SCHEMA, "request_plans")
-        return table_rows(table)
-    rows = decode_rows(text.encode(), Source("request_plans", 0, 0), REQUEST_ROWS)[0]
-    for row in rows:
-        del row["origin"]  # the caller gives them the origin of the message they were decided for
-    return rows
-
-
-def _take(arrow_parts: Sequence[tuple[int, ArrowPart]], positions: Sequence[int]) -> pa.Table | None:
-    """The REQUEST_COLUMNS of these batch positions, if they all lie in one Arrow part (None otherwise, or if none)."""
-    if not positions:
-        return None
-    starts = [start for start, _ in arrow_parts]
-    n = bisect.bisect_right(starts, positions[0]) - 1
-    if n < 0:
-        return None
-    start, part = arrow_parts[n]
-    if not all(start <= i < start + len(part) for i in positions):
-        return None
-    return part.table.take(pa.array([i - start for i in positions], pa.int64())).select(list(REQUEST_COLUMNS))
+def _request_keys(data: pa.Table) -> list[str]:
+    """RequestWriter's keys of a piece's rows: logical_request_id#revision#sign."""
+    return [f"{lid}#{rev}#{sign}" for lid, rev, sign in zip(
+        data.column("logical_request_id").to_pylist(), data.column("revision").to_pylist(),
+        data.column("sign").to_pylist(), strict=True)]
 
 
 @dataclass
@@ -625,23 +541,25 @@ class RequestWriter:
 
     Per batch (rows in topic order, each with its origin message; the agent acks offsets only after every piece
     has landed):
-      1. Look up the journaled decisions of the batch's messages (request_plans, migration 011) and the latest
-         revision ClickHouse holds of each request (table logical_request_heads).
-      2. A journaled message is not decided again: its journaled rows are sent as they are and move the heads as
-         they did (the replay of an insert a crash cut short, whose heads may already show its revisions while a
-         rollup grain lacks them). For each other incoming revision: if the head already holds all of its attempts
-         (a replay, a duplicate emission, a stale revision), skip it. Otherwise write the new revision — the union
-         of both attempt sets when the incoming one lacks some of the head's (a late attempt folded without its
-         request's state) — numbered max(incoming, head + 1), together with a cancel row (sign = -1) of the head.
-      3. Plan once: a request's rows from one message stay in one piece; pieces by (origin message, UTC days of
-         first_ts) (rollup_minute, partitioned by day, is the finest partitioning the insert reaches), each with a
-         deterministic token (a hash of origin, days and its rows' id#revision#sign).
-      4. Journal the rows decided now, per message, in one insert (Plan.prepare), before any piece is sent.
+      0. Journal: the batch's messages that a journaled plan covers (a replay after a crash mid-insert) have that
+         plan's pieces re-sent first, as they were planned (write_with_retry; streams.pieces), and are not decided
+         again. A decision reads logical_request_heads, which an insert cut short may already hold while a rollup
+         grain lacks it: deciding again would skip those revisions (a gap) or cut them otherwise (a duplicate).
+      1. Look up the latest revision ClickHouse holds of each request (table logical_request_heads): after step 0,
+         so the heads show what the re-sent plans wrote.
+      2. For each incoming revision: if the head already holds all of its attempts (a replay, a duplicate emission,
+         a stale revision), skip it. Otherwise write the new revision — the union of both attempt sets when the
+         incoming one lacks some of the head's (a late attempt folded without its request's state) — numbered
+         max(incoming, head + 1), together with a cancel row (sign = -1) of the head.
+      3. Plan once: a request's rows stay in one piece; pieces of up to DAYS_PER_PIECE UTC days of first_ts
+         (rollup_minute, partitioned by day, is the finest partitioning the insert reaches), one Arrow table each,
+         with a deterministic token (a hash of table, plan, days and its rows' id#revision#sign).
+      4. Journal the plan (Plan.prepare) before any piece is sent.
       5. Insert the pieces; write_with_retry re-sends a failed piece unchanged (never re-deciding through the
          lookup), which fills a view target that failed the first time and is absorbed everywhere else.
     Every decision is a function of attempt sets, so it does not depend on timing. Requests are keyed by
     feature_id, so one sink handles a request at a time. Rows without an origin (tools and tests that write fold
-    output directly) are decided and cut as before, without a journal: a replay of them is skipped by the heads.
+    output directly) are decided and cut as the others, without a journal: a replay of them is skipped by the heads.
     Not guaranteed: a replay after the journal's TTL (the dedup window) is decided again.
     """
 
@@ -649,34 +567,17 @@ class RequestWriter:
     stats: SinkStats = field(default_factory=SinkStats)
     table: str = "logical_requests"
 
-    def decide(self, rows: Sequence[dict[str, Any]], journaled: dict[str, str] | None = None,
-               found: dict[str, tuple[int, datetime, str]] | None = None) -> list[dict[str, Any]]:
-        """Steps 1-2: the rows to insert for these incoming revisions (cancel rows included), in order.
+    def decide(self, rows: Sequence[dict[str, Any]], found: dict[str, tuple[int, datetime, str]] | None = None
+               ) -> list[dict[str, Any]]:
+        """Step 2: the rows to insert for these incoming revisions (cancel rows included), in order.
 
-        A message whose decision is journaled (`journaled`: origin → its journal, journal_rows) is not decided
-        again: its journaled rows are taken as they are, and the heads move as they moved then. `found`: the heads
-        of the rows' requests, when the caller has looked them up.
+        `found`: the heads of the rows' requests, when the caller has looked them up.
         """
-        journaled = journaled or {}
         if found is None:
             found = self.store.request_heads(list({r["logical_request_id"] for r in rows}))
         heads = {lid: _Head(rev, at, detail) for lid, (rev, at, detail) in found.items()}
         out: list[dict[str, Any]] = []
-        replayed: set[str] = set()
         for row in rows:
-            origin = row.get("origin", "")
-            if origin in journaled:
-                if origin not in replayed:
-                    replayed.add(origin)
-                    again = journal_rows(journaled[origin])
-                    for r in again:
-                        r["origin"] = origin
-                        if r["sign"] == 1:
-                            heads[r["logical_request_id"]] = _Head(r["revision"], r["emitted_at"],
-                                                                   r["attempts_detail"])
-                    self.stats.resent += len(again)
-                    out.extend(again)
-                continue
             lid = row["logical_request_id"]
             head = heads.get(lid)
             if head is None:
@@ -694,100 +595,89 @@ class RequestWriter:
             revision = max(row["revision"], head.revision + 1)
             new = summarize(lid, facts, revision, row["emitted_at"])
             cancel = summarize(lid, head.facts, head.revision, head.emitted_at, sign=-1)
-            if "origin" in row:
-                cancel["origin"] = new["origin"] = origin
             out += [cancel, new]
             heads[lid] = _Head(revision, new["emitted_at"], new["attempts_detail"], facts)
         return out
 
-    def plan(self, rows: Sequence[dict[str, Any]]) -> Plan:
-        """Steps 1-4: the decided rows grouped by message and request, in pieces by day; `prepare` journals them.
+    def journaled(self, rows: Sequence[dict[str, Any]]) -> Journaled:
+        """Step 0: the journaled plans covering any of the batch's messages."""
+        batch = rows if isinstance(rows, AttemptBatch) else AttemptBatch([DictPart(list(rows))])
+        return read_journal(self.store, batch.origins(), REQUEST_SCHEMA, _request_keys)
+
+    def plan(self, rows: Sequence[dict[str, Any]], covered: frozenset[str] = frozenset()) -> Plan:
+        """Steps 1-3: the decided rows in pieces by day; `prepare` journals them. `covered` messages are left out.
 
         In columns: the batch (an AttemptBatch from decode_batch; dict rows are taken as one part) is read column by
-        column. A row of an Arrow message not journaled, whose request ClickHouse does not hold and that the batch
-        carries once (nearly all of them), is inserted as it came: a set difference, no row made. Only the others
-        go through the decision of step 2, in batch order. A cut whose rows are all of one Arrow message is one
-        insert_arrow; any other is a piece of dict rows, with the same token for the same rows either way.
+        column. A row of an Arrow message whose request ClickHouse does not hold and that the batch carries once
+        (nearly all of them) is inserted as it came: a set difference, no row made. Only the others go through the
+        decision of step 2, in batch order.
         """
         batch = rows if isinstance(rows, AttemptBatch) else AttemptBatch([DictPart(list(rows))])
-        lids: list[str] = batch.column("logical_request_id")
+        lids: list[str] = []
         origins: list[str] = []
-        days: list[date | None] = []  # the UTC day of first_ts of a row that may go as it came
-        arrow_parts: list[tuple[int, ArrowPart]] = []  # (first position, part)
+        arrow: list[tuple[ArrowPart, int]] = []  # (part, row in it) of each row of an Arrow part
+        others: list[dict[str, Any]] = []  # the dict rows, and the Arrow rows that need a decision, in order
+        position: list[int] = []  # for each row of `lids`: its index in `arrow`, or -1 - its index in `others`
         for part in batch.parts:
             if isinstance(part, ArrowPart):
-                arrow_parts.append((len(origins), part))
-                origins.extend([part.origin] * len(part))
-                days.extend(pc.cast(part.table.column("first_ts"), pa.date32()).to_pylist())
+                if part.origin in covered:
+                    continue
+                ids = part.table.column("logical_request_id").to_pylist()
+                for i in range(len(ids)):
+                    position.append(len(arrow))
+                    arrow.append((part, i))
+                lids.extend(ids)
+                origins.extend([part.origin] * len(ids))
             else:
-                origins.extend(r.get("origin", "") for r in part.rows)
-                days.extend([None] * len(part))
-        messages = list(dict.fromkeys(o for o in origins if o))
-        journaled = self.store.request_plans(messages) if messages else {}
+                for r in part.rows:
+                    if r.get("origin", "") in covered:
+                        continue
+                    position.append(-1 - len(others))
+                    others.append(r)
+                    lids.append(r["logical_request_id"])
+                    origins.append(r.get("origin", ""))
         found = self.store.request_heads(list(dict.fromkeys(lids)))
         counts = Counter(lids)
-        as_came = [i for i in range(len(lids)) if days[i] is not None and origins[i] not in journaled
-                   and counts[lids[i]] == 1 and lids[i] not in found]
+        # An Arrow row whose request is neither held nor repeated goes as it came; every other row is decided.
+        as_came = [position[n] for n in range(len(lids))
+                   if position[n] >= 0 and counts[lids[n]] == 1 and lids[n] not in found]
         taken = set(as_came)
-        # A row of a journaled message is replaced by its journal: decide reads only its origin.
-        decided = self.decide([{"origin": origins[i]} if origins[i] in journaled else batch[i]
-                               for i in range(len(lids)) if i not in taken], journaled, found)
+        undecided: list[dict[str, Any]] = []
+        for k in position:
+            if k < 0:
+                undecided.append(others[-1 - k])
+            elif k not in taken:
+                part, i = arrow[k]
+                undecided.append(part.row(i))
+        decided = self.decide(undecided, found)
         self.stats.batches += 1
-        # Cuts as make_pieces makes them: (origin, sorted UTC days of the group); a group is a request's rows of
-        # one message (a cancel row and its revision), a row that goes as it came is a group alone.
-        cuts: dict[tuple[str, tuple[date, ...]], tuple[list[int], list[Group]]] = {}
-        for i in as_came:
-            cuts.setdefault((origins[i], (days[i],)), ([], []))[0].append(i)  # type: ignore[arg-type]
-        groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for r in decided:
-            groups.setdefault((r.get("origin", ""), r["logical_request_id"]), []).append(r)
-        for (origin, _), group in groups.items():
-            cut = (origin, tuple(sorted({utc_day(r["first_ts"]) for r in group})))
-            cuts.setdefault(cut, ([], []))[1].append(tuple(group))
-        pieces = [self._piece(origin, cut_days, positions, dict_groups, batch, arrow_parts)
-                  for (origin, cut_days), (positions, dict_groups) in sorted(cuts.items())]
-        came: dict[str, list[int]] = {o: [] for o in messages if o not in journaled}
-        made: dict[str, list[dict[str, Any]]] = {o: [] for o in came}
-        for i in as_came:
-            came[origins[i]].append(i)
-        for r in decided:
-            if r.get("origin") in made:
-                made[r["origin"]].append(r)
-        fresh: dict[str, pa.Table] = {}
-        for origin, positions in came.items():
-            tables = [_take(arrow_parts, positions), rows_table(made[origin], REQUEST_SCHEMA)]
-            fresh[origin] = pa.concat_tables([t for t in tables if t is not None])
-        return Plan(pieces, prepare=functools.partial(self.journal, fresh) if fresh else None)
-
-    def _piece(self, origin: str, days: tuple[date, ...], positions: list[int], groups: list[Group],
-               batch: AttemptBatch, arrow_parts: list[tuple[int, ArrowPart]]) -> Piece:
-        """One cut: an Arrow piece when all its rows came as they are from one message, else a piece of dicts."""
-        if not groups:
-            data = _take(arrow_parts, positions)
-            if data is not None:
-                keys = [f"{lid}#{rev}#{sign}" for lid, rev, sign in zip(
-                    data.column("logical_request_id").to_pylist(), data.column("revision").to_pylist(),
-                    data.column("sign").to_pylist(), strict=True)]
-                return _arrow_piece(self.table, data, keys, days, origin)
-        all_groups = tuple((batch[i],) for i in positions) + tuple(groups)
-        return _piece(self.table, all_groups, self.key, days, origin)
-
-    def journal(self, fresh: dict[str, pa.Table]) -> None:
-        """Step 0: the decided rows of each message, before any of them is sent (request_plans, migration 011).
-
-        Each message's rows as one Arrow IPC stream of REQUEST_SCHEMA, base64 after "arrow:" (journal_rows).
-        """
-        origins = sorted(fresh)
-        lines = [JOURNAL_ARROW + base64.b64encode(ipc_stream(fresh[o])).decode("ascii") for o in origins]
-        self.store.insert_columns("request_plans", [origins, lines], ("origin", "lines"),
-                                  insert_token("request_plans", origins))
+        tables: list[pa.Table] = []
+        by_part: dict[int, tuple[ArrowPart, list[int]]] = {}
+        for k in as_came:
+            part, i = arrow[k]
+            by_part.setdefault(id(part), (part, []))[1].append(i)
+        for part, local in by_part.values():
+            tables.append(part.table.take(pa.array(local, pa.int64())).select(list(REQUEST_COLUMNS)))
+        came = sum(t.num_rows for t in tables)
+        if decided:
+            tables.append(rows_table(decided, REQUEST_SCHEMA))
+        data = pa.concat_tables(tables) if tables else REQUEST_SCHEMA.empty_table()
+        groups: dict[str, list[int]] = {}  # a request's decided rows (a cancel row and its revision) stay together
+        for n, r in enumerate(decided):
+            groups.setdefault(r["logical_request_id"], []).append(came + n)
+        messages = [o for o in dict.fromkeys(origins) if o]
+        pieces = cut_columns(self.table, data, _request_keys(data), "first_ts", plan_id(messages),
+                             [g for g in groups.values() if len(g) > 1])
+        prepare = functools.partial(journal_plan, self.store, messages, pieces) if pieces and messages \
+            else None
+        return Plan(pieces, prepare=prepare)
 
     def key(self, row: dict[str, Any]) -> str:
         return f"{row['logical_request_id']}#{row['revision']}#{row['sign']}"
 
     def insert(self, piece: Piece) -> None:
-        """Step 4 for one piece. Runs in the sink's executor thread."""
-        _insert(self, self.store, piece, REQUEST_COLUMNS, REQUEST_SCHEMA)
+        """Step 5 for one piece. Runs in the sink's executor thread."""
+        _insert(self, self.store, piece, REQUEST_COLUMNS)
 
     def landed(self, piece: Piece) -> int:
         """How many of the piece's rows logical_requests holds."""
@@ -795,7 +685,7 @@ class RequestWriter:
         return self.store.held_request_rows(keys)
 
     def write(self, rows: Sequence[dict[str, Any]]) -> int:
-        """Plan and insert once (run_plan); returns how many rows were inserted."""
+        """Re-send, plan and insert once (run_plan); returns how many rows were inserted."""
         return run_plan(self, rows)
 
 
@@ -857,7 +747,11 @@ class AnomalyWriter:
     stats: SinkStats = field(default_factory=SinkStats)
     table: str = "anomalies"
 
-    def plan(self, rows: Sequence[dict[str, Any]]) -> Plan:
+    def journaled(self, rows: Sequence[dict[str, Any]]) -> Journaled:
+        """Nothing: anomaly pieces are not journaled (a re-sent record is the same ReplacingMergeTree key)."""
+        return Journaled()
+
+    def plan(self, rows: Sequence[dict[str, Any]], covered: frozenset[str] = frozenset()) -> Plan:
         """Every row, by day; nothing is looked up."""
         self.stats.batches += 1
         return Plan(make_pieces(self.table, ((r,) for r in rows), self.key, lambda g: (utc_day(g[0]["detected_at"]),)))
@@ -931,23 +825,37 @@ async def run_with_retry(call: Callable[[], Any], executor: Executor, retry_for_
 
 async def write_with_retry(writer: Writer, rows: Sequence[dict[str, Any]], executor: Executor,
                            retry_for_s: float, stats: SinkStats | None = None) -> Written:
-    """Plan a batch once, then insert its pieces until every one has landed in every table its insert reaches.
+    """Re-send the journaled plans of the batch's messages, plan the rest once, insert until every piece landed.
 
-    A failed piece is re-sent unchanged (same rows, same token); the plan is never re-decided through the lookup,
-    which would find rows the source table took and skip the views that missed them. A piece ClickHouse finds too
-    large (too many partitions, memory, size) is split in halves if its table holds none of its rows yet; if it holds
-    some, a view refused rows its source took and a split would insert them twice: SinkGaveUp. Gives up after
+    Every piece lands in every table its insert reaches. A failed piece is re-sent unchanged (same rows, same
+    token); the plan is never re-decided through the lookup, which would find rows the source table took and skip
+    the views that missed them. A piece ClickHouse finds too large (too many partitions, memory, size) is split in
+    halves if its table holds none of its rows yet; if it holds some, a view refused rows its source took and a
+    split would insert them twice: SinkGaveUp. Gives up after
     `retry_for_s` seconds in all by raising SinkGaveUp: the worker must then stop without committing.
-    Returns the rows inserted and the plan's dead letters (the agent publishes them before it acks).
+    Returns the rows inserted and re-sent, and the plan's dead letters (the agent publishes them before it acks).
     """
-    loop = asyncio.get_running_loop()
     backoff = _Backoff(retry_for_s, stats if stats is not None else writer.stats)
+    replay: Journaled = await backoff.run(executor, f"reading the journal of {len(rows)} rows",
+                                          functools.partial(writer.journaled, rows))
+    resent = await _send(writer, replay.pieces, executor, backoff)
+    writer.stats.resent += resent
     # Planning writes nothing, so a failed lookup is simply planned again.
-    plan: Plan = await backoff.run(executor, f"planning {len(rows)} rows", functools.partial(writer.plan, rows))
+    plan: Plan = await backoff.run(executor, f"planning {len(rows)} rows",
+                                   functools.partial(writer.plan, rows, replay.covered))
     if plan.prepare is not None:
         await backoff.run(executor, f"journaling the plan of {len(rows)} rows", plan.prepare)
-    queue = list(plan.pieces)
-    inserted = 0
+    inserted = await _send(writer, plan.pieces, executor, backoff)
+    if plan.finish is not None:
+        await backoff.run(executor, f"finishing {len(rows)} rows", plan.finish)
+    return Written(inserted, plan.rejections, resent)
+
+
+async def _send(writer: Writer, pieces: Sequence[Piece], executor: Executor, backoff: _Backoff) -> int:
+    """Insert pieces in order until each has landed (splitting one ClickHouse finds too large); rows sent."""
+    loop = asyncio.get_running_loop()
+    queue = list(pieces)
+    sent = 0
     while queue:
         piece = queue[0]
         try:
@@ -966,7 +874,5 @@ async def write_with_retry(writer: Writer, rows: Sequence[dict[str, Any]], execu
             continue
         backoff.delay = 0.2
         queue.pop(0)
-        inserted += piece.size
-    if plan.finish is not None:
-        await backoff.run(executor, f"finishing {len(rows)} rows", plan.finish)
-    return Written(inserted, plan.rejections)
+        sent += piece.size
+    return sent

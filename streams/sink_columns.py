@@ -90,7 +90,7 @@ def _arrow_type(column: str) -> pa.DataType:
 SINK_SCHEMA = pa.schema([pa.field(c, _arrow_type(c), nullable=c in _NULLABLE_INT_COLUMNS) for c in ATTEMPT_COLUMNS]
                         + [pa.field("content_hash", pa.string(), nullable=False),
                            pa.field("origin", pa.string(), nullable=False)])
-_PART_SCHEMA = pa.schema([*SINK_SCHEMA][:-2] + [SINK_SCHEMA.field("origin")])  # before the plan adds the hash
+PART_SCHEMA = pa.schema([*SINK_SCHEMA][:-2] + [SINK_SCHEMA.field("origin")])  # before the plan adds the hash
 
 # llm.cost.attempts.v1 in Arrow: the attempt columns with usage_events' types, in ATTEMPT_COLUMNS order.
 ATTEMPT_SCHEMA = pa.schema([SINK_SCHEMA.field(c) for c in ATTEMPT_COLUMNS])
@@ -252,7 +252,7 @@ def decode_attempt_message(value: bytes) -> pa.Table:
 def _message_part(table: pa.Table, source: Source, origin: str) -> ArrowPart:
     """A decoded Arrow message as a part of a sink batch: its table plus the origin column."""
     table = table.combine_chunks()
-    table = table.append_column(_PART_SCHEMA.field("origin"), pa.array([origin] * table.num_rows, pa.string()))
+    table = table.append_column(PART_SCHEMA.field("origin"), pa.array([origin] * table.num_rows, pa.string()))
     return ArrowPart(table, [], source, origin)
 
 
@@ -316,7 +316,7 @@ def arrow_part(value: bytes, source: Source, origin: str) -> ArrowPart:
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, TypeError) as exc:
         raise Refused(str(exc)) from exc
     arrays.append(pa.array([origin] * len(rows), pa.string()))
-    return ArrowPart(pa.Table.from_arrays(arrays, schema=_PART_SCHEMA), lines, source, origin)
+    return ArrowPart(pa.Table.from_arrays(arrays, schema=PART_SCHEMA), lines, source, origin)
 
 
 @dataclass
@@ -410,6 +410,16 @@ class AttemptBatch(Sequence[dict[str, Any]]):
             else:
                 out.extend(r[name] for r in p.rows)
         return out
+
+    def origins(self) -> list[str]:
+        """The input messages of the batch's rows, each once, in batch order."""
+        out: dict[str, None] = {}
+        for p in self.parts:
+            if isinstance(p, ArrowPart):
+                out[p.origin] = None
+            else:
+                out.update((r.get("origin", ""), None) for r in p.rows)
+        return [o for o in out if o]
 
     def days(self) -> list[date]:
         """The UTC day of each row's ts, in batch order."""

@@ -9,8 +9,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from streams.fold import call_rank
+from streams.pieces import insert_token
 from streams.records import TOKEN_CLASSES
-from streams.sink import insert_token
 from tally.store import Store, string_array
 
 log = logging.getLogger(__name__)

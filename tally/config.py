@@ -115,8 +115,9 @@ class Settings:
     # backfill of 888k events reached 12 GB in role all with no bound, 2.7 GB with it.
     batch_max_lines: int = 10_000
     # How the process role hands priced attempts to the sink on llm.cost.attempts.v1: "arrow" (Arrow IPC record
-    # batches, zstd, thousands of rows a message: one ClickHouse insert each) or "json" (NDJSON, ~400 rows a
-    # message). The sink reads both. `tally tail` prints either as JSON lines.
+    # batches, zstd, thousands of rows a message) or "json" (NDJSON, ~400 rows a message). The sink reads both, and
+    # inserts a batch of messages as one piece per table and up to 50 UTC days (streams/pieces.py). `tally tail`
+    # prints either as JSON lines.
     handoff_format: str = "arrow"
     batch_within_s: float = 0.2
     # Dead letters: top-level fields whose values are replaced by "[redacted]" in a refused line's stored original

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import re
+from typing import Any
 
 # Faust's producer buffer holds a table's changelog writes until they are sent; over 100 pending messages the
 # conductor waits for it to drain (ProducerBuffer.wait_until_ebb, a fixed threshold). The fold writes one entry per
@@ -74,3 +76,31 @@ def dump_tasks(loop: asyncio.AbstractEventLoop, logger: logging.Logger) -> None:
             for line in _awaits(obj):
                 out.write(f"    {line}\n")
     logger.warning("%d asyncio tasks (SIGUSR1):\n%s", len(tasks), out.getvalue())
+
+
+def dump_worker(app: Any, loop: asyncio.AbstractEventLoop, logger: logging.Logger) -> None:
+    """What `kill -USR1` logs of a worker: its tasks (dump_tasks), then its Kafka consumer's state.
+
+    Reads Faust's own bookkeeping for the operator: assigned, active, paused and buffered partitions, read offsets,
+    the offsets tally sought (streams.positions.SoughtOffsets), each channel's queue, and then, from a task, each
+    partition's fetch position and high watermark.
+    """
+    dump_tasks(loop, logger)
+    consumer: Any = app.consumer
+    sought = getattr(getattr(consumer, "_sought", None), "sought", {})
+    logger.warning("consumer (SIGUSR1): assigned %s; active %s; paused %s; buffered %s; read offsets %s; "
+                   "sought %s; flow active %s", sorted(consumer.assignment()),
+                   sorted(consumer._active_partitions or ()), sorted(consumer._paused_partitions),
+                   sorted(consumer._buffered_partitions), sorted(consumer._read_offset.items()),
+                   sorted(sought.items()), consumer.flow_active)
+    conductor: Any = app.topics
+    logger.warning("channels (SIGUSR1): %s", [(sorted(t.topics), t.queue.qsize())
+                                              for t in getattr(conductor, "_topics", ())])
+
+    async def positions() -> None:
+        with contextlib.suppress(Exception):
+            logger.warning("aiokafka paused (SIGUSR1): %s", sorted(consumer._thread._ensure_consumer().paused()))
+        for tp in sorted(consumer.assignment()):
+            logger.warning("position (SIGUSR1) %s[%d]: %s, highwater %s", tp.topic, tp.partition,
+                           await consumer.position(tp), consumer.highwater(tp))
+    loop.create_task(positions())

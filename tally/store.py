@@ -79,6 +79,7 @@ _NEEDS_ESCAPE = re.compile(r"[\\'{}\n\t\r\0]")
 
 # A lookup's text holds its ids (string_array): room for 10,000 of the longest allowed (default max_query_size 256 KiB).
 LOOKUP_SETTINGS: dict[str, Any] = {"max_query_size": 64 * 1024 * 1024}
+PLAN_PREFIX = "plan:"  # sink_journal.origin of the row that holds a plan's pieces (migration 012)
 
 
 def string_array(values: Sequence[str]) -> str:
@@ -363,14 +364,34 @@ class Store:
             found.update((r[0], Saved(r[1], r[2])) for r in res.result_rows)
         return found
 
-    def request_plans(self, origins: Sequence[str]) -> dict[str, str]:
-        """The journaled decisions of the logical-request sink for these input messages: origin → NDJSON rows."""
+    def journal_plan(self, plan: str, origins: Sequence[str], pieces: str) -> None:
+        """Journal a sink plan before its first insert (streams.pieces).
+
+        One row per input message it covers and the row `plan:<id>` holding its pieces, in one insert (one block:
+        all of it lands or none).
+        """
+        rows = [[o, plan, ""] for o in origins] + [[PLAN_PREFIX + plan, plan, pieces]]
+        self.client.insert(f"{self.db}.sink_journal", rows, column_names=["origin", "plan", "pieces"],
+                           settings=_INSERT_SETTINGS | {"insert_deduplication_token": f"sink_journal:{plan}"})
+
+    def journaled_plans(self, origins: Sequence[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """The journaled plans covering any of these input messages: (origin → plan id, plan id → its pieces).
+
+        One point read of the messages; a second of the plans' rows only when a message is journaled (a replay).
+        """
         if not origins:
-            return {}
+            return {}, {}
         res = self.client.query(
-            f"SELECT origin, any(lines) FROM {self.db}.request_plans "
+            f"SELECT origin, any(plan) FROM {self.db}.sink_journal "
             f"WHERE origin IN (SELECT arrayJoin({string_array(origins)})) GROUP BY origin", settings=LOOKUP_SETTINGS)
-        return {r[0]: r[1] for r in res.result_rows}
+        covered = {r[0]: r[1] for r in res.result_rows}
+        if not covered:
+            return {}, {}
+        keys = [PLAN_PREFIX + p for p in sorted(set(covered.values()))]
+        res = self.client.query(
+            f"SELECT plan, any(pieces) FROM {self.db}.sink_journal "
+            f"WHERE origin IN (SELECT arrayJoin({string_array(keys)})) GROUP BY plan", settings=LOOKUP_SETTINGS)
+        return covered, {r[0]: r[1] for r in res.result_rows}
 
     def held_request_rows(self, keys: Sequence[str]) -> int:
         """How many logical_requests rows have one of these keys (logical_request_id#revision#sign)."""

@@ -13,7 +13,7 @@ from ops.reports.output import Chart, Report, Table
 from ops.reports.rating import Query, days, money, ts_window_sql
 from ops.reports.reconcile import variance_pct
 from streams.enrich import Costs, price_event
-from streams.sink import insert_token
+from streams.pieces import insert_token
 from tally.errors import ReportError
 from tally.reference import PriceCard
 from tally.store import Store

@@ -1,6 +1,5 @@
 """logical_requests in real ClickHouse (chDB): revisions collapse, replays and late attempts count once."""
 
-import base64
 import itertools
 from datetime import timedelta
 from decimal import Decimal
@@ -9,11 +8,11 @@ import orjson
 import pytest
 
 from ops.simulate import TrafficGenerator, catalog_from_reference
-from streams.fold import REQUEST_COLUMNS, REQUEST_TIME_COLUMNS, FoldConfig, Folder, apply_writes
+from streams.fold import FoldConfig, Folder, apply_writes
 from streams.pipeline import FoldStep, process_messages
-from streams.records import Source, encode_record
-from streams.sink import JOURNAL_ARROW, REQUEST_ROWS, RequestWriter, decode_batch, decode_rows, journal_rows
-from streams.sink_columns import REQUEST_SCHEMA, encode_rows, ipc_stream, rows_table
+from streams.records import Source
+from streams.sink import REQUEST_ROWS, RequestWriter, decode_batch, decode_rows
+from streams.sink_columns import REQUEST_SCHEMA, encode_rows
 from streams.validate import Validator
 from tally.reference import snapshot_of
 from tests.factories import attempt_row_factory as row
@@ -107,28 +106,12 @@ def test_generated_traffic_folds_to_one_row_per_logical_request(store, docs, now
     assert (n, attempts, cost, identity) == (400, len(events), attempt_cost, 0)
 
 
-def test_a_journal_reads_back_the_same_rows_in_arrow_and_in_the_ndjson_of_earlier_versions(docs, now):
-    gen = TrafficGenerator(catalog_from_reference(docs), seed=5, bad_rate=0.0, start=now - timedelta(hours=1))
-    msg = b"\n".join(orjson.dumps(e) for _ in range(50) for e in gen.logical_request())
-    out = process_messages([(msg, Source("llm.usage.v1", 0, 1))], Validator(), snapshot_of(docs), 1, now,
-                           FoldStep(Folder(FoldConfig(), 1), {}, 4))
-    rows = [r for lines in out.requests.values()
-            for r in decode_rows(b"\n".join(lines), Source("llm.cost.requests.v1", 0, 1), REQUEST_ROWS)[0]]
-    ndjson = "\n".join(encode_record({c: r[c] for c in REQUEST_COLUMNS}).decode() for r in rows)
-    arrow = JOURNAL_ARROW + base64.b64encode(ipc_stream(rows_table(rows, REQUEST_SCHEMA))).decode()
-    plain = [{c: r[c] for c in REQUEST_COLUMNS} for r in rows]
-    assert len(rows) == 50 and journal_rows(ndjson) == plain
-    # Arrow holds times to the millisecond, as logical_requests' DateTime64(3) does
-    to_ms = {c: (lambda t: t.replace(microsecond=t.microsecond // 1000 * 1000)) for c in REQUEST_TIME_COLUMNS}
-    assert journal_rows(arrow) == [{c: to_ms[c](v) if c in to_ms else v for c, v in r.items()} for r in plain]
-
-
 def test_a_replay_of_a_large_message_after_its_pieces_landed_counts_each_request_once(store, now):
     """The kill -9 case: a message's rows landed as one Arrow piece, its position was not stored, it is replayed.
 
-    The replay re-sends the journaled rows (dict rows) under the piece's token. ClickHouse's block id depends on
-    the token and on the insert's chunking, and clickhouse-connect cuts a Native insert into ~2 MB blocks: before
-    every piece went as one Arrow batch, a message of some thousands of requests was inserted a second time.
+    The replay re-sends the journaled piece (streams.pieces) under its token. ClickHouse's block id depends on the
+    token and on the insert's chunking, and clickhouse-connect cuts a Native insert into ~2 MB blocks: before every
+    piece went as one Arrow batch, a message of some thousands of requests was inserted a second time.
     """
     t0 = int((now - timedelta(hours=1)).timestamp() * 1000)
     folder = Folder(FoldConfig(), 1)
@@ -139,7 +122,7 @@ def test_a_replay_of_a_large_message_after_its_pieces_landed_counts_each_request
     assert len(batch.parts) == 1  # one message, inserted as it came: a columnar piece
     assert RequestWriter(store).write(batch) == 6_000
     again = RequestWriter(store)  # the restarted worker: the same message, now journaled
-    assert again.write(batch) == 6_000
+    assert again.write(batch) == 0  # nothing planned again: the journaled piece was re-sent
     assert again.stats.resent == 6_000
     got = store.query("SELECT count(), sum(sign), uniqExact(logical_request_id) FROM {db}.logical_requests").rows[0]
     assert got == (6_000, 6_000, 6_000)

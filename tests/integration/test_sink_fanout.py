@@ -16,7 +16,6 @@ from streams.pipeline import FoldStep, process_messages
 from streams.records import ATTEMPT_COLUMNS, Source
 from streams.sink import (
     ATTEMPT_ROWS,
-    JOURNAL_ARROW,
     REQUEST_ROWS,
     RequestWriter,
     SinkWriter,
@@ -240,8 +239,9 @@ def test_migration_008_applies_on_an_existing_database(tmp_path, monkeypatch):
 def test_a_replay_after_a_kill_mid_insert_fills_the_views_that_missed_the_piece_and_no_other(store, docs):
     """kill -9 during an insert: usage_events, event_ids and some rollup grains took the piece, others did not.
 
-    A new writer (a restarted worker) replays the message in a batch composed otherwise; its pieces are the same,
-    so ClickHouse absorbs them where they landed and fills the grains that missed them.
+    A new writer (a restarted worker) replays the message in a batch composed otherwise; it re-sends the crashed
+    batch's journaled pieces unchanged, so ClickHouse absorbs them where they landed and fills the grains that
+    missed them, and plans the rest of its batch without the crashed message's rows.
     """
     gen = TrafficGenerator(catalog_from_reference(docs), seed=41, bad_rate=0.0, start=NOW - timedelta(hours=2))
     attempts, _ = pipeline_batch([e for _ in range(120) for e in gen.logical_request()], docs)
@@ -252,7 +252,7 @@ def test_a_replay_after_a_kill_mid_insert_fills_the_views_that_missed_the_piece_
     assert write(SinkWriter(store), before).inserted == len(before)
     arm_failpoint(store)
     with pytest.raises(Exception, match="failpoint"):
-        SinkWriter(store).write([dict(r) for r in (*before, *crashed)])  # this worker is killed now
+        SinkWriter(store).write([dict(r) for r in crashed])  # this worker is killed now
     store.command("TRUNCATE TABLE {db}.failpoint")
     ids = {r[0] for r in store.query("SELECT event_id FROM {db}.event_ids").rows}
     assert {r["event_id"] for r in crashed} <= ids  # the lookup finds the crashed message's rows saved
@@ -262,7 +262,7 @@ def test_a_replay_after_a_kill_mid_insert_fills_the_views_that_missed_the_piece_
     writer = SinkWriter(store)  # the restarted worker, another batch: the crashed message and the next one
     copy = {**before[0], "origin": crashed[0]["origin"]}  # a row of `before` repeated in the crashed message
     written = write(writer, [dict(r) for r in (*crashed, copy, *after)])
-    assert written.inserted == len(crashed) + len(after) and written.rejections == []
+    assert written.inserted == len(after) and written.resent == len(crashed) and written.rejections == []
     assert writer.stats.resent == len(crashed) and writer.stats.already_saved == 1
     count, unique = store.query("SELECT count(), uniqExact(event_id) FROM {db}.usage_events").rows[0]
     assert count == unique == len(attempts)
@@ -306,8 +306,7 @@ def test_a_request_replay_after_a_kill_mid_insert_resends_its_journaled_pieces(s
     """The logical-request sink killed mid-insert: logical_requests and its heads took a piece, some grains did not.
 
     The heads now show the revisions, so deciding again would skip them; the new writer re-sends the journaled
-    rows of the crashed messages instead (another batch composition), and every grain matches its sources. With
-    the Arrow hand-off the rows go as they came (columnar pieces) and the journal is Arrow.
+    pieces of the crashed batch instead (another batch composition), and every grain matches its sources.
     """
     gen = TrafficGenerator(catalog_from_reference(docs), seed=43, bad_rate=0.0, start=NOW - timedelta(hours=2))
     attempts, requests = pipeline_batch([e for _ in range(200) for e in gen.logical_request()], docs)
@@ -329,15 +328,16 @@ def test_a_request_replay_after_a_kill_mid_insert_resends_its_journaled_pieces(s
     with pytest.raises(Exception, match="failpoint"):
         RequestWriter(store).write(crashed)  # this worker is killed now
     store.command("TRUNCATE TABLE {db}.failpoint")
-    journal = store.request_plans(origins if handoff == "json" else [origin_of(m[1]) for m in messages.values()])
-    assert len(journal) == len(origins) - 1
-    assert all(text.startswith(JOURNAL_ARROW) for text in journal.values())  # dict rows are journaled in Arrow too
+    covered, plans = store.journaled_plans(
+        origins if handoff == "json" else [origin_of(m[1]) for m in messages.values()])
+    assert len(covered) == len(origins) - 1 and len(plans) == 1  # one plan for the crashed batch's messages
     heads = store.request_heads([r["logical_request_id"] for r in crashed])
     assert heads and not audit(store, (NOW - timedelta(days=1)).date()).ok  # the heads hold what a grain lacks
 
     writer = RequestWriter(store)  # the restarted worker: the crashed messages and the next one in one batch
     written = write(writer, batch_of(lambda o: True))
-    assert written.inserted == len(requests) and writer.stats.resent == len(crashed)
+    assert written.resent == writer.stats.resent == len(crashed)
+    assert written.inserted == len(requests) - len(crashed)
     assert writer.stats.already_saved == 0
     result = audit(store, (NOW - timedelta(days=1)).date())
     assert result.ok, [d.describe() for d in result.differences]
