@@ -393,6 +393,33 @@ class Store:
             f"WHERE origin IN (SELECT arrayJoin({string_array(keys)})) GROUP BY plan", settings=LOOKUP_SETTINGS)
         return covered, {r[0]: r[1] for r in res.result_rows}
 
+    def drop_completed_journal(self, consumer: str, before: datetime | None = None) -> list[str]:
+        """Drop the ten-minute partitions of sink_journal whose plans are all complete; returns the dropped ones.
+
+        A plan is complete once `consumer`'s stored position (sink_offsets) has reached every input message it
+        covers: that batch is never replayed. Only partitions that ended before `before` (default: twenty minutes
+        before ClickHouse's clock, which stamps planned_at) are considered, so no plan is written into one while it
+        is read. A partition with any message beyond its stored position is kept (its sink may replay it), until the
+        TTL. Reads the origin column only.
+        """
+        cutoff = ("now() - INTERVAL 20 MINUTE" if before is None
+                  else f"fromUnixTimestamp64Milli({int(before.timestamp() * 1000)}, 'UTC')")
+        res = self.client.query(
+            "SELECT toString(toStartOfTenMinutes(j.planned_at)) AS part, countIf(o.found = 0 OR j.offset > o.stored) "
+            "FROM (SELECT planned_at, extract(origin, '^(.*)\\[[0-9]+\\]@[0-9]+$') AS topic, "
+            "toUInt32OrZero(extract(origin, '\\[([0-9]+)\\]@[0-9]+$')) AS partition, "
+            "toUInt64OrZero(extract(origin, '@([0-9]+)$')) AS offset "
+            f"FROM {self.db}.sink_journal WHERE NOT startsWith(origin, '{PLAN_PREFIX}') "
+            f"AND toStartOfTenMinutes(planned_at) + INTERVAL 10 MINUTE <= {cutoff}) AS j "
+            "LEFT JOIN (SELECT topic, partition, max(offset) AS stored, toUInt8(1) AS found "
+            f"FROM {self.db}.sink_offsets WHERE consumer = {{consumer:String}} GROUP BY topic, partition) AS o "
+            "ON j.topic = o.topic AND j.partition = o.partition GROUP BY part ORDER BY part",
+            parameters={"consumer": consumer}, settings={"join_use_nulls": 0})
+        done = [str(part) for part, pending in res.result_rows if not pending]
+        for part in done:
+            self.client.command(f"ALTER TABLE {self.db}.sink_journal DROP PARTITION '{part}'")  # the key's UTC
+        return done
+
     def held_request_rows(self, keys: Sequence[str]) -> int:
         """How many logical_requests rows have one of these keys (logical_request_id#revision#sign)."""
         ids = sorted({k.split("#", 1)[0] for k in keys})

@@ -7,8 +7,11 @@
 -- plan = its id) and a row `plan:<id>` whose `pieces` holds every piece's rows as one Arrow IPC stream (base64),
 -- with their tokens and days. A sink that meets a journaled message re-sends that plan's pieces unchanged before it
 -- plans anything else. ORDER BY origin: both lookups (the batch's messages, then the plans' rows) are point reads.
--- TTL = the dedup window, beyond which a replay is outside the guarantee. It supersedes request_plans (011), which
--- is no longer written: stop the sink cleanly (`tally down`) before upgrading, so that no plan of 011 is pending.
+-- A plan is needed only until its batch's position is stored (seconds), but it holds the batch's rows (~0.5 KB an
+-- event on disk, docs/performance.md): the sink drops each ten-minute partition once every plan in it is complete
+-- (Store.drop_completed_journal, every few minutes), and the TTL (the dedup window) is only the backstop for the
+-- plans of a sink that crashed and is not back. It supersedes request_plans (011), which is no longer written:
+-- stop the sink cleanly (`tally down`) before upgrading, so that no plan of 011 is pending.
 CREATE TABLE IF NOT EXISTS {db}.sink_journal
 (
     origin      String,
@@ -17,6 +20,7 @@ CREATE TABLE IF NOT EXISTS {db}.sink_journal
     planned_at  DateTime64(3, 'UTC') DEFAULT now64(3)
 )
 ENGINE = MergeTree
+PARTITION BY toStartOfTenMinutes(planned_at)
 ORDER BY (origin, plan)
 TTL toDateTime(planned_at) + INTERVAL {dedup_window_days} DAY
-SETTINGS non_replicated_deduplication_window = 10000;
+SETTINGS non_replicated_deduplication_window = 10000, ttl_only_drop_parts = 1;

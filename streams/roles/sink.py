@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -38,6 +39,9 @@ from streams.sink import (
 )
 from tally.errors import SinkGaveUp
 from tally.store import Store
+
+log = logging.getLogger(__name__)
+JOURNAL_CLEANUP_S = 300.0  # how often the sink drops the journal's completed ten-minute partitions
 
 
 @dataclass
@@ -84,6 +88,18 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
 
     for topic in (topics.attempts, topics.requests, topics.alerts):
         ctx.own_positions(topic, "sink", sink_positions(topic))
+
+    @app.timer(interval=JOURNAL_CLEANUP_S, name="tally.sink_journal_cleanup")
+    async def drop_completed_plans() -> None:
+        """The journaled plans of batches whose positions are stored are never replayed: drop their partitions."""
+        loop = asyncio.get_running_loop()
+        try:
+            dropped = await loop.run_in_executor(executor, writer.store.drop_completed_journal, sink_consumer)
+        except Exception as exc:  # the next round tries again; the TTL is the backstop
+            log.warning("sink: dropping completed journal partitions failed: %s", exc)
+            return
+        if dropped:
+            log.info("sink: dropped %d completed journal partitions (%s … %s)", len(dropped), dropped[0], dropped[-1])
 
     async def sink_run(batch: Batch, topic: str, write: Any, decode: Callable[..., Any], sink_stats: SinkStats,
                        loop: asyncio.AbstractEventLoop) -> None:

@@ -42,6 +42,23 @@ def test_migrations_are_idempotent(store):
     assert {"usage_events", "event_ids", "event_ids_mv", "schema_migrations"} <= names
 
 
+def test_a_journal_partition_is_dropped_once_every_plan_in_it_is_complete(store, now):
+    attempts, requests = "llm.cost.attempts.v1", "llm.cost.requests.v1"
+    store.journal_plan("p1", [f"{attempts}[0]@5", f"{attempts}[1]@0"], "pieces of p1")
+    store.journal_plan("p2", [f"{requests}[2]@7"], "pieces of p2")
+    later = now + timedelta(days=2)  # every partition written so far has ended by then, whatever the wall clock
+    assert store.drop_completed_journal("sink", later) == []  # no position stored: both plans may be replayed
+    assert store.drop_completed_journal("sink") == []  # by default only partitions ended 20 minutes ago count
+    store.record_offsets("sink", attempts, {0: 5, 1: 0})
+    store.record_offsets("other-group", requests, {2: 7})  # another consumer's position says nothing of this one
+    assert store.drop_completed_journal("sink", later) == []  # p2's message is not stored yet
+    assert store.journaled_plans([f"{requests}[2]@7"])[1] == {"p2": "pieces of p2"}
+    store.record_offsets("sink", requests, {2: 9})
+    dropped = store.drop_completed_journal("sink", later)
+    assert len(dropped) >= 1
+    assert store.journaled_plans([f"{attempts}[0]@5", f"{requests}[2]@7"]) == ({}, {})
+
+
 def test_writer_inserts_each_event_once_whatever_is_replayed(store, docs, now):
     rows = priced_rows(docs, now)
     expected = sum((r["cost_total_usd"] for r in rows), Decimal(0))
