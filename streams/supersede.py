@@ -96,7 +96,7 @@ def _calls(store: Store, request_ids: Sequence[str]) -> dict[Call, list[tuple[Ca
         res = store.query(
             "SELECT logical_request_id, request_id, groupArray((event_id, usage_reported, ts, team_id, feature_id, "
             "ingested_at, superseded)) FROM {db}.call_rows "
-            f"WHERE request_id IN (SELECT arrayJoin({string_array(request_ids[start:start + _CHUNK])})) "
+            f"WHERE request_id IN {store.id_set(request_ids[start:start + _CHUNK])} "
             "GROUP BY logical_request_id, request_id HAVING uniqExact(event_id) > 1", lookup=True)
         for lid, request_id, markers in res.rows:
             found[(lid, request_id)] = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import queue
 import re
@@ -24,6 +25,7 @@ from tally.errors import QueryRefused, StoreError, StoreLockedError
 from tally.query_policy import check_select, parse_explain_ast
 
 MIGRATIONS_DIR = SCHEMAS_DIR / "migrations"
+log = logging.getLogger(__name__)
 _MIGRATION_NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
@@ -119,6 +121,7 @@ class Store:
         self._api_opened: list[Client] = []
         self._outage = Path(settings.store_outage_flag) if settings.store_outage_flag else None  # tests only
         self._lanes: list[Store] = []
+        self._id_table: bool | None = None  # whether this connection holds the temporary table lookup_ids
 
     @property
     def embedded(self) -> bool:
@@ -257,6 +260,7 @@ class Store:
                 self._client.close()
             finally:
                 self._client = None
+                self._id_table = None  # the temporary table went with the connection
         self._unlock()
 
     def __enter__(self) -> Store:
@@ -332,6 +336,30 @@ class Store:
         self.client.insert_arrow(f"{self.db}.{table}", data.combine_chunks(), settings=_INSERT_SETTINGS | {
             "insert_deduplication_token": token})
 
+    def id_set(self, values: Sequence[str]) -> str:
+        """A subquery yielding `values`, for a lookup's `IN`: loaded in binary, not parsed from the query's text.
+
+        ClickHouse parses an array literal at ~6 µs an id (3,333 ids: 21 ms of a 28 ms event_ids lookup, one-off);
+        loaded as Arrow into this connection's temporary table `lookup_ids`, the same lookup takes ~10 ms. The table
+        is private to the connection (each Store and lane has its own, used from one thread), emptied before each
+        use, and the next lookup on the connection replaces it: call right before the query that reads it. Where a
+        connection cannot hold a temporary table (an HTTP connection without a session), the literal is used.
+        """
+        if self._id_table is None:
+            try:
+                self.client.command("CREATE TEMPORARY TABLE IF NOT EXISTS lookup_ids (id String) ENGINE = Memory")
+                self._id_table = True
+            except ClickHouseError as exc:
+                log.info("lookups pass their ids as literals: no temporary table on this connection (%s)",
+                         _first_line(exc))
+                self._id_table = False
+        if not self._id_table:
+            return f"(SELECT arrayJoin({string_array(values)}))"
+        self.client.command("TRUNCATE TABLE lookup_ids")
+        if values:
+            self.client.insert_arrow("lookup_ids", pa.table({"id": pa.array(list(values), pa.string())}))
+        return "(SELECT id FROM lookup_ids)"
+
     def record_offsets(self, consumer: str, topic: str, offsets: dict[int, int]) -> None:
         """Store the sink's input position: per partition, the last offset whose rows ClickHouse holds."""
         if offsets:
@@ -359,7 +387,7 @@ class Store:
         for start in range(0, len(event_ids), chunk):
             res = self.client.query(
                 f"SELECT event_id, max(content_hash), argMin(origin, ingested_at) FROM {self.db}.event_ids "
-                f"WHERE event_id IN (SELECT arrayJoin({string_array(event_ids[start:start + chunk])})) "
+                f"WHERE event_id IN {self.id_set(event_ids[start:start + chunk])} "
                 "GROUP BY event_id", settings=LOOKUP_SETTINGS)
             found.update((r[0], Saved(r[1], r[2])) for r in res.result_rows)
         return found
@@ -441,7 +469,7 @@ class Store:
             res = self.client.query(
                 f"SELECT logical_request_id, revision, emitted_at, attempts_detail "
                 f"FROM {self.db}.logical_request_heads "
-                f"WHERE logical_request_id IN (SELECT arrayJoin({string_array(logical_ids[start:start + chunk])})) "
+                f"WHERE logical_request_id IN {self.id_set(logical_ids[start:start + chunk])} "
                 "ORDER BY revision DESC LIMIT 1 BY logical_request_id", settings=LOOKUP_SETTINGS)
             for lid, revision, emitted_at, detail in res.result_rows:
                 at = emitted_at if emitted_at.tzinfo is not None else emitted_at.replace(tzinfo=UTC)

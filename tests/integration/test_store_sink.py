@@ -59,6 +59,22 @@ def test_a_journal_partition_is_dropped_once_every_plan_in_it_is_complete(store,
     assert store.journaled_plans([f"{attempts}[0]@5", f"{requests}[2]@7"]) == ({}, {})
 
 
+def test_lookups_read_their_ids_in_binary_and_find_what_the_literal_finds(store, now):
+    odd = ["ev-plain", "ev-'quoted'", "ev-{brace}", "ev-back\\slash", "ev-tab\tnew\nline", "ev-ünï"]
+    store.insert_columns("event_ids", [odd[:4], [now] * 4, ["h"] * 4, ["o"] * 4],
+                         ("event_id", "ingested_at", "content_hash", "origin"), "t:odd")
+    asked = [*odd, "ev-absent"]
+    assert set(store.saved_events(asked)) == set(odd[:4])
+    assert store.id_set([]) == "(SELECT id FROM lookup_ids)" and store.saved_events([]) == {}
+    literal = store.query(f"SELECT event_id FROM {{db}}.event_ids WHERE event_id IN (SELECT arrayJoin("
+                          f"{string_array(asked)}))", lookup=True).rows
+    assert sorted(r[0] for r in literal) == sorted(odd[:4])
+    lane = store.lane()  # another connection: its own table, untouched by this one's lookups
+    assert lane.saved_events(["ev-plain"]) == {"ev-plain": ("h", "o")}
+    assert set(store.saved_events(asked)) == set(odd[:4])
+    assert lane.query("SELECT id FROM lookup_ids").rows == [("ev-plain",)]
+
+
 def test_writer_inserts_each_event_once_whatever_is_replayed(store, docs, now):
     rows = priced_rows(docs, now)
     expected = sum((r["cost_total_usd"] for r in rows), Decimal(0))

@@ -44,6 +44,10 @@ class FakeStore:
         """Reads of other tables (the supersede step's call_rows): this store holds none of their rows."""
         return QueryResult([], [])
 
+    def id_set(self, values: list[str]) -> str:
+        """The subquery a lookup reads its ids from (Store.id_set); this store answers no query with rows."""
+        return "(SELECT arrayJoin([]))"
+
     def saved_events(self, ids: list[str]) -> dict[str, Saved]:
         return {i: self.saved[i] for i in ids if i in self.saved}
 
