@@ -66,8 +66,8 @@ class Piece:
     """One insert: whole groups of rows, their UTC days, and the token that makes a re-send a no-op.
 
     A dict piece holds `groups` of dict rows (anomalies, tools). A columnar piece holds its rows as one Arrow table
-    in `data` (every column of the insert, in order), their keys in `keys`, and `breaks`: the row at which each
-    group after the first starts (empty when each row is a group of its own).
+    in `data` (every column of the insert, in order), their keys in `keys`, and `breaks`: the row at which each of
+    its groups starts, the first at 0 (empty when each row is a group of its own).
     """
 
     table: str
@@ -93,7 +93,7 @@ class Piece:
     def splittable(self) -> bool:
         """Whether it has more than one group, so that halves can be sent."""
         if self.data is not None:
-            return bool(self.breaks) or self.size > 1
+            return len(self.breaks) > 1 if self.breaks else self.size > 1
         return len(self.groups) > 1
 
 
@@ -150,9 +150,9 @@ def _columnar(table: str, data: pa.Table, keys: Sequence[str], groups: list[list
     breaks: list[int] = []
     if any(len(g) > 1 for g in groups):
         at = 0
-        for g in groups[:-1]:
-            at += len(g)
+        for g in groups:
             breaks.append(at)
+            at += len(g)
     piece_keys = [keys[i] for i in positions]
     piece_days = tuple(_EPOCH_DAY + timedelta(days=d) for d in sorted(days))
     return columnar_piece(table, data.take(pa.array(positions, pa.int64())), piece_keys, piece_days, plan,
@@ -168,13 +168,15 @@ def columnar_piece(table: str, data: pa.Table, keys: Sequence[str], days: tuple[
 def split_piece(piece: Piece, key: Callable[[dict[str, Any]], str]) -> list[Piece]:
     """Two halves of a piece ClickHouse found too large, each with the token of its own rows; groups stay whole."""
     if piece.data is not None:
+        if not piece.splittable:
+            raise ValueError(f"a piece of one group cannot be split ({piece.size} rows)")
         cut = piece.size // 2
         if piece.breaks:
-            cut = min(piece.breaks, key=lambda b: abs(b - cut))
+            cut = min(piece.breaks[1:], key=lambda b: abs(b - cut))
         halves = ((0, cut), (cut, piece.size))
         return [columnar_piece(piece.table, piece.data.slice(a, b - a), piece.keys[a:b], piece.days,
                                f"{piece.token}/{n}",
-                               tuple(x - a for x in piece.breaks if a < x < b)) for n, (a, b) in enumerate(halves)]
+                               tuple(x - a for x in piece.breaks if a <= x < b)) for n, (a, b) in enumerate(halves)]
     half = len(piece.groups) // 2
     return [Piece(piece.table, gs, insert_token(piece.table, (key(r) for g in gs for r in g),
                                                 (piece.token, str(n), *map(str, piece.days))), piece.days)

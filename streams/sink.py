@@ -365,8 +365,10 @@ class SinkWriter:
     Not guaranteed: a duplicate arriving after the dedup window (default 7 days) is inserted again; an event saved
     before migration 008 has no hash, so any later copy of it counts as a duplicate; an event saved before 011 has
     no origin, so a replay of its message skips it (a cut-short insert from before 011 is not repaired); a replayed
-    piece is absorbed only while its blocks are within each table's dedup window (10,000 inserts: the replay is of
-    the last batch, well within it) and its plan within the journal's TTL (the dedup window); a piece that
+    piece is absorbed only while its blocks are within each table's dedup window (10,000 inserts a table) and its
+    plan within the journal's TTL (the dedup window): a plan covering several partitions is re-sent by every replay
+    that meets one of its messages, so a partition whose replay comes more than 10,000 inserts after another's
+    (a worker down that long after a crash mid-insert) would have that re-send inserted again; a piece that
     ClickHouse found too large and split (write_with_retry) and whose insert was then cut short by a crash is
     re-sent whole from the journal, under another token than its halves; a sink that still writes a batch after
     its partitions went to another sink (a zombie: Faust waits for the batch before it gives them up, unless the

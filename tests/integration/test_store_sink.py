@@ -46,6 +46,7 @@ def test_a_journal_partition_is_dropped_once_every_plan_in_it_is_complete(store,
     attempts, requests = "llm.cost.attempts.v1", "llm.cost.requests.v1"
     store.journal_plan("p1", [f"{attempts}[0]@5", f"{attempts}[1]@0"], "pieces of p1")
     store.journal_plan("p2", [f"{requests}[2]@7"], "pieces of p2")
+    store.journal_plan("p3", [f"{requests}[3]@0"], "pieces of p3")  # offset 0 of a partition with no position
     later = now + timedelta(days=2)  # every partition written so far has ended by then, whatever the wall clock
     assert store.drop_completed_journal("sink", later) == []  # no position stored: both plans may be replayed
     assert store.drop_completed_journal("sink") == []  # by default only partitions ended 20 minutes ago count
@@ -54,6 +55,8 @@ def test_a_journal_partition_is_dropped_once_every_plan_in_it_is_complete(store,
     assert store.drop_completed_journal("sink", later) == []  # p2's message is not stored yet
     assert store.journaled_plans([f"{requests}[2]@7"])[1] == {"p2": "pieces of p2"}
     store.record_offsets("sink", requests, {2: 9})
+    assert store.drop_completed_journal("sink", later) == []  # p3: nothing of partition 3 is stored
+    store.record_offsets("sink", requests, {3: 0})
     dropped = store.drop_completed_journal("sink", later)
     assert len(dropped) >= 1
     assert store.journaled_plans([f"{attempts}[0]@5", f"{requests}[2]@7"]) == ({}, {})

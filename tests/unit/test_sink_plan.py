@@ -237,6 +237,10 @@ def test_request_pieces_keep_a_request_together_and_split_by_day_and_in_halves()
         assert {"k0", "k1"} <= got or not {"k0", "k1"} & got  # a request's rows never split apart
         assert {"k4", "k5"} <= got or not {"k4", "k5"} & got
     assert sum(h.size for h in split_piece(first, str)) == first.size
+    pair = cut_columns("logical_requests", data.slice(0, 2), keys[:2], "first_ts", "plan", groups=[[0, 1]])
+    assert [p.breaks for p in pair] == [(0,)] and not pair[0].splittable  # a cancel row and its revision: one insert
+    with pytest.raises(ValueError):
+        split_piece(pair[0], str)
 
 
 def test_dict_pieces_keep_a_group_together_and_split_by_day():
