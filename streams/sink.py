@@ -60,6 +60,7 @@ from streams.sink_columns import (
     rows_table,
     table_rows,
 )
+from streams.supersede import supersede
 from streams.watermarks import is_watermark
 from tally.errors import SinkGaveUp, SinkRefused, StoreError
 from tally.store import Store
@@ -473,8 +474,6 @@ class SinkWriter:
 
     def supersede(self, rows: Sequence[dict[str, Any]]) -> int:
         """Step 6. Runs in the sink's executor thread; returns how many rows it superseded now."""
-        from streams.supersede import supersede  # it builds on this module (insert_token)
-
         n = supersede(self.store, list(rows))
         self.stats.superseded += n
         return n

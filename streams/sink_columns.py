@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from itertools import accumulate, chain
 from typing import Any, overload
@@ -420,15 +420,3 @@ class AttemptBatch(Sequence[dict[str, Any]]):
             else:
                 out.update((r.get("origin", ""), None) for r in p.rows)
         return [o for o in out if o]
-
-    def days(self) -> list[date]:
-        """The UTC day of each row's ts, in batch order."""
-        from streams.sink import utc_day
-
-        out: list[date] = []
-        for p in self.parts:
-            if isinstance(p, ArrowPart):
-                out.extend(pc.cast(p.table.column("ts"), pa.date32()).to_pylist())
-            else:
-                out.extend(utc_day(r["ts"]) for r in p.rows)
-        return out
