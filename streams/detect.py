@@ -10,11 +10,14 @@ import pickle
 import statistics
 import zlib
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from river import stats
 
 from streams.watermarks import decode_watermarks, encode_watermarks, low_watermark
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 REQUESTS, COST, INPUT, OUTPUT, REASONING, RETRIES, FALLBACKS = range(7)
 _WIDTH = 7
 DIMENSIONS: tuple[str, ...] = ("model", "tenant", "endpoint", "deploy_version")
+_MODEL, _DEPLOY = DIMENSIONS.index("model"), DIMENSIONS.index("deploy_version")
 _DIM_FIELD = {"model": "final_model", "tenant": "tenant_id", "endpoint": "endpoint", "deploy_version": "deploy_version"}
 # The logical_requests columns the detectors read (Detector.observe, request_vector); the detect role decodes only
 # these from an Arrow requests message (tests/unit/test_detect.py feeds rows that hold nothing else).
@@ -206,8 +210,108 @@ def request_vector(row: Mapping[str, Any]) -> Vector:
 
 
 def _add(into: Vector, v: Vector) -> None:
-    for i in range(_WIDTH):
-        into[i] += v[i]
+    # Unrolled (_WIDTH sums): a request adds its vector to ten of these per window; the loop cost twice as much.
+    into[0] += v[0]
+    into[1] += v[1]
+    into[2] += v[2]
+    into[3] += v[3]
+    into[4] += v[4]
+    into[5] += v[5]
+    into[6] += v[6]
+
+
+def _accumulate(into: Vector, vs: list[Vector], stacked: Any) -> None:
+    """Add vectors `vs` (also given as the rows of the float64 matrix `stacked`) to `into`, one after the other.
+
+    numpy's add.accumulate adds row after row, never pairwise, so the sum ends bit for bit where adding them one by
+    one in Python ends (tests/unit/test_detect.py::test_a_batch_adds_to_its_sums_bit_for_bit_as_row_by_row).
+    """
+    if len(vs) < _VECTORIZE_FROM or type(into) is not array:  # a list: a sum from an older snapshot
+        for v in vs:
+            _add(into, v)
+        return
+    both = np.vstack((np.frombuffer(into, dtype=np.float64), stacked))
+    np.frombuffer(into, dtype=np.float64)[:] = np.add.accumulate(both, axis=0)[-1]
+
+
+_VECTORIZE_FROM = 8  # below this many vectors a sum is added in Python (a numpy call costs ~5 µs)
+Counted = tuple[list[Vector], list[tuple[str, ...]], list[str]]
+
+
+class _Batch:
+    """What one observed batch counts in each window, gathered and counted per window at the end of the batch.
+
+    A request adds its vector to ten sums (its window's total and four dimension values, again in its feature ×
+    model window); one by one in Python that was most of the detect stage. Per window, the batch's vectors are
+    added with numpy in arrival order, so every sum ends as it would row by row (a replay cut into other batches
+    gives the same floats, hence the same alerts). Nothing reads a sum while a batch is observed.
+    """
+
+    def __init__(self) -> None:
+        self.windows: dict[int, tuple[Window, Counted]] = {}
+
+    def count(self, window: Window, v: Vector, dims: tuple[str, ...], team: str) -> None:
+        entry = self.windows.get(id(window))
+        if entry is None:
+            self.windows[id(window)] = (window, ([v], [dims], [team]))
+        else:
+            counted = entry[1]
+            counted[0].append(v)
+            counted[1].append(dims)
+            counted[2].append(team)
+
+    def apply(self) -> None:
+        for window, counted in self.windows.values():
+            window.count_all(*counted)
+        self.windows.clear()
+
+
+# One logical-request row as the detectors count it: (feature_id, event time in epoch seconds, logical id hash or 0,
+# its sums, its dimension values in DIMENSIONS' order, team_id). Rows of a revision above 1, of sign -1 or without a
+# feature are not observed at all.
+Observed = tuple[str, float, int, Vector, tuple[str, ...], str]
+
+
+def observed_rows(rows: Iterable[Mapping[str, Any]]) -> Iterator[Observed]:
+    """Decoded logical-request rows (JSON or dicts) as the detectors count them."""
+    for row in rows:
+        if int(row.get("revision", 1)) != 1 or int(row.get("sign", 1)) != 1 or not row.get("feature_id"):
+            continue
+        lid = row.get("logical_request_id")
+        yield (str(row["feature_id"]), _epoch(row["last_ts"]), id_hash(str(lid)) if lid else 0, request_vector(row),
+               tuple(str(row.get(_DIM_FIELD[dim]) or "") for dim in DIMENSIONS), str(row.get("team_id") or ""))
+
+
+def observed_table(table: pa.Table) -> list[Observed]:
+    """An Arrow table of logical requests (DETECT_COLUMNS at least, REQUEST_SCHEMA's types) as observed_rows gives it.
+
+    Column by column, to the same values: the cost through its decimal text (float() of it rounds exactly as float()
+    of the Decimal does), the time as epoch milliseconds / 1000 (what datetime.timestamp() gives for a time in whole
+    milliseconds), the input sum in integers before it becomes a float. No dict per row: the detect stage spent more
+    building them than counting them.
+    """
+    t = table.filter(pc.and_(pc.and_(pc.equal(table["revision"], 1), pc.equal(table["sign"], 1)),
+                             pc.not_equal(table["feature_id"], "")))
+    if t.num_rows == 0:
+        return []
+    costs = [float(c) for c in pc.cast(t["cost_total_usd"], pa.string()).to_pylist()]
+    inputs = pc.add(pc.add(t["input_tokens"], t["cache_read_tokens"]),
+                    pc.add(t["cache_write_tokens"], t["cache_write_1h_tokens"])).to_pylist()
+    times = [ms / 1000 for ms in t["last_ts"].cast(pa.int64()).to_pylist()]
+    dims = zip(*(_texts(t, _DIM_FIELD[dim]) for dim in DIMENSIONS), strict=True)
+    out: list[Observed] = []
+    for fid, ts, lid, cost, inp, output, reasoning, retries, fallbacks, dim, team in zip(
+            t["feature_id"].to_pylist(), times, t["logical_request_id"].to_pylist(), costs, inputs,
+            t["output_tokens"].to_pylist(), t["reasoning_tokens"].to_pylist(), t["retries"].to_pylist(),
+            t["fallbacks"].to_pylist(), dims, _texts(t, "team_id"), strict=True):
+        v = array("d", (1.0, cost, float(inp), float(output), float(reasoning), float(retries),
+                        1.0 if fallbacks else 0.0))
+        out.append((fid, ts, id_hash(lid) if lid else 0, v, dim, team))
+    return out
+
+
+def _texts(table: pa.Table, column: str) -> list[str]:
+    return [x or "" for x in table[column].to_pylist()]
 
 
 def _ratio(v: Vector, spec: SignalSpec) -> float | None:
@@ -242,15 +346,24 @@ class Window:
         """
         lid = row.get("logical_request_id")
         h = lid_hash if lid_hash is not None else (id_hash(str(lid)) if lid else 0)
+        self.add_vector(request_vector(row), tuple(str(row.get(_DIM_FIELD[dim]) or "") for dim in DIMENSIONS),
+                        str(row.get("team_id") or ""), late, ts, h)
+
+    def add_vector(self, v: Vector, dims: tuple[str, ...], team: str, late: bool, ts: float | None, h: int,
+                   batch: _Batch | None = None) -> None:
+        """`add` of a request already reduced to its sums, dimension values, team and id hash (0: none).
+
+        With a `batch`, its sums are counted when the batch is applied (_Batch), else at once.
+        """
         if h:
             self.ids.add(h)
-        v = request_vector(row)
-        dims = tuple(str(row.get(_DIM_FIELD[dim]) or "") for dim in DIMENSIONS)
-        team = str(row.get("team_id") or "")
         if late:
             self.late_cost += v[COST]
             self.late_tenants[dims[1]] = self.late_tenants.get(dims[1], 0.0) + 1.0
-        self.count(v, dims, team)
+        if batch is None:
+            self.count(v, dims, team)
+        else:
+            batch.count(self, v, dims, team)
         if ts is not None and len(self.pending) < _MAX_COSTS:
             self.pending.append((ts, h, v, dims, team))
 
@@ -261,8 +374,40 @@ class Window:
             self.costs.append(v[COST])
             self.inputs.append(v[INPUT])
         for dim, value in zip(DIMENSIONS, dims, strict=True):
-            _add(self.by[dim].setdefault(value, _blank()), v)
+            by = self.by[dim]
+            into = by.get(value)
+            if into is None:
+                into = by[value] = _blank()
+            _add(into, v)
         self.team_id = team or self.team_id
+
+    def count_all(self, vs: list[Vector], dims: list[tuple[str, ...]], teams: list[str]) -> None:
+        """`count` of several requests in order: the same sums, lists and dimension values, added per sum."""
+        if len(vs) < _VECTORIZE_FROM:
+            for v, d, team in zip(vs, dims, teams, strict=True):
+                self.count(v, d, team)
+            return
+        stacked = np.frombuffer(b"".join(vs), dtype=np.float64).reshape(len(vs), _WIDTH)
+        _accumulate(self.total, vs, stacked)
+        room = _MAX_COSTS - len(self.costs)
+        if room > 0:
+            self.costs.extend(v[COST] for v in vs[:room])
+            self.inputs.extend(v[INPUT] for v in vs[:room])
+        for k, dim in enumerate(DIMENSIONS):
+            rows: dict[str, list[int]] = {}  # value → its requests, values in order of first appearance
+            for i, d in enumerate(dims):
+                at = rows.get(d[k])
+                if at is None:
+                    rows[d[k]] = [i]
+                else:
+                    at.append(i)
+            by = self.by[dim]
+            for value, at in rows.items():
+                into = by.get(value)
+                if into is None:
+                    into = by[value] = _blank()
+                _accumulate(into, [vs[i] for i in at], stacked[at])
+        self.team_id = next((team for team in reversed(teams) if team), self.team_id)
 
     def absorb(self, other: Window) -> None:
         """Add another window's sums (a closed bucket joining the window that covers it)."""
@@ -462,23 +607,30 @@ class Detector:
         over (an upstream replay re-emits it): `duplicate_rows`. Nothing closes here: see `watermark`. `now`, if
         given (epoch seconds), caps row times.
         """
-        for row in rows:
-            if int(row.get("revision", 1)) != 1 or int(row.get("sign", 1)) != 1 or not row.get("feature_id"):
-                continue
-            ts = _epoch(row["last_ts"])
-            if now is not None:
-                ts = min(ts, now)
-            fid = str(row["feature_id"])
+        self._observe(observed_rows(rows), partition, now)
+
+    def observe_table(self, table: pa.Table, partition: int, now: float | None = None) -> None:
+        """`observe` of an Arrow table of logical requests (the requests topic's messages), read column by column."""
+        self._observe(observed_table(table), partition, now)
+
+    def _observe(self, requests: Iterable[Observed], partition: int, now: float | None) -> None:
+        batch = _Batch()
+        try:
+            self._count(requests, partition, now, batch)
+        finally:
+            batch.apply()
+
+    def _count(self, requests: Iterable[Observed], partition: int, now: float | None, batch: _Batch) -> None:
+        for fid, at, h, v, dims, team in requests:
+            ts = at if now is None else min(at, now)
             state = self._state(fid, partition)
             target, late = self._target(state, ts)
-            lid = row.get("logical_request_id")
-            h = id_hash(str(lid)) if lid else 0
             if h and (h in target.ids or h in state.seen):
                 self.duplicate_rows += 1
                 continue
             self.late_rows += late
-            target.add(row, late=late, ts=ts, lid_hash=h)
-            model = str(row.get("final_model") or "")
+            target.add_vector(v, dims, team, late, ts, h, batch)
+            model = dims[_MODEL]
             pair = state.by_model.get(model)
             if pair is None and len(state.by_model) < _MAX_DIM_VALUES:
                 pair = state.by_model[model] = FeatureState(fid, model=model)
@@ -486,8 +638,8 @@ class Detector:
                     pair.window = Window(state.window.start, state.window.end)
             if pair is not None:
                 into, pair_late = self._target(pair, ts)
-                into.add(row, late=pair_late, lid_hash=h)
-            dv = str(row.get("deploy_version") or "")
+                into.add_vector(v, dims, team, pair_late, None, h, batch)
+            dv = dims[_DEPLOY]
             if dv and dv not in state.deploy_first_seen:
                 state.deploy_first_seen[dv] = int(ts)
             self.dirty.add(fid)

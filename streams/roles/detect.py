@@ -24,7 +24,7 @@ from streams.roles.context import (
     stop_hard,
     timer_name,
 )
-from streams.sink_columns import REQUEST_SCHEMA, Refused, decode_message, is_arrow, table_rows
+from streams.sink_columns import REQUEST_SCHEMA, Refused, decode_message, is_arrow
 from streams.watermarks import decode_watermarks, is_watermark
 from tally.config import Settings
 from tally.partitioning import partition_for_bytes
@@ -106,12 +106,15 @@ def wire_detect(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
             stats.detect_snapshots += len(snapshots)
             last_snapshot[0] = time.time()
 
-    def request_rows(value: bytes | None) -> list[dict[str, Any]]:
-        """A requests message's rows: NDJSON decoded, or an Arrow message's columns the detectors read."""
+    def observe_message(value: bytes | None, partition: int) -> int:
+        """A requests message into the detectors (an Arrow message read by columns, NDJSON by rows); its row count."""
         if is_arrow(value):
             table = decode_message(value or b"", REQUEST_SCHEMA, "llm.cost.requests.v1")
-            return table_rows(table.select(list(DETECT_COLUMNS)))
-        return [orjson.loads(line) for line in (value or b"").split(b"\n") if line]
+            detector.observe_table(table.select(list(DETECT_COLUMNS)), partition)
+            return int(table.num_rows)
+        rows = [orjson.loads(line) for line in (value or b"").split(b"\n") if line]
+        detector.observe(rows, partition)
+        return len(rows)
 
     def observe(batch: Batch) -> list[dict[str, Any]]:
         """The batch in offset order per partition: rows fill windows, watermarks close them."""
@@ -122,14 +125,12 @@ def wire_detect(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
                 alerts.extend(detector.watermark(src.partition, marks, sources))
                 continue
             try:
-                rows = request_rows(value)
+                stats.detect_requests += observe_message(value, src.partition)
             except Refused as exc:  # not a table of logical requests: the sink dead-letters the message
                 stats.detect_errors += 1
                 log.warning("detect: %s[%d]@%d is not logical requests (%s); passed over", src.topic, src.partition,
                             src.offset, exc)
                 continue
-            stats.detect_requests += len(rows)
-            detector.observe(rows, src.partition)
         stats.detect_late = detector.late_rows
         stats.detect_duplicates = detector.duplicate_rows
         return alerts

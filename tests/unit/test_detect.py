@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import pickle
 import random
 import re
+from array import array
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
+import pyarrow as pa
 import pytest
 
-from streams.detect import DETECT_COLUMNS, Baseline, DetectConfig, Detector, Window, dump_state, load_state
+from streams.detect import (
+    DETECT_COLUMNS,
+    Baseline,
+    DetectConfig,
+    Detector,
+    Window,
+    dump_state,
+    load_state,
+    observed_rows,
+    observed_table,
+)
+from streams.sink_columns import REQUEST_SCHEMA
 from tests.bench.detect import ZScoreBaseline
 from tests.factories import request_row
 
@@ -189,6 +204,87 @@ def test_a_snapshot_with_a_window_in_the_future_is_repaired_on_restore() -> None
     assert d.clocks.get(0, 0.0) <= wall.timestamp() and "summarize_email_v2" in d.take_dirty()
     fired = feed(d, stream(10, shape=storm, start=wall))
     assert [(a["signal"], a["state"]) for a in fired] == [("retry_rate", "firing")]
+
+
+def as_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Request rows (decoded JSON) as the detect role reads an Arrow requests message: DETECT_COLUMNS' columns."""
+    schema = pa.schema([REQUEST_SCHEMA.field(c) for c in DETECT_COLUMNS])
+    typed = [{**r, "cost_total_usd": Decimal(r["cost_total_usd"]),
+              "last_ts": datetime.fromisoformat(r["last_ts"])} for r in rows]
+    return pa.Table.from_pylist(typed, schema=schema)
+
+
+def test_an_arrow_message_is_observed_as_its_json_rows_are() -> None:
+    """observed_table (the Arrow hand-off, column by column) gives exactly what observed_rows gives for the JSON rows:
+    the same floats to the last bit, the same skips (revision 2, sign -1, no feature), empty text for a null."""
+    rng = random.Random(7)
+    rows = [normal(rng, T0 + timedelta(milliseconds=1_234_567 * i), i) for i in range(40)]
+    rows[3]["cost_total_usd"] = "0.123456789012345678"  # 18 decimals: the float of the text, not of a rounded double
+    rows[4].update(cache_read_tokens=5_000, cache_write_tokens=7, cache_write_1h_tokens=11, fallbacks=2, retries=3)
+    rows[5]["deploy_version"] = ""
+    rows[6].update(revision=2)
+    rows[7].update(sign=-1)
+    rows[8].update(feature_id="")
+    rows[9]["logical_request_id"] = rows[10]["logical_request_id"]
+    rows[11]["final_model"] = "claude-opus-4-1"
+    expected = list(observed_rows(rows))
+    assert len(expected) == 37
+    assert observed_table(as_table(rows)) == expected
+    assert observed_table(as_table(rows[6:9])) == []
+
+
+def test_a_detector_fed_arrow_tables_pages_and_snapshots_as_one_fed_json_rows() -> None:
+    by_rows, by_tables = Detector(CONFIG), Detector(CONFIG)
+    rows = [*stream(60), *stream(10, shape=storm, start=T0 + timedelta(minutes=60))]
+    alerts: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+    for start in range(0, len(rows), 50):
+        batch = rows[start:start + 50]
+        by_rows.observe(batch, 0)
+        by_tables.observe_table(as_table(batch), 0)
+        alerts[0].extend(by_rows.advance(0, live(batch)))
+        alerts[1].extend(by_tables.advance(0, live(batch)))
+    assert [(a["signal"], a["state"]) for a in alerts[0]] == [("retry_rate", "firing")]
+    assert alerts[0] == alerts[1]
+    snapshots = by_rows.take_dirty(), by_tables.take_dirty()
+    assert snapshots[0].keys() == snapshots[1].keys() == {"summarize_email_v2"}
+    # equal state, not equal bytes: pickle shares a string object it meets twice, and Arrow makes one per row
+    assert (plain(load_state(snapshots[0]["summarize_email_v2"]))
+            == plain(load_state(snapshots[1]["summarize_email_v2"])))
+
+
+def test_a_batch_adds_to_its_sums_bit_for_bit_as_row_by_row() -> None:
+    """Sums gathered over a batch (numpy, in arrival order) end where adding each row alone ends: a replay cut into
+    other batches keeps every float, snapshot and alert."""
+    rows = [*stream(60, per_minute=90), *stream(10, per_minute=90, shape=storm, start=T0 + timedelta(minutes=60))]
+    one_by_one, batched = Detector(CONFIG), Detector(CONFIG)
+    alerts: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+    for start in range(0, len(rows), 300):
+        batch = rows[start:start + 300]
+        for row in batch:
+            one_by_one.observe([row], 0)
+        batched.observe(batch, 0)
+        alerts[0].extend(one_by_one.advance(0, live(batch)))
+        alerts[1].extend(batched.advance(0, live(batch)))
+    assert [(a["signal"], a["state"]) for a in alerts[0]] == [("retry_rate", "firing")]
+    assert alerts[0] == alerts[1]
+    assert (plain(load_state(one_by_one.take_dirty()["summarize_email_v2"]))
+            == plain(load_state(batched.take_dirty()["summarize_email_v2"])))
+
+
+def plain(x: Any) -> Any:
+    """A detector state as plain values (floats compared exactly), whatever objects hold them."""
+    if isinstance(x, dict):
+        return {k: plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple | array):
+        return [plain(v) for v in x]
+    if isinstance(x, set):
+        return sorted(x)
+    if hasattr(x, "__dict__") or hasattr(x, "__dataclass_fields__"):
+        names = getattr(x, "__dataclass_fields__", None) or vars(x)
+        return {type(x).__name__: {k: plain(getattr(x, k)) for k in names}}
+    if isinstance(x, str | int | float | bool | None):
+        return x
+    return pickle.dumps(x)  # river's statistics (Rust objects): their pickled state
 
 
 def test_revisions_are_counted_once() -> None:
