@@ -394,10 +394,27 @@ class FoldConfig:
 
 @dataclass
 class FoldResult:
-    """What one fold step produced: logical-request rows to publish and state writes (None = delete)."""
+    """What one fold step produced: logical-request rows to publish and state writes (None = delete).
+
+    With `fold(..., singles=True)`, a request that is one final attempt met for the first time (most requests) is
+    not summarized here: `singles` holds its row's index in the fold's input, and streams.fold_columns builds its
+    logical-request row from the attempts' columns, as summarize() would. `order` is every emission in order: -1
+    for the next row of `emitted`, else the index of a single.
+    """
 
     emitted: list[dict[str, Any]] = field(default_factory=list)
     writes: dict[bytes, bytes | None] = field(default_factory=dict)
+    singles: list[int] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)
+
+    def emit(self, row: dict[str, Any]) -> None:
+        self.emitted.append(row)
+        self.order.append(-1)
+
+    @property
+    def count(self) -> int:
+        """How many logical-request rows this step emitted, singles included."""
+        return len(self.order)
 
 
 @dataclass
@@ -454,23 +471,29 @@ class Folder:
     # -- steps ---------------------------------------------------------------------------------------------------
 
     def fold(self, rows: Sequence[Mapping[str, Any]], state: Mapping[bytes, bytes], wall: float,
-             emitted_at: datetime) -> FoldResult:
-        """Fold a batch of priced attempt rows (any partitions, in arrival order)."""
+             emitted_at: datetime, singles: bool = False) -> FoldResult:
+        """Fold a batch of priced attempt rows (any partitions, in arrival order).
+
+        `singles`: leave the requests that are one final attempt met for the first time to the caller (FoldResult).
+        """
         out = FoldResult()
-        by_partition: dict[int, dict[str, list[Fact]]] = {}
-        for row in rows:
-            by_partition.setdefault(row["source_partition"], {}).setdefault(
-                row["logical_request_id"], []).append(fact_of(row))
+        by_partition: dict[int, dict[str, list[int]]] = {}
+        for i, row in enumerate(rows):
+            by_partition.setdefault(row["source_partition"], {}).setdefault(row["logical_request_id"], []).append(i)
         for partition, groups in by_partition.items():
             heap = self._index(partition, state, wall)
             clock = self.clocks[partition]
             horizon = self._horizon(wall)
-            for facts in groups.values():
-                clock.event_ms = max(clock.event_ms, min(horizon, max(f["ts_ms"] for f in facts)))
+            for at in groups.values():
+                clock.event_ms = max(clock.event_ms, min(horizon, max((rows[i]["ts"] - _EPOCH) // _MS for i in at)))
             clock.input_wall = wall
             clock.now_ms = max(clock.now_ms, clock.event_ms)
-            for lid, facts in groups.items():
-                self._add(lid, facts, state, heap, clock.now_ms, out, emitted_at)
+            for lid, at in groups.items():
+                if singles and len(at) == 1 and rows[at[0]]["final"] and self._raw(lid.encode(), state, out) is None:
+                    out.singles.append(at[0])  # what _add does for it, as columns: streams.fold_columns
+                    out.order.append(at[0])
+                    continue
+                self._add(lid, [fact_of(rows[i]) for i in at], state, heap, clock.now_ms, out, emitted_at)
             self._sweep(heap, clock.now_ms, state, out, emitted_at)
         return out
 
@@ -499,8 +522,12 @@ class Folder:
         return out
 
     def _get(self, key: bytes, state: Mapping[bytes, bytes], out: FoldResult) -> Entry | None:
-        raw = out.writes[key] if key in out.writes else state.get(key)
+        raw = self._raw(key, state, out)
         return Entry.load(raw) if raw is not None else None
+
+    @staticmethod
+    def _raw(key: bytes, state: Mapping[bytes, bytes], out: FoldResult) -> bytes | None:
+        return out.writes[key] if key in out.writes else state.get(key)
 
     def _add(self, lid: str, facts: list[Fact], state: Mapping[bytes, bytes], heap: list[tuple[int, bytes]],
              now_ms: int, out: FoldResult, emitted_at: datetime) -> None:
@@ -509,7 +536,7 @@ class Folder:
         if entry is None:
             if len(facts) == 1 and facts[0]["final"]:
                 # The common case: one attempt, marked final. Emitted at once; no state is written.
-                out.emitted.append(summarize(lid, facts, 1, emitted_at))
+                out.emit(summarize(lid, facts, 1, emitted_at))
                 return
             entry = Entry([])
         known = entry.event_ids()
@@ -536,7 +563,7 @@ class Folder:
         if len(entry.facts) > entry.emitted_ids:
             entry.revision += 1
             entry.emitted_ids = len(entry.facts)
-            out.emitted.append(summarize(lid, entry.facts, entry.revision, emitted_at))
+            out.emit(summarize(lid, entry.facts, entry.revision, emitted_at))
         entry.phase = EMITTED
         entry.due_ms = max(now_ms, *(f["ts_ms"] for f in entry.facts)) + self.config.grace_ms
 

@@ -8,10 +8,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+
 from streams.enrich import enrich
 from streams.fold import Folder
+from streams.fold_columns import emitted_requests
 from streams.records import Accepted, Rejection, Source, encode_record, encode_row
-from streams.sink_columns import REQUEST_SCHEMA, encode_attempt_rows, encode_rows
+from streams.sink_columns import REQUEST_SCHEMA, encode_table, rows_table
 from streams.validate import Validator
 from tally.partitioning import partition_for
 from tally.reference import ReferenceSnapshot
@@ -56,12 +60,58 @@ def group_requests(rows: Iterable[dict[str, Any]], partitions: int) -> dict[int,
     return out
 
 
-def request_messages(rows: Iterable[dict[str, Any]], partitions: int, max_bytes: int) -> dict[int, list[bytes]]:
+def request_messages(rows: Sequence[dict[str, Any]], partitions: int, max_bytes: int) -> dict[int, list[bytes]]:
     """Logical-request rows as Arrow messages (REQUEST_SCHEMA) keyed by the partition of their feature_id."""
-    by_partition: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for row in rows:
-        by_partition[partition_for(row["feature_id"], partitions)].append(row)
-    return {p: encode_rows(group, REQUEST_SCHEMA, max_bytes) for p, group in by_partition.items()}
+    table = rows_table(rows, REQUEST_SCHEMA)
+    return {p: encode_table(part, max_bytes)
+            for p, part in by_key(table, feature_partitions([r["feature_id"] for r in rows], partitions)).items()}
+
+
+def feature_partitions(features: Iterable[str], partitions: int) -> list[int]:
+    """The llm.cost.requests.v1 partition of each feature_id (a batch holds few features: each is hashed once)."""
+    of_feature: dict[str, int] = {}
+    out: list[int] = []
+    for feature in features:
+        partition = of_feature.get(feature)
+        if partition is None:
+            partition = of_feature[feature] = partition_for(feature, partitions)
+        out.append(partition)
+    return out
+
+
+def by_key(table: pa.Table, keys: Sequence[int] | np.ndarray, order: np.ndarray | None = None) -> dict[int, pa.Table]:
+    """A table's rows grouped by a key, in order within a group, groups in order of first appearance.
+
+    `keys[i]` is the key of the i-th row taken: row i of the table, or with `order`, row `order[i]`. Rows whose keys
+    come in long runs (attempts: one input message after the other) are sliced, not copied; otherwise they are
+    copied once, in one take, and sliced per key.
+    """
+    keys = np.asarray(keys, dtype=np.int64)
+    if len(keys) == 0:
+        return {}
+    if order is None:
+        starts = np.flatnonzero(np.diff(keys, prepend=keys[0] - 1))  # where each run of one key starts
+        if len(starts) <= _MAX_RUNS:
+            ends = [*starts[1:].tolist(), len(keys)]
+            runs: dict[int, list[pa.Table]] = {}
+            for start, end in zip(starts.tolist(), ends, strict=True):
+                runs.setdefault(int(keys[start]), []).append(table.slice(start, end - start))
+            return {key: parts[0] if len(parts) == 1 else pa.concat_tables(parts) for key, parts in runs.items()}
+        order = np.arange(len(keys))
+    first_seen = dict.fromkeys(keys.tolist())  # keys in order of first appearance
+    rank = {key: r for r, key in enumerate(first_seen)}
+    ranks = np.fromiter((rank[k] for k in keys.tolist()), np.int64, len(keys))
+    grouped = table.take(pa.array(order[np.argsort(ranks, kind="stable")]))
+    counts = np.bincount(ranks, minlength=len(rank))
+    out: dict[int, pa.Table] = {}
+    start = 0
+    for key, count in zip(first_seen, counts.tolist(), strict=True):
+        out[key] = grouped.slice(start, count)
+        start += count
+    return out
+
+
+_MAX_RUNS = 64  # beyond this many runs of one key, rows are copied into groups instead of sliced
 
 
 def process_messages(messages: Sequence[tuple[bytes | None, Source]], validator: Validator,
@@ -88,19 +138,20 @@ def process_messages(messages: Sequence[tuple[bytes | None, Source]], validator:
         for row in rows:
             out.attempts[row["source_partition"]].append(encode_row(row))
     else:
-        by_partition: dict[int, list[dict[str, Any]]] = defaultdict(list)
-        for row in rows:
-            by_partition[row["source_partition"]].append(row)
-        out.attempt_messages = {p: encode_attempt_rows(group, arrow_message_bytes)
-                                for p, group in by_partition.items()}
+        attempts = rows_table(rows)  # the batch's attempts as one table: the hand-off and the fold's singles read it
+        out.attempt_messages = {p: encode_table(part, arrow_message_bytes)
+                                for p, part in by_key(attempts, attempts["source_partition"].to_pylist()).items()}
     for rej in rejected:
         out.dead_letters[rej.source.partition if rej.source else 0].append(encode_record(rej.to_record(now)))
     if fold is not None:
-        result = fold.folder.fold(rows, fold.state, wall, now)
-        out.request_rows = len(result.emitted)
+        result = fold.folder.fold(rows, fold.state, wall, now, singles=arrow_message_bytes is not None)
+        out.request_rows = result.count
         if arrow_message_bytes is None:
             out.requests = group_requests(result.emitted, fold.request_partitions)
         else:
-            out.request_messages = request_messages(result.emitted, fold.request_partitions, arrow_message_bytes)
+            requests, order = emitted_requests(result, attempts, now)
+            keys = np.asarray(feature_partitions(requests["feature_id"].to_pylist(), fold.request_partitions))
+            out.request_messages = {p: encode_table(part, arrow_message_bytes)
+                                    for p, part in by_key(requests, keys[order], order).items()}
         out.fold_writes = result.writes
     return out

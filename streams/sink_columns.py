@@ -208,10 +208,25 @@ def ipc_stream(table: pa.Table) -> bytes:
 
 def encode_rows(rows: Sequence[dict[str, Any]], schema: pa.Schema, max_bytes: int) -> list[bytes]:
     """Rows as Arrow IPC messages of `schema`, at most `max_bytes` each (one row alone may exceed it), in order."""
-    if not rows:
+    return encode_table(rows_table(rows, schema), max_bytes) if rows else []
+
+
+_SAMPLE_ROWS = 500  # the rows a large table's message size is estimated from
+
+
+def encode_table(table: pa.Table, max_bytes: int) -> list[bytes]:
+    """A table as Arrow IPC messages of at most `max_bytes` each (one row alone may exceed it), rows in order."""
+    if not table.num_rows:
         return []
     out: list[bytes] = []
-    pending = [rows_table(rows, schema)]
+    pending = [table]
+    if table.num_rows > 2 * _SAMPLE_ROWS and table.nbytes > max_bytes:
+        # Compressing a whole table only to learn that it is too large cost as much as its messages: estimate the
+        # size from its first rows and cut it up front (a piece still too large is cut again below).
+        per_row = len(ipc_stream(table.slice(0, _SAMPLE_ROWS))) / _SAMPLE_ROWS
+        if per_row * table.num_rows > max_bytes * 0.9:
+            step = max(1, int(max_bytes * 0.8 / per_row))
+            pending = [table.slice(i, step) for i in range(0, table.num_rows, step)]
     while pending:
         part = pending.pop(0)
         blob = ipc_stream(part)

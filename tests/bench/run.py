@@ -222,6 +222,10 @@ def _table(results: dict[str, Any]) -> str:
              f"multi-attempt, {_fmt(st.get('fold_state_writes_per_event'))} state writes/event"),
             ("1 process_messages + fold", _fmt(st.get("process_with_fold_us"), " µs/event"),
              f"= {_fmt(st.get('process_with_fold_events_per_s'))} events/s on one core"),
+            ("1 the same, as the process role runs it (Arrow hand-off)", _fmt(st.get("process_arrow_us"), " µs/event"),
+             f"= {_fmt(st.get('process_arrow_events_per_s'))} events/s on one core"),
+            ("1 detect (decode + observe its requests)", _fmt(st.get("detect_us"), " µs/event"),
+             f"{_fmt(st.get('detect_us_per_request'))} µs per logical request"),
         ]
     fm = results.get("fold_memory") or {}
     if fm and "error" not in fm:

@@ -12,13 +12,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from streams.detect import DETECT_COLUMNS, DetectConfig, Detector
 from streams.enrich import enrich
 from streams.fold import FoldConfig, Folder, apply_writes
 from streams.pipeline import FoldStep, process_messages
 from streams.records import ATTEMPT_COLUMNS, COST_COLUMNS, TIME_COLUMNS, Source, encode_row
 from streams.roles.context import OUTPUT_MESSAGE_BYTES
 from streams.sink import ATTEMPT_ROWS, REQUEST_ROWS, RequestWriter, RowShape, SinkWriter, decode_batch, decode_rows
-from streams.sink_columns import SINK_SCHEMA, ArrowPart, arrow_part, decode_attempt_message, encode_attempt_rows
+from streams.sink_columns import (
+    REQUEST_SCHEMA,
+    SINK_SCHEMA,
+    ArrowPart,
+    arrow_part,
+    decode_attempt_message,
+    decode_message,
+    encode_attempt_rows,
+)
 from streams.validate import Validator
 from tally.config import Settings
 from tally.partitioning import partition_for
@@ -56,6 +65,9 @@ def measure_stages(pool: EventPool, count: int, partitions: int, repeats: int = 
     whole_s: list[float] = []
     fold_s: list[float] = []
     folded_s: list[float] = []
+    arrow_s: list[float] = []
+    detect_s: list[float] = []
+    request_rows = 0
     accepted_n = rejected_n = emitted_n = writes_n = multi_n = 0
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -77,6 +89,20 @@ def measure_stages(pool: EventPool, count: int, partitions: int, repeats: int = 
         process_messages(messages, validator, refs, partitions, now,
                          FoldStep(Folder(FoldConfig(), partitions), {}, partitions), time.time())
         t6 = time.perf_counter()
+        # what the process role runs: Arrow hand-off, the fold's singles built from columns
+        handed = process_messages(messages, validator, refs, partitions, now,
+                                  FoldStep(Folder(FoldConfig(), partitions), {}, partitions), time.time(),
+                                  OUTPUT_MESSAGE_BYTES)
+        t7 = time.perf_counter()
+        detector = Detector(DetectConfig())
+        for partition, values in handed.request_messages.items():
+            for value in values:
+                table = decode_message(value, REQUEST_SCHEMA, "llm.cost.requests.v1")
+                detector.observe_table(table.select(list(DETECT_COLUMNS)), partition)
+        t8 = time.perf_counter()
+        request_rows = handed.request_rows
+        arrow_s.append(t7 - t6)
+        detect_s.append(t8 - t7)
         validate_s.append(t1 - t0)
         enrich_s.append(t2 - t1)
         encode_s.append(t3 - t2)
@@ -108,6 +134,10 @@ def measure_stages(pool: EventPool, count: int, partitions: int, repeats: int = 
         "fold_state_writes_per_event": round(writes_n / count, 4),
         "process_with_fold_us": per_event(folded_s),
         "process_with_fold_events_per_s": round(1e6 / per_event(folded_s)),
+        "process_arrow_us": per_event(arrow_s),
+        "process_arrow_events_per_s": round(1e6 / per_event(arrow_s)),
+        "detect_us": per_event(detect_s),
+        "detect_us_per_request": round(statistics.median(detect_s) / max(request_rows, 1) * 1e6, 2),
     }
 
 
