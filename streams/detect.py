@@ -268,8 +268,9 @@ class _Batch:
 
 # One logical-request row as the detectors count it: (feature_id, event time in epoch seconds, logical id hash or 0,
 # its sums, its dimension values in DIMENSIONS' order, team_id). Rows of a revision above 1, of sign -1 or without a
-# feature are not observed at all.
-Observed = tuple[str, float, int, Vector, tuple[str, ...], str]
+# feature are not observed at all. A decoded JSON row stands in for its sums until it is counted: a duplicate is
+# passed over before its sums are read, as it always was (a re-emitted row with a field missing is not an error).
+Observed = tuple[str, float, int, Vector | Mapping[str, Any], tuple[str, ...], str]
 
 
 def observed_rows(rows: Iterable[Mapping[str, Any]]) -> Iterator[Observed]:
@@ -278,7 +279,7 @@ def observed_rows(rows: Iterable[Mapping[str, Any]]) -> Iterator[Observed]:
         if int(row.get("revision", 1)) != 1 or int(row.get("sign", 1)) != 1 or not row.get("feature_id"):
             continue
         lid = row.get("logical_request_id")
-        yield (str(row["feature_id"]), _epoch(row["last_ts"]), id_hash(str(lid)) if lid else 0, request_vector(row),
+        yield (str(row["feature_id"]), _epoch(row["last_ts"]), id_hash(str(lid)) if lid else 0, row,
                tuple(str(row.get(_DIM_FIELD[dim]) or "") for dim in DIMENSIONS), str(row.get("team_id") or ""))
 
 
@@ -295,8 +296,8 @@ def observed_table(table: pa.Table) -> list[Observed]:
     if t.num_rows == 0:
         return []
     costs = [float(c) for c in pc.cast(t["cost_total_usd"], pa.string()).to_pylist()]
-    inputs = pc.add(pc.add(t["input_tokens"], t["cache_read_tokens"]),
-                    pc.add(t["cache_write_tokens"], t["cache_write_1h_tokens"])).to_pylist()
+    inputs = pc.add_checked(pc.add_checked(t["input_tokens"], t["cache_read_tokens"]),
+                            pc.add_checked(t["cache_write_tokens"], t["cache_write_1h_tokens"])).to_pylist()
     times = [ms / 1000 for ms in t["last_ts"].cast(pa.int64()).to_pylist()]
     dims = zip(*(_texts(t, _DIM_FIELD[dim]) for dim in DIMENSIONS), strict=True)
     out: list[Observed] = []
@@ -621,13 +622,14 @@ class Detector:
             batch.apply()
 
     def _count(self, requests: Iterable[Observed], partition: int, now: float | None, batch: _Batch) -> None:
-        for fid, at, h, v, dims, team in requests:
+        for fid, at, h, sums, dims, team in requests:
             ts = at if now is None else min(at, now)
             state = self._state(fid, partition)
             target, late = self._target(state, ts)
             if h and (h in target.ids or h in state.seen):
                 self.duplicate_rows += 1
                 continue
+            v = sums if type(sums) is array else request_vector(sums)  # type: ignore[arg-type]
             self.late_rows += late
             target.add_vector(v, dims, team, late, ts, h, batch)
             model = dims[_MODEL]

@@ -215,28 +215,27 @@ _SAMPLE_ROWS = 500  # the rows a large table's message size is estimated from
 
 
 def encode_table(table: pa.Table, max_bytes: int) -> list[bytes]:
-    """A table as Arrow IPC messages of at most `max_bytes` each (one row alone may exceed it), rows in order."""
-    if not table.num_rows:
-        return []
+    """A table as Arrow IPC messages of at most `max_bytes` each (one row alone may exceed it), rows in order.
+
+    Each message takes as many rows as the bytes per row of the message before it say fit in nine tenths of
+    `max_bytes` (the first: the whole table, or for a table larger than `max_bytes` in memory, as many as its first
+    500 rows compressed say). A message that still comes out too large is made again with fewer rows.
+    """
+    n = table.num_rows
     out: list[bytes] = []
-    pending = [table]
-    if table.num_rows > 2 * _SAMPLE_ROWS and table.nbytes > max_bytes:
-        # Compressing a whole table only to learn that it is too large cost as much as its messages: estimate the
-        # size from its first rows and cut it up front (a piece still too large is cut again below).
+    per_row: float | None = None
+    if n > 2 * _SAMPLE_ROWS and table.nbytes > max_bytes:
         per_row = len(ipc_stream(table.slice(0, _SAMPLE_ROWS))) / _SAMPLE_ROWS
-        if per_row * table.num_rows > max_bytes * 0.9:
-            step = max(1, int(max_bytes * 0.8 / per_row))
-            pending = [table.slice(i, step) for i in range(0, table.num_rows, step)]
-    while pending:
-        part = pending.pop(0)
+    start = 0
+    while start < n:
+        rows = n - start if per_row is None else max(1, int(max_bytes * 0.9 / max(per_row, 1e-9)))
+        part = table.slice(start, rows)
         blob = ipc_stream(part)
-        if len(blob) <= max_bytes or part.num_rows == 1:
-            out.append(blob)
-            continue
-        # too large: cut into as many equal slices as the size says, with a tenth to spare
-        pieces = max(2, -(-len(blob) * 11 // (max_bytes * 10)))
-        step = -(-part.num_rows // pieces)
-        pending[:0] = [part.slice(i, step) for i in range(0, part.num_rows, step)]
+        per_row = len(blob) / part.num_rows
+        if len(blob) > max_bytes and part.num_rows > 1:
+            continue  # again, with the rows its size allows
+        out.append(blob)
+        start += part.num_rows
     return out
 
 

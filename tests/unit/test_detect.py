@@ -24,6 +24,7 @@ from streams.detect import (
     load_state,
     observed_rows,
     observed_table,
+    request_vector,
 )
 from streams.sink_columns import REQUEST_SCHEMA
 from tests.bench.detect import ZScoreBaseline
@@ -222,13 +223,14 @@ def test_an_arrow_message_is_observed_as_its_json_rows_are() -> None:
     rows[3]["cost_total_usd"] = "0.123456789012345678"  # 18 decimals: the float of the text, not of a rounded double
     rows[4].update(cache_read_tokens=5_000, cache_write_tokens=7, cache_write_1h_tokens=11, fallbacks=2, retries=3)
     rows[5]["deploy_version"] = ""
+    rows[12].update(deploy_version=None, team_id=None)  # a null: empty text, as `or ""` makes of it
     rows[6].update(revision=2)
     rows[7].update(sign=-1)
     rows[8].update(feature_id="")
     rows[9]["logical_request_id"] = rows[10]["logical_request_id"]
     rows[11]["final_model"] = "claude-opus-4-1"
-    expected = list(observed_rows(rows))
-    assert len(expected) == 37
+    expected = [(*o[:3], request_vector(o[3]), *o[4:]) for o in observed_rows(rows)]  # JSON rows' sums read late
+    assert len(expected) == 37 and expected[12 - 3][4][3] == expected[12 - 3][5] == ""
     assert observed_table(as_table(rows)) == expected
     assert observed_table(as_table(rows[6:9])) == []
 
@@ -285,6 +287,28 @@ def plain(x: Any) -> Any:
     if isinstance(x, str | int | float | bool | None):
         return x
     return pickle.dumps(x)  # river's statistics (Rust objects): their pickled state
+
+
+def test_a_duplicate_is_passed_over_before_its_sums_are_read() -> None:
+    """A re-emitted JSON row lacking a summed field is a duplicate, not an error (as before the columns)."""
+    d = Detector(CONFIG)
+    row = request_row(T0)
+    again = {k: v for k, v in row.items() if k != "cost_total_usd"}
+    d.observe([row, again], 0)
+    assert d.duplicate_rows == 1
+
+
+def test_sums_from_an_older_snapshot_held_as_lists_count_a_batch_alike() -> None:
+    """Snapshots written before the sums were arrays hold lists; a batch adds to them as to arrays."""
+    rows = [normal(random.Random(i), T0 + timedelta(seconds=i), i) for i in range(30)]
+    as_arrays, as_lists = Window(0, 10**10), Window(0, 10**10)
+    as_lists.total = [0.0] * 7  # type: ignore[assignment]
+    as_lists.by["model"]["gpt-4.1"] = [0.0] * 7  # type: ignore[assignment]
+    for w in (as_arrays, as_lists):
+        w.count_all([request_vector(r) for r in rows], [("gpt-4.1", r["tenant_id"], "/e", "v") for r in rows],
+                    ["inbox"] * len(rows))
+    assert list(as_lists.total) == list(as_arrays.total) and as_lists.total[0] == 30.0
+    assert plain(as_lists.by) == plain(as_arrays.by)
 
 
 def test_revisions_are_counted_once() -> None:

@@ -10,7 +10,8 @@ from typing import Any
 import pyarrow as pa
 
 from streams.fold import FoldConfig, Folder, apply_writes, facts_of_detail
-from streams.fold_columns import atto, requests_table
+from streams.fold_columns import atto, emitted_requests, requests_table
+from streams.pipeline import by_key, feature_partitions
 from streams.sink_columns import MONEY, REQUEST_SCHEMA, rows_table
 from tests.factories import attempt_row_factory
 
@@ -82,6 +83,24 @@ def test_a_request_already_in_the_state_is_folded_not_built_from_columns() -> No
             for r in first[:40] if not r["final"]]
     assert late
     fold_both([first, late + batch(rng, 100, "y")])
+
+
+def test_requests_regrouped_by_feature_partition_keep_the_fold_order_within_each() -> None:
+    """What process_messages publishes per llm.cost.requests.v1 partition: the rows the fold emitted for it, in the
+    order it emitted them (singles and summarized rows interleaved), partitions in order of first appearance."""
+    rows = batch(random.Random(11), 500, "p")
+    by_rows = Folder(FoldConfig(), 4).fold(rows, {}, T0 / 1000 + 700, NOW)
+    by_columns = Folder(FoldConfig(), 4).fold(rows, {}, T0 / 1000 + 700, NOW, singles=True)
+    expected: dict[int, list[dict[str, Any]]] = {}
+    for row, partition in zip(by_rows.emitted, feature_partitions([r["feature_id"] for r in by_rows.emitted], 3),
+                              strict=True):
+        expected.setdefault(partition, []).append(row)
+    table, order = emitted_requests(by_columns, rows_table(rows), NOW)
+    keys = feature_partitions(table["feature_id"].to_pylist(), 3)
+    got = by_key(table, [keys[i] for i in order], order)
+    assert list(got) == list(expected) and len(got) == 3
+    for partition, part in got.items():
+        assert part.to_pylist() == rows_table(expected[partition], REQUEST_SCHEMA).to_pylist()
 
 
 def test_attempts_detail_holds_the_fact_as_the_fold_stores_it() -> None:

@@ -276,6 +276,29 @@ def test_arrow_attempt_messages_are_cut_to_the_size_limit_in_row_order():
     assert encode_attempt_rows([], 1024) == []
 
 
+def test_a_large_table_is_cut_into_about_as_few_messages_as_its_size_needs():
+    """The first rows estimate the size; each message then sizes the next: neither uniform rows nor a big head
+    cut a table into many more messages than its compressed size needs (and none exceeds the limit)."""
+    import pyarrow as pa
+    from pyarrow import ipc
+
+    from streams.sink_columns import encode_table, ipc_stream
+
+    rng = random.Random(5)
+    uniform = pa.table({"id": list(range(6_000)),
+                        "text": ["".join(rng.choices("abcdef", k=300)) for _ in range(6_000)]})
+    head_big = pa.table({"id": list(range(6_000)),
+                         "text": ["".join(rng.choices("abcdef", k=2_000 if i < 500 else 100)) for i in range(6_000)]})
+    for table in (uniform, head_big):
+        limit = len(ipc_stream(table)) // 4
+        assert table.nbytes > limit  # the estimate is used
+        messages = encode_table(table, limit)
+        assert all(len(m) <= limit for m in messages)
+        assert len(messages) <= 7  # four messages' worth at nine tenths full, the tail, one re-made smaller
+        ids = [i for m in messages for i in ipc.open_stream(pa.py_buffer(m)).read_all()["id"].to_pylist()]
+        assert ids == list(range(6_000))
+
+
 def test_an_arrow_message_that_is_not_attempts_is_one_dead_letter_with_its_bytes():
     import base64
 
