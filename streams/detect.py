@@ -279,8 +279,12 @@ def observed_rows(rows: Iterable[Mapping[str, Any]]) -> Iterator[Observed]:
         if int(row.get("revision", 1)) != 1 or int(row.get("sign", 1)) != 1 or not row.get("feature_id"):
             continue
         lid = row.get("logical_request_id")
-        yield (str(row["feature_id"]), _epoch(row["last_ts"]), id_hash(str(lid)) if lid else 0, row,
-               tuple(str(row.get(_DIM_FIELD[dim]) or "") for dim in DIMENSIONS), str(row.get("team_id") or ""))
+        yield (str(row["feature_id"]), _epoch(row["last_ts"]), id_hash(str(lid)) if lid else 0, row, *_labels(row))
+
+
+def _labels(row: Mapping[str, Any]) -> tuple[tuple[str, ...], str]:
+    """A JSON row's dimension values (in DIMENSIONS' order) and team, a missing or null one as empty text."""
+    return tuple(str(row.get(_DIM_FIELD[dim]) or "") for dim in DIMENSIONS), str(row.get("team_id") or "")
 
 
 def observed_table(table: pa.Table) -> list[Observed]:
@@ -347,8 +351,7 @@ class Window:
         """
         lid = row.get("logical_request_id")
         h = lid_hash if lid_hash is not None else (id_hash(str(lid)) if lid else 0)
-        self.add_vector(request_vector(row), tuple(str(row.get(_DIM_FIELD[dim]) or "") for dim in DIMENSIONS),
-                        str(row.get("team_id") or ""), late, ts, h)
+        self.add_vector(request_vector(row), *_labels(row), late, ts, h)
 
     def add_vector(self, v: Vector, dims: tuple[str, ...], team: str, late: bool, ts: float | None, h: int,
                    batch: _Batch | None = None) -> None:

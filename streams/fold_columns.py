@@ -20,11 +20,19 @@ import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from streams.fold import _FACT_COSTS, _FACT_FIELDS, _FACT_KEYS, OWNER_COLUMNS, REQUEST_COLUMNS, FoldResult, dump_facts
+from streams.fold import (
+    _FACT_COSTS,
+    _FACT_FIELDS,
+    _FACT_KEYS,
+    CLASS_COSTS,
+    OWNER_COLUMNS,
+    REQUEST_COLUMNS,
+    FoldResult,
+    dump_facts,
+)
 from streams.records import TOKEN_CLASSES
 from streams.sink_columns import MONEY, REQUEST_SCHEMA, TIME, rows_table
 
-_CLASS_COSTS = tuple(c for c in _FACT_COSTS if c != "cost_total_usd")
 # The attempt columns a single's row is built from (only these are copied out of the batch's attempt table).
 _SINGLE_COLUMNS = list(dict.fromkeys(("logical_request_id", "ts", *_FACT_FIELDS, *_FACT_COSTS)))
 
@@ -87,7 +95,7 @@ def single_requests(t: pa.Table, emitted_at: datetime) -> pa.Table:
         "usage_complete": t["usage_reported"],
         "pricing_status": t["pricing_status"],
         **{c: t[c] for c in TOKEN_CLASSES},
-        **{c: t[c] for c in _CLASS_COSTS},
+        **{c: t[c] for c in CLASS_COSTS},
         "cost_total_usd": t["cost_total_usd"],
         "cost_final_usd": t["cost_total_usd"],
         "cost_wasted_usd": pa.repeat(pa.scalar(Decimal(0), MONEY), n),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime
+from datetime import timedelta
 from decimal import Decimal, localcontext
 from typing import Any
 
@@ -13,10 +13,10 @@ from streams.fold import FoldConfig, Folder, apply_writes, facts_of_detail
 from streams.fold_columns import atto, emitted_requests, requests_table
 from streams.pipeline import by_key, feature_partitions
 from streams.sink_columns import MONEY, REQUEST_SCHEMA, rows_table
-from tests.factories import attempt_row_factory
+from tests.factories import attempt_row_factory, clock
 
-NOW = datetime(2026, 11, 15, 12, 0, 5, 123456, tzinfo=UTC)
-T0 = 1_763_208_000_000
+NOW = clock() + timedelta(seconds=5, microseconds=123456)  # emitted_at, with microseconds the columns floor
+T0 = int(clock().timestamp() * 1000) - 3_600_000  # epoch ms: attempts from an hour before the suite's now
 
 
 def batch(rng: random.Random, n: int, prefix: str) -> list[dict[str, Any]]:
@@ -104,7 +104,7 @@ def test_requests_regrouped_by_feature_partition_keep_the_fold_order_within_each
 
 
 def test_attempts_detail_holds_the_fact_as_the_fold_stores_it() -> None:
-    row = attempt_row_factory("lr-detail", final=True, cost=Decimal("19.000000000000000001"), token_n=None)
+    row = attempt_row_factory("lr-detail", final=True, cost=Decimal("19.000000000000000001"), token_n=None, ts_ms=T0)
     result = Folder(FoldConfig(), 4).fold([row], {}, T0 / 1000, NOW, singles=True)
     table = requests_table(result, rows_table([row]), NOW)
     (fact,) = facts_of_detail(table["attempts_detail"][0].as_py())
