@@ -414,10 +414,11 @@ def _example_reference_files() -> list[Path]:
 
 
 def _run_reference_files() -> list[Path]:
-    """What `tally run` loads by default: the imported price card, and the samples' other kinds (org, budgets)."""
-    from ops.reference_import import GENAI_PRICES_CARD_PATH
+    """What `tally run` loads by default: the imported card, the model alias table, the samples' org and budgets."""
+    from ops.reference_import import GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH
 
-    return [GENAI_PRICES_CARD_PATH] + [p for p in _example_reference_files() if p.name != "price_cards.yaml"]
+    return [GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH] + [p for p in _example_reference_files()
+                                                           if p.name != "price_cards.yaml"]
 
 
 def _load_reference(s: Settings, paths: Sequence[Path]) -> list[Any]:
@@ -426,7 +427,9 @@ def _load_reference(s: Settings, paths: Sequence[Path]) -> list[Any]:
     from tally.reference import load_reference_files
 
     docs = load_reference_files(list(paths))
-    topic_of = {"price_card": s.topics.price_cards, "owners": s.topics.owners, "budgets": s.topics.budgets}
+    # The alias table decides what a card prices, so it travels on the cards' topic (keys kind:version differ).
+    topic_of = {"price_card": s.topics.price_cards, "model_aliases": s.topics.price_cards, "owners": s.topics.owners,
+                "budgets": s.topics.budgets}
     errors: list[str] = []
     producer = Producer({"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True, "acks": "all",
                          "log_level": 3})  # retries while a fresh broker loads its coordinator are not news
@@ -488,6 +491,79 @@ def reference_import(source: str, out: Path | None, providers: tuple[str, ...]) 
         console.print(f"  {gap.line()}", markup=False, highlight=False)
     if out is not None:
         console.print(f"wrote {len(result.versions)} versions to {out}")
+
+
+@cli.command("price")
+@click.argument("event_file", required=False, type=click.File("r", encoding="utf-8"))
+@click.option("--provider", help="The event's provider (instead of an event file).")
+@click.option("--model", help="The model as the gateway sent it (model_actual).")
+@click.option("--tokens", "tokens", multiple=True, metavar="CLASS=N",
+              help="Token counts, repeatable: input=1200 output=300 reasoning=900 cache_read=0 cache_write=0 "
+                   "cache_write_1h=0.")
+@click.option("--at", "at_text", help="Event time, RFC 3339 (default: now).")
+@click.option("--batch", is_flag=True, help="A batch API call.")
+@click.option("--service-tier", default="", help="Service tier (priority, flex, …; default standard).")
+@click.option("--tool", "tools", multiple=True, metavar="NAME=CALLS", help="Tool calls, repeatable: web_search=2.")
+@click.option("--price-cards", "card_paths", multiple=True, type=click.Path(exists=True, path_type=Path),
+              help="Price-card and model-alias YAML files or directories (default: what the stack has loaded).")
+@click.option("--json", "as_json", is_flag=True, help="Print the explanation as one JSON object.")
+@pass_ctx
+def price(c: Ctx, event_file: Any, provider: str | None, model: str | None, tokens: tuple[str, ...],
+          at_text: str | None, batch: bool, service_tier: str, tools: tuple[str, ...], card_paths: tuple[Path, ...],
+          as_json: bool) -> None:
+    """Price one usage event with the card in effect at its time, line by line: "why did this cost that".
+
+    Give a usage event as JSON (EVENT_FILE, `-` for stdin: one event, as the gateway published it), or describe
+    one with --provider, --model and --tokens. Shows the card version, how the model name was matched (exact, card
+    alias, model alias rule, dated snapshot), the rates after batch and tier multipliers, each class's cost and
+    the total, with the pipeline's pricing status and note: the same figures a usage_events row holds.
+    """
+    from ops import price as pricing
+    from ops.reports.rating import pricing_snapshot
+    from tally.sdk.events import usage_event
+
+    if event_file is not None:
+        if provider or model or tokens or tools or at_text or batch or service_tier:
+            raise click.UsageError("give either an event file or --provider/--model/--tokens, not both")
+        event = pricing.event_from_text(event_file.read())
+    else:
+        if not provider or not model:
+            raise click.UsageError("give an event file (or - for stdin), or --provider and --model")
+        usage = {_usage_key(k): v for k, v in _pairs(tokens, "--tokens").items()}
+        try:
+            described = usage_event(
+                request_id="tally-price", provider=provider, model_actual=model, usage=usage, tags={},
+                timestamp=at_text or datetime.now(UTC), batch=batch or None, service_tier=service_tier or None,
+                tool_calls=_pairs(tools, "--tool") or None)
+        except ValueError as exc:  # the SDK's own check of the timestamp
+            raise click.BadParameter(str(exc), param_hint="--at") from None
+        event = pricing.checked(described)
+    refs, _ = pricing_snapshot(c.settings, card_paths)
+    explained = pricing.explain(event, refs)
+    if as_json:
+        sys.stdout.write(orjson.dumps(explained.as_json()).decode() + "\n")
+    else:
+        sys.stdout.write(pricing.render(explained))
+
+
+def _usage_key(name: str) -> str:
+    from tally.sdk.normalize import USAGE_KEYS
+
+    key = name if name.endswith("_tokens") else f"{name}_tokens"
+    if key not in USAGE_KEYS:
+        raise click.BadParameter(f"{name!r} is not a token class; one of {', '.join(k[:-7] for k in USAGE_KEYS)}",
+                                 param_hint="--tokens")
+    return key
+
+
+def _pairs(items: tuple[str, ...], option: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.isdigit():
+            raise click.BadParameter(f"{item!r} is not NAME=COUNT", param_hint=option)
+        out[name] = int(value)
+    return out
 
 
 # ---------------------------------------------------------------- paging

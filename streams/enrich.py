@@ -144,6 +144,7 @@ class Costs(NamedTuple):
     total: Decimal
     status: str
     note: str
+    priced_as: str = ""  # the card entry that priced the event, provider/model ('' when unpriced)
 
 
 def usage_reported(event: Mapping[str, Any]) -> bool:
@@ -177,21 +178,23 @@ _CLASS_NAMES = ClassPrices._fields
 def _price(ev: Mapping[str, Any], card: PriceCard | None) -> tuple[Any, ...]:
     """Return the Costs fields as a plain tuple (the hot path); runs under MONEY_CONTEXT."""
     if card is None:
-        return (*_NOT_PRICED, UNPRICED, "no price card in effect")
+        return (*_NOT_PRICED, UNPRICED, "no price card in effect", "")
     provider = ev["provider"]
     model = ev["model_actual"]
     pricing = card.pricing(provider, model, ev.get("batch", False), ev.get("service_tier", ""))
     if pricing is None:
-        return (*_NOT_PRICED, UNPRICED, f"{provider}/{model} is not in price card {card.version}")
+        return (*_NOT_PRICED, UNPRICED, card.match(provider, model).how, "")
+    priced_as = pricing.entry.priced_as
     usage = ev["usage"]
     n_cut = None
     if not ev.get("usage_reported", True) or (not usage and ev["status"] == "ok"):  # = not usage_reported(ev)
         n_cut = ev.get("stream_terminated_at_token_n")
         if n_cut is None:
             if usage or not ev.get("usage_reported", True):
-                return (*_NOT_PRICED, NO_USAGE, "usage not reported by the provider: cost unknown, not zero")
+                return (*_NOT_PRICED, NO_USAGE, "usage not reported by the provider: cost unknown, not zero",
+                        priced_as)
             return (*_NOT_PRICED, NO_USAGE, "status ok but the usage object is empty (no token count at all): "
-                    "cost unknown, not zero")
+                    "cost unknown, not zero", priced_as)
     n_in = usage.get("input_tokens", 0)
     n_cr = usage.get("cache_read_tokens", 0)
     n_cw = usage.get("cache_write_tokens", 0)
@@ -250,10 +253,10 @@ def _price(ev: Mapping[str, Any], card: PriceCard | None) -> tuple[Any, ...]:
     if n_cut is not None:
         note = (f"estimated: usage not reported; priced input usage plus {n_cut} output tokens generated "
                 f"before the cut")
-        return c_in, c_out, c_re, c_cr, c_cw, c_tools, total, ESTIMATED, "; ".join([note, *notes])
+        return c_in, c_out, c_re, c_cr, c_cw, c_tools, total, ESTIMATED, "; ".join([note, *notes]), priced_as
     if notes:
-        return c_in, c_out, c_re, c_cr, c_cw, c_tools, total, PARTIAL, "; ".join(notes)
-    return c_in, c_out, c_re, c_cr, c_cw, c_tools, total, PRICED, ""
+        return c_in, c_out, c_re, c_cr, c_cw, c_tools, total, PARTIAL, "; ".join(notes), priced_as
+    return c_in, c_out, c_re, c_cr, c_cw, c_tools, total, PRICED, "", priced_as
 
 
 _ROW_TEMPLATE: dict[str, Any] = dict.fromkeys(ATTEMPT_COLUMNS)
@@ -268,7 +271,7 @@ def _row(acc: Accepted, card: PriceCard | None, registry: OwnerRegistry | None,
     ev = acc.event
     usage = ev["usage"]
     tags = ev["tags"]
-    c_in, c_out, c_re, c_cr, c_cw, c_tools, total, status, note = _price(ev, card)
+    c_in, c_out, c_re, c_cr, c_cw, c_tools, total, status, note, priced_as = _price(ev, card)
     if total > COST_MAX:
         raise _OutOfRange(f"cost_total_usd {total} does not fit Decimal(38, 18)")
     team, product, cost_center, business_unit, attribution, reason, conflict = _owner(tags, registry)
@@ -317,6 +320,7 @@ def _row(acc: Accepted, card: PriceCard | None, registry: OwnerRegistry | None,
     row["pricing_status"] = status
     row["pricing_note"] = note
     row["price_card_version"] = card.version if card is not None else ""
+    row["priced_as"] = priced_as
     row["tenant_id"] = tags.get("tenant_id", "")
     row["team_id"] = team
     row["feature_id"] = tags.get("feature_id", "")

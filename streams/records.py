@@ -20,12 +20,15 @@ ATTEMPT_COLUMNS: tuple[str, ...] = (
     "input_tokens", "output_tokens", "reasoning_tokens", "cache_read_tokens", "cache_write_tokens",
     "cache_write_1h_tokens", "tool_calls",
     "cost_input_usd", "cost_output_usd", "cost_reasoning_usd", "cost_cache_read_usd", "cost_cache_write_usd",
-    "cost_tools_usd", "cost_total_usd", "pricing_status", "pricing_note", "price_card_version",
+    "cost_tools_usd", "cost_total_usd", "pricing_status", "pricing_note", "price_card_version", "priced_as",
     "tenant_id", "team_id", "feature_id", "product", "endpoint", "environment", "cost_center", "business_unit",
     "api_key_id", "deploy_version", "user_segment", "tags",
     "ownership_version", "attribution_status", "attribution_reason", "attribution_conflict",
     "source_topic", "source_partition", "source_offset", "source_line", "payload",
 )
+# Columns added to llm.cost.attempts.v1 after its first release, with the value a row written before them reads as
+# (a message an older process worker published is taken, not dead-lettered): priced_as (migration 013).
+ATTEMPT_COLUMNS_ADDED: dict[str, str] = {"priced_as": ""}
 COST_COLUMNS: tuple[str, ...] = tuple(c for c in ATTEMPT_COLUMNS if c.startswith("cost_") and c.endswith("_usd"))
 TIME_COLUMNS: tuple[str, ...] = ("ts", "ingested_at")
 TOKEN_CLASSES: tuple[str, ...] = (

@@ -9,7 +9,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -38,6 +38,7 @@ from streams.pieces import (
 )
 from streams.records import (
     ATTEMPT_COLUMNS,
+    ATTEMPT_COLUMNS_ADDED,
     COST_COLUMNS,
     STAGE_SINK,
     TIME_COLUMNS,
@@ -77,13 +78,15 @@ class RowShape:
     columns: tuple[str, ...]
     decimals: tuple[str, ...]
     times: tuple[str, ...]
+    added: Mapping[str, Any] = field(default_factory=dict)  # columns a row written before them may lack → value
 
     @property
     def column_set(self) -> frozenset[str]:
         return frozenset(self.columns)
 
 
-ATTEMPT_ROWS = RowShape("priced attempt", "bad_attempt_row", ATTEMPT_COLUMNS, COST_COLUMNS, TIME_COLUMNS)
+ATTEMPT_ROWS = RowShape("priced attempt", "bad_attempt_row", ATTEMPT_COLUMNS, COST_COLUMNS, TIME_COLUMNS,
+                        ATTEMPT_COLUMNS_ADDED)
 REQUEST_ROWS = RowShape("logical request", "bad_request_row", REQUEST_COLUMNS, REQUEST_COST_COLUMNS,
                         REQUEST_TIME_COLUMNS)
 
@@ -114,7 +117,10 @@ def decode_rows(value: bytes, source: Source, shape: RowShape = ATTEMPT_ROWS
             row = orjson.loads(line)
             if type(row) is not dict or row.keys() != column_set:
                 missing = sorted(column_set - row.keys()) if isinstance(row, dict) else []
-                raise ValueError(f"not a {shape.what} row (missing {missing[:5]})")
+                if (not isinstance(row, dict) or not row.keys() <= column_set
+                        or not set(missing) <= shape.added.keys()):
+                    raise ValueError(f"not a {shape.what} row (missing {missing[:5]})")
+                row.update((c, shape.added[c]) for c in missing)  # written before these columns existed
             for c in shape.decimals:
                 row[c] = Decimal(row[c])
             for c in shape.times:

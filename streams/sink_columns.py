@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 from pyarrow import ipc
 
 from streams.fold import REQUEST_COLUMNS, REQUEST_COST_COLUMNS, REQUEST_TIME_COLUMNS
-from streams.records import ATTEMPT_COLUMNS, COST_COLUMNS, TIME_COLUMNS, TOKEN_CLASSES, Source
+from streams.records import ATTEMPT_COLUMNS, ATTEMPT_COLUMNS_ADDED, COST_COLUMNS, TIME_COLUMNS, TOKEN_CLASSES, Source
 
 MONEY = pa.decimal128(38, 18)  # usage_events' Decimal(38, 18), schemas/migrations/002
 TIME = pa.timestamp("ms", tz="UTC")  # DateTime64(3, 'UTC')
@@ -49,9 +49,9 @@ _TIME_US = pa.timestamp("us", tz="UTC")
 # The Arrow type of each attempt column (schemas/migrations/002_usage_events.sql), and whether it may hold null.
 _STRING_COLUMNS = (
     "event_id", "request_id", "logical_request_id", "provider", "model_requested", "model_actual", "fallback_from",
-    "status", "error", "service_tier", "pricing_status", "pricing_note", "price_card_version", "tenant_id", "team_id",
-    "feature_id", "product", "endpoint", "environment", "cost_center", "business_unit", "api_key_id",
-    "deploy_version", "user_segment", "ownership_version", "attribution_status", "attribution_reason",
+    "status", "error", "service_tier", "pricing_status", "pricing_note", "price_card_version", "priced_as",
+    "tenant_id", "team_id", "feature_id", "product", "endpoint", "environment", "cost_center", "business_unit",
+    "api_key_id", "deploy_version", "user_segment", "ownership_version", "attribution_status", "attribution_reason",
     "attribution_conflict", "source_topic", "payload",
 )
 _BOOL_COLUMNS = ("final", "batch", "usage_reported")
@@ -94,6 +94,9 @@ PART_SCHEMA = pa.schema([*SINK_SCHEMA][:-2] + [SINK_SCHEMA.field("origin")])  # 
 
 # llm.cost.attempts.v1 in Arrow: the attempt columns with usage_events' types, in ATTEMPT_COLUMNS order.
 ATTEMPT_SCHEMA = pa.schema([SINK_SCHEMA.field(c) for c in ATTEMPT_COLUMNS])
+# The schema before the columns added since the first release (records.ATTEMPT_COLUMNS_ADDED): a message of it is
+# read with those columns at the value they stand for.
+ATTEMPT_SCHEMA_BEFORE = pa.schema([f for f in ATTEMPT_SCHEMA if f.name not in ATTEMPT_COLUMNS_ADDED])
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 IPC_MAGIC = b"\xff\xff\xff\xff"  # an Arrow IPC stream's first bytes (continuation marker); NDJSON starts with "{"
 
@@ -259,8 +262,23 @@ def decode_message(value: bytes, schema: pa.Schema, what: str) -> pa.Table:
 
 
 def decode_attempt_message(value: bytes) -> pa.Table:
-    """An Arrow attempts message as its ATTEMPT_SCHEMA table; Refused if it is not exactly one."""
-    return decode_message(value, ATTEMPT_SCHEMA, "llm.cost.attempts.v1")
+    """An Arrow attempts message as its ATTEMPT_SCHEMA table; Refused if it is not exactly one.
+
+    A message of the schema before the added columns (ATTEMPT_SCHEMA_BEFORE: an older process worker's) is read
+    with them filled in.
+    """
+    try:
+        return decode_message(value, ATTEMPT_SCHEMA, "llm.cost.attempts.v1")
+    except Refused:
+        try:
+            table = decode_message(value, ATTEMPT_SCHEMA_BEFORE, "llm.cost.attempts.v1")
+        except Refused:
+            raise Refused("an Arrow IPC stream whose schema is not llm.cost.attempts.v1's") from None
+    for name, value_before in ATTEMPT_COLUMNS_ADDED.items():
+        at = ATTEMPT_SCHEMA.get_field_index(name)
+        table = table.add_column(at, ATTEMPT_SCHEMA.field(name), pa.array([value_before] * table.num_rows,
+                                                                            ATTEMPT_SCHEMA.field(name).type))
+    return table
 
 
 def _message_part(table: pa.Table, source: Source, origin: str) -> ArrowPart:

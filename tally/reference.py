@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import difflib
 import re
+import string
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import (
@@ -30,7 +31,8 @@ from tally.errors import ReferenceDataError
 KIND_PRICE_CARD = "price_card"
 KIND_OWNERS = "owners"
 KIND_BUDGETS = "budgets"
-KINDS: tuple[str, ...] = (KIND_PRICE_CARD, KIND_OWNERS, KIND_BUDGETS)
+KIND_MODEL_ALIASES = "model_aliases"
+KINDS: tuple[str, ...] = (KIND_PRICE_CARD, KIND_OWNERS, KIND_BUDGETS, KIND_MODEL_ALIASES)
 BUDGET_SCOPES: tuple[str, ...] = ("feature", "tenant")
 BUDGET_PERIODS: tuple[str, ...] = ("day", "month")
 DEFAULT_THRESHOLDS: tuple[int, ...] = (50, 80, 100)
@@ -132,7 +134,15 @@ class ModelPrice:
     # Token classes batch_discount does not apply to (e.g. cached input, which OpenAI and Google bill at the
     # standard rate in batch); ClassPrices field names.
     batch_undiscounted: frozenset[str] = frozenset()
+    # True: a name with a date snapshot suffix (-YYYY-MM-DD, -YYYYMMDD) whose base is this entry costs the same
+    # (the card says so); False: such a name is unpriced unless it has an entry of its own.
+    same_price_snapshots: bool = False
     _rates: dict[tuple[bool, str, bool], Rates] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def priced_as(self) -> str:
+        """The entry's canonical name, provider/model, as rows record what they were priced as."""
+        return f"{self.provider}/{self.model}"
 
     def rates(self, batch: bool, service_tier: str, long_context: bool) -> Rates:
         """Return per-token prices for one (batch, service tier, long context) combination; memoized, exact.
@@ -221,9 +231,14 @@ class PriceCard:
             long_context: {above_input_tokens: 200000, input: "2.50", output: "15.00"}
             tools: {web_search: "0.01"}        # USD per call, ≤ 9 decimal places
 
-    Model matching (`find`): exact (provider, model), then an alias, then the model with a trailing date
-    snapshot suffix removed (-YYYY-MM-DD or -YYYYMMDD: gpt-4o-2024-08-06 → gpt-4o,
-    claude-sonnet-4-5-20250929 → claude-sonnet-4-5).
+    Model matching (`match`, `find`), first hit wins:
+      1. exact (provider, model), or a card alias of an entry;
+      2. the model alias table in effect (`kind: model_aliases`, bound by the ReferenceSnapshot): each rule that
+         matches, in order, renames (provider, model); the first new name found as in 1 or 3 prices the event;
+      3. the name with a trailing date snapshot suffix removed (-YYYY-MM-DD or -YYYYMMDD: gpt-4o-2024-08-06 →
+         gpt-4o), only when that entry says `same_price_snapshots: true`; a dated name whose base entry does not
+         say so is unpriced, with the reason (a snapshot can cost more than the model's current price:
+         gpt-4o-2024-05-13 lists at twice gpt-4o's), never priced at the base's price.
     """
 
     version: str
@@ -231,14 +246,20 @@ class PriceCard:
     currency: str
     models: tuple[ModelPrice, ...]
     _index: Mapping[tuple[str, str], ModelPrice] = field(compare=False, repr=False)
-    _lookup: dict[tuple[str, str], ModelPrice | None] = field(default_factory=dict, compare=False, repr=False)
+    aliases: ModelAliases | None = field(default=None, compare=False)
+    _lookup: dict[tuple[str, str], Match] = field(default_factory=dict, compare=False, repr=False)
     _pricing: dict[tuple[str, str, bool, str], Pricing | None] = field(default_factory=dict, compare=False,
                                                                        repr=False)
+
+    def with_aliases(self, aliases: ModelAliases | None) -> PriceCard:
+        """Return the card matching names through `aliases` too (fresh memos; this one is unchanged)."""
+        return PriceCard(self.version, self.effective_at, self.currency, self.models, self._index, aliases)
 
     def pricing(self, provider: str, model: str, batch: bool, service_tier: str) -> Pricing | None:
         """Return the entry and per-token rates (base and long context) for these event fields, or None.
 
-        None = the model is not in this card (unpriced). Memoized per card: the hot path is one dict lookup.
+        None = the model is not in this card (unpriced; `match` says why). Memoized per card: the hot path is one
+        dict lookup.
         """
         key = (provider, model, batch, service_tier)
         try:
@@ -257,19 +278,125 @@ class PriceCard:
 
     def find(self, provider: str, model: str) -> ModelPrice | None:
         """Return the entry that prices (provider, model) under the matching rules above, or None."""
+        return self.match(provider, model).entry
+
+    def match(self, provider: str, model: str) -> Match:
+        """The entry that prices (provider, model) and how it was found, or None and why not (memoized)."""
         key = (provider, model)
         try:
             return self._lookup[key]
         except KeyError:
             pass
-        found = self._index.get(key)
-        if found is None:
-            base = base_model(model)
-            if base != model:
-                found = self._index.get((provider, base))
+        found = self._match(provider, model)
         if len(self._lookup) < _MEMO_MAX:  # bounded: model names come from producers
             self._lookup[key] = found
         return found
+
+    def _match(self, provider: str, model: str) -> Match:
+        entry = self._index.get((provider, model))
+        if entry is not None:
+            how = "exact" if entry.model == model else f"card alias of {entry.priced_as}"
+            return Match(entry, how)
+        missed: list[str] = []
+        if self.aliases is not None:
+            for rule, to_provider, to_model in self.aliases.candidates(provider, model):
+                via = (f"alias rule {rule.name!r} of model_aliases {self.aliases.version}: "
+                       f"{provider}/{model} → {to_provider}/{to_model}")
+                entry = self._index.get((to_provider, to_model))
+                if entry is not None:
+                    return Match(entry, via)
+                found = self._dated(to_provider, to_model)
+                if found.entry is not None:
+                    return Match(found.entry, f"{via}; {found.how}")
+                missed.append(f"{via}, but {found.how}")
+        found = self._dated(provider, model)
+        if found.entry is None and missed:
+            return Match(None, f"{found.how}; " + "; ".join(missed))
+        return found
+
+    def _dated(self, provider: str, model: str) -> Match:
+        base = base_model(model)
+        entry = self._index.get((provider, base)) if base != model else None
+        if entry is None:
+            return Match(None, f"{provider}/{model} is not in price card {self.version}")
+        if not entry.same_price_snapshots:
+            return Match(None, f"{provider}/{model} is a dated snapshot of {entry.priced_as}, and price card "
+                               f"{self.version} neither lists it nor says its snapshots cost the same "
+                               "(same_price_snapshots)")
+        return Match(entry, f"dated snapshot of {entry.priced_as}, which the card prices alike")
+
+
+class Match(NamedTuple):
+    """What `PriceCard.match` found: the entry (None: unpriced) and how, or why not, in words."""
+
+    entry: ModelPrice | None
+    how: str
+
+
+@dataclass(frozen=True, slots=True)
+class AliasRule:
+    """One rule of a model alias table: a name as gateways send it → the name the price card knows.
+
+    `equals` matches one name exactly (an Azure deployment); otherwise `pattern` must match the whole name and
+    `model` is filled from its named groups ("{model}-{date}"). `price_as` names the card's provider when it is
+    not the event's (Bedrock's Claude priced as Anthropic's).
+    """
+
+    name: str
+    providers: frozenset[str]
+    equals: str | None
+    pattern: re.Pattern[str] | None
+    model: str
+    price_as: str | None
+
+    def apply(self, provider: str, model: str) -> tuple[str, str] | None:
+        """(provider, model) to price, or None when the rule does not match."""
+        if provider not in self.providers:
+            return None
+        if self.equals is not None:
+            return (self.price_as or provider, self.model) if model == self.equals else None
+        assert self.pattern is not None
+        m = self.pattern.fullmatch(model)
+        if m is None:
+            return None
+        return self.price_as or provider, self.model.format_map(m.groupdict(""))
+
+
+@dataclass(frozen=True)
+class ModelAliases:
+    """One effective-dated version of the model alias table (`kind: model_aliases`; docs/reference-data.md).
+
+    YAML::
+
+        kind: model_aliases
+        version: "2026-12-01"
+        effective_at: "2026-01-01T00:00:00Z"
+        rules:                                  # in order: the first whose new name the card prices wins
+          - name: gemini-api-resource-name      # [A-Za-z0-9._-]{1,64}, unique
+            provider: google                    # the event's provider, or a list of them
+            pattern: 'models/(?P<model>.+)'     # a regular expression the whole model name must match
+            model: '{model}'                    # the name to price: the pattern's named groups in braces
+          - name: azure-prod-gpt5
+            provider: azure.ai.openai
+            equals: prod-gpt5                   # one name exactly (an Azure deployment is a name of yours)
+            model: gpt-5
+            price_as: openai                    # optional: the card's provider, when not the event's
+    """
+
+    version: str
+    effective_at: datetime
+    rules: tuple[AliasRule, ...]
+
+    def candidates(self, provider: str, model: str) -> Iterator[tuple[AliasRule, str, str]]:
+        """Every rule that renames (provider, model), in order, with the name it gives.
+
+        The card takes the first name it prices (`PriceCard.match`): a later rule is a fallback for names an
+        earlier one gives but no card entry holds.
+        """
+        for rule in self.rules:
+            renamed = rule.apply(provider, model)
+            if renamed is not None and renamed != (provider, model):
+                yield rule, renamed[0], renamed[1]
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,7 +485,7 @@ class ReferenceDoc:
     version: str
     effective_at: datetime
     body: dict[str, Any]
-    parsed: PriceCard | OwnerRegistry | BudgetSet = field(compare=False, repr=False)
+    parsed: PriceCard | OwnerRegistry | BudgetSet | ModelAliases = field(compare=False, repr=False)
 
     def key(self) -> bytes:
         """Return the compacted-topic key b"kind:version" (a later record with it replaces this version)."""
@@ -630,7 +757,7 @@ def _parse_price_card(p: _Problems, body: Mapping[str, Any], version: str,
         before = len(p.items)
         _keys(p, path, entry, ("provider", "model", "input", "output"),
               ("aliases", "reasoning", "cache_read", "cache_write_5m", "cache_write_1h", "long_context",
-               "description", "batch_undiscounted", *_EXTRAS_KEYS))
+               "description", "batch_undiscounted", "same_price_snapshots", *_EXTRAS_KEYS))
         provider = (_string(p, path + ("provider",), entry["provider"], _PROVIDER_RE)
                     if "provider" in entry else None)
         model = _string(p, path + ("model",), entry["model"], _NAME_RE) if "model" in entry else None
@@ -662,6 +789,9 @@ def _parse_price_card(p: _Problems, body: Mapping[str, Any], version: str,
         batch, tiers, tools = _extras(p, path, entry)
         undiscounted = _class_names(p, path + ("batch_undiscounted",), entry["batch_undiscounted"]) \
             if "batch_undiscounted" in entry else frozenset()
+        same_price_snapshots = entry.get("same_price_snapshots", False)
+        if type(same_price_snapshots) is not bool:
+            p.add(path + ("same_price_snapshots",), f"must be true or false, got {_describe(same_price_snapshots)}")
         if len(p.items) > before or provider is None or model is None:
             continue
         d_batch, d_tiers, d_tools = defaults.get(provider, (None, {}, {}))
@@ -672,6 +802,7 @@ def _parse_price_card(p: _Problems, body: Mapping[str, Any], version: str,
             service_tiers=MappingProxyType({**d_tiers, **tiers}),
             tools=MappingProxyType({**d_tools, **tools}),
             batch_undiscounted=undiscounted,
+            same_price_snapshots=same_price_snapshots is True,
         )
         for name in (model, *aliases):
             if (provider, name) in claimed:
@@ -805,11 +936,87 @@ def _thresholds(p: _Problems, path: Path_, value: Any) -> tuple[int, ...]:
     return tuple(sorted(value))
 
 
+_RULE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_PATTERN_MAX = 512
+
+
+def _parse_model_aliases(p: _Problems, body: Mapping[str, Any], version: str,
+                         effective_at: datetime) -> ModelAliases:
+    _keys(p, (), body, ("kind", "version", "effective_at", "rules"), ("description",))
+    rules: list[AliasRule] = []
+    names: dict[str, int] = {}
+    raw_rules = body.get("rules")
+    if "rules" in body and not isinstance(raw_rules, list):
+        p.add(("rules",), f"must be a list of alias rules, got {_describe(raw_rules)}")
+        raw_rules = []
+    for i, raw in enumerate(raw_rules or []):
+        path: Path_ = ("rules", i)
+        entry = _mapping(p, path, raw, "name, provider, pattern or equals, model")
+        if entry is None:
+            continue
+        before = len(p.items)
+        _keys(p, path, entry, ("name", "provider", "model"), ("pattern", "equals", "price_as", "description"))
+        name = _string(p, path + ("name",), entry["name"], _RULE_NAME_RE) if "name" in entry else None
+        if name is not None:
+            if name in names:
+                p.add(path + ("name",), f"duplicate rule name {name!r} (also rules[{names[name]}])")
+            names[name] = i
+        providers: list[str] = []
+        raw_providers = entry.get("provider")
+        for j, one in enumerate(raw_providers if isinstance(raw_providers, list) else [raw_providers]):
+            where = path + (("provider", j) if isinstance(raw_providers, list) else ("provider",))
+            got = _string(p, where, one, _PROVIDER_RE) if "provider" in entry else None
+            if got is not None:
+                providers.append(got)
+        price_as = _string(p, path + ("price_as",), entry["price_as"], _PROVIDER_RE) if "price_as" in entry else None
+        template = _string(p, path + ("model",), entry["model"]) if "model" in entry else None
+        pattern: re.Pattern[str] | None = None
+        equals: str | None = None
+        if ("pattern" in entry) == ("equals" in entry):
+            p.add(path, "needs exactly one of 'pattern' (a regular expression) and 'equals' (one name)")
+        elif "equals" in entry:
+            equals = _string(p, path + ("equals",), entry["equals"], _NAME_RE)
+            if template is not None and not _NAME_RE.match(template):
+                p.add(path + ("model",), f"{template!r} is not a model name (expected {_NAME_RE.pattern})")
+        else:
+            text = _string(p, path + ("pattern",), entry["pattern"])
+            if text is not None and len(text) > _PATTERN_MAX:
+                p.add(path + ("pattern",), f"is {len(text)} characters long; at most {_PATTERN_MAX}")
+            elif text is not None:
+                try:
+                    pattern = re.compile(text)
+                except re.error as exc:
+                    p.add(path + ("pattern",), f"is not a regular expression: {exc}")
+            if pattern is not None and template is not None:
+                _template_fields(p, path + ("model",), template, set(pattern.groupindex))
+        if len(p.items) == before and name is not None and template is not None and providers:
+            rules.append(AliasRule(name, frozenset(providers), equals, pattern, template, price_as))
+    return ModelAliases(version, effective_at, tuple(rules))
+
+
+def _template_fields(p: _Problems, path: Path_, template: str, groups: set[str]) -> None:
+    """A rule's `model` may name only the pattern's named groups, in plain braces."""
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        p.add(path, f"{template!r} is not a name template: {exc}")
+        return
+    for _literal, field_name, spec, conversion in parts:
+        if field_name is None:
+            continue
+        if field_name not in groups or spec or conversion:
+            known = ", ".join(sorted(groups)) or "none"
+            p.add(path, f"{{{field_name}}} is not a named group of the pattern (its groups: {known}); write "
+                        "a group as {name}, without a format")
+            return
+
+
 _PARSERS: dict[str, Callable[[_Problems, Mapping[str, Any], str, datetime],
-                             PriceCard | OwnerRegistry | BudgetSet]] = {
+                             PriceCard | OwnerRegistry | BudgetSet | ModelAliases]] = {
     KIND_PRICE_CARD: _parse_price_card,
     KIND_OWNERS: _parse_owners,
     KIND_BUDGETS: _parse_budgets,
+    KIND_MODEL_ALIASES: _parse_model_aliases,
 }
 
 
@@ -945,9 +1152,10 @@ class VersionInfo(NamedTuple):
 class ReferenceSnapshot:
     """An immutable view of all reference data at one moment; use one for a whole batch."""
 
-    price_cards: Timeline[PriceCard] = field(default_factory=Timeline)
+    price_cards: Timeline[PriceCard] = field(default_factory=Timeline)  # each bound to the alias table in effect
     owners: Timeline[OwnerRegistry] = field(default_factory=Timeline)
     budgets: Timeline[BudgetSet] = field(default_factory=Timeline)
+    model_aliases: Timeline[ModelAliases] = field(default_factory=Timeline)
 
     def budgets_at(self, ts: datetime) -> BudgetSet | None:
         """Return the budgets in effect at ts (latest effective_at ≤ ts), or None."""
@@ -963,15 +1171,35 @@ class ReferenceSnapshot:
 
     def versions(self) -> list[VersionInfo]:
         """Return every loaded version, by kind then effective_at."""
-        out = [VersionInfo(KIND_PRICE_CARD, c.version, c.effective_at) for c in self.price_cards.items]
+        cards = dict.fromkeys(VersionInfo(KIND_PRICE_CARD, c.version, c.effective_at) for c in self.price_cards.items)
+        out = list(cards)  # a card spans several items when an alias table changes during it
         out += [VersionInfo(KIND_OWNERS, o.version, o.effective_at) for o in self.owners.items]
         out += [VersionInfo(KIND_BUDGETS, b.version, b.effective_at) for b in self.budgets.items]
+        out += [VersionInfo(KIND_MODEL_ALIASES, a.version, a.effective_at) for a in self.model_aliases.items]
         return out
 
 
 def _timeline(items: Iterable[T], start: Callable[[T], datetime], version: Callable[[T], str]) -> Timeline[T]:
     ordered = sorted(items, key=lambda x: (start(x), version(x)))
     return Timeline(tuple(start(x) for x in ordered), tuple(ordered))
+
+
+def _bind(cards: Timeline[PriceCard], aliases: Timeline[ModelAliases]) -> Timeline[PriceCard]:
+    """The cards' timeline with each card bound to the alias table in effect: a new item wherever either changes."""
+    if not aliases.items or not cards.items:
+        return cards
+    first = cards.starts[0]
+    starts = sorted({*cards.starts, *(s for s in aliases.starts if s > first)})
+    bound: dict[tuple[int, int], PriceCard] = {}
+    items: list[PriceCard] = []
+    for start in starts:
+        card, table = cards.at(start), aliases.at(start)
+        assert card is not None
+        key = (id(card), id(table))
+        if key not in bound:
+            bound[key] = card.with_aliases(table)
+        items.append(bound[key])
+    return Timeline(tuple(starts), tuple(items))
 
 
 def snapshot_of(docs: Iterable[ReferenceDoc]) -> ReferenceSnapshot:
@@ -1036,8 +1264,11 @@ class ReferenceStore:
         cards = [d.parsed for d in self._docs.values() if isinstance(d.parsed, PriceCard)]
         owners = [d.parsed for d in self._docs.values() if isinstance(d.parsed, OwnerRegistry)]
         budgets = [d.parsed for d in self._docs.values() if isinstance(d.parsed, BudgetSet)]
+        aliases = [d.parsed for d in self._docs.values() if isinstance(d.parsed, ModelAliases)]
+        alias_timeline = _timeline(aliases, lambda a: a.effective_at, lambda a: a.version)
         self._snapshot = ReferenceSnapshot(
-            _timeline(cards, lambda c: c.effective_at, lambda c: c.version),
+            _bind(_timeline(cards, lambda c: c.effective_at, lambda c: c.version), alias_timeline),
             _timeline(owners, lambda o: o.effective_at, lambda o: o.version),
             _timeline(budgets, lambda b: b.effective_at, lambda b: b.version),
+            alias_timeline,
         )

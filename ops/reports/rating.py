@@ -12,7 +12,15 @@ import orjson
 
 from tally.config import Settings
 from tally.errors import ReferenceDataError, ReportError
-from tally.reference import PriceCard, ReferenceDoc, load_reference_files, snapshot_of
+from tally.reference import (
+    KIND_MODEL_ALIASES,
+    KIND_PRICE_CARD,
+    PriceCard,
+    ReferenceDoc,
+    ReferenceSnapshot,
+    load_reference_files,
+    snapshot_of,
+)
 
 # Read-only SQL → (column names, rows). The CLI passes ops.cli.run_query (through the running worker in embedded
 # mode); tests pass a Store. Queries use {db} and select money with toString(), so rows read the same either way.
@@ -54,8 +62,19 @@ def price_cards(settings: Settings, paths: Sequence[Path]) -> dict[str, PriceCar
     """Return the price cards by version: from reference files/directories when given, else from the stack.
 
     The stack's cards are what the workers price with: the compacted topic llm.reference.price_cards, read to its
-    end (the same records the workers' reference feed applies). Raises ReportError when there are none, and
-    ReferenceDataError (naming file:line) for an invalid file.
+    end (the same records the workers' reference feed applies, model alias tables included: a card is bound to the
+    latest table in effect during it). Raises ReportError when there are none, and ReferenceDataError (naming
+    file:line) for an invalid file.
+    """
+    snapshot, _ = pricing_snapshot(settings, paths)
+    return {c.version: c for c in snapshot.price_cards.items}
+
+
+def pricing_snapshot(settings: Settings, paths: Sequence[Path]) -> tuple[ReferenceSnapshot, str]:
+    """The price cards and model alias tables (with where they came from) as the workers hold them.
+
+    From reference files/directories when given, else from the stack's compacted price-card topic. Raises
+    ReportError when there is no card, and ReferenceDataError (naming file:line) for an invalid file.
     """
     if paths:
         files: list[Path] = []
@@ -77,7 +96,7 @@ def price_cards(settings: Settings, paths: Sequence[Path]) -> dict[str, PriceCar
         if problems:
             raise ReferenceDataError(problems)
         where = f"topic {settings.topics.price_cards} on {settings.kafka_bootstrap}"
-    cards = {c.version: c for c in snapshot_of(docs).price_cards.items}
-    if not cards:
+    snapshot = snapshot_of(d for d in docs if d.kind in (KIND_PRICE_CARD, KIND_MODEL_ALIASES))
+    if not snapshot.price_cards.items:
         raise ReportError(f"no price cards in {where}: load them (`tally reference load`) or pass --price-cards")
-    return cards
+    return snapshot, where

@@ -51,6 +51,7 @@ models:
     service_tiers: {priority: "1.75", flex: "0.5"}
     tools: {web_search: "0.01"}
     long_context: {above_input_tokens: 100000, input: "4", output: "12"}
+    same_price_snapshots: true
   - provider: acme
     model: bare
     input: "1"
@@ -362,9 +363,17 @@ def test_unknown_model_is_unpriced_but_kept(test_refs):
     assert row["input_tokens"] == 1000
 
 
-def test_snapshot_suffix_is_priced_as_the_base_model(test_refs):
-    assert acme(test_refs, model="full-2026-01-15", usage={"input_tokens": 1})["pricing_status"] == "priced"
+def test_a_dated_snapshot_is_priced_as_its_base_only_where_the_card_says_they_cost_the_same(test_refs):
+    row = acme(test_refs, model="full-2026-01-15", usage={"input_tokens": 1})
+    assert (row["pricing_status"], row["priced_as"]) == ("priced", "acme/full")
     assert acme(test_refs, model="full-20260115", usage={"input_tokens": 1})["cost_input_usd"] == Decimal("0.000002")
+    # `bare` does not say its snapshots cost what it costs: its dated name is unpriced, with the reason, never
+    # priced at bare's price (gpt-4o-2024-05-13 lists at twice gpt-4o's)
+    row = acme(test_refs, model="bare-2026-01-15", usage={"input_tokens": 1})
+    assert (row["pricing_status"], row["priced_as"], costs(row)) == ("unpriced", "", ("0",) * 7)
+    assert row["pricing_note"] == ("acme/bare-2026-01-15 is a dated snapshot of acme/bare, and price card t1 neither "
+                                   "lists it nor says its snapshots cost the same (same_price_snapshots)")
+    assert acme(test_refs, model="bare", usage={"input_tokens": 1})["priced_as"] == "acme/bare"
 
 
 def test_usage_not_reported_is_no_usage_not_zero(test_refs):
@@ -438,8 +447,9 @@ def test_price_event_and_resolve_owner_are_the_functions_enrich_uses(test_refs):
     (row,), _ = enrich([acc], test_refs, NOW)
     costs_ = price_event(acc.event, test_refs.price_card_at(acc.ts))
     assert costs_ == Costs(Decimal("0.00001"), Decimal(0), Decimal(0), Decimal(0), Decimal("0.00001"), Decimal(0),
-                           Decimal("0.00002"), "priced", "")
+                           Decimal("0.00002"), "priced", "", "acme/full")
     assert tuple(costs_)[:7] == tuple(row[c] for c in COST_COLUMNS)
+    assert costs_.priced_as == row["priced_as"]
     owner_ = resolve_owner(acc.event["tags"], test_refs.owners_at(acc.ts))
     assert owner_ == Owner("growth", "mail_x", "CC-4100", "go_to_market", "attributed", "feature_registry",
                            "product: tag=mail_x registry=mail")
@@ -495,6 +505,8 @@ TOOL_PRICE = decimal_text(9, 50)
 @st.composite
 def model_entry(draw) -> dict:
     entry = {"provider": "acme", "model": "m", "input": draw(PRICE), "output": draw(PRICE)}
+    if draw(st.booleans()):
+        entry["same_price_snapshots"] = True
     for cls in CLASSES[2:]:
         if draw(st.booleans()):
             entry[cls] = draw(PRICE)
@@ -552,6 +564,8 @@ def rerate(cards, event) -> dict:
     if not in_effect:
         return {**zero, "status": "unpriced", "version": ""}
     _, version, entry = max(in_effect, key=lambda c: c[0])
+    if event["model_actual"] != entry["model"] and not entry.get("same_price_snapshots"):
+        return {**zero, "status": "unpriced", "version": version}  # a dated name the card does not price alike
     usage = event["usage"]
     n = {c: usage.get("cache_write_tokens" if c == "cache_write_5m" else f"{c}_tokens", 0) for c in CLASSES}
     status = "priced"
@@ -612,3 +626,4 @@ def test_enrich_agrees_with_an_independent_rerating(case):
         assert Fraction(row[column]) == expected[column], column
         assert row[column].as_tuple().exponent >= -18, column  # exact at ClickHouse Decimal(38, 18)
     assert (row["pricing_status"], row["price_card_version"]) == (expected["status"], expected["version"])
+    assert row["priced_as"] == ("" if expected["status"] == "unpriced" else "acme/m")

@@ -328,8 +328,12 @@ def test_model_matching_exact_alias_and_snapshot_suffix():
     card = snapshot_of(load_reference_files(EXAMPLE_FILES)).price_card_at(datetime(2026, 12, 1, tzinfo=UTC))
     assert card is not None
     assert card.find("openai", "gpt-4o").model == "gpt-4o"
-    assert card.find("openai", "gpt-4o-2024-08-06").model == "gpt-4o"
-    assert card.find("anthropic", "claude-sonnet-4-5-20250929").model == "claude-sonnet-4-5"
+    assert card.find("openai", "gpt-4o-2024-08-06").model == "gpt-4o"  # a card alias: the card lists it
+    assert card.find("openai", "gpt-4o-2024-05-13").model == "gpt-4o-2024-05-13"  # its own entry, its own price
+    assert card.find("openai", "gpt-4o-2024-01-01") is None  # a snapshot the card does not price alike
+    assert card.match("openai", "gpt-4o-2024-01-01").how.startswith(
+        "openai/gpt-4o-2024-01-01 is a dated snapshot of openai/gpt-4o, and price card 2026-11-01 neither lists it")
+    assert card.find("anthropic", "claude-sonnet-4-5-20250929").model == "claude-sonnet-4-5"  # same_price_snapshots
     assert card.find("anthropic", "claude-3-5-haiku-latest").model == "claude-3-5-haiku"
     assert card.find("openai", "gpt-5-chat-latest").model == "gpt-5"
     assert card.find("openai", "gpt-4o-mini-2024-07-18").model == "gpt-4o-mini"
@@ -360,3 +364,106 @@ def test_provider_defaults_merge_under_models():
     assert model.batch_discount == Decimal("0.6")
     assert dict(model.tools) == {"web_search": Decimal("0.01"), "file_search": Decimal("0.0025")}
     assert dict(model.service_tiers) == {"flex": Decimal("0.5")}
+
+
+ALIASES = """\
+kind: model_aliases
+version: "a1"
+effective_at: "2026-01-01T00:00:00Z"
+rules:
+  - {name: gemini-resource, provider: google, pattern: 'models/(?P<model>[^/]+)', model: '{model}'}
+  - {name: vertex-pin, provider: [google, vertex], pattern: '(?P<model>claude-[a-z0-9-]+)@(?P<v>\\d{8})',
+     model: '{model}-{v}'}
+  - {name: support-bot, provider: azure_openai, equals: support-bot-prod, model: gpt-x, price_as: openai}
+  - {name: regional, provider: bedrock, pattern: '(?:us|eu)\\.(?P<id>.+)', model: 'regional.{id}'}
+  - {name: in-region, provider: bedrock, pattern: '(?:us|eu)\\.(?P<id>.+)', model: '{id}'}
+"""
+
+ALIAS_CARD = """\
+kind: price_card
+version: "c1"
+effective_at: "2025-06-01T00:00:00Z"
+currency: USD
+models:
+  - {provider: openai, model: gpt-x, input: "1.00", output: "4.00"}
+  - {provider: google, model: gemini-9-flash, input: "0.30", output: "2.50"}
+  - {provider: google, model: claude-z-1, input: "3.00", output: "15.00", same_price_snapshots: true}
+  - {provider: bedrock, model: "regional.anthropic.claude-z-1-v1:0", input: "3.30", output: "16.50"}
+  - {provider: bedrock, model: "amazon.nova-9-v1:0", input: "0.06", output: "0.24"}
+"""
+
+
+def test_the_model_alias_table_prices_the_names_gateways_send_as_the_cards_entries():
+    snap = snapshot_of(parse_reference_yaml(ALIAS_CARD, "card") + parse_reference_yaml(ALIASES, "aliases"))
+    card = snap.price_card_at(datetime(2026, 3, 1, tzinfo=UTC))
+    assert card is not None and card.version == "c1"
+    priced = {(p, m): card.find(p, m) for p, m in [
+        ("google", "models/gemini-9-flash"), ("google", "claude-z-1@20250929"), ("vertex", "claude-z-1@20250929"),
+        ("azure_openai", "support-bot-prod"), ("bedrock", "us.anthropic.claude-z-1-v1:0"),
+        ("bedrock", "eu.amazon.nova-9-v1:0")]}
+    assert {k: v.priced_as if v else None for k, v in priced.items()} == {
+        ("google", "models/gemini-9-flash"): "google/gemini-9-flash",
+        ("google", "claude-z-1@20250929"): "google/claude-z-1",  # renamed, then its date suffix, priced alike
+        ("vertex", "claude-z-1@20250929"): None,  # renamed to vertex/claude-z-1-20250929: the card has no vertex
+        ("azure_openai", "support-bot-prod"): "openai/gpt-x",  # one deployment, priced as the provider's model
+        ("bedrock", "us.anthropic.claude-z-1-v1:0"): "bedrock/regional.anthropic.claude-z-1-v1:0",
+        ("bedrock", "eu.amazon.nova-9-v1:0"): "bedrock/amazon.nova-9-v1:0",  # the first rule's name is not priced
+    }
+    how = card.match("google", "models/gemini-9-flash").how
+    assert how == ("alias rule 'gemini-resource' of model_aliases a1: google/models/gemini-9-flash → "
+                   "google/gemini-9-flash")
+    missed = card.match("vertex", "claude-z-1@20250929").how
+    assert "vertex/claude-z-1@20250929 is not in price card c1" in missed and "'vertex-pin'" in missed
+    # before the table's effective_at the card prices names as written only
+    earlier = snap.price_card_at(datetime(2025, 12, 31, tzinfo=UTC))
+    assert earlier is not None and earlier.version == "c1" and earlier.find("google", "models/gemini-9-flash") is None
+    assert card.find("google", "gemini-9-flash").priced_as == "google/gemini-9-flash"  # the card's own name first
+    assert [v.kind for v in snap.versions()] == ["price_card", "model_aliases"]  # one card, not one per binding
+
+
+def test_alias_rule_problems_name_the_line():
+    bad = ALIASES.replace("model: '{model}-{v}'", "model: '{model}-{version}'").replace(
+        "equals: support-bot-prod, ", "").replace("pattern: '(?:us|eu)\\.(?P<id>.+)', model: '{id}'",
+                                                  "pattern: '(?P<id>[', model: '{id}'")
+    with pytest.raises(ReferenceDataError) as err:
+        parse_reference_yaml(bad, "aliases.yaml")
+    problems = err.value.problems
+    for start in ("aliases.yaml:7: rules[1].model: {version} is not a named group",
+                  "aliases.yaml:8: rules[2]: needs exactly one of 'pattern'",
+                  "aliases.yaml:10: rules[4].pattern: is not a regular expression"):
+        assert any(p.startswith(start) for p in problems), (start, problems)
+
+
+def test_the_shipped_alias_table_prices_gateway_names_as_genai_prices_does():
+    """reference/model_aliases.yaml over the imported card: the names of issue 15, each priced as genai-prices'
+    calc_price prices it (or, for a name calc_price does not know, as the name it stands for)."""
+    from genai_prices import Usage, calc_price
+
+    from ops.reference_import import GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH
+    from streams.enrich import price_event
+
+    at = datetime(2026, 11, 15, 12, tzinfo=UTC)
+    card = snapshot_of(load_reference_files([GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH])).price_card_at(at)
+    assert card is not None
+    source = {"google": "google", "bedrock": "aws", "anthropic": "anthropic", "azure_openai": "azure",
+              "openai": "openai"}
+    cases = [  # provider, name sent, the name calc_price is asked for
+        ("google", "models/gemini-2.5-flash", "gemini-2.5-flash"),  # the Gemini API's resource name
+        ("google", "gemini-2.5-flash-preview-09-2025", None),  # a preview name (a card alias)
+        ("google", "claude-sonnet-4-5@20250929", None),  # Vertex AI's version pin
+        ("bedrock", "anthropic.claude-sonnet-4-5-20250929-v1:0", None),  # Bedrock in-region id
+        ("bedrock", "us.anthropic.claude-sonnet-4-5-20250929-v1:0", None),  # a cross-region inference profile
+        ("bedrock", "global.anthropic.claude-sonnet-4-5-20250929-v1:0", None),  # a global profile: its own price
+        ("bedrock", "us.amazon.nova-pro-v1:0", None),
+        ("bedrock", "us.amazon.nova-2-lite-v1:0", None),
+        ("azure_openai", "gpt-5", None),  # Azure at OpenAI's list price
+        ("anthropic", "claude-sonnet-4-5-20250929", None),  # a dated snapshot the card prices alike
+        ("openai", "gpt-4o-2024-05-13", None),  # a dated snapshot with its own, higher, price
+    ]
+    event = {"usage": {"input_tokens": 1000, "output_tokens": 1000}, "status": "ok"}
+    for provider, sent, asked in cases:
+        want = calc_price(Usage(input_tokens=1000, output_tokens=1000), asked or sent, provider_id=source[provider],
+                          genai_request_timestamp=at)
+        got = price_event({**event, "provider": provider, "model_actual": sent}, card)
+        assert (got.status, got.total) == ("priced", want.total_price), (provider, sent, card.match(provider, sent))
+        assert got.priced_as.split("/", 1)[1] == want.model.id, (provider, sent)

@@ -23,7 +23,7 @@ from genai_prices.types import (
 )
 
 from ops.cli import _run_reference_files, cli
-from ops.reference_import import FIRST_EFFECTIVE, GENAI_PRICES_CARD_PATH, import_genai_prices
+from ops.reference_import import FIRST_EFFECTIVE, GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH, import_genai_prices
 from streams.enrich import PARTIAL, PRICED, UNPRICED, price_event
 from tally.errors import ReferenceDataError
 from tally.reference import ReferenceDoc, load_reference_files, parse_reference_yaml, snapshot_of
@@ -215,7 +215,7 @@ def test_command_writes_the_card_and_lists_the_gaps(tmp_path) -> None:
 
 def test_tally_run_loads_the_imported_card_and_the_sample_org() -> None:
     files = _run_reference_files()
-    assert files[0] == GENAI_PRICES_CARD_PATH
+    assert files[:2] == [GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH]
     assert all(f.name != "price_cards.yaml" for f in files)
     kinds = {d.kind for d in load_reference_files(files)}
-    assert kinds == {"price_card", "owners", "budgets"}
+    assert kinds == {"price_card", "model_aliases", "owners", "budgets"}

@@ -338,3 +338,26 @@ def test_a_batch_of_thousands_of_rows_is_cut_into_messages_that_fit_in_row_order
     assert 3 <= len(messages) <= 5 and all(len(m) <= limit for m in messages)
     ids = [eid for m in messages for eid in decode_attempt_message(m).column("event_id").to_pylist()]
     assert ids == [r["event_id"] for r in rows]
+
+
+def test_messages_an_older_process_worker_wrote_without_priced_as_are_read_with_it_empty():
+    # The version rule of the hand-off (docs/handoff.md): a column added after the first release may be absent.
+    from streams.sink_columns import ATTEMPT_SCHEMA_BEFORE, encode_rows
+
+    rng = random.Random(5)
+    rows = [attempt(n, rng, priced_as="openai/gpt-4o") for n in range(20)]
+    older = [{k: v for k, v in r.items() if k != "priced_as"} for r in rows]
+    (arrow_before,) = encode_rows(older, ATTEMPT_SCHEMA_BEFORE, 10**6)
+    ndjson_before = b"\n".join(orjson.dumps({k: v for k, v in orjson.loads(encode_row(r)).items() if k != "priced_as"})
+                               for r in rows) + b"\n"
+    assert b"priced_as" not in ndjson_before
+    for value in (arrow_before, ndjson_before):
+        got, dead = decode_batch([(value, SOURCE)])
+        assert not dead and len(got) == len(rows)
+        assert [r["priced_as"] for r in got] == [""] * len(rows)
+        assert [r["event_id"] for r in got] == [r["event_id"] for r in rows]
+    precise, bad = decode_rows(ndjson_before, SOURCE)
+    assert not bad and {r["priced_as"] for r in precise} == {""}
+    # a row missing any other column is still not a row
+    short = orjson.dumps({k: v for k, v in orjson.loads(encode_row(rows[0])).items() if k != "model_actual"})
+    assert decode_rows(short + b"\n", SOURCE)[1][0].reason == "bad_attempt_row"
