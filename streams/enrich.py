@@ -191,6 +191,10 @@ def _price(ev: Mapping[str, Any], card: PriceCard | None) -> tuple[Any, ...]:
         n_cut = ev.get("stream_terminated_at_token_n")
         if n_cut is None:
             if usage or not ev.get("usage_reported", True):
+                why = ev.get("usage_note")
+                if why:  # a lenient normalizer's error, kept by the gateway instead of losing the call
+                    return (*_NOT_PRICED, NO_USAGE, f"usage not reported: the gateway could not normalize it "
+                            f"({why}): cost unknown, not zero", priced_as)
                 return (*_NOT_PRICED, NO_USAGE, "usage not reported by the provider: cost unknown, not zero",
                         priced_as)
             return (*_NOT_PRICED, NO_USAGE, "status ok but the usage object is empty (no token count at all): "

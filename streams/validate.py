@@ -67,6 +67,7 @@ class _Shape:
         self.max_latency = props["latency_ms"]["maximum"]
         self.max_service_tier = props["service_tier"]["maxLength"]
         self.max_error = props["error"]["maxLength"]
+        self.max_usage_note = props["usage_note"]["maxLength"]
         self.max_token = schema["definitions"]["tokens"]["maximum"]
 
 
@@ -169,6 +170,8 @@ class Validator:
             return False
         v = get("stream_terminated_at_token_n")
         if v is not None and not (_is_int(v) and 0 <= v <= s.max_token):
+            return False
+        if "usage_note" in e and not _str_len_ok(e["usage_note"], 1, s.max_usage_note):
             return False
         if "service_tier" in e and not _str_len_ok(e["service_tier"], 1, s.max_service_tier):
             return False

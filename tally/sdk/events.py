@@ -55,6 +55,7 @@ def usage_event(
     fallback_from: str | None = None,
     error: str | None = None,
     usage_reported: bool | None = None,
+    usage_note: str | None = None,
     stream_terminated_at_token_n: int | None = None,
     batch: bool | None = None,
     service_tier: str | None = None,
@@ -65,10 +66,12 @@ def usage_event(
 
     `usage` is a normalizer result (keys from USAGE_KEYS; unknown keys raise ValueError). `usage=None` means
     the provider returned no usage: the event carries an empty usage object and usage_reported=false (unless
-    given). `event_id` defaults to a fresh uuid4; `timestamp` defaults to now. A datetime timestamp must be
-    timezone-aware and is written in UTC with milliseconds and 'Z'; a string must be RFC 3339 with an offset
-    and is kept as given. Naive or unparsable timestamps raise ValueError. Other values are not checked here:
-    the pipeline validates each event against the schema and dead-letters what fails.
+    given). `usage_note` says why there is no usage (a lenient normalizer's error: `normalize.lenient`); the row is
+    then no_usage, cost unknown, with the note in its pricing_note. `event_id` defaults to a fresh uuid4;
+    `timestamp` defaults to now. A datetime timestamp must be timezone-aware and is written in UTC with
+    milliseconds and 'Z'; a string must be RFC 3339 with an offset and is kept as given. Naive or unparsable
+    timestamps raise ValueError. Other values are not checked here: the pipeline validates each event against the
+    schema and dead-letters what fails.
     """
     if usage is None:
         usage_dict: dict[str, int] = {}
@@ -98,6 +101,7 @@ def usage_event(
         "fallback_from": fallback_from,
         "error": error,
         "usage_reported": usage_reported,
+        "usage_note": usage_note,
         "stream_terminated_at_token_n": stream_terminated_at_token_n,
         "batch": batch,
         "service_tier": service_tier,

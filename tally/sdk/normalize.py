@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NotRequired, TypedDict
 
 from tally.errors import NormalizationError
@@ -41,6 +41,29 @@ class OtelCallInfo(TypedDict):
     provider: str
     model_actual: str
     model_requested: NotRequired[str]
+
+
+#: The schema's bound on usage_note (schemas/usage_event.v1.schema.json).
+USAGE_NOTE_MAX = 512
+
+
+def lenient(normalize: Callable[..., dict[str, int]], usage: Any,
+            **options: Any) -> tuple[dict[str, int] | None, str | None]:
+    """Run a normalizer; inconsistent usage gives (None, why) instead of raising NormalizationError.
+
+    For a gateway that must not lose the call over a provider's odd usage object: pass both to usage_event
+    (`usage=..., usage_note=...`). The event is published with an empty usage, usage_reported false and the note;
+    the pipeline stores it as no_usage (cost unknown, never a zero) with the note in pricing_note, where the
+    reports' unpriced counts and the rows show it. Consistent usage gives (classes, None), as the strict call does.
+
+        usage, note = lenient(from_anthropic, resp.usage)
+        pub.publish(usage_event(..., usage=usage, usage_note=note))
+    """
+    try:
+        return normalize(usage, **options), None
+    except NormalizationError as exc:
+        text = str(exc) or type(exc).__name__
+        return None, text if len(text) <= USAGE_NOTE_MAX else text[:USAGE_NOTE_MAX - 1] + "…"
 
 
 def _mapping(provider: str, obj: Any, what: str) -> Mapping[str, Any]:

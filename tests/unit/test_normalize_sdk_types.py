@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import orjson
 import pytest
 from anthropic.types import Usage as AnthropicUsage
 from google.genai import types as genai
 from openai.types import CompletionUsage
 from openai.types.responses import ResponseUsage
 
+from tally.config import REPO_ROOT
 from tally.errors import NormalizationError
 from tally.sdk.events import usage_event
 from tally.sdk.normalize import (
@@ -128,3 +130,30 @@ def test_gemini_sdk_usage_metadata() -> None:
     got = from_gemini(meta)
     assert got == classes(inp=4235 - 4096 + 800, out=312, reasoning=573, read=4096)
     assert sum(got.values()) == meta.total_token_count
+
+
+def test_lenient_mode_publishes_inconsistent_usage_as_no_usage_with_the_reason() -> None:
+    """Inconsistent usage stays an error, but a gateway that must not lose the call publishes it: the event passes
+    validation and lands as no_usage (cost unknown, not zero) with the normalizer's words in its pricing note."""
+    from streams.enrich import enrich
+    from streams.records import Source
+    from streams.validate import Validator
+    from tally.reference import load_reference_files, snapshot_of
+    from tally.sdk.normalize import lenient
+
+    bad = anthropic_usage(output_tokens_details={"thinking_tokens": 2394})
+    usage, note = lenient(from_anthropic, bad)
+    assert usage is None and note is not None and "output_tokens_details.thinking_tokens (2394) exceeds" in note
+    good, none = lenient(from_anthropic, anthropic_usage())
+    assert none is None and good == from_anthropic(anthropic_usage())  # consistent usage: the strict result
+    event = usage_event(request_id="r-1", provider="anthropic", model_actual="claude-sonnet-4-5", usage=usage,
+                        usage_note=note, tags={"feature_id": "summarize_email_v2"}, timestamp=clock())
+    assert event["usage"] == {} and event["usage_reported"] is False and event["usage_note"] == note
+    accepted, rejected = Validator().validate_message(orjson.dumps(event), Source("llm.usage.v1", 0, 0), now=clock())
+    assert not rejected
+    refs = snapshot_of(load_reference_files(sorted((REPO_ROOT / "examples" / "reference").glob("*.yaml"))))
+    (row,), _ = enrich(accepted, refs, clock())
+    assert (row["pricing_status"], row["cost_total_usd"], row["usage_reported"]) == ("no_usage", 0, False)
+    assert row["pricing_note"] == (f"usage not reported: the gateway could not normalize it ({note}): cost unknown, "
+                                   "not zero")
+    assert lenient(from_anthropic, bad)[1] == note  # the same words every time (a retry publishes the same event)
