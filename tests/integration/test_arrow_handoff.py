@@ -95,3 +95,44 @@ def test_arrow_and_ndjson_hand_offs_carry_the_same_rows_and_land_the_same(tmp_pa
             store.close()
     assert totals[0] == totals[1]
     assert totals[0][0][0] == len(events) and totals[0][0][2] == 400
+
+
+def test_rows_land_with_the_name_sent_and_the_entry_that_priced_them(tmp_path, now) -> None:
+    """Issue 15 through the process step, the Arrow hand-off and the sink: model_actual as sent, priced_as as priced,
+    and an attempts message of an older process worker (no priced_as column) landing with priced_as ''."""
+    from ops.reference_import import GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH
+    from streams.sink_columns import ATTEMPT_SCHEMA_BEFORE, encode_rows
+    from tally.reference import load_reference_files
+    from tests.factories import event_factory
+
+    docs = load_reference_files([GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH])
+    sent = {"google": "models/gemini-2.5-flash", "bedrock": "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+            "anthropic": "claude-sonnet-4-5-20250929", "openai": "gpt-4o-2024-01-01"}
+    at = (now - timedelta(hours=1)).isoformat().replace("+00:00", "Z")
+    events = [event_factory(provider=p, model_actual=m, timestamp=at, usage={"input_tokens": 1000})
+              for p, m in sent.items()]
+    out = _outputs(events, docs, now, 900 * 1024)
+    messages = _sink_messages(out, True, "a")
+    old_rows = [{k: v for k, v in r.items() if k != "priced_as"}
+                for r in decode_batch(messages, ATTEMPT_ROWS)[0]]
+    for r in old_rows:
+        r["event_id"] = "old-" + r["event_id"]
+    (older,) = encode_rows(old_rows[:1], ATTEMPT_SCHEMA_BEFORE, 10**6)
+    store = Store(Settings(data_dir=tmp_path / "db", database="tally_priced_as"))
+    try:
+        store.migrate()
+        rows, dead = decode_batch([*messages, (older, Source("a", 0, next(OFFSETS)))], ATTEMPT_ROWS)
+        assert not dead
+        SinkWriter(store).write(rows)
+        got = {tuple(r) for r in store.query(
+            "SELECT provider, model_actual, priced_as, pricing_status FROM {db}.usage_events").rows}
+    finally:
+        store.close()
+    assert got == {
+        ("google", "models/gemini-2.5-flash", "google/gemini-2.5-flash", "priced"),
+        ("bedrock", "us.anthropic.claude-sonnet-4-5-20250929-v1:0",
+         "bedrock/regional.anthropic.claude-sonnet-4-5-20250929-v1:0", "priced"),
+        ("anthropic", "claude-sonnet-4-5-20250929", "anthropic/claude-sonnet-4-5", "priced"),
+        ("openai", "gpt-4o-2024-01-01", "", "unpriced"),
+        (old_rows[0]["provider"], old_rows[0]["model_actual"], "", old_rows[0]["pricing_status"]),
+    }
