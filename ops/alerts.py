@@ -699,6 +699,39 @@ class AlertsStats:
     open_incidents: int = 0  # in the saved table when the run ended
 
 
+def serve_metrics(stats: AlertsStats, host: str, port: int) -> Any:
+    """Serve `stats` as Prometheus metrics on host:port (a daemon thread); returns the server (shutdown() stops it).
+
+    The consumer is a plain process, not a Faust worker: prometheus_client's own server answers every path with
+    the metrics, so a probe of /metrics doubles as its liveness check.
+    """
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    from streams.metrics import counter, gauge
+
+    class Collector:
+        def collect(self) -> Any:
+            yield counter("tally_alerts_messages", "Kafka messages read from llm.cost.alerts.v1",
+                          [({}, stats.messages)])
+            yield counter("tally_alerts_records", "Alert records read, by verdict",
+                          [({"verdict": "valid"}, stats.records), ({"verdict": "malformed"}, stats.malformed),
+                           ({"verdict": "suppressed"}, stats.suppressed)], ("verdict",))
+            yield counter("tally_alerts_notifications", "Notifications decided, by action",
+                          [({"action": a}, n) for a, n in sorted(stats.notifications.items())], ("action",))
+            yield counter("tally_alerts_delivered", "Notifications delivered, by sink",
+                          [({"sink": k}, n) for k, n in sorted(stats.delivered.items())], ("sink",))
+            yield counter("tally_alerts_rejected", "Notifications a sink refused for good, by sink",
+                          [({"sink": k}, n) for k, n in sorted(stats.rejected.items())], ("sink",))
+            yield counter("tally_alerts_retries", "Delivery attempts retried", [({}, stats.retries)])
+            yield gauge("tally_alerts_open_incidents", "Incidents open in the saved incident table",
+                        [({}, float(stats.open_incidents))])
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())  # type: ignore[arg-type]
+    server, _thread = start_http_server(port, addr=host, registry=registry)
+    return server
+
+
 class Pager:
     """The table, its file and the sinks: saves, and delivers the outbox one recorded notification at a time."""
 
@@ -798,7 +831,8 @@ def _wall_clock() -> datetime:
 
 
 def run_alerts(settings: Settings, config: AlertsConfig, stop: threading.Event | None = None,
-               max_messages: int | None = None, clock: Callable[[], datetime] = _wall_clock) -> AlertsStats:
+               max_messages: int | None = None, clock: Callable[[], datetime] = _wall_clock,
+               stats: AlertsStats | None = None) -> AlertsStats:
     """Consume `settings.topics.alerts` and page through the configured sinks until `stop` or `max_messages`.
 
     `clock` is read once per message: the "now" of `decide` (incidents opened, reminders due after renotify_s).
@@ -818,7 +852,8 @@ def run_alerts(settings: Settings, config: AlertsConfig, stop: threading.Event |
     state = load_state(path)
     topic = settings.topics.alerts
     group = config.group_id or settings.group_id("alerts")
-    stats = AlertsStats(open_incidents=len(state.incidents))
+    stats = stats if stats is not None else AlertsStats()  # given: the caller serves it as metrics while it runs
+    stats.open_incidents = len(state.incidents)
     pager = Pager(path, state, sinks, config, stats, crash)
     if state.outbox:
         for entry in state.outbox:

@@ -583,12 +583,14 @@ def _pairs(items: tuple[str, ...], option: str) -> dict[str, int]:
               help="Seconds between reminders while an incident stays open.")
 @click.option("--http-timeout", "http_timeout_s", type=float, default=10.0, show_default=True)
 @click.option("--max-messages", type=int, default=None, help="Stop after this many Kafka messages (scripts).")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=0, envvar="TALLY_ALERTS_METRICS_PORT",
+              show_envvar=True, help="Serve Prometheus metrics on this port of web_host (0: none).")
 @pass_ctx
 def alerts_cmd(c: Ctx, sinks: tuple[str, ...], pagerduty_url: str | None, pagerduty_routing_key: str,
                slack_webhook_url: str, webhook_url: str, renotify_s: float, http_timeout_s: float,
-               max_messages: int | None) -> None:
+               max_messages: int | None, metrics_port: int) -> None:
     """Consume llm.cost.alerts.v1 and page: one page per open incident, reminders, resolves; survives a crash."""
-    from ops.alerts import DEFAULT_PAGERDUTY_URL, AlertsConfig, run_alerts
+    from ops.alerts import DEFAULT_PAGERDUTY_URL, AlertsConfig, AlertsStats, run_alerts, serve_metrics
 
     config = AlertsConfig(sinks=tuple(sinks), pagerduty_url=pagerduty_url or DEFAULT_PAGERDUTY_URL,
                           pagerduty_routing_key=pagerduty_routing_key, slack_webhook_url=slack_webhook_url,
@@ -596,7 +598,13 @@ def alerts_cmd(c: Ctx, sinks: tuple[str, ...], pagerduty_url: str | None, pagerd
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    stats = run_alerts(c.settings, config, stop, max_messages)
+    stats = AlertsStats()
+    server = serve_metrics(stats, c.settings.web_host, metrics_port) if metrics_port else None
+    try:
+        run_alerts(c.settings, config, stop, max_messages, stats=stats)
+    finally:
+        if server is not None:
+            server.shutdown()
     console.print(f"alerts: {stats.messages:,} messages, {stats.records:,} records, {stats.open_incidents} open "
                   f"incidents; delivered {dict(stats.delivered) or 'nothing'}")
 
@@ -1013,6 +1021,20 @@ def kafka_stop(c: Ctx) -> None:
     from ops.kafka_local import LocalKafka
 
     console.print("stopped" if LocalKafka(c.settings).stop() else "not running")
+
+
+@kafka.command("topics")
+@pass_ctx
+def kafka_topics(c: Ctx) -> None:
+    """Create tally's topics on the cluster at kafka_bootstrap, those that do not exist yet (idempotent).
+
+    What a deployment's setup job runs (deploy/compose.yaml, deploy/k8s/): partitions from TALLY_PARTITIONS,
+    reference and state topics compacted. An existing topic with another partition count is an error, not a change.
+    """
+    from ops.kafka_local import ensure_topics
+
+    created = ensure_topics(c.settings)
+    console.print(f"topics: {len(created)} created" + (f" ({', '.join(created)})" if created else ", all exist"))
 
 
 @kafka.command("status")

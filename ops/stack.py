@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -41,6 +42,18 @@ def role_of(name: str) -> str:
 def default_workers() -> int:
     """Process workers on this machine by default: one a core, less the core the sink keeps (at least one)."""
     return max(1, (os.cpu_count() or 2) - 1)
+
+
+def worker_settings(settings: Settings, name: str) -> Settings:
+    """One background worker's settings: process worker k serves its /metrics and probes on process_web_port + k - 1.
+
+    (Several process workers on one host cannot share a port; in a container or pod each has its own address and
+    the same port.)
+    """
+    if role_of(name) != "process" or not settings.process_web_port:
+        return settings
+    k = int(name.split("-", 1)[1]) if "-" in name else 1
+    return dataclasses.replace(settings, process_web_port=settings.process_web_port + k - 1)
 
 
 def layout(workers: int) -> list[str]:
@@ -181,7 +194,8 @@ def up(settings: Settings, role: str | None = None, workers: int | None = None) 
     started = ensure_kafka(settings)
     created = ensure_topics(settings)
     names = [role] if role is not None else layout(workers or default_workers())
-    started_workers = [{"name": name, "role": role_of(name), "pid": start_worker(settings, role_of(name), name=name),
+    started_workers = [{"name": name, "role": role_of(name),
+                        "pid": start_worker(worker_settings(settings, name), role_of(name), name=name),
                         "log": str(log_file(settings, name))} for name in names]
     return {"kafka": settings.kafka_bootstrap, "kafka_started": started, "topics_created": created,
             "workers": started_workers, "api": settings.web_url}

@@ -15,10 +15,12 @@ from confluent_kafka import Consumer, KafkaException
 from faust.transport.drivers import aiokafka as aiokafka_driver
 from faust.types import TP
 
+from streams.metrics import WorkerMetrics
 from streams.positions import SoughtOffsets
 from streams.roles.budget import read_compacted, wire_budget
 from streams.roles.context import OUTPUT_MESSAGE_BYTES, RoleContext, WorkerStats, log
 from streams.roles.detect import detect_config, wire_detect
+from streams.roles.health import wire_health
 from streams.roles.process import wire_process
 from streams.roles.sink import wire_sink
 from streams.roles.web import wire_web
@@ -124,6 +126,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     """
     topics = settings.topics
     serves_web = role in ("sink", "all")
+    process_http = role == "process" and settings.process_web_port > 0  # /metrics and the probes only
     datadir = settings.data_dir / "faust" / role
     datadir.mkdir(parents=True, exist_ok=True)
     app = TallyApp(
@@ -144,10 +147,10 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         producer_acks=-1,
         table_standby_replicas=0,
         stream_buffer_maxsize=settings.process_batch_messages * 4,
-        web_enabled=serves_web,
+        web_enabled=serves_web or process_http,
         web_bind=settings.web_host,
         web_host=settings.web_host,
-        web_port=settings.web_port,
+        web_port=settings.process_web_port if process_http else settings.web_port,  # (unused when disabled)
         datadir=str(datadir),
     )
     ctx = RoleContext(
@@ -160,6 +163,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         requests_topic=app.topic(topics.requests, value_type=bytes),
         alerts_topic=app.topic(topics.alerts, value_type=bytes),
         crash=Failpoints(settings.failpoint),
+        metrics=WorkerMetrics(role),
     )
     app.recover_positions = ctx.recover_positions  # type: ignore[attr-defined]  # PositionedConsumer calls it
     app.hold_positions = ctx.hold_positions  # type: ignore[attr-defined]
@@ -197,7 +201,10 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         budget_states = wire_budget(ctx, sink)
         wire_web(ctx, sink, budget_states)  # serves_web: the pages read ClickHouse, which the sink owns
 
+    wire_health(ctx)  # /metrics, /livez, /readyz: on the worker's HTTP port, where it has one
+
     app.tally_stats = ctx.stats  # type: ignore[attr-defined]
+    app.tally_metrics = ctx.metrics  # type: ignore[attr-defined]
     return app
 
 

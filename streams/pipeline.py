@@ -41,6 +41,7 @@ class ProcessedBatch:
     fold_writes: dict[bytes, bytes | None] = field(default_factory=dict)
     accepted: int = 0
     rejected: int = 0
+    reasons: list[str] = field(default_factory=list)  # the dead letters' reason codes (metrics)
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,7 @@ def process_messages(messages: Sequence[tuple[bytes | None, Source]], validator:
                                 for p, part in by_key(attempts, attempts["source_partition"].to_pylist()).items()}
     for rej in rejected:
         out.dead_letters[rej.source.partition if rej.source else 0].append(encode_record(rej.to_record(now)))
+        out.reasons.append(rej.reason)
     if fold is not None:
         result = fold.folder.fold(rows, fold.state, wall, now, singles=arrow_message_bytes is not None)
         out.request_rows = result.count

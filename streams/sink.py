@@ -294,7 +294,10 @@ class SinkStats:
     resent: int = 0  # rows of a journaled plan re-sent by a replay (absorbed where they landed)
     retries: int = 0
     last_insert_s: float = 0.0
+    last_insert_at: float = 0.0  # Unix time the last insert was acknowledged (0: none yet)
     superseded: int = 0
+    # Called with (table, seconds) after each acknowledged insert (the worker's latency histogram); None: not kept.
+    observe: Callable[[str, float], None] | None = field(default=None, repr=False, compare=False)
 
 
 def run_plan(writer: Writer, rows: Sequence[dict[str, Any]]) -> int:
@@ -333,8 +336,12 @@ def _insert(writer: Writer, store: Store, piece: Piece, columns: Sequence[str]) 
     else:
         rows = piece.rows
         store.insert_columns(piece.table, [[r[c] for r in rows] for c in columns], columns, piece.token)
-    writer.stats.last_insert_s = time.perf_counter() - started
-    writer.stats.rows_inserted += piece.size
+    stats = writer.stats
+    stats.last_insert_s = time.perf_counter() - started
+    stats.last_insert_at = time.time()
+    stats.rows_inserted += piece.size
+    if stats.observe is not None:
+        stats.observe(piece.table, stats.last_insert_s)
 
 
 # usage_events as the sink writes it: content_hash (008) and origin, the input message of the row (011).

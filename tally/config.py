@@ -102,6 +102,13 @@ class Settings:
     database: str = "tally"
     web_host: str = "127.0.0.1"
     web_port: int = 6066
+    # A process worker serves /metrics, /livez and /readyz on this port (0: no HTTP; `tally up` gives its N process
+    # workers this port and the next N - 1). Sink and all roles serve them on web_port, beside the API.
+    process_web_port: int = 0
+    # Readiness of a sink: caught up, i.e. at most this many input messages behind (llm.cost.*).
+    ready_max_lag: int = 1000
+    # Liveness: the event loop's one-second heartbeat has not beaten for this long → /livez answers 503.
+    live_stall_s: float = 30.0
     # Batching: a process agent takes up to this many Kafka messages per batch, waiting at most `batch_within_s`.
     # Kafka messages per batch. SDK messages carry up to 500 events, attempt messages ~400 rows. 100/100 measured
     # best in tests/bench for both batch and one-event messages (40/30: one-event throughput halved, as each sink
@@ -259,6 +266,14 @@ class Settings:
                 out.append(f"{name} must be a TCP port, got {port}")
         if self.kafka_controller_port == self.web_port:
             out.append("web_port and kafka_controller_port must differ")
+        if self.process_web_port and not 1 <= self.process_web_port <= 65535:
+            out.append(f"process_web_port must be 0 (no HTTP) or a TCP port, got {self.process_web_port}")
+        if self.process_web_port and self.process_web_port in (self.web_port, self.kafka_controller_port):
+            out.append("process_web_port must differ from web_port and kafka_controller_port")
+        if self.ready_max_lag < 0:
+            out.append(f"ready_max_lag must not be negative, got {self.ready_max_lag}")
+        if self.live_stall_s <= 0:
+            out.append(f"live_stall_s must be positive, got {self.live_stall_s}")
         for name in ("process_batch_messages", "sink_batch_messages", "batch_max_lines", "dedup_window_days",
                      "rollup_minute_retention_days", "rollup_hour_retention_days", "rollup_day_retention_days"):
             if getattr(self, name) < 1:

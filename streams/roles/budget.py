@@ -11,6 +11,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from streams.budget import evaluate, read_spend
+from streams.metrics import counter, gauge
 from streams.records import encode_record
 from streams.reference_feed import ReferenceFeed
 from streams.roles.context import RoleContext, log, timer_name
@@ -27,6 +28,23 @@ def wire_budget(ctx: RoleContext, sink: SinkWiring) -> dict[str, dict[str, Any]]
     budget_feed = ReferenceFeed(settings.kafka_bootstrap, (topics.budgets,), budget_refs)
     budget_topic = app.topic(topics.budget_state, value_type=bytes)
     budget_states: dict[str, dict[str, Any]] = {}
+
+    def budget_metrics() -> list[Any]:
+        """Each budget's share spent and its advice to gateways, as last published (a ratio: a gauge, not money)."""
+        states = [v for v in list(budget_states.values()) if isinstance(v, dict) and "scope" in v]
+
+        def labels(v: dict[str, Any]) -> dict[str, str]:
+            return {"scope": str(v.get("scope", "")), "id": str(v.get("id", "")), "period": str(v.get("period", ""))}
+        return [
+            gauge("tally_budget_used_ratio", "Spend to date over the budget (1 = spent), as last evaluated",
+                  [(labels(v), float(v.get("used_pct") or 0) / 100) for v in states], ("scope", "id", "period")),
+            gauge("tally_budget_advice", "The budget's advice to gateways: 1 on the current one of allow, degrade, "
+                  "deny", [({**labels(v), "advice": a}, 1.0 if v.get("recommendation") == a else 0.0)
+                           for v in states for a in ("allow", "degrade", "deny")],
+                  ("scope", "id", "period", "advice")),
+            counter("tally_budget_alerts", "Budget alert records published", [({}, float(ctx.stats.budget_alerts))]),
+        ]
+    ctx.metrics.add(budget_metrics)
 
     @app.task
     async def follow_budgets() -> None:

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import faust
 from faust.types import TP
 
+from streams.metrics import Check, Heartbeat, WorkerMetrics
 from streams.positions import PositionGuard, StallWatch, is_meta_key, meta_partition
 from streams.records import Source
 from streams.sink_columns import is_arrow
@@ -167,6 +168,12 @@ class WorkerStats:
     detect_snapshots: int = _process()
     detect_late: int = _process()  # requests older than their feature's current window (counted in ratios, not rates)
     detect_duplicates: int = _process()  # re-emitted requests already counted
+    dead_letters_by_reason: dict[str, int] = field(default_factory=dict)  # what events_rejected holds, by reason
+
+    def dead_lettered(self, reasons: Iterable[str]) -> None:
+        """Count dead letters by reason code (events_rejected counts them all)."""
+        for reason in reasons:
+            self.dead_letters_by_reason[reason] = self.dead_letters_by_reason.get(reason, 0) + 1
 
     def served(self) -> dict[str, Any]:
         """The counters this worker's role moves: a sink does not serve the process role's, which would read 0."""
@@ -232,6 +239,10 @@ class RoleContext:
     guards: dict[tuple[str, str], PositionGuard] = field(default_factory=dict)
     stored: dict[tuple[str, str], StoredPositions] = field(default_factory=dict)
     stalls: StallWatch = field(default_factory=StallWatch)  # partitions fetched but not delivered (unstall)
+    # /metrics, /livez and /readyz (streams.roles.health): the registry, the loop's pulse, the readiness checks.
+    metrics: WorkerMetrics = field(default_factory=lambda: WorkerMetrics("worker"))
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
+    ready: list[Callable[[], Check]] = field(default_factory=list)
 
     def own_positions(self, topic: str, stage: str, stored: StoredPositions) -> None:
         """The stage reads `topic` from the positions `stored` returns, behind a guard that drops replayed input."""

@@ -9,8 +9,10 @@ from typing import Any
 
 import faust
 import orjson
+from prometheus_client.core import Metric
 
 from streams.detect import DETECT_COLUMNS, DetectConfig, Detector
+from streams.metrics import counter, gauge
 from streams.positions import encode_offset, is_meta_key, last_offsets, position_key, positions_in_state, watermarks_key
 from streams.records import encode_record
 from streams.roles.context import (
@@ -45,6 +47,23 @@ def wire_detect(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
     app, settings, stats, topics = ctx.app, ctx.settings, ctx.stats, ctx.settings.topics
     req_partitions = ctx.req_partitions
     detector = Detector(detect_config(settings))
+
+    def detector_metrics() -> list[Metric]:
+        """Features with detectors and open incidents (read while the detectors' thread may add features)."""
+        try:
+            states = list(detector.features.values())
+            firing = sum(b.firing is not None for st in states for one in (st, *list(st.by_model.values()))
+                         for b in list(one.baselines.values()))
+        except RuntimeError:  # a dict grew during the read: the next scrape reads it
+            return []
+        return [gauge("tally_detector_features", "Features with detectors in this worker", [({}, float(len(states)))]),
+                gauge("tally_detector_firing", "Signals firing (open anomaly incidents) in this worker",
+                      [({}, float(firing))]),
+                counter("tally_anomaly_alerts", "Anomaly alert records published (firing, escalation, resolved)",
+                        [({}, float(stats.anomaly_alerts))]),
+                counter("tally_detect_requests", "Logical requests observed by the detectors",
+                        [({}, float(stats.detect_requests))])]
+    ctx.metrics.add(detector_metrics)
     detect_table = KeyedTable(
         app, name="detect-state", beacon=app.tables.beacon, partitions=req_partitions,
         changelog_topic=app.topic(topics.detect_state, partitions=req_partitions, compacting=True, acks=False,

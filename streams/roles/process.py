@@ -12,6 +12,7 @@ import faust
 from faust.types import TP
 
 from streams.fold import FoldConfig, Folder
+from streams.metrics import gauge
 from streams.pipeline import FoldStep, group_requests, process_messages, request_messages
 from streams.positions import audit_line, encode_offset, last_offsets, position_key, positions_in_state
 from streams.reference_feed import ReferenceFeed
@@ -67,6 +68,10 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
                                   key_serializer="raw", value_serializer="raw"))
     app.tables.add(fold_table)
     folder = Folder(fold_config(settings), partitions)
+    batch_seconds = ctx.metrics.batch_seconds.labels(role=ctx.stats.role, stage="process")
+    ctx.metrics.add(lambda: [gauge(
+        "tally_fold_state_entries", "Entries of the fold's state held by this worker: its open logical requests, "
+        "plus one stored position per owned input partition", [({}, float(len(fold_table.data)))])])
     # Event-time progress per input partition, published to every requests partition (streams.watermarks).
     progress = InputProgress(settle_ms=int(settings.fold_settle_s * 1000), idle_s=settings.fold_idle_s)
     fold_lock = asyncio.Lock()
@@ -144,6 +149,7 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
     async def process_run(batch: Batch, step: FoldStep, loop: asyncio.AbstractEventLoop) -> None:
         """One run of messages: processed, its outputs delivered, then its fold state and input positions stored."""
         forget_if_rebalanced()
+        started = time.perf_counter()
         out = await loop.run_in_executor(cpu, process_messages, batch, validator, refs.snapshot(),
                                          partitions, datetime.now(UTC), step, time.time(), arrow_bytes)
         await ctx.fail_at("process.after_decode")
@@ -167,6 +173,8 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
                 "state_writes": len(out.fold_writes)}))
         stats.events_accepted += out.accepted
         stats.events_rejected += out.rejected
+        stats.dead_lettered(out.reasons)
+        batch_seconds.observe(time.perf_counter() - started)
 
     @app.agent(ctx.usage_topic, name=agent_name("process"))
     async def process(stream: faust.StreamT) -> None:

@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import faust
+import orjson
+from prometheus_client.core import Metric
 
+from streams.metrics import counter, gauge
 from streams.positions import audit_line, last_offsets
 from streams.roles.context import (
     EXIT_AGENT_FAILED,
@@ -54,6 +58,15 @@ class SinkWiring:
     executor: ThreadPoolExecutor  # owns the ClickHouse client: inserts (and budget reads) are serialized on it
 
 
+def dead_letter_reason(record: bytes) -> str:
+    """The reason code of an encoded dead letter (they are few: read back for the metrics)."""
+    try:
+        reason = orjson.loads(record).get("reason")
+    except (orjson.JSONDecodeError, AttributeError):
+        return "unknown"
+    return reason if isinstance(reason, str) else "unknown"
+
+
 def wire_sink(ctx: RoleContext) -> SinkWiring:
     """The three sink agents; their input positions live in ClickHouse (sink_offsets)."""
     app, settings, topics = ctx.app, ctx.settings, ctx.settings.topics
@@ -69,6 +82,27 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
     # attempts' (the views they feed), run beside them instead of after them.
     request_store = ctx.store.lane()
     request_writer = RequestWriter(request_store, SinkStats())
+    insert_seconds = ctx.metrics.insert_seconds
+    for stats_ in (writer.stats, request_writer.stats, anomaly_writer.stats):
+        stats_.observe = lambda table, seconds: insert_seconds.labels(table=table).observe(seconds)
+    batch_seconds = ctx.metrics.batch_seconds
+
+    def sink_metrics() -> list[Metric]:
+        tables = (("usage_events", writer.stats), ("logical_requests", request_writer.stats),
+                  ("anomalies", anomaly_writer.stats))
+        return [
+            counter("tally_sink_rows_inserted", "Rows the sink inserted into ClickHouse, by table",
+                    [({"table": t}, float(st.rows_inserted)) for t, st in tables], ("table",)),
+            counter("tally_sink_duplicates_skipped", "Rows not inserted: already saved or repeated in the batch",
+                    [({"table": t}, float(st.already_saved + st.duplicates_in_batch)) for t, st in tables],
+                    ("table",)),
+            counter("tally_sink_retries", "ClickHouse statements retried after a failure",
+                    [({"table": t}, float(st.retries)) for t, st in tables], ("table",)),
+            gauge("tally_sink_last_insert_timestamp_seconds", "When the sink's last insert into the table was "
+                  "acknowledged (Unix time; 0 before the first)",
+                  [({"table": t}, st.last_insert_at) for t, st in tables], ("table",)),
+        ]
+    ctx.metrics.add(sink_metrics)
     request_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse-requests")
     lanes = {topics.requests: (request_store, request_executor)}
 
@@ -105,6 +139,7 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
                        loop: asyncio.AbstractEventLoop) -> None:
         """One run of messages: decoded, written, its refused lines dead-lettered, then its position stored."""
         store, thread = lane_of(topic)
+        started = time.perf_counter()
         # Decoding is CPU work: off the event loop, so heartbeats, commits and the API stay responsive.
         rows, bad_lines = await loop.run_in_executor(thread, decode, batch)
         await ctx.fail_at("sink.after_decode")
@@ -115,9 +150,12 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
             bad_lines.setdefault(partition, []).extend(lines)
         await asyncio.gather(*await ctx.publish(ctx.dlq_topic, bad_lines))  # delivered before the position
         ctx.stats.events_rejected += sum(len(v) for v in bad_lines.values())
+        ctx.stats.dead_lettered(dead_letter_reason(line) for lines in bad_lines.values() for line in lines)
         await run_with_retry(functools.partial(store.record_offsets, sink_consumer, topic,
                                                last_offsets(src for _, src in batch)),
                              thread, settings.sink_retry_s, sink_stats, f"storing the {topic} position")
+        batch_seconds.labels(role=ctx.stats.role, stage=f"sink:{topic.rsplit('.', 2)[-2]}").observe(
+            time.perf_counter() - started)
         if settings.audit_offsets:
             audit.info(audit_line(topic, [src for _, src in batch], {
                 "rows": len(rows), "inserted": written.inserted, "resent": sink_stats.resent - resent_before,
