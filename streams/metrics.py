@@ -62,22 +62,25 @@ class WorkerMetrics:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def counter(name: str, doc: str, samples: Iterable[tuple[dict[str, str], float]],
-            labels: tuple[str, ...] = ()) -> CounterMetricFamily:
+Samples = Iterable[tuple[dict[str, str], float]]
+
+
+def _family(kind: type[CounterMetricFamily] | type[GaugeMetricFamily], name: str, doc: str, samples: Samples,
+            labels: tuple[str, ...]) -> Metric:
+    family = kind(name, doc, labels=list(labels))
+    for values, value in samples:
+        family.add_metric([values[k] for k in labels], value)
+    return family
+
+
+def counter(name: str, doc: str, samples: Samples, labels: tuple[str, ...] = ()) -> Metric:
     """A counter family with one sample per label set (name without _total: the client library adds it)."""
-    family = CounterMetricFamily(name, doc, labels=list(labels))
-    for values, value in samples:
-        family.add_metric([values[k] for k in labels], value)
-    return family
+    return _family(CounterMetricFamily, name, doc, samples, labels)
 
 
-def gauge(name: str, doc: str, samples: Iterable[tuple[dict[str, str], float]],
-          labels: tuple[str, ...] = ()) -> GaugeMetricFamily:
+def gauge(name: str, doc: str, samples: Samples, labels: tuple[str, ...] = ()) -> Metric:
     """A gauge family with one sample per label set."""
-    family = GaugeMetricFamily(name, doc, labels=list(labels))
-    for values, value in samples:
-        family.add_metric([values[k] for k in labels], value)
-    return family
+    return _family(GaugeMetricFamily, name, doc, samples, labels)
 
 
 @dataclass
