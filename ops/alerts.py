@@ -63,6 +63,7 @@ from confluent_kafka import Consumer, KafkaException, Message, TopicPartition
 from tally.config import Settings
 from tally.errors import ConfigError, TallyError
 from tally.failpoints import Failpoints
+from tally.kafka_auth import metadata, watched
 
 log = logging.getLogger("tally.alerts")
 
@@ -874,14 +875,20 @@ def run_alerts(settings: Settings, config: AlertsConfig, stop: threading.Event |
         pager.save()
     if max_messages is not None and max_messages <= 0:
         return stats
-    consumer = Consumer({
-        "bootstrap.servers": settings.kafka_bootstrap,
+    conf, client_errors = watched(settings.kafka, {
         "group.id": group,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": int(settings.session_timeout_s * 1000),
         "logger": logging.getLogger("tally.alerts.rdkafka"),
     })
+    consumer = Consumer(conf)
+    # Reach the brokers first: wrong credentials are a clear error within seconds, not a consumer polling forever.
+    try:
+        metadata(consumer, client_errors, settings.kafka, 30.0, topic)
+    except BaseException:
+        consumer.close()
+        raise
 
     def on_assign(c: Consumer, partitions: list[TopicPartition]) -> None:
         # The stored position wins over Kafka's committed offset (a lag hint only); without one (a new table, or a

@@ -162,9 +162,9 @@ def _status_line(s: Settings, last: tuple[float, int], published: int) -> tuple[
                                                    "FROM tally.usage_events"}, timeout=5)["rows"][0]
         folded = stack.api(s, "/api/query", {"sql": "SELECT sum(sign), toString(sum(sign * cost_wasted_usd)) "
                                                     "FROM tally.logical_requests"}, timeout=5)["rows"][0]
-        ends = end_offsets(s.kafka_bootstrap, s.topics.usage)
+        ends = end_offsets(s.kafka, s.topics.usage)
         behind = lag(ends, process_positions(s))
-        dead = sum(end_offsets(s.kafka_bootstrap, s.topics.dlq).values())
+        dead = sum(end_offsets(s.kafka, s.topics.dlq).values())
     except (OSError, TallyError) as exc:
         return f"[yellow]worker not answering: {exc}[/]", last
     now = time.monotonic()
@@ -192,7 +192,7 @@ def _simulate_until(s: Settings, docs: Sequence[Any], rate: float, seed: int | N
 
     gen = TrafficGenerator(catalog_from_reference(docs), seed=seed if seed is not None else int(time.time()),
                            rate=rate, live=True)
-    with Publisher(s.kafka_bootstrap, s.topics.usage, partitions=s.partitions) as pub:
+    with Publisher(s.kafka, s.topics.usage, partitions=s.partitions) as pub:
         publish_paced(pub.publish_line, gen.lines(10**12), rate, stop.is_set, counter)
 
 
@@ -240,9 +240,9 @@ def status(c: Ctx) -> None:
     try:
         for topic, roles in ((s.topics.usage, ("all", "process")), (s.topics.attempts, ("all", "sink")),
                              (s.topics.requests, ("all", "sink"))):
-            ends = end_offsets(s.kafka_bootstrap, topic)
+            ends = end_offsets(s.kafka, topic)
             for role in roles:
-                committed = committed_offsets(s.kafka_bootstrap, s.group_id(role), topic, list(ends))
+                committed = committed_offsets(s.kafka, s.group_id(role), topic, list(ends))
                 if any(v >= 0 for v in committed.values()):
                     table.add_row(f"lag {role}", f"{topic}: {lag(ends, committed)} messages")
     except TallyError as exc:
@@ -292,7 +292,7 @@ def tail(c: Ctx, topic: str, messages: int, partitions: tuple[int, ...], follow:
         out.flush()
 
     try:
-        run_tail(c.settings.kafka_bootstrap, topic, messages, follow, write, list(partitions) or None)
+        run_tail(c.settings.kafka, topic, messages, follow, write, list(partitions) or None)
     except KeyboardInterrupt:
         pass
 
@@ -327,7 +327,7 @@ def publish(c: Ctx, file: str, topic: str | None) -> None:
     with Progress(TextColumn("publishing"), BarColumn(), TextColumn("{task.completed:,}/{task.total:,} lines"),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task("publish", total=total)
-        with Publisher(s.kafka_bootstrap, topic or s.topics.usage) as pub:
+        with Publisher(s.kafka, topic or s.topics.usage) as pub:
             for line in _lines(file):
                 pub.publish_line(line)
                 count += 1
@@ -396,7 +396,7 @@ def simulate(c: Ctx, rate: float, duration: float | None, count: int | None, see
     sent = [0]
     started = time.monotonic()
     try:
-        with Publisher(s.kafka_bootstrap, s.topics.usage) as pub:
+        with Publisher(s.kafka, s.topics.usage) as pub:
             publish_paced(pub.publish_line, gen.lines(limit), rate, sent=sent)
     except KeyboardInterrupt:
         pass
@@ -431,7 +431,7 @@ def _load_reference(s: Settings, paths: Sequence[Path]) -> list[Any]:
     topic_of = {"price_card": s.topics.price_cards, "model_aliases": s.topics.price_cards, "owners": s.topics.owners,
                 "budgets": s.topics.budgets}
     errors: list[str] = []
-    producer = Producer({"bootstrap.servers": s.kafka_bootstrap, "enable.idempotence": True, "acks": "all",
+    producer = Producer({**s.kafka.rdkafka(), "enable.idempotence": True, "acks": "all",
                          "log_level": 3})  # retries while a fresh broker loads its coordinator are not news
 
     def delivered(err: Any, msg: Any) -> None:
@@ -1054,7 +1054,7 @@ def budgets_cmd(c: Ctx, fmt: str) -> None:
     """Budget state as gateways see it (llm.budget.state.v1): spent, forecast and the allow/degrade/deny advice."""
     from streams.roles.budget import read_compacted
 
-    states = sorted(read_compacted(c.settings.kafka_bootstrap, c.settings.topics.budget_state).values(),
+    states = sorted(read_compacted(c.settings.kafka, c.settings.topics.budget_state).values(),
                     key=lambda st: (str(st.get("scope")), str(st.get("id")), str(st.get("period"))))
     if fmt == "json":
         sys.stdout.write(orjson.dumps(states, option=orjson.OPT_INDENT_2).decode() + "\n")
@@ -1095,7 +1095,7 @@ def dlq_show(c: Ctx, limit: int, reasons: tuple[str, ...], fmt: str) -> None:
     """Counts by reason and the most recent dead letters."""
     from ops.dlq import read_dead_letters, select, summarize
 
-    letters = list(select(read_dead_letters(c.settings.kafka_bootstrap, c.settings.topics.dlq), reasons))
+    letters = list(select(read_dead_letters(c.settings.kafka, c.settings.topics.dlq), reasons))
     # Newest first: rejected_at, then the source position (one batch's letters share a time).
     letters.sort(key=lambda d: (str(d.record.get("rejected_at")), str(d.record.get("source_topic")),
                                 d.record.get("source_partition") or 0, d.record.get("source_offset") or 0,
@@ -1139,7 +1139,7 @@ def dlq_replay(c: Ctx, reasons: tuple[str, ...], event_ids: tuple[str, ...], set
 
     s = c.settings
     edits = [parse_assignment(x) for x in sets]
-    chosen = [d for d in select(read_dead_letters(s.kafka_bootstrap, s.topics.dlq), reasons, event_ids)
+    chosen = [d for d in select(read_dead_letters(s.kafka, s.topics.dlq), reasons, event_ids)
               if d.record.get("source_line") is not None]
     lines = [edit_line(d.original, edits, unsets) for d in chosen]
     if dry_run:
@@ -1151,7 +1151,7 @@ def dlq_replay(c: Ctx, reasons: tuple[str, ...], event_ids: tuple[str, ...], set
         export.write_bytes(b"".join(line + b"\n" for line in lines))
         console.print(f"wrote {len(lines):,} lines to {export}; fix them, then `tally publish {export}`")
         return
-    with Publisher(s.kafka_bootstrap, s.topics.usage) as pub:
+    with Publisher(s.kafka, s.topics.usage) as pub:
         for line in lines:
             pub.publish_line(line)
     console.print(f"replayed {len(lines):,} lines to {s.topics.usage}")

@@ -14,6 +14,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from ops.kafka_admin import end_offsets
 from tally.errors import TallyError
+from tally.kafka_auth import KafkaAuth, rdkafka_conf
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def _identity(rec: dict[str, Any]) -> tuple[Any, ...] | None:
             rec.get("source_offset"), rec.get("source_line"), rec.get("event_id"))
 
 
-def read_dead_letters(bootstrap: str, topic: str, timeout: float = 30.0) -> list[DeadLetter]:
+def read_dead_letters(bootstrap: str | KafkaAuth, topic: str, timeout: float = 30.0) -> list[DeadLetter]:
     """Every rejection on the DLQ topic once, oldest first per partition (records are NDJSON inside messages).
 
     A stage that crashed after publishing its dead letters but before storing its position publishes them again
@@ -48,8 +49,8 @@ def read_dead_letters(bootstrap: str, topic: str, timeout: float = 30.0) -> list
     remaining = {p for p, end in ends.items() if end > 0}
     if not remaining:
         return []
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "tally-dlq-reader", "enable.auto.commit": False,
-                  "auto.offset.reset": "earliest", "fetch.max.bytes": 64 * 1024 * 1024})
+    c = Consumer(rdkafka_conf(bootstrap, {"group.id": "tally-dlq-reader", "enable.auto.commit": False,
+                                          "auto.offset.reset": "earliest", "fetch.max.bytes": 64 * 1024 * 1024}))
     c.assign([TopicPartition(topic, p, 0) for p in remaining])
     out: list[DeadLetter] = []
     seen: set[tuple[Any, ...]] = set()

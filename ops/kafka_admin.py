@@ -8,18 +8,21 @@ from collections.abc import Sequence
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 
 from tally.errors import TallyError
+from tally.kafka_auth import KafkaAuth, metadata, rdkafka_conf, watched
 
 
-def _consumer(bootstrap: str, group: str = "tally-ops-readonly") -> Consumer:
-    return Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False,
-                     "socket.timeout.ms": 10000, "session.timeout.ms": 10000})
+def _consumer(bootstrap: str | KafkaAuth, group: str = "tally-ops-readonly") -> Consumer:
+    return Consumer(rdkafka_conf(bootstrap, {"group.id": group, "enable.auto.commit": False,
+                                             "socket.timeout.ms": 10000, "session.timeout.ms": 10000}))
 
 
-def partitions_of(bootstrap: str, topic: str, timeout: float = 10.0) -> list[int]:
-    """The partition numbers of a topic; TallyError if it does not exist."""
-    c = _consumer(bootstrap)
+def partitions_of(bootstrap: str | KafkaAuth, topic: str, timeout: float = 10.0) -> list[int]:
+    """The partition numbers of a topic; TallyError if it does not exist, KafkaRefused on wrong credentials."""
+    conf, errors = watched(bootstrap, {"group.id": "tally-ops-readonly", "enable.auto.commit": False,
+                                       "socket.timeout.ms": 10000})
+    c = Consumer(conf)
     try:
-        md = c.list_topics(topic, timeout=timeout)
+        md = metadata(c, errors, bootstrap, timeout, topic)
         t = md.topics.get(topic)
         if t is None or t.error is not None or not t.partitions:
             raise TallyError(f"topic {topic} does not exist on {bootstrap}")
@@ -30,7 +33,7 @@ def partitions_of(bootstrap: str, topic: str, timeout: float = 10.0) -> list[int
         c.close()
 
 
-def end_offsets(bootstrap: str, topic: str, timeout: float = 10.0) -> dict[int, int]:
+def end_offsets(bootstrap: str | KafkaAuth, topic: str, timeout: float = 10.0) -> dict[int, int]:
     """High watermark per partition (the offset the next message will get)."""
     c = _consumer(bootstrap)
     try:
@@ -46,7 +49,7 @@ def end_offsets(bootstrap: str, topic: str, timeout: float = 10.0) -> dict[int, 
 class GroupOffsets:
     """Reads one consumer group's committed offsets, over one connection for as long as it is open."""
 
-    def __init__(self, bootstrap: str, group: str) -> None:
+    def __init__(self, bootstrap: str | KafkaAuth, group: str) -> None:
         self._consumer = _consumer(bootstrap, group)
 
     def committed(self, topic: str, partitions: Sequence[int], timeout: float = 10.0) -> dict[int, int]:
@@ -58,7 +61,7 @@ class GroupOffsets:
         self._consumer.close()
 
 
-def committed_offsets(bootstrap: str, group: str, topic: str, partitions: Sequence[int],
+def committed_offsets(bootstrap: str | KafkaAuth, group: str, topic: str, partitions: Sequence[int],
                       timeout: float = 10.0) -> dict[int, int]:
     """A consumer group's committed offset per partition (-1 where it has committed nothing); one-off."""
     reader = GroupOffsets(bootstrap, group)
@@ -78,7 +81,8 @@ def lag(ends: dict[int, int], committed: dict[int, int]) -> int:
     return sum(max(0, end - max(committed.get(p, -1), 0)) for p, end in ends.items())
 
 
-def latest_positions(bootstrap: str, changelog: str, window: int = 2000, timeout: float = 30.0) -> dict[int, int]:
+def latest_positions(bootstrap: str | KafkaAuth, changelog: str, window: int = 2000,
+                     timeout: float = 30.0) -> dict[int, int]:
     """Input partition → last offset, from the newest position entry on each partition of a state changelog.
 
     The process role writes a position entry on the changelog partition of each input partition it covers after

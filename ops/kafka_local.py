@@ -24,6 +24,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 from ops.proc import alive, tail
 from tally.config import REPO_ROOT, Settings
 from tally.errors import KafkaLocalError
+from tally.kafka_auth import KafkaAuth, as_auth, metadata, watched
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +111,26 @@ def _tcp_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def _admin(bootstrap: str) -> AdminClient:
-    conf: dict[str, Any] = {
-        "bootstrap.servers": bootstrap,
+def _admin(bootstrap: str | KafkaAuth) -> AdminClient:
+    return _watched_admin(bootstrap)[0]
+
+
+def _watched_admin(bootstrap: str | KafkaAuth) -> tuple[AdminClient, list[Any]]:
+    """An admin client and the errors its error_cb hears (`tally.kafka_auth.metadata` fails fast on a refusal)."""
+    conf, errors = watched(bootstrap, {
         "socket.connection.setup.timeout.ms": 5000,
         "reconnect.backoff.ms": 100,
         "reconnect.backoff.max.ms": 500,
         "logger": logging.getLogger(f"{__name__}.rdkafka"),
-    }
-    return AdminClient(conf)
+    })
+    return AdminClient(conf), errors
 
 
-def _answers_metadata(bootstrap: str, timeout: float) -> bool:
+def _answers_metadata(bootstrap: str | KafkaAuth, timeout: float) -> bool:
     """One metadata round trip: True when a broker answered with itself in the cluster metadata."""
     # A cheap TCP probe first: the broker opens its listener late in startup, and librdkafka
     # would log every refused connection.
-    entries = [_split_hostport(e) for e in bootstrap.split(",") if e.strip()]
+    entries = [_split_hostport(e) for e in as_auth(bootstrap).bootstrap.split(",") if e.strip()]
     if not any(_tcp_open(host, port, min(timeout, 0.5)) for host, port in entries):
         return False
     try:
@@ -135,7 +140,7 @@ def _answers_metadata(bootstrap: str, timeout: float) -> bool:
     return bool(md.brokers)
 
 
-def _wait(bootstrap: str, timeout: float, alive: Callable[[], bool] | None = None) -> bool:
+def _wait(bootstrap: str | KafkaAuth, timeout: float, alive: Callable[[], bool] | None = None) -> bool:
     """Poll until the broker answers metadata (True), the timeout passes or `alive()` turns False (False)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -149,7 +154,7 @@ def _wait(bootstrap: str, timeout: float, alive: Callable[[], bool] | None = Non
         time.sleep(_POLL_S)
 
 
-def wait_for_broker(bootstrap: str, timeout: float) -> None:
+def wait_for_broker(bootstrap: str | KafkaAuth, timeout: float) -> None:
     """Block until a broker at `bootstrap` answers a metadata request; KafkaLocalError after `timeout` s."""
     if not _wait(bootstrap, timeout):
         raise KafkaLocalError(
@@ -168,10 +173,16 @@ def random_cluster_id() -> str:
 class LocalKafka:
     """One KRaft broker+controller on loopback, its data under `settings.data_dir / "kafka"`."""
 
-    def __init__(self, settings: Settings, extra_properties: Mapping[str, str] | None = None) -> None:
-        """`extra_properties` are added to (or override) the generated server.properties."""
+    def __init__(self, settings: Settings, extra_properties: Mapping[str, str] | None = None,
+                 format_args: Sequence[str] = ()) -> None:
+        """Configure the broker of this data directory (not started yet).
+
+        `extra_properties` are added to (or override) the generated server.properties; `format_args` are passed to
+        the storage format (`--add-scram SCRAM-SHA-512=[name=…,password=…]`: SCRAM users exist from the first start).
+        """
         self.settings = settings
         self.extra_properties = dict(extra_properties or {})
+        self.format_args = tuple(format_args)
         self.bootstrap = settings.kafka_bootstrap.strip()
         self.controller_port = settings.kafka_controller_port
         self.home = (settings.data_dir / "kafka").resolve()
@@ -323,7 +334,7 @@ class LocalKafka:
             return
         cmd = self._java_cmd(
             "kafka.tools.StorageTool", "format", "--standalone", "-t", random_cluster_id(),
-            "-c", str(self.config_file),
+            "-c", str(self.config_file), *self.format_args,
         )
         try:
             proc = subprocess.run(
@@ -447,8 +458,9 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
     return out
 
 
-def _partition_counts(admin: AdminClient, names: Sequence[str], timeout: float) -> dict[str, int]:
-    md = admin.list_topics(timeout=timeout)
+def _partition_counts(admin: AdminClient, names: Sequence[str], timeout: float,
+                      watch: tuple[list[Any], str | KafkaAuth] | None = None) -> dict[str, int]:
+    md = admin.list_topics(timeout=timeout) if watch is None else metadata(admin, watch[0], watch[1], timeout)
     return {n: len(md.topics[n].partitions) for n in names if n in md.topics and md.topics[n].error is None}
 
 
@@ -462,18 +474,18 @@ def _await_topics(admin: AdminClient, names: Sequence[str], timeout: float) -> d
         time.sleep(0.05)
 
 
-def ensure_topics(settings: Settings, bootstrap: str | None = None, timeout: float = 30.0) -> list[str]:
+def ensure_topics(settings: Settings, bootstrap: str | KafkaAuth | None = None, timeout: float = 30.0) -> list[str]:
     """Create every tally topic that does not exist yet (idempotent); return the names it created.
 
     KafkaLocalError if a topic exists with a partition count other than `settings.partitions` (the process
     stage writes each output to the partition number of its input, so usage and attempts must match), or a
     topic that must be compacted is not.
     """
-    bootstrap = bootstrap or settings.kafka_bootstrap
+    bootstrap = bootstrap or settings.kafka
     configs = topic_configs(settings)
-    admin = _admin(bootstrap)
+    admin, errors = _watched_admin(bootstrap)
     try:
-        existing = _partition_counts(admin, list(configs), timeout)
+        existing = _partition_counts(admin, list(configs), timeout, (errors, bootstrap))
     except KafkaException as exc:
         raise KafkaLocalError(f"cannot list topics at {bootstrap}: {exc}") from exc
 
@@ -512,7 +524,7 @@ def ensure_topics(settings: Settings, bootstrap: str | None = None, timeout: flo
     return [n for n in configs if n in created]
 
 
-def _check_compacted(admin: AdminClient, names: Sequence[str], bootstrap: str, timeout: float) -> None:
+def _check_compacted(admin: AdminClient, names: Sequence[str], bootstrap: str | KafkaAuth, timeout: float) -> None:
     resources = [ConfigResource(ConfigResource.Type.TOPIC, n) for n in names]
     not_compacted = []
     try:

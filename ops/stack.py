@@ -175,7 +175,7 @@ def ensure_kafka(settings: Settings) -> bool:
     Returns True when this call started it (a real cluster or an already running broker is left alone).
     """
     try:
-        wait_for_broker(settings.kafka_bootstrap, timeout=2.0)
+        wait_for_broker(settings.kafka, timeout=2.0)
         return False
     except TallyError:
         LocalKafka(settings).start()

@@ -19,6 +19,7 @@ from ops.kafka_admin import partitions_of
 from streams.records import encode_row
 from streams.sink_columns import Refused, decode_attempt_message, is_arrow, table_rows
 from tally.errors import TallyError
+from tally.kafka_auth import KafkaAuth, rdkafka_conf
 
 
 def message_lines(value: bytes | None) -> list[bytes]:
@@ -37,15 +38,15 @@ def unreadable(partition: int, offset: int, value: bytes, why: str) -> bytes:
                          "value_b64": base64.b64encode(value).decode("ascii")})
 
 
-def tail(bootstrap: str, topic: str, messages: int, follow: bool, write: Callable[[bytes], None],
+def tail(bootstrap: str | KafkaAuth, topic: str, messages: int, follow: bool, write: Callable[[bytes], None],
          partitions: list[int] | None = None, idle_s: float = 2.0) -> int:
     """Print the last `messages` messages of each partition (all with messages = 0) as JSON lines; returns lines.
 
     Without `follow` it stops once every partition is read up to the end it had when the command started; with it,
     it goes on printing new messages until interrupted.
     """
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "tally-tail", "enable.auto.commit": False,
-                         "enable.partition.eof": True, "socket.timeout.ms": 10000})
+    consumer = Consumer(rdkafka_conf(bootstrap, {"group.id": "tally-tail", "enable.auto.commit": False,
+                                                 "enable.partition.eof": True, "socket.timeout.ms": 10000}))
     written = 0
     try:
         chosen = partitions if partitions is not None else partitions_of(bootstrap, topic)

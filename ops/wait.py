@@ -27,7 +27,7 @@ class WaitReport:
 
 def process_positions(settings: Settings) -> dict[int, int]:
     """The process role's input position: per llm.usage.v1 partition, the next offset it has not finished."""
-    return {p: o + 1 for p, o in latest_positions(settings.kafka_bootstrap, settings.topics.fold_state).items()}
+    return {p: o + 1 for p, o in latest_positions(settings.kafka, settings.topics.fold_state).items()}
 
 
 def sink_positions(settings: Settings, topic: str) -> dict[int, int]:
@@ -45,7 +45,7 @@ def sink_positions(settings: Settings, topic: str) -> dict[int, int]:
 
 def _wait_topic(settings: Settings, topic: str, positions: Callable[[], dict[int, int]], deadline: float,
                 progress: Callable[[str], None] | None, stage: str) -> int:
-    ends = end_offsets(settings.kafka_bootstrap, topic)
+    ends = end_offsets(settings.kafka, topic)
     while True:
         done = positions()
         if covered(ends, done):

@@ -27,6 +27,7 @@ from streams.roles.web import wire_web
 from tally.config import Settings
 from tally.errors import TallyError
 from tally.failpoints import Failpoints
+from tally.kafka_auth import KafkaAuth, metadata, watched
 from tally.logs import demote_routine_library_logs, dump_worker
 from tally.store import Store
 
@@ -132,6 +133,7 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     app = TallyApp(
         settings.group_id(role),
         broker=f"kafka://{settings.kafka_bootstrap}",
+        broker_credentials=settings.kafka.faust_credentials(),  # TLS and SASL (tally.kafka_auth); None: PLAINTEXT
         value_serializer="raw",
         key_serializer="raw",
         store="memory://",
@@ -208,11 +210,12 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     return app
 
 
-def _partition_count(bootstrap: str, topic: str) -> int:
+def _partition_count(bootstrap: str | KafkaAuth, topic: str) -> int:
     """The topic's partition count from broker metadata: the one the producers hash over, whatever config says."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "tally-metadata"})
+    conf, errors = watched(bootstrap, {"group.id": "tally-metadata"})
+    consumer = Consumer(conf)
     try:
-        meta = consumer.list_topics(topic, timeout=30).topics.get(topic)
+        meta = metadata(consumer, errors, bootstrap, 30.0, topic).topics.get(topic)
     except KafkaException as exc:
         raise TallyError(f"cannot read metadata of {topic} from {bootstrap}: {exc}") from exc
     finally:
@@ -230,8 +233,8 @@ def run_worker(settings: Settings, role: str) -> None:
         applied = store.migrate()
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-    app = create_app(settings, role, store, _partition_count(settings.kafka_bootstrap, settings.topics.usage),
-                     _partition_count(settings.kafka_bootstrap, settings.topics.requests))
+    app = create_app(settings, role, store, _partition_count(settings.kafka, settings.topics.usage),
+                     _partition_count(settings.kafka, settings.topics.requests))
     # A batch holds ~100k short-lived objects that are all alive at once; with the default thresholds the cyclic
     # collector walks them (and every import) many times per batch. Start-up objects are frozen out of it and
     # young-generation collections are rarer. Measured: tests/bench (validate+enrich per event).

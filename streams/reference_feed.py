@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from tally.errors import ReferenceDataError
+from tally.kafka_auth import KafkaAuth, as_auth
 from tally.reference import ReferenceDoc, ReferenceStore
 
 log = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ class ReferenceFeed:
     No consumer group: every worker reads all of it.
     """
 
-    def __init__(self, bootstrap: str, topics: Sequence[str], store: ReferenceStore) -> None:
+    def __init__(self, bootstrap: str | KafkaAuth, topics: Sequence[str], store: ReferenceStore) -> None:
         self.bootstrap = bootstrap
         self.topics = tuple(topics)
         self.store = store
@@ -32,7 +33,7 @@ class ReferenceFeed:
         self.applied = 0
 
     async def run(self) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
+        consumer = AIOKafkaConsumer(**as_auth(self.bootstrap).aiokafka(), group_id=None, enable_auto_commit=False,
                                     auto_offset_reset="earliest")
         await consumer.start()
         try:

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 from tally.errors import ConfigError
+from tally.kafka_auth import KafkaAuth
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCHEMAS_DIR = REPO_ROOT / "schemas"
@@ -94,6 +95,18 @@ class Settings:
 
     data_dir: Path = Path(".tally")
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # How every Kafka client connects (tally.kafka_auth): PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL; SCRAM-SHA-512,
+    # SCRAM-SHA-256 or PLAIN; the CA file that verifies the brokers; an optional client certificate (PEM). The
+    # password comes from TALLY_KAFKA_SASL_PASSWORD or the file TALLY_KAFKA_SASL_PASSWORD_FILE names: a secret,
+    # never logged or passed on.
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = field(default="", repr=False)
+    kafka_sasl_password_file: str = ""
+    kafka_ssl_cafile: str = ""
+    kafka_ssl_certfile: str = ""
+    kafka_ssl_keyfile: str = ""
     kafka_controller_port: int = 9093
     topic_prefix: str = ""
     partitions: int = 4
@@ -212,6 +225,13 @@ class Settings:
         return tuple(f.strip() for f in self.dlq_redact_fields.split(",") if f.strip())
 
     @property
+    def kafka(self) -> KafkaAuth:
+        """The brokers and how to reach them, for every Kafka client tally makes."""
+        return KafkaAuth(self.kafka_bootstrap, self.kafka_security_protocol, self.kafka_sasl_mechanism,
+                         self.kafka_sasl_username, self.kafka_sasl_password, self.kafka_ssl_cafile,
+                         self.kafka_ssl_certfile, self.kafka_ssl_keyfile)
+
+    @property
     def web_url(self) -> str:
         return f"http://{self.web_host}:{self.web_port}"
 
@@ -264,6 +284,7 @@ class Settings:
             port = getattr(self, name)
             if not 1 <= port <= 65535:
                 out.append(f"{name} must be a TCP port, got {port}")
+        out.extend(self.kafka.problems())
         if self.kafka_controller_port == self.web_port:
             out.append("web_port and kafka_controller_port must differ")
         if self.process_web_port and not 1 <= self.process_web_port <= 65535:
@@ -330,7 +351,8 @@ class Settings:
         """These settings as TALLY_* variables, so a child process (a worker started by `tally up`) gets the same."""
         out: dict[str, str] = {}
         for f in dataclasses.fields(self):
-            if f.name in ("secrets", "api_token"):  # a child reads the token where this process did
+            # a child reads the token and the password where this process did (its environment, or the file)
+            if f.name in ("secrets", "api_token", "kafka_sasl_password"):
                 continue
             out[ENV_PREFIX + f.name.upper()] = str(getattr(self, f.name))
         return out
@@ -390,8 +412,15 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
             values["api_token"] = Path(values["api_token_file"]).expanduser().read_text().strip()
         except OSError as exc:
             raise ConfigError([f"cannot read the API token file {values['api_token_file']}: {exc.strerror}"]) from None
+    if values.get("kafka_sasl_password_file") and not values.get("kafka_sasl_password"):
+        try:
+            values["kafka_sasl_password"] = Path(values["kafka_sasl_password_file"]).expanduser().read_text().strip()
+        except OSError as exc:
+            raise ConfigError([f"cannot read the Kafka password file {values['kafka_sasl_password_file']}: "
+                               f"{exc.strerror}"]) from None
     settings = Settings(**values)
-    secrets = tuple(filter(None, (urlparse(settings.ch_url).password, settings.api_token)))
+    secrets = tuple(filter(None, (urlparse(settings.ch_url).password, settings.api_token,
+                                  settings.kafka_sasl_password)))
     if secrets:
         settings = dataclasses.replace(settings, secrets=secrets)
     return settings

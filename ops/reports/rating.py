@@ -85,7 +85,7 @@ def pricing_snapshot(settings: Settings, paths: Sequence[Path]) -> tuple[Referen
     else:
         from streams.app import read_compacted
 
-        values = read_compacted(settings.kafka_bootstrap, settings.topics.price_cards)
+        values = read_compacted(settings.kafka, settings.topics.price_cards)
         problems: list[str] = []
         docs = []
         for key, value in values.items():

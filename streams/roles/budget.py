@@ -17,6 +17,7 @@ from streams.reference_feed import ReferenceFeed
 from streams.roles.context import RoleContext, log, timer_name
 from streams.roles.sink import SinkWiring
 from tally.errors import StoreError, TallyError
+from tally.kafka_auth import KafkaAuth, rdkafka_conf
 from tally.reference import ReferenceStore
 
 
@@ -25,7 +26,7 @@ def wire_budget(ctx: RoleContext, sink: SinkWiring) -> dict[str, dict[str, Any]]
     app, settings, topics = ctx.app, ctx.settings, ctx.settings.topics
     store, executor = sink.store, sink.executor
     budget_refs = ReferenceStore()
-    budget_feed = ReferenceFeed(settings.kafka_bootstrap, (topics.budgets,), budget_refs)
+    budget_feed = ReferenceFeed(settings.kafka, (topics.budgets,), budget_refs)
     budget_topic = app.topic(topics.budget_state, value_type=bytes)
     budget_states: dict[str, dict[str, Any]] = {}
 
@@ -50,7 +51,7 @@ def wire_budget(ctx: RoleContext, sink: SinkWiring) -> dict[str, dict[str, Any]]
     async def follow_budgets() -> None:
         loop = asyncio.get_running_loop()
         # The last published states remember which thresholds already alerted in this period.
-        budget_states.update(await loop.run_in_executor(None, read_compacted, settings.kafka_bootstrap,
+        budget_states.update(await loop.run_in_executor(None, read_compacted, settings.kafka,
                                                         topics.budget_state))
         await budget_feed.run()
 
@@ -82,10 +83,9 @@ def wire_budget(ctx: RoleContext, sink: SinkWiring) -> dict[str, dict[str, Any]]
     return budget_states
 
 
-def read_compacted(bootstrap: str, topic: str, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
+def read_compacted(bootstrap: str | KafkaAuth, topic: str, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
     """The latest JSON value per key of a compacted topic, read from the beginning to the current end."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "tally-compacted-reader",
-                         "enable.auto.commit": False})
+    consumer = Consumer(rdkafka_conf(bootstrap, {"group.id": "tally-compacted-reader", "enable.auto.commit": False}))
     out: dict[str, dict[str, Any]] = {}
     try:
         meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)

@@ -53,7 +53,7 @@ def wire_process(ctx: RoleContext, cpu: ThreadPoolExecutor) -> None:
     app, settings, stats, topics = ctx.app, ctx.settings, ctx.stats, ctx.settings.topics
     partitions, req_partitions = ctx.partitions, ctx.req_partitions
     refs = ReferenceStore()
-    feed = ReferenceFeed(settings.kafka_bootstrap, topics.reference(), refs)
+    feed = ReferenceFeed(settings.kafka, topics.reference(), refs)
     validator = Validator(settings.max_line_bytes, settings.max_message_bytes,
                           max_future_skew=timedelta(seconds=settings.max_future_skew_s),
                           redact=settings.dlq_redact)

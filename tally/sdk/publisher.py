@@ -13,6 +13,7 @@ import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from tally.errors import PublishError
+from tally.kafka_auth import KafkaAuth, KafkaRefused, as_auth, metadata, watched
 from tally.sdk.batching import route_event, route_line, strip_line
 
 
@@ -55,7 +56,7 @@ class Publisher:
 
     def __init__(
         self,
-        bootstrap: str,
+        bootstrap: str | KafkaAuth,
         topic: str,
         *,
         partitions: int | None = None,
@@ -70,8 +71,9 @@ class Publisher:
     ) -> None:
         if max_message_bytes < 1 or max_message_events < 1:
             raise ValueError("max_message_bytes and max_message_events must be at least 1")
-        config: dict[str, Any] = {
-            "bootstrap.servers": bootstrap,
+        self._auth = as_auth(bootstrap)  # a KafkaAuth brings TLS and SASL (tally.kafka_auth)
+        config, self._client_errors = watched(self._auth)
+        config.update({
             "enable.idempotence": True,
             "acks": "all",
             "compression.type": compression,
@@ -84,7 +86,7 @@ class Publisher:
             "partitioner": "murmur2_random",
             # A misspelt topic must fail loudly, not be created with the broker's default partition count.
             "allow.auto.create.topics": False,
-        }
+        })
         config.update(extra_config or {})
         self.topic = topic
         self.max_message_bytes = max_message_bytes
@@ -109,7 +111,9 @@ class Publisher:
 
     def _topic_partitions(self, timeout_s: float) -> int:
         try:
-            md = self._producer.list_topics(self.topic, timeout=timeout_s)
+            md = metadata(self._producer, self._client_errors, self._auth, timeout_s, self.topic)
+        except KafkaRefused as exc:  # wrong credentials or CA: said within seconds, not after the timeout
+            raise PublishError(str(exc)) from exc
         except KafkaException as exc:
             raise PublishError(f"cannot read metadata of topic {self.topic!r}: {exc}") from exc
         meta = md.topics.get(self.topic)
