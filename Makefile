@@ -15,6 +15,8 @@ help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 run: install kafka-jars ## Run the live local stack (Kafka, worker, simulated traffic, status line); Ctrl-C stops
+	@echo 'tally is in .venv/bin. To use it in another shell, from this directory: . .venv/bin/activate'
+	@echo '  (or export PATH="$$PWD/.venv/bin:$$PATH"), then e.g. tally status'
 	$(TALLY) run
 
 test: install kafka-jars lint ## Lint, then the whole suite: unit, integration (real Kafka + chDB), e2e; then test-faketime
