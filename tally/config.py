@@ -112,6 +112,8 @@ class Settings:
     partitions: int = 4
     app_id: str = "tally"
     clickhouse_url: str = ""
+    # https:// servers: the CA (PEM) that signs the server's certificate, when it is not a public one.
+    clickhouse_ca_file: str = ""
     database: str = "tally"
     web_host: str = "127.0.0.1"
     web_port: int = 6066
@@ -276,6 +278,9 @@ class Settings:
             if not host or not port.isdigit():
                 out.append(f"kafka_bootstrap entry {hostport!r} is not host:port")
         scheme = urlparse(self.ch_url).scheme
+        if self.clickhouse_ca_file and (scheme != "https" or not Path(self.clickhouse_ca_file).is_file()):
+            out.append(f"clickhouse_ca_file {self.clickhouse_ca_file} needs an https:// clickhouse_url and a "
+                       "readable file")
         if scheme not in ("chdb", "http", "https"):
             out.append(f"clickhouse_url must start with chdb://, http:// or https://, got scheme {scheme!r}")
         if not self.database.isidentifier():

@@ -154,7 +154,8 @@ class Store:
                 self._unlock()
                 raise StoreError(f"cannot open chDB at {path}: {exc}") from exc
         try:
-            return clickhouse_connect.get_client(dsn=self.url, connect_timeout=10, send_receive_timeout=120)
+            return clickhouse_connect.get_client(dsn=self.url, connect_timeout=10, send_receive_timeout=120,
+                                                 **self.tls())
         except Exception as exc:
             raise StoreError(f"cannot connect to ClickHouse at {self.settings.redacted_ch_url()}: {exc}") from exc
 
@@ -211,11 +212,19 @@ class Store:
             try:
                 timeout = int(self.settings.query_max_execution_s) + 10
                 client = clickhouse_connect.get_client(dsn=self.url, database=self.db, settings=limits,
-                                                       connect_timeout=10, send_receive_timeout=timeout)
+                                                       connect_timeout=10, send_receive_timeout=timeout,
+                                                       **self.tls())
             except Exception as exc:
                 raise StoreError(f"cannot connect to ClickHouse at {self.settings.redacted_ch_url()}: {exc}") from exc
         self._api_opened.append(client)
         return client
+
+    def tls(self) -> dict[str, Any]:
+        """clickhouse-connect's TLS arguments for an https:// server: verify it, against clickhouse_ca_file if set."""
+        if not self.url.startswith("https:"):
+            return {}
+        ca = self.settings.clickhouse_ca_file
+        return {"verify": True, **({"ca_cert": ca} if ca else {})}
 
     def api_query(self, sql: str) -> QueryResult:
         """Run SQL an HTTP client sent: refused (QueryRefused) unless one SELECT over this database's tables.
