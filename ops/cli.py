@@ -429,7 +429,7 @@ def _load_reference(s: Settings, paths: Sequence[Path]) -> list[Any]:
     docs = load_reference_files(list(paths))
     # The alias table decides what a card prices, so it travels on the cards' topic (keys kind:version differ).
     topic_of = {"price_card": s.topics.price_cards, "model_aliases": s.topics.price_cards, "owners": s.topics.owners,
-                "budgets": s.topics.budgets}
+                "budgets": s.topics.budgets, "routing_policy": s.topics.policies}
     errors: list[str] = []
     producer = Producer({**s.kafka.rdkafka(), "enable.idempotence": True, "acks": "all",
                          "log_level": 3})  # retries while a fresh broker loads its coordinator are not news

@@ -53,7 +53,11 @@ def worker_settings(settings: Settings, name: str) -> Settings:
     if role_of(name) != "process" or not settings.process_web_port:
         return settings
     k = int(name.split("-", 1)[1]) if "-" in name else 1
-    return dataclasses.replace(settings, process_web_port=settings.process_web_port + k - 1)
+    port = settings.process_web_port + k - 1
+    if port in (settings.web_port, settings.kafka_controller_port) or port > 65535:
+        raise StackError(f"process worker {k} would serve on port {port}, which web_port, the controller or the "
+                         "port range holds: choose another TALLY_PROCESS_WEB_PORT")
+    return dataclasses.replace(settings, process_web_port=port)
 
 
 def layout(workers: int) -> list[str]:

@@ -248,13 +248,24 @@ def encode_attempt_rows(rows: Sequence[dict[str, Any]], max_bytes: int) -> list[
 
 
 def decode_message(value: bytes, schema: pa.Schema, what: str) -> pa.Table:
-    """An Arrow message as its table of `schema`; Refused if it is not exactly one (nulls only where Nullable)."""
+    """An Arrow message as its table of `schema`; Refused if it is not exactly one (nulls only where Nullable).
+
+    The version rule (docs/handoff.md): a message of `schema` without the columns added since the first release
+    (ATTEMPT_COLUMNS_ADDED: an older process worker's message, or a plan an older sink journaled) is read with
+    them filled in at the value they stand for.
+    """
     try:
         table = ipc.open_stream(pa.py_buffer(value)).read_all()
     except (pa.ArrowInvalid, OSError) as exc:
         raise Refused(f"not an Arrow IPC stream: {exc}") from exc
     if not table.schema.equals(schema):
-        raise Refused(f"an Arrow IPC stream whose schema is not {what}'s")
+        added = [f for f in schema if f.name in ATTEMPT_COLUMNS_ADDED]
+        before = pa.schema([f for f in schema if f.name not in ATTEMPT_COLUMNS_ADDED])
+        if not added or not table.schema.equals(before):
+            raise Refused(f"an Arrow IPC stream whose schema is not {what}'s")
+        for f in added:
+            table = table.add_column(schema.get_field_index(f.name), f,
+                                     pa.array([ATTEMPT_COLUMNS_ADDED[f.name]] * table.num_rows, f.type))
     for f in schema:
         if not f.nullable and table.column(f.name).null_count:
             raise Refused(f"null in column {f.name}, which is not Nullable")
@@ -262,23 +273,8 @@ def decode_message(value: bytes, schema: pa.Schema, what: str) -> pa.Table:
 
 
 def decode_attempt_message(value: bytes) -> pa.Table:
-    """An Arrow attempts message as its ATTEMPT_SCHEMA table; Refused if it is not exactly one.
-
-    A message of the schema before the added columns (ATTEMPT_SCHEMA_BEFORE: an older process worker's) is read
-    with them filled in.
-    """
-    try:
-        return decode_message(value, ATTEMPT_SCHEMA, "llm.cost.attempts.v1")
-    except Refused:
-        try:
-            table = decode_message(value, ATTEMPT_SCHEMA_BEFORE, "llm.cost.attempts.v1")
-        except Refused:
-            raise Refused("an Arrow IPC stream whose schema is not llm.cost.attempts.v1's") from None
-    for name, value_before in ATTEMPT_COLUMNS_ADDED.items():
-        at = ATTEMPT_SCHEMA.get_field_index(name)
-        table = table.add_column(at, ATTEMPT_SCHEMA.field(name), pa.array([value_before] * table.num_rows,
-                                                                            ATTEMPT_SCHEMA.field(name).type))
-    return table
+    """An Arrow attempts message as its ATTEMPT_SCHEMA table (an older worker's too); Refused if it is not one."""
+    return decode_message(value, ATTEMPT_SCHEMA, "llm.cost.attempts.v1")
 
 
 def _message_part(table: pa.Table, source: Source, origin: str) -> ArrowPart:

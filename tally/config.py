@@ -61,6 +61,16 @@ class Topics:
         return f"{self.prefix}llm.reference.budgets"
 
     @property
+    def policies(self) -> str:
+        """Gateways' routing policies (kind: routing_policy), compacted like the other reference data."""
+        return f"{self.prefix}llm.reference.policies"
+
+    @property
+    def budget_decisions(self) -> str:
+        """Admission decisions of the gateways (reserve, deny, settle, …), keyed by budget so each stays ordered."""
+        return f"{self.prefix}llm.budget.decisions.v1"
+
+    @property
     def budget_state(self) -> str:
         return f"{self.prefix}llm.budget.state.v1"
 
@@ -76,13 +86,14 @@ class Topics:
 
     def reference(self) -> tuple[str, ...]:
         """The compacted reference topics, in load order."""
-        return (self.price_cards, self.owners, self.budgets)
+        return (self.price_cards, self.owners, self.budgets, self.policies)
 
     def compacted(self) -> tuple[str, ...]:
         return (*self.reference(), self.budget_state, self.fold_state, self.detect_state)
 
     def all(self) -> tuple[str, ...]:
-        return (self.usage, self.dlq, self.attempts, self.requests, self.alerts, *self.compacted())
+        return (self.usage, self.dlq, self.attempts, self.requests, self.alerts, self.budget_decisions,
+                *self.compacted())
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,11 @@ class KafkaRefused(TallyError):
 def watched(bootstrap: str | KafkaAuth, extra: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], list[Any]]:
     """Return a librdkafka configuration whose error_cb collects errors, and their list (see `metadata`)."""
     errors: list[Any] = []
-    return {**rdkafka_conf(bootstrap, extra), "error_cb": errors.append}, errors
+
+    def heard(error: Any) -> None:  # only refusals, and only the first few: a long-lived client never grows it
+        if error.code() in _REFUSALS and len(errors) < 8:
+            errors.append(error)
+    return {**rdkafka_conf(bootstrap, extra), "error_cb": heard}, errors
 
 
 def metadata(client: Any, errors: list[Any], bootstrap: str | KafkaAuth, timeout: float,

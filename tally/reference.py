@@ -32,7 +32,8 @@ KIND_PRICE_CARD = "price_card"
 KIND_OWNERS = "owners"
 KIND_BUDGETS = "budgets"
 KIND_MODEL_ALIASES = "model_aliases"
-KINDS: tuple[str, ...] = (KIND_PRICE_CARD, KIND_OWNERS, KIND_BUDGETS, KIND_MODEL_ALIASES)
+KIND_ROUTING_POLICY = "routing_policy"
+KINDS: tuple[str, ...] = (KIND_PRICE_CARD, KIND_OWNERS, KIND_BUDGETS, KIND_MODEL_ALIASES, KIND_ROUTING_POLICY)
 BUDGET_SCOPES: tuple[str, ...] = ("feature", "tenant")
 BUDGET_PERIODS: tuple[str, ...] = ("day", "month")
 DEFAULT_THRESHOLDS: tuple[int, ...] = (50, 80, 100)
@@ -233,12 +234,12 @@ class PriceCard:
 
     Model matching (`match`, `find`), first hit wins:
       1. exact (provider, model), or a card alias of an entry;
-      2. the model alias table in effect (`kind: model_aliases`, bound by the ReferenceSnapshot): each rule that
-         matches, in order, renames (provider, model); the first new name found as in 1 or 3 prices the event;
-      3. the name with a trailing date snapshot suffix removed (-YYYY-MM-DD or -YYYYMMDD: gpt-4o-2024-08-06 →
+      2. the name with a trailing date snapshot suffix removed (-YYYY-MM-DD or -YYYYMMDD: gpt-4o-2024-08-06 →
          gpt-4o), only when that entry says `same_price_snapshots: true`; a dated name whose base entry does not
          say so is unpriced, with the reason (a snapshot can cost more than the model's current price:
-         gpt-4o-2024-05-13 lists at twice gpt-4o's), never priced at the base's price.
+         gpt-4o-2024-05-13 lists at twice gpt-4o's), never priced at the base's price;
+      3. the model alias table in effect (`kind: model_aliases`, bound by the ReferenceSnapshot): each rule that
+         matches, in order, renames (provider, model); the first new name found as in 1 or 2 prices the event.
     """
 
     version: str
@@ -297,6 +298,9 @@ class PriceCard:
         if entry is not None:
             how = "exact" if entry.model == model else f"card alias of {entry.priced_as}"
             return Match(entry, how)
+        own = self._dated(provider, model)  # the event's own provider first: a snapshot it prices alike
+        if own.entry is not None:
+            return own
         missed: list[str] = []
         if self.aliases is not None:
             for rule, to_provider, to_model in self.aliases.candidates(provider, model):
@@ -309,10 +313,7 @@ class PriceCard:
                 if found.entry is not None:
                     return Match(found.entry, f"{via}; {found.how}")
                 missed.append(f"{via}, but {found.how}")
-        found = self._dated(provider, model)
-        if found.entry is None and missed:
-            return Match(None, f"{found.how}; " + "; ".join(missed))
-        return found
+        return Match(None, f"{own.how}; " + "; ".join(missed)) if missed else own
 
     def _dated(self, provider: str, model: str) -> Match:
         base = base_model(model)
@@ -485,7 +486,7 @@ class ReferenceDoc:
     version: str
     effective_at: datetime
     body: dict[str, Any]
-    parsed: PriceCard | OwnerRegistry | BudgetSet | ModelAliases = field(compare=False, repr=False)
+    parsed: PriceCard | OwnerRegistry | BudgetSet | ModelAliases | RoutingPolicy = field(compare=False, repr=False)
 
     def key(self) -> bytes:
         """Return the compacted-topic key b"kind:version" (a later record with it replaces this version)."""
@@ -936,6 +937,149 @@ def _thresholds(p: _Problems, path: Path_, value: Any) -> tuple[int, ...]:
     return tuple(sorted(value))
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    """What a routing policy says for one scope (default, a customer tier, a feature); None = not said here.
+
+    reasoning: "allow" or "deny" a reasoning model; max_reasoning_tokens: the reasoning a request may reserve and
+    use; fallback_model: (provider, model) to route to instead of a denied or unaffordable one; on_breach:
+    "fallback" (to fallback_model) or "deny" when the budget cannot hold the request.
+    """
+
+    reasoning: str | None = None
+    max_reasoning_tokens: int | None = None
+    fallback_model: tuple[str, str] | None = None
+    on_breach: str | None = None
+
+    def over(self, base: PolicyRule) -> PolicyRule:
+        """Return this rule with `base` filling what it does not say."""
+        return PolicyRule(
+            self.reasoning if self.reasoning is not None else base.reasoning,
+            self.max_reasoning_tokens if self.max_reasoning_tokens is not None else base.max_reasoning_tokens,
+            self.fallback_model if self.fallback_model is not None else base.fallback_model,
+            self.on_breach if self.on_breach is not None else base.on_breach)
+
+
+@dataclass(frozen=True)
+class RoutingPolicy:
+    """One effective-dated version of the gateways' routing policy (`kind: routing_policy`; docs/admission.md).
+
+    YAML::
+
+        kind: routing_policy
+        version: "2026-12-01"
+        effective_at: "2026-12-01T00:00:00Z"
+        reasoning_models: [openai/o3, openai/o4-mini]   # provider/model names that reason
+        stream_ceiling: "2"          # a stream may run to this multiple of its reservation, then it is cut
+        stale_state_s: 60            # budget state older than this is stale ...
+        on_stale_state: open         # ... and then admits (open, reason stale_state) or denies (closed)
+        on_unpriced: admit           # a model no card prices: admit (reserve 0) or deny
+        default: {reasoning: allow, max_reasoning_tokens: 16000, on_breach: deny}
+        tiers:                       # customer tiers (the request's tier tag)
+          free: {reasoning: deny, fallback_model: openai/gpt-4.1-mini, on_breach: fallback}
+        features:                    # a feature's rule wins over its tier's, which wins over the default
+          summarize_email_v2: {reasoning: deny, fallback_model: openai/gpt-4.1-mini}
+    """
+
+    version: str
+    effective_at: datetime
+    reasoning_models: frozenset[tuple[str, str]]
+    stream_ceiling: Decimal
+    stale_state_s: int
+    on_stale_state: str
+    on_unpriced: str
+    default: PolicyRule
+    tiers: Mapping[str, PolicyRule]
+    features: Mapping[str, PolicyRule]
+
+    def rule(self, feature_id: str, tier: str = "") -> PolicyRule:
+        """The rule for a request: its feature's, over its tier's, over the default."""
+        merged = self.default
+        if tier in self.tiers:
+            merged = self.tiers[tier].over(merged)
+        if feature_id in self.features:
+            merged = self.features[feature_id].over(merged)
+        return merged
+
+
+_POLICY_KEYS = ("reasoning", "max_reasoning_tokens", "fallback_model", "on_breach")
+
+
+def _model_ref(p: _Problems, path: Path_, value: Any) -> tuple[str, str] | None:
+    text = _string(p, path, value)
+    if text is None:
+        return None
+    provider, sep, model = text.partition("/")
+    if not sep or not _PROVIDER_RE.match(provider) or not _NAME_RE.match(model):
+        p.add(path, f"{text!r} is not provider/model (e.g. openai/gpt-4.1-mini)")
+        return None
+    return provider, model
+
+
+def _choice(p: _Problems, path: Path_, value: Any, allowed: tuple[str, ...]) -> str | None:
+    if value not in allowed:
+        p.add(path, f"must be one of {', '.join(allowed)}, got {_describe(value)}")
+        return None
+    return str(value)
+
+
+def _policy_rule(p: _Problems, path: Path_, value: Any) -> PolicyRule:
+    entry = _mapping(p, path, value, ", ".join(_POLICY_KEYS))
+    if entry is None:
+        return PolicyRule()
+    _keys(p, path, entry, (), (*_POLICY_KEYS, "description"))
+    ceiling = entry.get("max_reasoning_tokens")
+    if "max_reasoning_tokens" in entry and (type(ceiling) is not int or not 0 <= ceiling <= 100_000_000):
+        p.add(path + ("max_reasoning_tokens",), f"must be a whole number of tokens, got {_describe(ceiling)}")
+        ceiling = None
+    return PolicyRule(
+        _choice(p, path + ("reasoning",), entry["reasoning"], ("allow", "deny")) if "reasoning" in entry else None,
+        ceiling,
+        _model_ref(p, path + ("fallback_model",), entry["fallback_model"]) if "fallback_model" in entry else None,
+        _choice(p, path + ("on_breach",), entry["on_breach"], ("fallback", "deny")) if "on_breach" in entry else None)
+
+
+def _parse_routing_policy(p: _Problems, body: Mapping[str, Any], version: str,
+                          effective_at: datetime) -> RoutingPolicy:
+    _keys(p, (), body, ("kind", "version", "effective_at", "default"),
+          ("description", "reasoning_models", "stream_ceiling", "stale_state_s", "on_stale_state", "on_unpriced",
+           "tiers", "features"))
+    models: set[tuple[str, str]] = set()
+    raw_models = body.get("reasoning_models", [])
+    if not isinstance(raw_models, list):
+        p.add(("reasoning_models",), f"must be a list of provider/model names, got {_describe(raw_models)}")
+        raw_models = []
+    for i, raw in enumerate(raw_models):
+        ref = _model_ref(p, ("reasoning_models", i), raw)
+        if ref is not None:
+            models.add(ref)
+    ceiling = (_decimal(p, ("stream_ceiling",), body["stream_ceiling"], _MULTIPLIER) if "stream_ceiling" in body
+               else Decimal(2))
+    if ceiling is not None and ceiling < 1:
+        p.add(("stream_ceiling",), "must be at least 1 (a multiple of the reservation)")
+    stale = body.get("stale_state_s", 60)
+    if type(stale) is not int or not 1 <= stale <= 86_400:
+        p.add(("stale_state_s",), f"must be whole seconds between 1 and 86400, got {_describe(stale)}")
+        stale = 60
+    on_stale = _choice(p, ("on_stale_state",), body.get("on_stale_state", "open"), ("open", "closed"))
+    on_unpriced = _choice(p, ("on_unpriced",), body.get("on_unpriced", "admit"), ("admit", "deny"))
+    default = _policy_rule(p, ("default",), body.get("default"))
+    for key in ("reasoning", "on_breach"):
+        if "default" in body and getattr(default, key) is None:
+            p.add(("default",), f"must say {key} (the default applies where nothing else does)")
+    if default.on_breach == "fallback" and default.fallback_model is None:
+        p.add(("default",), "on_breach: fallback needs a fallback_model")
+    scopes: dict[str, dict[str, PolicyRule]] = {"tiers": {}, "features": {}}
+    for scope, rules in scopes.items():
+        raw = body.get(scope, {})
+        section = _mapping(p, (scope,), raw, f"{scope[:-1]} → rule") if scope in body else {}
+        for name, value in (section or {}).items():
+            rules[name] = _policy_rule(p, (scope, name), value)
+    return RoutingPolicy(version, effective_at, frozenset(models), ceiling or Decimal(2), stale,
+                         on_stale or "open", on_unpriced or "admit", default,
+                         MappingProxyType(scopes["tiers"]), MappingProxyType(scopes["features"]))
+
+
 _RULE_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _PATTERN_MAX = 512
 
@@ -1012,11 +1156,12 @@ def _template_fields(p: _Problems, path: Path_, template: str, groups: set[str])
 
 
 _PARSERS: dict[str, Callable[[_Problems, Mapping[str, Any], str, datetime],
-                             PriceCard | OwnerRegistry | BudgetSet | ModelAliases]] = {
+                             PriceCard | OwnerRegistry | BudgetSet | ModelAliases | RoutingPolicy]] = {
     KIND_PRICE_CARD: _parse_price_card,
     KIND_OWNERS: _parse_owners,
     KIND_BUDGETS: _parse_budgets,
     KIND_MODEL_ALIASES: _parse_model_aliases,
+    KIND_ROUTING_POLICY: _parse_routing_policy,
 }
 
 
@@ -1156,6 +1301,11 @@ class ReferenceSnapshot:
     owners: Timeline[OwnerRegistry] = field(default_factory=Timeline)
     budgets: Timeline[BudgetSet] = field(default_factory=Timeline)
     model_aliases: Timeline[ModelAliases] = field(default_factory=Timeline)
+    routing_policies: Timeline[RoutingPolicy] = field(default_factory=Timeline)
+
+    def routing_policy_at(self, ts: datetime) -> RoutingPolicy | None:
+        """Return the routing policy in effect at ts (latest effective_at ≤ ts), or None."""
+        return self.routing_policies.at(ts)
 
     def budgets_at(self, ts: datetime) -> BudgetSet | None:
         """Return the budgets in effect at ts (latest effective_at ≤ ts), or None."""
@@ -1176,6 +1326,7 @@ class ReferenceSnapshot:
         out += [VersionInfo(KIND_OWNERS, o.version, o.effective_at) for o in self.owners.items]
         out += [VersionInfo(KIND_BUDGETS, b.version, b.effective_at) for b in self.budgets.items]
         out += [VersionInfo(KIND_MODEL_ALIASES, a.version, a.effective_at) for a in self.model_aliases.items]
+        out += [VersionInfo(KIND_ROUTING_POLICY, r.version, r.effective_at) for r in self.routing_policies.items]
         return out
 
 
@@ -1265,10 +1416,12 @@ class ReferenceStore:
         owners = [d.parsed for d in self._docs.values() if isinstance(d.parsed, OwnerRegistry)]
         budgets = [d.parsed for d in self._docs.values() if isinstance(d.parsed, BudgetSet)]
         aliases = [d.parsed for d in self._docs.values() if isinstance(d.parsed, ModelAliases)]
+        policies = [d.parsed for d in self._docs.values() if isinstance(d.parsed, RoutingPolicy)]
         alias_timeline = _timeline(aliases, lambda a: a.effective_at, lambda a: a.version)
         self._snapshot = ReferenceSnapshot(
             _bind(_timeline(cards, lambda c: c.effective_at, lambda c: c.version), alias_timeline),
             _timeline(owners, lambda o: o.effective_at, lambda o: o.version),
             _timeline(budgets, lambda b: b.effective_at, lambda b: b.version),
             alias_timeline,
+            _timeline(policies, lambda r: r.effective_at, lambda r: r.version),
         )

@@ -17,7 +17,7 @@ from streams.reference_feed import ReferenceFeed
 from streams.roles.context import RoleContext, log, timer_name
 from streams.roles.sink import SinkWiring
 from tally.errors import StoreError, TallyError
-from tally.kafka_auth import KafkaAuth, rdkafka_conf
+from tally.kafka_auth import KafkaAuth, metadata, watched
 from tally.reference import ReferenceStore
 
 
@@ -85,10 +85,11 @@ def wire_budget(ctx: RoleContext, sink: SinkWiring) -> dict[str, dict[str, Any]]
 
 def read_compacted(bootstrap: str | KafkaAuth, topic: str, timeout_s: float = 30.0) -> dict[str, dict[str, Any]]:
     """The latest JSON value per key of a compacted topic, read from the beginning to the current end."""
-    consumer = Consumer(rdkafka_conf(bootstrap, {"group.id": "tally-compacted-reader", "enable.auto.commit": False}))
+    conf, errors = watched(bootstrap, {"group.id": "tally-compacted-reader", "enable.auto.commit": False})
+    consumer = Consumer(conf)
     out: dict[str, dict[str, Any]] = {}
     try:
-        meta = consumer.list_topics(topic, timeout=timeout_s).topics.get(topic)
+        meta = metadata(consumer, errors, bootstrap, timeout_s, topic).topics.get(topic)
         if meta is None or meta.error is not None:
             return out
         ends = {}

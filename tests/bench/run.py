@@ -30,7 +30,7 @@ import orjson
 from ops.kafka_local import LocalKafka, ensure_topics
 from tally.config import Settings
 from tally.errors import KafkaLocalError
-from tests.bench import baselines, eos, pipeline, profile, stages
+from tests.bench import admission, baselines, eos, pipeline, profile, stages
 from tests.bench.common import EventPool, publish_batches, publish_singles
 from tests.conftest import free_ports
 
@@ -242,6 +242,12 @@ def _table(results: dict[str, Any]) -> str:
                      f"target ≤ {TARGET_STATE_RSS_MIB:,}: {'MET' if peak <= TARGET_STATE_RSS_MIB else 'MISSED'}; "
                      f"imports {_fmt(sm.get('rss_base_mib'))}, + fold state → {_fmt(sm.get('rss_with_fold_mib'))}, "
                      f"+ detectors → {_fmt(sm.get('rss_with_detectors_mib'))} MiB (no Faust)"))
+    ad = results.get("admission") or {}
+    if ad and "error" not in ad:
+        p99 = ad.get("reserve_p99_us") or 0
+        rows.append(("1 gateway admission: reserve() + its worst case, p50 / p99", f"{_fmt(ad.get('reserve_p50_us'))}"
+                     f" / {_fmt(p99)} µs", f"target p99 < {ad.get('target_p99_us')} µs: "
+                     f"{'MET' if p99 < (ad.get('target_p99_us') or 0) else 'MISSED'} ({_fmt(ad.get('calls'))} calls)"))
     sk = results.get("sink_stages") or {}
     if sk and "error" not in sk:
         lookups = sk.get("lookup_s_by_ids") or {}
@@ -359,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             _step(results, "sink_stages", lambda: stages.measure_sink(pool, args.stage_events, args.partitions))
             _step(results, "fold_memory", lambda: stages.measure_fold_memory(pool))
             _step(results, "state_memory", lambda: _state_memory(args.state_open_requests, args.state_features))
+            _step(results, "admission", admission.measure_reserve)
         if only - {"stages"}:
             broker = _start_kafka(root, args.partitions)
             print(f"   Kafka at {broker.bootstrap}", flush=True)

@@ -83,7 +83,7 @@ def test_kafka_security_settings_are_checked_and_the_password_stays_secret(tmp_p
     assert conf["security.protocol"] == "SASL_SSL" and conf["sasl.mechanisms"] == "SCRAM-SHA-512"
     assert "s3cret" not in repr(s) and "s3cret" not in repr(s.kafka) and "s3cret" not in str(s.kafka)
     assert "TALLY_KAFKA_SASL_PASSWORD" not in s.to_env()  # a child reads the file itself
-    assert "s3cret-scram-password" in s.secrets  # redacted from logs
+    assert "s3cret-scram-password" in s.secrets  # what a caller must never show (the URL's password too)
     no_password = load_settings(env={**env, "TALLY_KAFKA_SASL_PASSWORD_FILE": ""})
     assert any("needs kafka_sasl_username and a password" in p for p in no_password.problems())
     half_cert = load_settings(env={**env, "TALLY_KAFKA_SSL_CERTFILE": str(secret)})

@@ -105,6 +105,9 @@ def test_the_compose_file_runs_every_role_with_settings_tally_accepts(tmp_path) 
     assert sink_port == Settings().web_port
     assert tally_services["process"]["environment"]["TALLY_PROCESS_WEB_PORT"] == "6070"
     assert "6080" in tally_services["alerts"]["command"]
+    for name in ("sink", "process", "alerts"):  # topics and schema exist before any worker starts
+        assert tally_services[name]["depends_on"] == {"setup": {"condition": "service_completed_successfully"}}
+    assert "CLICKHOUSE_PASSWORD" in services["clickhouse"]["environment"]  # the image opens no user otherwise
     for name in ("sink", "process"):
         probe = " ".join(tally_services[name]["healthcheck"]["test"])
         assert "/readyz" in probe

@@ -361,3 +361,23 @@ def test_messages_an_older_process_worker_wrote_without_priced_as_are_read_with_
     # a row missing any other column is still not a row
     short = orjson.dumps({k: v for k, v in orjson.loads(encode_row(rows[0])).items() if k != "model_actual"})
     assert decode_rows(short + b"\n", SOURCE)[1][0].reason == "bad_attempt_row"
+
+
+def test_a_plan_an_older_sink_journaled_replays_with_the_added_columns_filled() -> None:
+    # A sink killed mid-batch before an upgrade leaves a journaled plan without priced_as; the upgraded sink must
+    # re-send it as planned (not refuse it and stop for good: its position is never stored otherwise).
+
+    from streams.pieces import Piece, journal_entry, journaled_pieces
+    from streams.records import ATTEMPT_COLUMNS_ADDED
+    from streams.sink_columns import SINK_SCHEMA, rows_table
+
+    rng = random.Random(8)
+    rows = [{**attempt(n, rng), "content_hash": f"h{n}", "origin": origin_of(SOURCE)} for n in range(5)]
+    table = rows_table(rows, SINK_SCHEMA)
+    older = table.drop_columns(list(ATTEMPT_COLUMNS_ADDED))
+    ids = tuple(r["event_id"] for r in rows)
+    entry = journal_entry([Piece("usage_events", (), "tok-1", (clock().date(),), older, ids, ())])
+    (piece,) = journaled_pieces(entry, SINK_SCHEMA, lambda t: t.column("event_id").to_pylist())
+    assert piece.data is not None and piece.data.schema.equals(SINK_SCHEMA)
+    assert piece.data.column("priced_as").to_pylist() == [""] * 5
+    assert piece.keys == ids and piece.token == "tok-1"

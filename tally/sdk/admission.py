@@ -1,0 +1,393 @@
+"""The gateway's half of budgets: decide before a call leaves, reserve once per logical request, settle after.
+
+A gateway embeds an `Admission` and asks it before dispatching a provider call:
+
+    decision = admission.reserve(request_id="req-1", feature_id="search_answer", tenant_id="acme",
+                                 provider="openai", model="o4-mini", input_tokens=1200, max_output_tokens=800)
+    if not decision.admitted:
+        return error_response(decision.payload())          # auditable: who, what, which budget, why
+    provider, model = decision.provider, decision.model    # the policy may route to a fallback model
+    guard = decision.reservation.stream_guard()            # while streaming: stop at the hard ceiling
+    ...                                                    # retries and fallbacks draw from the same reservation
+    decision.reservation.settle(cost_usd)                  # debit the real cost, release the rest
+
+Answers come from memory in microseconds: the budget states (llm.budget.state.v1), the price cards and the
+routing policy in effect are pushed in by `apply_state` / `apply_reference` (a follower thread, or the caller).
+
+How a request is decided (the first that applies):
+1. The routing policy's rule for the request (feature over customer tier over default): a reasoning model where
+   reasoning is denied goes to the rule's fallback model, or is denied (`policy_reasoning_denied`).
+2. The worst case is priced with the card in effect: input tokens known, output bounded by max_output_tokens,
+   reasoning by the rule's max_reasoning_tokens (reasoning models only). A model no card prices is admitted with a
+   zero reservation or denied (`unpriced_model`), as the policy says.
+3. Every budget of the request (its feature's and its tenant's, per day and month) must hold it: remaining =
+   budget − spent (the state) − this gateway's open reservations and the costs it settled since that state was
+   computed. A state older than the policy's stale_state_s admits (`stale_state`, fail open) or denies (fail
+   closed). A spent budget denies (`budget_exhausted`); a reservation larger than what remains falls back (when
+   the rule says on_breach: fallback and the fallback fits) or denies (`reservation_exceeds_remaining`).
+One reservation per logical request: a retry or a model swap of the same logical request draws from it.
+Mid-stream: admit and debit, up to a hard ceiling of policy.stream_ceiling × the reservation (StreamGuard).
+
+Every decision is a record (`Decision.payload`) that a `publish` callback receives, for llm.budget.decisions.v1:
+reserve, deny and settle records keyed by budget, so finance can audit a denial without replaying traces.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, localcontext
+from typing import Any
+
+from tally.reference import (
+    MONEY_CONTEXT,
+    PolicyRule,
+    PriceCard,
+    ReferenceDoc,
+    ReferenceStore,
+    RoutingPolicy,
+)
+
+ZERO = Decimal(0)
+ADMIT, FALLBACK, DENY = "admit", "fallback", "deny"
+# Reason codes: why a request was admitted, routed or denied.
+WITHIN_BUDGET = "within_budget"
+NO_BUDGET = "no_budget"
+STALE_STATE = "stale_state"
+BUDGET_EXHAUSTED = "budget_exhausted"
+EXCEEDS_REMAINING = "reservation_exceeds_remaining"
+REASONING_DENIED = "policy_reasoning_denied"
+UNPRICED_MODEL = "unpriced_model"
+NO_POLICY = "no_policy"
+
+
+@dataclass(frozen=True, slots=True)
+class _State:
+    """A budget state record, parsed once when it arrives (decisions read it thousands of times)."""
+
+    budget_usd: Decimal
+    spent_usd: Decimal
+    computed_at: float
+    computed_text: str
+    period_end: float
+    period_end_text: str
+
+
+@dataclass(frozen=True)
+class Budgeted:
+    """One budget's standing as this gateway sees it: the last state and its own holds since."""
+
+    key: str
+    budget_usd: Decimal
+    spent_usd: Decimal
+    held_usd: Decimal
+    computed_at: float
+    period_end: str
+    computed_text: str = ""
+
+    @property
+    def remaining_usd(self) -> Decimal:
+        return self.budget_usd - self.spent_usd - self.held_usd
+
+
+@dataclass
+class Reservation:
+    """The hold of one logical request on its budgets; retries and fallbacks draw from it, settle releases it."""
+
+    logical_id: str
+    budgets: tuple[str, ...]
+    amount_usd: Decimal
+    ceiling_usd: Decimal
+    output_usd_per_token: Decimal
+    _admission: Admission = field(repr=False)
+    attempts: int = 1
+    used_usd: Decimal = ZERO
+    settled: bool = False
+
+    def attempt(self, provider: str | None = None, model: str | None = None) -> Reservation:
+        """A retry or a fallback of the same logical request: it draws from this reservation, never a new one."""
+        self.attempts += 1
+        self._admission._record("attempt", self, {"provider": provider or "", "model": model or ""})
+        return self
+
+    def stream_guard(self) -> StreamGuard:
+        """Counts a stream's output tokens; `add` says stop once the cost would pass the hard ceiling."""
+        return StreamGuard(self)
+
+    def settle(self, cost_usd: Decimal) -> Decimal:
+        """Debit the request's real cost (all its attempts); the rest of the hold is released. Returns the release.
+
+        Idempotent: a second settle of the same request changes nothing.
+        """
+        return self._admission._settle(self, Decimal(cost_usd))
+
+
+@dataclass
+class StreamGuard:
+    """Admit and debit mid-stream, with a hard ceiling: stop once the output would cost more than it allows."""
+
+    reservation: Reservation
+    tokens: int = 0
+
+    def add(self, output_tokens: int) -> bool:
+        """Count `output_tokens` more; False = stop the stream now (the hard ceiling is reached)."""
+        self.tokens += output_tokens
+        r = self.reservation
+        return r.used_usd + self.tokens * r.output_usd_per_token <= r.ceiling_usd
+
+
+@dataclass(frozen=True)
+class Decision:
+    """admit, fallback (admitted on another model) or deny, with its reason and the auditable record."""
+
+    action: str
+    reason: str
+    provider: str
+    model: str
+    reservation: Reservation | None
+    record: Mapping[str, Any]
+
+    @property
+    def admitted(self) -> bool:
+        return self.action != DENY
+
+    def payload(self) -> dict[str, Any]:
+        """Return the record finance audits.
+
+        Request, feature, tenant, model and tier, budget windows, reserve delta, reason, and the policy, card and
+        state versions it was decided on.
+        """
+        return dict(self.record)
+
+
+def _usd(value: Decimal) -> str:
+    """Exact money as plain text without padding zeros (0.0077, not 0.0077000 or 7.7E-3)."""
+    text = format(value, "f")
+    text = text.rstrip("0").rstrip(".") if "." in text else text
+    return "0" if text in ("", "-0") else text
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _epoch(text: Any) -> float:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
+class Admission:
+    """In-memory admission: reserve() and settle() from the budget states, cards and policy pushed into it.
+
+    Thread-safe (one lock; a decision takes microseconds). `clock` gives "now" (Unix seconds) for staleness and
+    the card and policy in effect; `publish` receives every decision record (e.g. a Publisher to
+    llm.budget.decisions.v1); `gateway_id` names this gateway in them.
+    """
+
+    def __init__(self, gateway_id: str, publish: Callable[[dict[str, Any]], None] | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.gateway_id = gateway_id
+        self._publish = publish
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._refs = ReferenceStore()
+        self._states: dict[str, _State] = {}  # budget key → its last state record, parsed
+        self._open: dict[str, Reservation] = {}  # logical id → open reservation
+        self._held: dict[str, Decimal] = {}  # budget key → open reservations' amounts
+        self._settled: dict[str, list[tuple[float, Decimal]]] = {}  # budget key → (when, cost) settled since
+        self._settled_usd: dict[str, Decimal] = {}  # budget key → their sum (kept, not summed per decision)
+
+    # -- what it knows ---------------------------------------------------------------------------------------
+
+    def apply_state(self, record: Mapping[str, Any]) -> None:
+        """Take a llm.budget.state.v1 record (the latest per budget key wins).
+
+        Settled costs the state has seen are dropped from this gateway's own debits.
+        """
+        key = str(record.get("key", ""))
+        if not key:
+            return
+        seen = _epoch(record.get("computed_at"))
+        parsed = _State(Decimal(str(record.get("budget_usd", 0))), Decimal(str(record.get("spent_usd", 0))), seen,
+                        str(record.get("computed_at", "")), _epoch(record.get("period_end")),
+                        str(record.get("period_end", "")))
+        with self._lock:
+            self._states[key] = parsed
+            left = [(t, c) for t, c in self._settled.get(key, []) if t > seen]
+            self._settled[key] = left
+            self._settled_usd[key] = sum((c for _, c in left), ZERO)
+
+    def apply_reference(self, doc: ReferenceDoc) -> None:
+        """A price card, model alias table or routing policy version (as the reference topics carry them)."""
+        with self._lock:
+            self._refs.apply(doc)
+
+    def apply_references(self, docs: Iterable[ReferenceDoc]) -> None:
+        for doc in docs:
+            self.apply_reference(doc)
+
+    # -- deciding --------------------------------------------------------------------------------------------
+
+    def reserve(self, *, request_id: str, feature_id: str, provider: str, model: str, input_tokens: int,
+                max_output_tokens: int, tenant_id: str = "", tier: str = "", parent_request_id: str = "",
+                reasoning: bool | None = None) -> Decision:
+        """Decide a request before dispatch; reserve its worst case once per logical request.
+
+        `reasoning` overrides whether the call reasons (default: the policy's reasoning_models list says).
+        A second reserve() of a logical request that holds a reservation (a retry or fallback arriving through
+        reserve) draws from it: no second hold.
+        """
+        logical = parent_request_id or request_id
+        now = self._clock()
+        with self._lock:
+            held = self._open.get(logical)
+            if held is not None:
+                held.attempts += 1
+                return self._decision(ADMIT, "same_logical_request", provider, model, held, now, request_id,
+                                      parent_request_id, feature_id, tenant_id, tier, ZERO, (), None, None)
+            snapshot = self._refs.snapshot()
+            at = datetime.fromtimestamp(now, UTC)
+            policy = snapshot.routing_policy_at(at)
+            card = snapshot.price_card_at(at)
+            rule = policy.rule(feature_id, tier) if policy is not None else PolicyRule("allow", 0, None, "deny")
+            reasons: bool = reasoning if reasoning is not None else (
+                policy is not None and (provider, model) in policy.reasoning_models)
+            args = (now, request_id, parent_request_id, feature_id, tenant_id, tier)
+            if reasons and rule.reasoning == "deny":
+                if rule.fallback_model is None:
+                    return self._decision(DENY, REASONING_DENIED, provider, model, None, *args, ZERO, (), policy, card)
+                provider, model = rule.fallback_model
+                reasons = policy is not None and (provider, model) in policy.reasoning_models
+                routed = REASONING_DENIED
+            else:
+                routed = ""
+            worst = self._worst_case(card, provider, model, input_tokens, max_output_tokens,
+                                     (rule.max_reasoning_tokens or 0) if reasons else 0)
+            if worst is None:
+                if policy is not None and policy.on_unpriced == "deny":
+                    return self._decision(DENY, UNPRICED_MODEL, provider, model, None, *args, ZERO, (), policy, card)
+                worst = (ZERO, ZERO)
+            budgets = self._budgets(feature_id, tenant_id, now)
+            stale_s = policy.stale_state_s if policy is not None else 60
+            stale = [b for b in budgets if now - b.computed_at > stale_s]
+            if stale and (policy is None or policy.on_stale_state == "closed"):
+                return self._decision(DENY, STALE_STATE, provider, model, None, *args, worst[0],
+                                      tuple(b.key for b in budgets), policy, card, budgets)
+            live = [b for b in budgets if b not in stale]
+            exhausted = [b for b in live if b.spent_usd >= b.budget_usd]
+            if exhausted:
+                return self._decision(DENY, BUDGET_EXHAUSTED, provider, model, None, *args, worst[0],
+                                      tuple(b.key for b in budgets), policy, card, budgets)
+            short = [b for b in live if worst[0] > b.remaining_usd]
+            if short and rule.on_breach == "fallback" and rule.fallback_model is not None \
+                    and rule.fallback_model != (provider, model):
+                fp, fm = rule.fallback_model
+                cheaper = self._worst_case(card, fp, fm, input_tokens, max_output_tokens, 0)
+                if cheaper is not None and all(cheaper[0] <= b.remaining_usd for b in live):
+                    provider, model, worst, short, routed = fp, fm, cheaper, [], EXCEEDS_REMAINING
+            if short:
+                return self._decision(DENY, EXCEEDS_REMAINING, provider, model, None, *args, worst[0],
+                                      tuple(b.key for b in budgets), policy, card, budgets)
+            ceiling = worst[0] * (policy.stream_ceiling if policy is not None else Decimal(2))
+            reservation = Reservation(logical, tuple(b.key for b in budgets), worst[0], ceiling, worst[1], self)
+            self._open[logical] = reservation
+            for b in budgets:
+                self._held[b.key] = self._held.get(b.key, ZERO) + worst[0]
+            reason = routed or (STALE_STATE if stale else (WITHIN_BUDGET if budgets else NO_BUDGET))
+            return self._decision(FALLBACK if routed else ADMIT, reason, provider, model, reservation, *args,
+                                  worst[0], reservation.budgets, policy, card, budgets)
+
+    def _worst_case(self, card: PriceCard | None, provider: str, model: str, input_tokens: int, output: int,
+                    reasoning: int) -> tuple[Decimal, Decimal] | None:
+        """(worst-case cost, output USD per token) from the card in effect, or None when no card prices the model."""
+        if card is None:
+            return None
+        pricing = card.pricing(provider, model, False, "")
+        if pricing is None:
+            return None
+        rates = pricing.long if (pricing.above_input_tokens is not None and pricing.long is not None
+                                 and input_tokens > pricing.above_input_tokens) else pricing.base
+        p_in, p_out, p_re = rates.filled[0], rates.filled[1], rates.filled[2]
+        with localcontext(MONEY_CONTEXT):
+            return p_in * input_tokens + p_out * output + p_re * reasoning, p_out
+
+    def _budgets(self, feature_id: str, tenant_id: str, now: float) -> list[Budgeted]:
+        out = []
+        for scope, ident in (("feature", feature_id), ("tenant", tenant_id)):
+            if not ident:
+                continue
+            for period in ("day", "month"):
+                key = f"{scope}:{ident}:{period}"
+                state = self._states.get(key)
+                if state is None:
+                    continue
+                # a new period began since this state: nothing spent in it yet
+                spent = ZERO if state.period_end and now >= state.period_end else state.spent_usd
+                out.append(Budgeted(key, state.budget_usd, spent,
+                                    self._held.get(key, ZERO) + self._settled_usd.get(key, ZERO),
+                                    state.computed_at, state.period_end_text, state.computed_text))
+        return out
+
+    def _settle(self, reservation: Reservation, cost: Decimal) -> Decimal:
+        now = self._clock()
+        with self._lock:
+            if reservation.settled:
+                return ZERO
+            reservation.settled = True
+            reservation.used_usd = cost
+            self._open.pop(reservation.logical_id, None)
+            for key in reservation.budgets:
+                self._held[key] = self._held.get(key, ZERO) - reservation.amount_usd
+                # debited here until a state computed after this moment counts it in spent_usd
+                self._settled.setdefault(key, []).append((now, cost))
+                self._settled_usd[key] = self._settled_usd.get(key, ZERO) + cost
+            released = max(reservation.amount_usd - cost, ZERO)
+            self._record("settle", reservation, {"cost_usd": _usd(cost), "released_usd": _usd(released),
+                                                 "over_reservation": cost > reservation.amount_usd})
+            return released
+
+    # -- records ---------------------------------------------------------------------------------------------
+
+    def _decision(self, action: str, reason: str, provider: str, model: str, reservation: Reservation | None,
+                  now: float, request_id: str, parent_request_id: str, feature_id: str, tenant_id: str, tier: str,
+                  reserve: Decimal, budgets: tuple[str, ...], policy: RoutingPolicy | None, card: PriceCard | None,
+                  standing: list[Budgeted] | None = None) -> Decision:
+        windows = {b.key: {"remaining_usd": _usd(b.remaining_usd), "period_end": b.period_end,
+                           "state_computed_at": b.computed_text}
+                   for b in standing or ()}
+        record = {
+            "kind": "admission", "decision_id": str(uuid.uuid4()), "decided_at": _utc(now),
+            "gateway_id": self.gateway_id, "action": action, "reason": reason,
+            "request_id": request_id, "parent_request_id": parent_request_id,
+            "logical_request_id": parent_request_id or request_id,
+            "feature_id": feature_id, "tenant_id": tenant_id, "tier": tier,
+            "provider": provider, "model": model,
+            "budgets": list(budgets), "budget_windows": windows,
+            "reserve_delta_usd": _usd(reserve if action != DENY else ZERO),
+            "requested_usd": _usd(reserve),
+            "policy_version": policy.version if policy is not None else "",
+            "price_card_version": card.version if card is not None else "",
+        }
+        if self._publish is not None:
+            self._publish(record)
+        return Decision(action, reason, provider, model, reservation, record)
+
+    def _record(self, action: str, reservation: Reservation, extra: Mapping[str, Any]) -> None:
+        if self._publish is None:
+            return
+        self._publish({"kind": "admission", "decision_id": str(uuid.uuid4()), "decided_at": _utc(self._clock()),
+                       "gateway_id": self.gateway_id, "action": action,
+                       "logical_request_id": reservation.logical_id, "budgets": list(reservation.budgets),
+                       "reserve_delta_usd": _usd(-reservation.amount_usd if action == "settle" else ZERO),
+                       **extra})
+
+    @property
+    def open_reservations(self) -> int:
+        with self._lock:
+            return len(self._open)

@@ -1,0 +1,191 @@
+"""The gateway's admission client (tally.sdk.admission): decide before dispatch, one reservation per logical request,
+fallbacks, denials with their payload, the stream guard's ceiling, stale state, and the policy's effective dates."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from tally.errors import ReferenceDataError
+from tally.reference import parse_reference_yaml
+from tally.sdk.admission import (
+    ADMIT,
+    BUDGET_EXHAUSTED,
+    DENY,
+    EXCEEDS_REMAINING,
+    FALLBACK,
+    REASONING_DENIED,
+    STALE_STATE,
+    WITHIN_BUDGET,
+    Admission,
+)
+from tests.factories import clock
+
+NOW = clock()
+T = NOW.timestamp()
+
+
+def iso(ts: float) -> str:
+    return (NOW + timedelta(seconds=ts - T)).isoformat().replace("+00:00", "Z")
+
+
+CARD = f"""\
+kind: price_card
+version: "c1"
+effective_at: "{iso(T - 86_400 * 30)}"
+currency: USD
+models:
+  - {{provider: openai, model: o4-mini, input: "1.10", output: "4.40"}}
+  - {{provider: openai, model: gpt-4.1-mini, input: "0.40", output: "1.60"}}
+"""
+
+
+def policy(version: str, at: float, feature_reasoning: str = "allow", on_breach: str = "fallback",
+           on_stale: str = "open") -> str:
+    return f"""\
+kind: routing_policy
+version: "{version}"
+effective_at: "{iso(at)}"
+reasoning_models: [openai/o4-mini]
+stream_ceiling: "2"
+stale_state_s: 60
+on_stale_state: {on_stale}
+default: {{reasoning: allow, max_reasoning_tokens: 1000, on_breach: deny}}
+features:
+  search_answer: {{reasoning: {feature_reasoning}, fallback_model: openai/gpt-4.1-mini, on_breach: {on_breach}}}
+"""
+
+
+def state(spent: str, budget: str = "1.00", computed: float = T, key: str = "feature:search_answer:day") -> dict:
+    return {"key": key, "scope": "feature", "id": "search_answer", "period": "day", "budget_usd": budget,
+            "spent_usd": spent, "computed_at": iso(computed), "period_end": iso(T + 3600),
+            "recommendation": "allow"}
+
+
+def admission(*policies: str, now: list[float] | None = None) -> tuple[Admission, list[dict[str, Any]]]:
+    records: list[dict[str, Any]] = []
+    moment = now if now is not None else [T]
+    a = Admission("gw-1", publish=records.append, clock=lambda: moment[0])
+    for text in (CARD, *(policies or (policy("p1", T - 3600),))):
+        a.apply_references(parse_reference_yaml(text, "test"))
+    return a, records
+
+
+# o4-mini worst case: 1,000 input × 1.10/M + 500 output × 4.40/M + 1,000 reasoning (policy ceiling) × 4.40/M
+WORST = Decimal("0.0011") + Decimal("0.0022") + Decimal("0.0044")
+REQ: dict[str, Any] = {"feature_id": "search_answer", "provider": "openai", "model": "o4-mini",
+                       "input_tokens": 1000, "max_output_tokens": 500}
+
+
+def test_a_request_within_budget_reserves_its_worst_case_once_for_all_its_attempts() -> None:
+    a, records = admission()
+    a.apply_state(state("0.50"))
+    d = a.reserve(request_id="r-1", **REQ)
+    assert (d.action, d.reason, d.model) == (ADMIT, WITHIN_BUDGET, "o4-mini")
+    assert d.reservation is not None and d.reservation.amount_usd == WORST
+    # a retry and a fallback of the same logical request draw from the same hold
+    d.reservation.attempt("openai", "gpt-4.1-mini")
+    again = a.reserve(request_id="r-1b", parent_request_id="r-1", **REQ)
+    assert again.reservation is d.reservation and again.record["reserve_delta_usd"] == "0"
+    assert a._held["feature:search_answer:day"] == WORST and a.open_reservations == 1
+    released = d.reservation.settle(Decimal("0.003"))
+    assert released == WORST - Decimal("0.003") and a.open_reservations == 0
+    assert d.reservation.settle(Decimal("0.003")) == 0  # idempotent
+    assert [r["action"] for r in records] == ["admit", "attempt", "admit", "settle"]
+    # the settled cost stays debited until a state computed after it counts it
+    b = a._budgets("search_answer", "", T)[0]
+    assert b.held_usd == Decimal("0.003")
+    a.apply_state(state("0.503", computed=T + 1))
+    assert a._budgets("search_answer", "", T + 1)[0].held_usd == 0
+
+
+def test_a_request_the_budget_cannot_hold_falls_back_or_is_denied_with_an_auditable_payload() -> None:
+    a, _ = admission()
+    a.apply_state(state("0.995"))  # 0.005 left: o4-mini's 0.0077 does not fit, gpt-4.1-mini's 0.0012 does
+    d = a.reserve(request_id="r-2", tenant_id="acme", **REQ)
+    assert (d.action, d.reason, d.provider, d.model) == (FALLBACK, EXCEEDS_REMAINING, "openai", "gpt-4.1-mini")
+    assert d.reservation is not None and d.reservation.amount_usd == Decimal("0.0004") + Decimal("0.0008")
+    strict, _ = admission(policy("p1", T - 3600, on_breach="deny"))
+    strict.apply_state(state("0.995"))
+    denied = strict.reserve(request_id="r-3", parent_request_id="lr-3", tenant_id="acme", tier="pro", **REQ)
+    assert (denied.action, denied.reason, denied.admitted, denied.reservation) == (
+        DENY, EXCEEDS_REMAINING, False, None)
+    p = denied.payload()
+    assert {k: p[k] for k in ("request_id", "parent_request_id", "feature_id", "tenant_id", "tier", "model",
+                              "reason", "reserve_delta_usd", "requested_usd", "policy_version",
+                              "price_card_version", "budgets")} == {
+        "request_id": "r-3", "parent_request_id": "lr-3", "feature_id": "search_answer", "tenant_id": "acme",
+        "tier": "pro", "model": "o4-mini", "reason": EXCEEDS_REMAINING, "reserve_delta_usd": "0",
+        "requested_usd": str(WORST), "policy_version": "p1", "price_card_version": "c1",
+        "budgets": ["feature:search_answer:day"]}
+    window = p["budget_windows"]["feature:search_answer:day"]
+    assert window["remaining_usd"] == "0.005" and window["period_end"] == iso(T + 3600)
+    spent, _ = admission()
+    spent.apply_state(state("1.00"))
+    assert spent.reserve(request_id="r-4", **REQ).reason == BUDGET_EXHAUSTED
+
+
+def test_stale_state_fails_open_or_closed_as_the_policy_says() -> None:
+    opened, _ = admission()
+    opened.apply_state(state("0.10", computed=T - 120))  # older than stale_state_s (60)
+    d = opened.reserve(request_id="r-5", **REQ)
+    assert (d.action, d.reason) == (ADMIT, STALE_STATE)
+    closed, _ = admission(policy("p1", T - 3600, on_stale="closed"))
+    closed.apply_state(state("0.10", computed=T - 120))
+    assert (closed.reserve(request_id="r-6", **REQ).action, closed.reserve(request_id="r-6", **REQ).reason) == (
+        DENY, STALE_STATE)
+
+
+def test_the_policy_in_effect_at_the_decision_is_the_one_applied() -> None:
+    moment = [T - 10]
+    a, _ = admission(policy("p1", T - 3600), policy("p2", T, feature_reasoning="deny"), now=moment)
+    a.apply_state(state("0.10", computed=T - 10))
+    before = a.reserve(request_id="r-7", **REQ)
+    assert (before.model, before.record["policy_version"]) == ("o4-mini", "p1")
+    moment[0] = T + 1
+    a.apply_state(state("0.10", computed=T))
+    after = a.reserve(request_id="r-8", **REQ)
+    assert (after.action, after.reason, after.model, after.record["policy_version"]) == (
+        FALLBACK, REASONING_DENIED, "gpt-4.1-mini", "p2")
+
+
+def test_the_stream_guard_cuts_at_the_hard_ceiling() -> None:
+    a, _ = admission()
+    a.apply_state(state("0.10"))
+    d = a.reserve(request_id="r-9", **REQ)
+    assert d.reservation is not None
+    guard = d.reservation.stream_guard()
+    ceiling_tokens = int(2 * WORST / Decimal("0.0000044"))  # 2 × the reservation at o4-mini's output price
+    assert guard.add(ceiling_tokens) is True
+    assert guard.add(1) is False
+
+
+def test_concurrent_requests_never_hold_more_than_the_budget() -> None:
+    a, _ = admission(policy("p1", T - 3600, on_breach="deny"))
+    a.apply_state(state("0.90"))  # 0.10 left: room for 12 reservations of 0.0077
+    admitted: list[bool] = []
+
+    def ask(i: int) -> None:
+        admitted.append(a.reserve(request_id=f"c-{i}", **REQ).admitted)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert admitted.count(True) == int(Decimal("0.10") / WORST) == 12
+    assert a._held["feature:search_answer:day"] <= Decimal("0.10")
+
+
+def test_policy_documents_are_validated_with_their_lines() -> None:
+    bad = policy("p9", T).replace("on_stale_state: open", "on_stale_state: maybe").replace(
+        "fallback_model: openai/gpt-4.1-mini", "fallback_model: gpt-4.1-mini")
+    with pytest.raises(ReferenceDataError) as err:
+        parse_reference_yaml(bad, "policy.yaml")
+    assert any(p.startswith("policy.yaml:7: on_stale_state: must be one of open, closed") for p in err.value.problems)
+    assert any("features.search_answer.fallback_model: 'gpt-4.1-mini' is not provider/model" in p
+               for p in err.value.problems)
