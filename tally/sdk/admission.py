@@ -43,6 +43,10 @@ from datetime import UTC, datetime
 from decimal import Decimal, localcontext
 from typing import Any
 
+import orjson
+
+from tally.errors import ReferenceDataError
+from tally.kafka_auth import KafkaAuth, as_auth
 from tally.reference import (
     MONEY_CONTEXT,
     PolicyRule,
@@ -391,3 +395,116 @@ class Admission:
     def open_reservations(self) -> int:
         with self._lock:
             return len(self._open)
+
+
+class KafkaDecisions:
+    """Publishes decision records to llm.budget.decisions.v1 through an idempotent producer.
+
+    Keyed by the request's first budget, so one budget's decisions stay ordered. Pass `publish` as Admission's
+    callback; `flush` before exit.
+    """
+
+    def __init__(self, bootstrap: str | KafkaAuth, topic: str) -> None:
+        from confluent_kafka import Producer
+
+        self.topic = topic
+        self._producer = Producer({**as_auth(bootstrap).rdkafka(), "enable.idempotence": True, "acks": "all",
+                                   "linger.ms": 20, "compression.type": "lz4"})
+        self.errors: list[str] = []
+
+    def publish(self, record: dict[str, Any]) -> None:
+        budgets = record.get("budgets") or [""]
+        key = str(budgets[0] or record.get("logical_request_id", "")).encode()
+        self._producer.produce(self.topic, key=key, value=orjson.dumps(record), on_delivery=self._delivered)
+        self._producer.poll(0)
+
+    def _delivered(self, err: Any, _msg: Any) -> None:
+        if err is not None:
+            self.errors.append(str(err))
+
+    def flush(self, timeout_s: float = 30.0) -> int:
+        """Deliver what is queued; returns the records still undelivered (0 when all are)."""
+        return int(self._producer.flush(timeout_s))
+
+
+class Follower:
+    """Keeps an Admission current from Kafka, on a daemon thread.
+
+    Reads the budget states, price cards (with alias tables) and routing policies from the beginning, then follows
+    them. `ready` is set once each topic was read to its end at start.
+    """
+
+    def __init__(self, admission: Admission, bootstrap: str | KafkaAuth, state_topic: str,
+                 reference_topics: Iterable[str]) -> None:
+        self.admission = admission
+        self.auth = as_auth(bootstrap)
+        self.state_topic = state_topic
+        self.reference_topics = tuple(reference_topics)
+        self.ready = threading.Event()
+        self.failure: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tally-admission-follower", daemon=True)
+
+    def start(self, timeout_s: float = 30.0) -> Follower:
+        """Start following; wait until the topics were read to their ends (TallyError if that takes too long)."""
+        from tally.errors import TallyError
+
+        self._thread.start()
+        if not self.ready.wait(timeout_s):
+            raise TallyError(f"admission: budget state and reference data not read within {timeout_s:.0f} s"
+                             + (f": {self.failure}" if self.failure else ""))
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        from confluent_kafka import Consumer, TopicPartition
+
+        from tally.kafka_auth import metadata, watched
+
+        conf, errors = watched(self.auth, {"group.id": f"tally-admission-{uuid.uuid4().hex[:8]}",
+                                           "enable.auto.commit": False, "enable.partition.eof": True})
+        consumer = Consumer(conf)
+        try:
+            topics = (self.state_topic, *self.reference_topics)
+            assigned = []
+            for topic in topics:
+                meta = metadata(consumer, errors, self.auth, 30.0, topic).topics.get(topic)
+                if meta is not None and meta.error is None:
+                    assigned += [TopicPartition(topic, p, 0) for p in meta.partitions]
+            consumer.assign(assigned)
+            pending = {(tp.topic, tp.partition) for tp in assigned
+                       if consumer.get_watermark_offsets(tp, timeout=30)[1] > 0}
+            if not pending:
+                self.ready.set()
+            while not self._stop.is_set():
+                msg = consumer.poll(0.5)
+                if msg is None:
+                    continue
+                error = msg.error()
+                if error is not None:
+                    if error.code() == -191:  # _PARTITION_EOF: this partition is read to its end
+                        pending.discard((msg.topic(), msg.partition()))
+                        if not pending:
+                            self.ready.set()
+                    continue
+                self._apply(str(msg.topic()), msg.value())
+        except BaseException as exc:  # the gateway's thread must learn why its admissions went stale
+            self.failure = exc
+        finally:
+            consumer.close()
+
+    def _apply(self, topic: str, value: bytes | None) -> None:
+        if value is None:
+            return  # a tombstone: the state or version stays as last known (a budget removed ends with its period)
+        if topic == self.state_topic:
+            record = orjson.loads(value)
+            if isinstance(record, dict):
+                self.admission.apply_state(record)
+            return
+        try:
+            self.admission.apply_reference(ReferenceDoc.from_json(value))
+        except ReferenceDataError:
+            return  # the workers dead-end the same invalid version; a gateway keeps deciding on the valid ones
