@@ -641,16 +641,18 @@ def run_query(s: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
         return r.columns, [list(row) for row in r.rows]
 
 
-def _cell(v: Any, people: bool = False) -> str:
+def _cell(v: Any, people: bool = False, money: bool = False) -> str:
     """A query result cell as text.
 
-    Decimal exact without ClickHouse's trailing zeros (14.1710897225, not 14.171089722500000000), with thousands
-    separators for people (tables); datetimes as ISO 8601.
+    Decimal exact without ClickHouse's trailing zeros (14.1710897225, not 14.171089722500000000); for people
+    (tables) with thousands separators, and money (a `usd` column) to the cent (14.17); datetimes as ISO 8601.
     """
-    from ops.reports.output import decimal_text, display_decimal
+    from ops.reports.output import decimal_text, display_decimal, money_text
 
     if isinstance(v, Decimal):
-        return display_decimal(v) if people else decimal_text(v)
+        if not people:
+            return decimal_text(v)
+        return money_text(v) if money else display_decimal(v)
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, datetime):
@@ -683,10 +685,15 @@ def query(c: Ctx, sql: str, fmt: str) -> None:
         w.writerows([[_cell(v) for v in r] for r in rows])
         sys.stdout.write(buf.getvalue())
     else:
+        from ops.reports.output import ROUNDED_NOTE, hides_digits, is_money
+
+        money = [is_money(c) for c in columns]
         table = Table(*columns)
         for r in rows:
-            table.add_row(*(_cell(v, people=True) for v in r))
+            table.add_row(*(_cell(v, people=True, money=m) for v, m in zip(r, money, strict=True)))
         out.print(table)
+        if any(m and hides_digits(v) for r in rows for v, m in zip(r, money, strict=True)):
+            console.print(ROUNDED_NOTE, style="dim")
 
 
 @cli.command()
@@ -743,7 +750,8 @@ def report(ctx: click.Context, fmt: str, output: Path | None, table_name: str | 
     """Reports from what ClickHouse holds (in embedded mode, through the running worker).
 
     The options here apply to every report and go before its name, e.g.
-    `tally report --format html --output nov.html chargeback --period 2026-11`. Money is exact in every format.
+    `tally report --format html --output nov.html chargeback --period 2026-11`. Money is exact in CSV and JSON;
+    the terminal and HTML tables show it to the cent.
     A long report shows progress on stderr when that is a terminal (never while CSV or JSON go to stdout).
     """
     from ops.reports.output import Destination
@@ -1063,10 +1071,10 @@ def budgets_cmd(c: Ctx, fmt: str) -> None:
         console.print(f"no budget state on {c.settings.topics.budget_state} yet: load budgets with "
                       "`tally reference load` and wait one budget interval")
         return
-    from ops.reports.output import display_decimal
+    from ops.reports.output import money_text
 
     def usd(v: Any) -> str:
-        return display_decimal(Decimal(str(v))) if v not in (None, "") else ""
+        return money_text(Decimal(str(v))) if v not in (None, "") else ""
 
     table = Table("budget", "period", "spent USD", "budget USD", "used %", "forecast USD", "forecast %", "advice",
                   "computed at", title=f"budget state: {len(states)}")
