@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -92,59 +92,95 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
     from tally.dashboard import PAGE_PATH
 
     s = c.settings
-    console.print(f"[bold]tally[/] starting the local stack in {s.data_dir}")
-    info = stack.up(s, role, workers)
-    console.print(f"  kafka      {s.kafka_bootstrap} ({'started' if info['kafka_started'] else 'already running'})")
-    for w in info["workers"]:
-        console.print(f"  worker     {w['name']:<10} pid {w['pid']}, log {w['log']}")
-    console.print(f"  clickhouse {s.redacted_ch_url()}")
-    console.print(f"  dashboard  {s.web_url}{PAGE_PATH}  (live; Grafana dashboards in deploy/grafana/)")
-    docs = _load_reference(s, references or _run_reference_files())
-    console.print(f"  reference  {len(docs)} versions loaded")
-    # The simulated traffic calls the sample card's models (a realistic mix; every one is in the imported card),
-    # not each of the hundreds of models a full card lists.
-    if not references:
-        from tally.reference import load_reference_files
+    with StopOnSignal(console.print) as stopper:
+        console.print(f"[bold]tally[/] starting the local stack in {s.data_dir}")
+        info = stack.up(s, role, workers)
+        stop = threading.Event()
+        sim_thread: threading.Thread | None = None
+        pager: threading.Thread | None = None
+        try:
+            console.print(f"  kafka      {s.kafka_bootstrap} "
+                          f"({'started' if info['kafka_started'] else 'already running'})")
+            for w in info["workers"]:
+                console.print(f"  worker     {w['name']:<10} pid {w['pid']}, log {w['log']}")
+            console.print(f"  clickhouse {s.redacted_ch_url()}")
+            console.print(f"  dashboard  {s.web_url}{PAGE_PATH}  (live; Grafana dashboards in deploy/grafana/)")
+            docs = _load_reference(s, references or _run_reference_files())
+            console.print(f"  reference  {len(docs)} versions loaded")
+            # The simulated traffic calls the sample card's models (a realistic mix; every one is in the imported
+            # card), not each of the hundreds of models a full card lists.
+            if not references:
+                from tally.reference import load_reference_files
 
-        sim_docs = load_reference_files(_example_reference_files())
-    else:
-        sim_docs = docs
-    stop = threading.Event()
-    sim_thread: threading.Thread | None = None
-    sim_counter = [0]
-    if not no_simulate:
-        sim_thread = threading.Thread(target=_simulate_until, name="simulator",
-                                      args=(s, sim_docs, rate, seed, stop, sim_counter), daemon=True)
-        sim_thread.start()
-        console.print(f"  simulator  {rate:g} events/s")
-    pager = threading.Thread(target=_page_to_stdout, name="pager", args=(s, stop), daemon=True)
-    pager.start()
-    console.print("  pager      anomaly and budget alerts print here, one line each (`tally alerts --sink console`)")
-    console.print('\nQuery it from another shell:\n  tally query "SELECT team_id, sum(cost_total_usd) '
-                  'FROM tally.usage_events GROUP BY team_id ORDER BY 2 DESC"\nCtrl-C stops everything.\n')
-    try:
-        last = (time.monotonic(), 0)
-        if console.is_terminal:
-            with Live(console=console, refresh_per_second=2, transient=False) as live:
-                while True:
-                    time.sleep(1.0)
-                    line, last = _status_line(s, last, sim_counter[0])
-                    live.update(line)
-        while True:  # not a terminal (piped to a file): one status line every 5 seconds
-            time.sleep(5.0)
-            line, last = _status_line(s, last, sim_counter[0])
-            console.print(line)
-    except KeyboardInterrupt:
-        console.print("\nstopping…")
-    finally:
-        stop.set()
-        if sim_thread is not None:
-            sim_thread.join(timeout=30)
-        pager.join(timeout=30)
-        stack.stop_workers(s)
-        if info["kafka_started"]:
-            LocalKafka(s).stop()
-        console.print("stopped.")
+                sim_docs = load_reference_files(_example_reference_files())
+            else:
+                sim_docs = docs
+            sim_counter = [0]
+            if not no_simulate:
+                sim_thread = threading.Thread(target=_simulate_until, name="simulator",
+                                              args=(s, sim_docs, rate, seed, stop, sim_counter), daemon=True)
+                sim_thread.start()
+                console.print(f"  simulator  {rate:g} events/s")
+            pager = threading.Thread(target=_page_to_stdout, name="pager", args=(s, stop), daemon=True)
+            pager.start()
+            console.print("  pager      anomaly and budget alerts print here, one line each "
+                          "(`tally alerts --sink console`)")
+            console.print('\nQuery it from another shell:\n  tally query "SELECT team_id, sum(cost_total_usd) '
+                          'FROM tally.usage_events GROUP BY team_id ORDER BY 2 DESC"\nCtrl-C stops everything.\n')
+            _show_status(s, stopper.requested, sim_counter)
+        finally:
+            console.print("stopping…")
+            stop.set()
+            for thread in (sim_thread, pager):
+                if thread is not None:
+                    thread.join(timeout=30)
+            stack.stop_workers(s)
+            if info["kafka_started"]:
+                LocalKafka(s).stop()
+            console.print("stopped.")
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) and SIGTERM ask a foreground command to stop instead of interrupting it wherever it is.
+
+    The first signal sets `requested` (the command winds down at its next check); a later one only says that
+    stopping is under way, so the shutdown itself (threads, workers, Kafka) is never cut short, ends with its
+    "stopped." line and exits 0: `make run` ends cleanly, not with "Error 130". The previous handlers come back
+    on exit.
+    """
+
+    def __init__(self, say: Callable[[str], Any]) -> None:
+        self.requested = threading.Event()
+        self._say = say
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested.is_set():
+            self._say("still stopping: waiting for what runs to shut down")
+        self.requested.set()
+
+
+def _show_status(s: Settings, stop: threading.Event, sim_counter: list[int]) -> None:
+    """`tally run`'s status until `stop` is set: a live line on a terminal, else one line every 5 seconds."""
+    last = (time.monotonic(), 0)
+    if console.is_terminal:
+        with Live(console=console, refresh_per_second=2, transient=False) as live:
+            while not stop.wait(1.0):
+                line, last = _status_line(s, last, sim_counter[0])
+                live.update(line)
+        return
+    while not stop.wait(5.0):  # not a terminal (piped to a file)
+        line, last = _status_line(s, last, sim_counter[0])
+        console.print(line)
 
 
 def _status_line(s: Settings, last: tuple[float, int], published: int) -> tuple[str, tuple[float, int]]:
@@ -595,13 +631,11 @@ def alerts_cmd(c: Ctx, sinks: tuple[str, ...], pagerduty_url: str | None, pagerd
     config = AlertsConfig(sinks=tuple(sinks), pagerduty_url=pagerduty_url or DEFAULT_PAGERDUTY_URL,
                           pagerduty_routing_key=pagerduty_routing_key, slack_webhook_url=slack_webhook_url,
                           webhook_url=webhook_url, renotify_s=renotify_s, http_timeout_s=http_timeout_s).validated()
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     stats = AlertsStats()
     server = serve_metrics(stats, c.settings.web_host, metrics_port) if metrics_port else None
     try:
-        run_alerts(c.settings, config, stop, max_messages, stats=stats)
+        with StopOnSignal(console.print) as stopper:
+            run_alerts(c.settings, config, stopper.requested, max_messages, stats=stats)
     finally:
         if server is not None:
             server.shutdown()

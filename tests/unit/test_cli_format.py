@@ -49,3 +49,20 @@ def test_query_table_shows_money_to_the_cent_and_csv_exactly(monkeypatch) -> Non
     assert "--format csv or json gives the exact amounts" in table.output  # stderr: digits were hidden
     as_csv = runner.invoke(ops.cli.cli, ["query", "--format", "csv", "SELECT …"])
     assert as_csv.output.splitlines()[1] == "search,14.1710897225,2.5"
+
+
+def test_ctrl_c_asks_to_stop_and_a_second_one_never_cuts_the_shutdown_short() -> None:
+    import os
+    import signal
+
+    from ops.cli import StopOnSignal
+
+    said: list[str] = []
+    before = signal.getsignal(signal.SIGINT)
+    with StopOnSignal(said.append) as stopper:
+        os.kill(os.getpid(), signal.SIGINT)  # no KeyboardInterrupt: the command winds down at its next check
+        assert stopper.requested.wait(5)
+        assert said == []
+        os.kill(os.getpid(), signal.SIGTERM)  # during the shutdown: only a word that it is under way
+        assert said == ["still stopping: waiting for what runs to shut down"]
+    assert signal.getsignal(signal.SIGINT) is before  # the previous handler is back
