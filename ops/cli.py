@@ -849,7 +849,7 @@ def report_showback(c: Ctx, period: str | None, start: Any, last: Any, rules: Pa
     _run_chargeback(c, "showback", period, start, last, rules, jump_pp)
 
 
-def _percent(text: str) -> Decimal:
+def _percent(text: str, option: str = "--threshold") -> Decimal:
     from decimal import InvalidOperation
 
     try:
@@ -857,7 +857,7 @@ def _percent(text: str) -> Decimal:
     except InvalidOperation:
         value = Decimal(-1)
     if not value.is_finite() or value < 0:
-        raise click.BadParameter(f"{text!r} is not a percentage ≥ 0", param_hint="--threshold")
+        raise click.BadParameter(f"{text!r} is not a percentage ≥ 0", param_hint=option)
     return value
 
 
@@ -893,6 +893,35 @@ def report_reconcile(c: Ctx, invoice: Path, threshold: str) -> None:
     _wrote(dest)
     if rec.over:
         raise SystemExit(EXIT_OVER_THRESHOLD)
+
+
+@report.command("sample-invoices")
+@click.option("--day", "day_text", default=None,
+              help="The UTC day, YYYY-MM-DD (default: today, by the clock the other reports use).")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="Where to write the files.")
+@click.option("--raise-pct", default="3", show_default=True,
+              help="invoice.csv bills the model with the most spend this many percent more than tally holds.")
+@pass_ctx
+def report_sample_invoices(c: Ctx, day_text: str | None, out_dir: Path, raise_pct: str) -> None:
+    """Write sample provider cost exports for a day from tally's own sums, to try `tally report reconcile` on.
+
+    invoice.csv (canonical shape, per model, the top model raised by --raise-pct: README's example) and one file
+    per accepted shape: invoice_canonical.csv, invoice_openai_costs.csv, invoice_anthropic_cost_report.csv.
+    """
+    from ops.reports.rating import parse_day
+    from ops.reports.reconcile import tally_cells
+    from ops.reports.sample_invoices import FILES, sample_invoices
+
+    s = c.settings
+    day = parse_day(day_text, "--day") if day_text else datetime.now(UTC).date()
+    pct = _percent(raise_pct, "--raise-pct")
+    texts = sample_invoices(tally_cells(lambda sql: run_query(s, sql), day, day, None), day, pct)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (out_dir / name).write_text(text, encoding="utf-8")
+        console.print(f"wrote {out_dir / name}: {text.count(chr(10)) - 1} lines, {FILES[name]}")
+    console.print(f"try: tally report reconcile {out_dir / 'invoice.csv'}")
 
 
 @report.command("focus")
