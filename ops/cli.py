@@ -694,6 +694,19 @@ def _cell(v: Any, people: bool = False, money: bool = False) -> str:
     return "" if v is None else str(v)
 
 
+def _sent_decimal(v: Any) -> Any:
+    """A money cell as the worker's API sends a Decimal (exact text, "14.1710897225") back as a Decimal; else as is."""
+    from decimal import InvalidOperation
+
+    if not isinstance(v, str):
+        return v
+    try:
+        value = Decimal(v)
+    except InvalidOperation:
+        return v
+    return value if value.is_finite() else v
+
+
 def _json_cell(v: Any) -> Any:
     if isinstance(v, Decimal):
         from ops.reports.output import decimal_text
@@ -722,6 +735,7 @@ def query(c: Ctx, sql: str, fmt: str) -> None:
         from ops.reports.output import ROUNDED_NOTE, hides_digits, is_money
 
         money = [is_money(c) for c in columns]
+        rows = [[_sent_decimal(v) if m else v for v, m in zip(r, money, strict=True)] for r in rows]
         table = Table(*columns)
         for r in rows:
             table.add_row(*(_cell(v, people=True, money=m) for v, m in zip(r, money, strict=True)))

@@ -43,10 +43,12 @@ _ROLLUP = """(
     UNION ALL SELECT * FROM ${database}.rollup_hour WHERE grain_min = 60
     UNION ALL SELECT * FROM ${database}.rollup_day WHERE grain_min = 1440
 )"""
-# A time series stops at the last finished bucket: the one the range's end falls in is still filling, and drawn
-# it would dip toward zero as if spend were collapsing.
-_FINISHED = "bucket < toStartOfInterval($__toTime, toIntervalMinute(step_min))"
-_UNFINISHED_NOTE = " The bucket still filling at the end of the range is not drawn."
+# A time series leaves out the minute still filling at the range's end (drawn, it would dip toward zero as if spend
+# were collapsing), and a last bucket of several minutes is a rate over the minutes it has had so far, not its step.
+_FINISHED = "bucket < toStartOfMinute($__toTime)"
+_MINUTES = "least(step_min, greatest(1, dateDiff('minute', time, toStartOfMinute($__toTime))))"
+_UNFINISHED_NOTE = (" The minute still filling is left out; a last bucket not over yet is a rate over its minutes "
+                    "so far.")
 _BUCKET = "toStartOfInterval(bucket, toIntervalMinute(step_min)) AS time"
 _SHARE = "round(100 * toFloat64(sum({part})) / greatest(toFloat64(sum(cost_total_usd)), 1e-12), 2)"
 _FEATURE = "if(feature_id = '', '(no feature)', feature_id)"
@@ -106,7 +108,7 @@ WHERE {_IN_RANGE}"""),
                     + _UNFINISHED_NOTE,
         sql=f"""{_STEP}SELECT {_BUCKET},
        if(team_id = '', '(unattributed)', team_id) AS team,
-       sum(cost_total_usd) / step_min AS usd_per_min
+       sum(cost_total_usd) / {_MINUTES} AS usd_per_min
 FROM {_ROLLUP}
 WHERE {_IN_RANGE} AND {_FINISHED}
 GROUP BY time, team
@@ -117,12 +119,12 @@ ORDER BY time, team"""),
         description="Spend per minute (USD/min) by token class, stacked; reasoning tokens are drawn apart as a "
                     "line of their own (they are billed as output but are not visible output)." + _UNFINISHED_NOTE,
         sql=f"""{_STEP}SELECT {_BUCKET},
-       sum(cost_input_usd) / step_min AS input,
-       sum(cost_output_usd) / step_min AS output,
-       sum(cost_cache_read_usd) / step_min AS cache_read,
-       sum(cost_cache_write_usd) / step_min AS cache_write,
-       sum(cost_tools_usd) / step_min AS tools,
-       sum(cost_reasoning_usd) / step_min AS reasoning
+       sum(cost_input_usd) / {_MINUTES} AS input,
+       sum(cost_output_usd) / {_MINUTES} AS output,
+       sum(cost_cache_read_usd) / {_MINUTES} AS cache_read,
+       sum(cost_cache_write_usd) / {_MINUTES} AS cache_write,
+       sum(cost_tools_usd) / {_MINUTES} AS tools,
+       sum(cost_reasoning_usd) / {_MINUTES} AS reasoning
 FROM {_ROLLUP}
 WHERE {_IN_RANGE} AND {_FINISHED}
 GROUP BY time
@@ -174,7 +176,7 @@ LIMIT 12"""),
                     "that fell back), per minute (USD/min), by the request's start." + _UNFINISHED_NOTE,
         sql=f"""{_STEP}SELECT {_BUCKET},
        if(team_id = '', '(unattributed)', team_id) AS team,
-       sum(cost_wasted_usd) / step_min AS wasted_usd_per_min
+       sum(cost_wasted_usd) / {_MINUTES} AS wasted_usd_per_min
 FROM {_ROLLUP}
 WHERE {_IN_RANGE} AND {_FINISHED}
 GROUP BY time, team
@@ -419,6 +421,8 @@ def shape(panel: Panel, res: QueryResult) -> dict[str, Any]:
     if panel.kind == "stat":
         row = res.rows[0] if res.rows else (0,) * len(cols)
         return {"values": {c: _display(v) for c, v in zip(cols, row, strict=True)}}
+    if not res.rows and panel.kind in ("timeseries", "bar"):  # an empty result may come without its columns
+        return {"x": [], "series": []} if panel.kind == "timeseries" else {"labels": [], "series": [], "extra": []}
     if panel.kind == "timeseries":
         times = sorted({_epoch_ms(r[0]) for r in res.rows})
         at = {t: i for i, t in enumerate(times)}

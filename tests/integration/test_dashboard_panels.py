@@ -157,6 +157,17 @@ def test_a_time_series_stops_at_the_last_finished_bucket(panel_store):
                                                  f"{int((last_full + timedelta(minutes=1)).timestamp())})")
 
 
+def test_a_last_bucket_not_over_is_a_rate_over_its_minutes_so_far(panel_store):
+    end = START + timedelta(minutes=20, seconds=30)  # a day's range: 15-minute buckets, the last one 5 minutes in
+    f = PanelFilters(end - timedelta(hours=23), end, {"team": (), "environment": ()})
+    rows = panel_store.query(render(PANELS_BY_ID["spend_by_team"].sql, f, panel_store.db)).rows
+    last = START + timedelta(minutes=15)
+    assert max(r[0] for r in rows).replace(tzinfo=END.tzinfo) == last
+    five_minutes = usage_total(panel_store, f"ts >= toDateTime({int(last.timestamp())}) "
+                                            f"AND ts < toDateTime({int((last + timedelta(minutes=5)).timestamp())})")
+    assert sum(r[2] for r in rows if r[0].replace(tzinfo=END.tzinfo) == last) == five_minutes / 5 > 0
+
+
 def test_long_ranges_read_the_hour_rollup(panel_store):
     month = PanelFilters(END - timedelta(days=30), END, {"team": (), "environment": ()})
     hour = PanelFilters(START, END, {"team": (), "environment": ()})

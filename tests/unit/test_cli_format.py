@@ -49,6 +49,9 @@ def test_query_table_shows_money_to_the_cent_and_csv_exactly(monkeypatch) -> Non
     assert "--format csv or json gives the exact amounts" in table.output  # stderr: digits were hidden
     as_csv = runner.invoke(ops.cli.cli, ["query", "--format", "csv", "SELECT …"])
     assert as_csv.output.splitlines()[1] == "search,14.1710897225,2.5"
+    rows[:] = [["search", "14.1710897225", "2.5"]]  # through the worker's API: decimals arrive as exact text
+    sent = runner.invoke(ops.cli.cli, ["query", "SELECT …"])
+    assert "14.17 " in sent.output and "14.171" not in sent.output and "2.5 " in sent.output
 
 
 def test_ctrl_c_asks_to_stop_and_a_second_one_never_cuts_the_shutdown_short() -> None:

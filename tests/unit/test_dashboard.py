@@ -240,9 +240,14 @@ def test_the_page_opens_on_a_range_its_data_fills():
     assert default_range(NOW - timedelta(days=3), NOW) == "1h"  # never longer than an hour by default
 
 
-def test_time_series_leave_out_the_unfinished_bucket_and_long_ranges_read_coarser_rollups():
+def test_time_series_leave_out_the_unfinished_minute_and_long_ranges_read_coarser_rollups():
     for p in PANELS:
         if p.kind == "timeseries":
-            assert "bucket < toStartOfInterval(toDateTime(" in render(p.sql, filters(), "tally"), p.id
+            assert "bucket < toStartOfMinute(toDateTime(" in render(p.sql, filters(), "tally"), p.id
     spend = PANELS_BY_ID["totals"].sql
     assert all(f"{{database}}.rollup_{grain} WHERE grain_min" in spend for grain in ("minute", "hour", "day"))
+
+
+def test_an_empty_result_without_columns_is_an_empty_chart():
+    assert shape(PANELS_BY_ID["spend_by_team"], QueryResult([], [])) == {"x": [], "series": []}
+    assert shape(PANELS_BY_ID["top_features"], QueryResult([], [])) == {"labels": [], "series": [], "extra": []}
