@@ -9,7 +9,7 @@ KAFKA_JARS := deploy/kafka/libs/.complete
 
 .DEFAULT_GOAL := help
 .PHONY: help run test install kafka-jars lint typecheck test-unit test-integration test-e2e bench bench-detect bench-detect-stack clean \
-	grafana dashboard-assets test-faketime reference-prices
+	grafana dashboard-assets test-faketime reference-prices sample-invoices
 
 help: ## List the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -86,6 +86,9 @@ bench-detect-stack: install kafka-jars ## Detection through a real stack: offlin
 # offline, and a new genai-prices release is a reviewed diff; tests/unit/test_genai_prices_grid.py checks it is current).
 reference-prices: install ## Regenerate reference/genai_prices.yaml from the installed genai-prices package
 	$(TALLY) reference import genai-prices --out reference/genai_prices.yaml
+
+sample-invoices: install ## Write invoice.csv (README's reconcile example) and one file per shape, from today's sums
+	$(TALLY) report sample-invoices $(if $(DAY),--day $(DAY))
 
 grafana: install ## Regenerate the Grafana dashboard (deploy/grafana/) from tally/dashboard/panels.py
 	$(PY) -m tally.dashboard.grafana

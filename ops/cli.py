@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -92,59 +92,95 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
     from tally.dashboard import PAGE_PATH
 
     s = c.settings
-    console.print(f"[bold]tally[/] starting the local stack in {s.data_dir}")
-    info = stack.up(s, role, workers)
-    console.print(f"  kafka      {s.kafka_bootstrap} ({'started' if info['kafka_started'] else 'already running'})")
-    for w in info["workers"]:
-        console.print(f"  worker     {w['name']:<10} pid {w['pid']}, log {w['log']}")
-    console.print(f"  clickhouse {s.redacted_ch_url()}")
-    console.print(f"  dashboard  {s.web_url}{PAGE_PATH}  (live; Grafana dashboards in deploy/grafana/)")
-    docs = _load_reference(s, references or _run_reference_files())
-    console.print(f"  reference  {len(docs)} versions loaded")
-    # The simulated traffic calls the sample card's models (a realistic mix; every one is in the imported card),
-    # not each of the hundreds of models a full card lists.
-    if not references:
-        from tally.reference import load_reference_files
+    with StopOnSignal(console.print) as stopper:
+        console.print(f"[bold]tally[/] starting the local stack in {s.data_dir}")
+        info = stack.up(s, role, workers)
+        stop = threading.Event()
+        sim_thread: threading.Thread | None = None
+        pager: threading.Thread | None = None
+        try:
+            console.print(f"  kafka      {s.kafka_bootstrap} "
+                          f"({'started' if info['kafka_started'] else 'already running'})")
+            for w in info["workers"]:
+                console.print(f"  worker     {w['name']:<10} pid {w['pid']}, log {w['log']}")
+            console.print(f"  clickhouse {s.redacted_ch_url()}")
+            console.print(f"  dashboard  {s.web_url}{PAGE_PATH}  (live; Grafana dashboards in deploy/grafana/)")
+            docs = _load_reference(s, references or _run_reference_files())
+            console.print(f"  reference  {len(docs)} versions loaded")
+            # The simulated traffic calls the sample card's models (a realistic mix; every one is in the imported
+            # card), not each of the hundreds of models a full card lists.
+            if not references:
+                from tally.reference import load_reference_files
 
-        sim_docs = load_reference_files(_example_reference_files())
-    else:
-        sim_docs = docs
-    stop = threading.Event()
-    sim_thread: threading.Thread | None = None
-    sim_counter = [0]
-    if not no_simulate:
-        sim_thread = threading.Thread(target=_simulate_until, name="simulator",
-                                      args=(s, sim_docs, rate, seed, stop, sim_counter), daemon=True)
-        sim_thread.start()
-        console.print(f"  simulator  {rate:g} events/s")
-    pager = threading.Thread(target=_page_to_stdout, name="pager", args=(s, stop), daemon=True)
-    pager.start()
-    console.print("  pager      anomaly and budget alerts print here, one line each (`tally alerts --sink console`)")
-    console.print('\nQuery it from another shell:\n  tally query "SELECT team_id, sum(cost_total_usd) '
-                  'FROM tally.usage_events GROUP BY team_id ORDER BY 2 DESC"\nCtrl-C stops everything.\n')
-    try:
-        last = (time.monotonic(), 0)
-        if console.is_terminal:
-            with Live(console=console, refresh_per_second=2, transient=False) as live:
-                while True:
-                    time.sleep(1.0)
-                    line, last = _status_line(s, last, sim_counter[0])
-                    live.update(line)
-        while True:  # not a terminal (piped to a file): one status line every 5 seconds
-            time.sleep(5.0)
-            line, last = _status_line(s, last, sim_counter[0])
-            console.print(line)
-    except KeyboardInterrupt:
-        console.print("\nstopping…")
-    finally:
-        stop.set()
-        if sim_thread is not None:
-            sim_thread.join(timeout=30)
-        pager.join(timeout=30)
-        stack.stop_workers(s)
-        if info["kafka_started"]:
-            LocalKafka(s).stop()
-        console.print("stopped.")
+                sim_docs = load_reference_files(_example_reference_files())
+            else:
+                sim_docs = docs
+            sim_counter = [0]
+            if not no_simulate:
+                sim_thread = threading.Thread(target=_simulate_until, name="simulator",
+                                              args=(s, sim_docs, rate, seed, stop, sim_counter), daemon=True)
+                sim_thread.start()
+                console.print(f"  simulator  {rate:g} events/s")
+            pager = threading.Thread(target=_page_to_stdout, name="pager", args=(s, stop), daemon=True)
+            pager.start()
+            console.print("  pager      anomaly and budget alerts print here, one line each "
+                          "(`tally alerts --sink console`)")
+            console.print('\nQuery it from another shell:\n  tally query "SELECT team_id, sum(cost_total_usd) '
+                          'FROM tally.usage_events GROUP BY team_id ORDER BY 2 DESC"\nCtrl-C stops everything.\n')
+            _show_status(s, stopper.requested, sim_counter)
+        finally:
+            console.print("stopping…")
+            stop.set()
+            for thread in (sim_thread, pager):
+                if thread is not None:
+                    thread.join(timeout=30)
+            stack.stop_workers(s)
+            if info["kafka_started"]:
+                LocalKafka(s).stop()
+            console.print("stopped.")
+
+
+class StopOnSignal:
+    """Ctrl-C (SIGINT) and SIGTERM ask a foreground command to stop instead of interrupting it wherever it is.
+
+    The first signal sets `requested` (the command winds down at its next check); a later one only says that
+    stopping is under way, so the shutdown itself (threads, workers, Kafka) is never cut short, ends with its
+    "stopped." line and exits 0: `make run` ends cleanly, not with "Error 130". The previous handlers come back
+    on exit.
+    """
+
+    def __init__(self, say: Callable[[str], Any]) -> None:
+        self.requested = threading.Event()
+        self._say = say
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopOnSignal:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested.is_set():
+            self._say("still stopping: waiting for what runs to shut down")
+        self.requested.set()
+
+
+def _show_status(s: Settings, stop: threading.Event, sim_counter: list[int]) -> None:
+    """`tally run`'s status until `stop` is set: a live line on a terminal, else one line every 5 seconds."""
+    last = (time.monotonic(), 0)
+    if console.is_terminal:
+        with Live(console=console, refresh_per_second=2, transient=False) as live:
+            while not stop.wait(1.0):
+                line, last = _status_line(s, last, sim_counter[0])
+                live.update(line)
+        return
+    while not stop.wait(5.0):  # not a terminal (piped to a file)
+        line, last = _status_line(s, last, sim_counter[0])
+        console.print(line)
 
 
 def _status_line(s: Settings, last: tuple[float, int], published: int) -> tuple[str, tuple[float, int]]:
@@ -595,13 +631,11 @@ def alerts_cmd(c: Ctx, sinks: tuple[str, ...], pagerduty_url: str | None, pagerd
     config = AlertsConfig(sinks=tuple(sinks), pagerduty_url=pagerduty_url or DEFAULT_PAGERDUTY_URL,
                           pagerduty_routing_key=pagerduty_routing_key, slack_webhook_url=slack_webhook_url,
                           webhook_url=webhook_url, renotify_s=renotify_s, http_timeout_s=http_timeout_s).validated()
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
     stats = AlertsStats()
     server = serve_metrics(stats, c.settings.web_host, metrics_port) if metrics_port else None
     try:
-        run_alerts(c.settings, config, stop, max_messages, stats=stats)
+        with StopOnSignal(console.print) as stopper:
+            run_alerts(c.settings, config, stopper.requested, max_messages, stats=stats)
     finally:
         if server is not None:
             server.shutdown()
@@ -641,21 +675,36 @@ def run_query(s: Settings, sql: str) -> tuple[list[str], list[list[Any]]]:
         return r.columns, [list(row) for row in r.rows]
 
 
-def _cell(v: Any, people: bool = False) -> str:
+def _cell(v: Any, people: bool = False, money: bool = False) -> str:
     """A query result cell as text.
 
-    Decimal exact without ClickHouse's trailing zeros (14.1710897225, not 14.171089722500000000), with thousands
-    separators for people (tables); datetimes as ISO 8601.
+    Decimal exact without ClickHouse's trailing zeros (14.1710897225, not 14.171089722500000000); for people
+    (tables) with thousands separators, and money (a `usd` column) to the cent (14.17); datetimes as ISO 8601.
     """
-    from ops.reports.output import decimal_text, display_decimal
+    from ops.reports.output import decimal_text, display_decimal, money_text
 
     if isinstance(v, Decimal):
-        return display_decimal(v) if people else decimal_text(v)
+        if not people:
+            return decimal_text(v)
+        return money_text(v) if money else display_decimal(v)
     if isinstance(v, float):
         return f"{v:.6g}"
     if isinstance(v, datetime):
         return v.isoformat()
     return "" if v is None else str(v)
+
+
+def _sent_decimal(v: Any) -> Any:
+    """A money cell as the worker's API sends a Decimal (exact text, "14.1710897225") back as a Decimal; else as is."""
+    from decimal import InvalidOperation
+
+    if not isinstance(v, str):
+        return v
+    try:
+        value = Decimal(v)
+    except InvalidOperation:
+        return v
+    return value if value.is_finite() else v
 
 
 def _json_cell(v: Any) -> Any:
@@ -683,10 +732,16 @@ def query(c: Ctx, sql: str, fmt: str) -> None:
         w.writerows([[_cell(v) for v in r] for r in rows])
         sys.stdout.write(buf.getvalue())
     else:
+        from ops.reports.output import ROUNDED_NOTE, hides_digits, is_money
+
+        money = [is_money(c) for c in columns]
+        rows = [[_sent_decimal(v) if m else v for v, m in zip(r, money, strict=True)] for r in rows]
         table = Table(*columns)
         for r in rows:
-            table.add_row(*(_cell(v, people=True) for v in r))
+            table.add_row(*(_cell(v, people=True, money=m) for v, m in zip(r, money, strict=True)))
         out.print(table)
+        if any(m and hides_digits(v) for r in rows for v, m in zip(r, money, strict=True)):
+            console.print(ROUNDED_NOTE, style="dim")
 
 
 @cli.command()
@@ -743,7 +798,8 @@ def report(ctx: click.Context, fmt: str, output: Path | None, table_name: str | 
     """Reports from what ClickHouse holds (in embedded mode, through the running worker).
 
     The options here apply to every report and go before its name, e.g.
-    `tally report --format html --output nov.html chargeback --period 2026-11`. Money is exact in every format.
+    `tally report --format html --output nov.html chargeback --period 2026-11`. Money is exact in CSV and JSON;
+    the terminal and HTML tables show it to the cent.
     A long report shows progress on stderr when that is a terminal (never while CSV or JSON go to stdout).
     """
     from ops.reports.output import Destination
@@ -807,7 +863,7 @@ def report_showback(c: Ctx, period: str | None, start: Any, last: Any, rules: Pa
     _run_chargeback(c, "showback", period, start, last, rules, jump_pp)
 
 
-def _percent(text: str) -> Decimal:
+def _percent(text: str, option: str = "--threshold") -> Decimal:
     from decimal import InvalidOperation
 
     try:
@@ -815,7 +871,7 @@ def _percent(text: str) -> Decimal:
     except InvalidOperation:
         value = Decimal(-1)
     if not value.is_finite() or value < 0:
-        raise click.BadParameter(f"{text!r} is not a percentage ≥ 0", param_hint="--threshold")
+        raise click.BadParameter(f"{text!r} is not a percentage ≥ 0", param_hint=option)
     return value
 
 
@@ -851,6 +907,35 @@ def report_reconcile(c: Ctx, invoice: Path, threshold: str) -> None:
     _wrote(dest)
     if rec.over:
         raise SystemExit(EXIT_OVER_THRESHOLD)
+
+
+@report.command("sample-invoices")
+@click.option("--day", "day_text", default=None,
+              help="The UTC day, YYYY-MM-DD (default: today, by the clock the other reports use).")
+@click.option("--out-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."), show_default=True,
+              help="Where to write the files.")
+@click.option("--raise-pct", default="3", show_default=True,
+              help="invoice.csv bills the model with the most spend this many percent more than tally holds.")
+@pass_ctx
+def report_sample_invoices(c: Ctx, day_text: str | None, out_dir: Path, raise_pct: str) -> None:
+    """Write sample provider cost exports for a day from tally's own sums, to try `tally report reconcile` on.
+
+    invoice.csv (canonical shape, per model, the top model raised by --raise-pct: README's example) and one file
+    per accepted shape: invoice_canonical.csv, invoice_openai_costs.csv, invoice_anthropic_cost_report.csv.
+    """
+    from ops.reports.rating import parse_day
+    from ops.reports.reconcile import tally_cells
+    from ops.reports.sample_invoices import FILES, sample_invoices
+
+    s = c.settings
+    day = parse_day(day_text, "--day") if day_text else datetime.now(UTC).date()
+    pct = _percent(raise_pct, "--raise-pct")
+    texts = sample_invoices(tally_cells(lambda sql: run_query(s, sql), day, day, None), day, pct)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        (out_dir / name).write_text(text, encoding="utf-8")
+        console.print(f"wrote {out_dir / name}: {text.count(chr(10)) - 1} lines, {FILES[name]}")
+    console.print(f"try: tally report reconcile {out_dir / 'invoice.csv'}")
 
 
 @report.command("focus")
@@ -1063,10 +1148,10 @@ def budgets_cmd(c: Ctx, fmt: str) -> None:
         console.print(f"no budget state on {c.settings.topics.budget_state} yet: load budgets with "
                       "`tally reference load` and wait one budget interval")
         return
-    from ops.reports.output import display_decimal
+    from ops.reports.output import money_text
 
     def usd(v: Any) -> str:
-        return display_decimal(Decimal(str(v))) if v not in (None, "") else ""
+        return money_text(Decimal(str(v))) if v not in (None, "") else ""
 
     table = Table("budget", "period", "spent USD", "budget USD", "used %", "forecast USD", "forecast %", "advice",
                   "computed at", title=f"budget state: {len(states)}")

@@ -18,11 +18,12 @@ import tally.dashboard
 from streams.auth import UNAUTHORIZED, authorized
 from tally.config import Settings
 from tally.dashboard.panels import (
-    DEFAULT_RANGE,
     PANELS_BY_ID,
     RANGES,
     FilterError,
+    default_range,
     filter_values,
+    first_data,
     panel_meta,
     parse_filters,
     run_panel,
@@ -66,13 +67,15 @@ def register_dashboard(app: faust.App, store: Store, executor: Executor,
     """
     files = static_files()
     page = files["index.html"][0]
-    cached: dict[str, Any] = {"at": float("-inf"), "values": {}}
+    cached: dict[str, Any] = {"at": float("-inf"), "values": {}, "first": None}
 
     async def present() -> dict[str, list[str]]:
-        """The values the filters offer, from the rollups; re-read at most every FILTER_VALUES_TTL_S."""
+        """The filters' values and the first minute of data (default_range), re-read at most every TTL."""
         if time.monotonic() - cached["at"] > FILTER_VALUES_TTL_S:
             loop = asyncio.get_running_loop()
             cached["values"] = await loop.run_in_executor(executor, filter_values, store.query, store.db)
+            cached["first"] = await loop.run_in_executor(executor, first_data, store.query, store.db,
+                                                         datetime.now(UTC))
             cached["at"] = time.monotonic()
         values: dict[str, list[str]] = cached["values"]
         return values
@@ -116,7 +119,8 @@ def register_dashboard(app: faust.App, store: Store, executor: Executor,
             except StoreError as exc:
                 return _json(self, {"error": str(exc)}, status=502)
             return _json(self, {"panels": panel_meta(), "filters": values, "ranges": list(RANGES),
-                                "default_range": DEFAULT_RANGE, "refresh_s": REFRESH_S})
+                                "default_range": default_range(cached["first"], datetime.now(UTC)),
+                                "refresh_s": REFRESH_S})
 
     @app.page("/api/panels/{panel_id}", name="dashboard_panel")
     class PanelData(View):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import html
 import math
+import re
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, datetime
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from io import StringIO
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -26,6 +27,11 @@ Format = Literal["table", "csv", "json", "html"]
 FORMATS: tuple[str, ...] = ("table", "csv", "json", "html")
 # Width of the terminal rendering when the output is not a terminal (a file, a pipe): wide tables stay on one line.
 FILE_WIDTH = 200
+# Money is what a `usd` name labels (cost_usd, sum(cost_total_usd), usd_per_min): a column, or the measure of a
+# (measure, value) table. Tables for people (terminal, HTML) show it to the cent; CSV and JSON exactly.
+_MONEY_NAME = re.compile(r"(^|[^a-z0-9])usd($|[^a-z0-9])", re.IGNORECASE)
+_CENT = Decimal("0.01")
+ROUNDED_NOTE = "Money is shown to the cent here; --format csv or json gives the exact amounts."
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,22 @@ def display_decimal(value: Decimal) -> str:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
+def is_money(name: str) -> bool:
+    """Whether a column (or a measure) of this name holds money: its name says USD."""
+    return bool(_MONEY_NAME.search(name))
+
+
+def money_text(value: Decimal) -> str:
+    """Money for people: to the cent (half up), with thousands separators (14.1710897225 → 14.17)."""
+    cents = value.quantize(_CENT, rounding=ROUND_HALF_UP)
+    return f"{cents + 0:,.2f}"  # + 0 turns -0.00 into 0.00
+
+
+def hides_digits(value: Any) -> bool:
+    """Whether money_text would drop digits of this cell (a Decimal finer than the cent)."""
+    return isinstance(value, Decimal) and value != value.quantize(_CENT, rounding=ROUND_HALF_UP)
+
+
 def _trim(text: str) -> str:
     """Drop trailing fractional zeros (and a bare point) of a plain-notation number; "-0" becomes "0"."""
     if "." in text:
@@ -92,10 +114,10 @@ def cell_text(value: Any) -> str:
     return str(value)
 
 
-def display_text(value: Any) -> str:
-    """A cell as people read it (terminal, HTML): Decimal exact with separators, floats to 6 significant digits."""
+def display_text(value: Any, money: bool = False) -> str:
+    """A cell as people read it (terminal, HTML): money to the cent, other Decimals exact; floats to 6 digits."""
     if isinstance(value, Decimal):
-        return display_decimal(value)
+        return money_text(value) if money else display_decimal(value)
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
@@ -120,6 +142,20 @@ def _numeric_columns(table: Table) -> list[bool]:
         cells = [r[i] for r in table.rows if r[i] is not None]
         flags.append(bool(cells) and all(_is_number(c) for c in cells))
     return flags
+
+
+def money_cells(table: Table) -> list[list[bool]]:
+    """Per row, per column: whether the cell is money (a `usd` column, or the value of a `usd` measure)."""
+    columns = [is_money(c) for c in table.columns]
+    measures = table.columns[:2] == ("measure", "value")
+    return [[money or (measures and i == 1 and is_money(str(r[0]))) for i, money in enumerate(columns)]
+            for r in table.rows]
+
+
+def _rounded(tables: Sequence[Table]) -> bool:
+    """Whether showing money to the cent hides digits of any cell of these tables."""
+    return any(flag and hides_digits(v) for t in tables for r, flags in zip(t.rows, money_cells(t), strict=True)
+               for v, flag in zip(r, flags, strict=True))
 
 
 def _select(report: Report, name: str | None) -> tuple[Table, ...]:
@@ -218,14 +254,15 @@ def _render_terminal(report: Report, tables: Sequence[Table], out: IO[str]) -> N
         rt = RichTable(title=_markup_escape(t.title), title_justify="left", title_style="bold")
         for col, num in zip(t.columns, numeric, strict=True):
             rt.add_column(_markup_escape(col), justify="right" if num else "left")
-        for r in t.rows:
-            rt.add_row(*(_markup_escape(display_text(v)) for v in r))
+        for r, money in zip(t.rows, money_cells(t), strict=True):
+            rt.add_row(*(_markup_escape(display_text(v, m)) for v, m in zip(r, money, strict=True)))
         console.print(rt)
         for note in t.notes:
             console.print(_markup_escape(note), style="dim")
-    if report.notes:
+    notes = (*report.notes, *((ROUNDED_NOTE,) if _rounded(tables) else ()))
+    if notes:
         console.print()
-        for note in report.notes:
+        for note in notes:
             console.print(_markup_escape(note))
 
 
@@ -257,7 +294,7 @@ def _html(report: Report, tables: Sequence[Table]) -> str:
     parts = ['<!DOCTYPE html>', '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{e(report.title)}</title>", f"<style>{_CSS}</style></head><body>",
              f"<h1>{e(report.title)}</h1>", f'<p class="subtitle">{e(report.subtitle)}</p>']
-    parts += [f'<p class="note">{e(n)}</p>' for n in report.notes]
+    parts += [f'<p class="note">{e(n)}</p>' for n in (*report.notes, *((ROUNDED_NOTE,) if _rounded(tables) else ()))]
     if len(tables) > 1:
         parts.append("<nav>" + "".join(f'<a href="#{e(t.name)}">{e(t.title)}</a>' for t in tables) + "</nav>")
     for t in tables:
@@ -268,10 +305,10 @@ def _html(report: Report, tables: Sequence[Table]) -> str:
         numeric = _numeric_columns(t)
         parts.append('<div class="scroll"><table><thead><tr>' + "".join(f"<th>{e(c)}</th>" for c in t.columns)
                      + "</tr></thead><tbody>")
-        for r in t.rows:
-            parts.append("<tr>" + "".join(f'<td class="num">{e(display_text(v))}</td>' if num
-                                          else f"<td>{e(display_text(v))}</td>"
-                                          for v, num in zip(r, numeric, strict=True)) + "</tr>")
+        for r, money in zip(t.rows, money_cells(t), strict=True):
+            parts.append("<tr>" + "".join(f'<td class="num">{e(display_text(v, m))}</td>' if num
+                                          else f"<td>{e(display_text(v, m))}</td>"
+                                          for v, num, m in zip(r, numeric, money, strict=True)) + "</tr>")
         parts.append("</tbody></table></div></section>")
     parts.append("</body></html>\n")
     return "\n".join(parts)
@@ -359,7 +396,7 @@ def _chart_html(t: Table, chart: Chart) -> str:
                 path = " ".join(f"{x:.1f},{y:.1f}" for x, y, _ in seg)
                 svg.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
             for x, y, i in points:
-                tip = f"{chart.y[k]} at {labels[i]}: {display_text(t.rows[i][yis[k]])}"
+                tip = f"{chart.y[k]} at {labels[i]}: {display_text(t.rows[i][yis[k]], is_money(chart.y[k]))}"
                 svg.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{color}"><title>{e(tip)}</title></circle>')
     else:
         for i in range(n):
@@ -382,7 +419,7 @@ def _chart_html(t: Table, chart: Chart) -> str:
                     y_a, y_b = zero, y_of(v)
                     bw = slot * 0.8 / len(series)
                     bx = x0 + k * bw
-                tip = f"{labels[i]} · {chart.y[k]}: {display_text(t.rows[i][yis[k]])}"
+                tip = f"{labels[i]} · {chart.y[k]}: {display_text(t.rows[i][yis[k]], is_money(chart.y[k]))}"
                 svg.append(f'<rect x="{bx:.1f}" y="{min(y_a, y_b):.1f}" width="{max(bw, 0.5):.1f}" '
                            f'height="{max(abs(y_b - y_a), 0.5):.1f}" fill="{color}"><title>{e(tip)}</title></rect>')
     svg.append("</svg>")

@@ -319,19 +319,20 @@ WHERE {ts_window_sql(day, day + _ONE_DAY)}
 GROUP BY provider, model_actual"""
 
 
-def tally_cells(query: Query, first: date, last: date, providers: set[str],
+def tally_cells(query: Query, first: date, last: date, providers: set[str] | None,
                 step: Callable[[str], None] = lambda label: None) -> dict[Cell, tuple[Decimal, int]]:
     """Return tally's exact cost and quantity per (UTC day, provider, base model, class), for days first…last.
 
-    One query per day (`step` is called before each, for progress). Models are compared by base name (a dated
-    snapshot such as gpt-4o-2024-08-06 counts as gpt-4o), as price cards match them.
+    Only the `providers` given (None: every provider). One query per day (`step` is called before each, for
+    progress). Models are compared by base name (a dated snapshot such as gpt-4o-2024-08-06 counts as gpt-4o), as
+    price cards match them.
     """
     cells: dict[Cell, tuple[Decimal, int]] = {}
     for day in days(first, last + _ONE_DAY):
         step(day.isoformat())
         _, rows = query(_tally_sql(day))
         for provider, model, *values in rows:
-            if provider not in providers:
+            if providers is not None and provider not in providers:
                 continue
             for i, cls in enumerate(CLASSES):
                 key = (day, str(provider), base_model(str(model)), cls)

@@ -28,8 +28,27 @@ def _filter(name: str) -> str:
 
 _FILTERS = " AND ".join(_filter(name) for name in FILTER_COLUMNS)
 _IN_RANGE = f"$__timeFilter(bucket) AND {_FILTERS}"
-# Time series: buckets of whole minutes, about one per $__interval_s; values are per minute whatever the bucket.
-_STEP = "WITH greatest(1, intDiv($__interval_s, 60)) AS step_min\n"
+# The rollup a panel reads, by the range's span: rollup_minute up to two days, rollup_hour up to 60 days (the minute
+# grain keeps 14 days by default), rollup_day beyond. The same SQL serves Grafana and the live page: the branches
+# of _ROLLUP that the grain rules out read nothing. Time series: buckets of whole grains, about one per
+# $__interval_s; values are per minute whatever the bucket.
+MINUTE_MAX_SPAN = timedelta(days=2)
+HOUR_MAX_SPAN = timedelta(days=60)
+_STEP = (f"WITH dateDiff('second', $__fromTime, $__toTime) AS span_s,\n"
+         f"     multiIf(span_s <= {int(MINUTE_MAX_SPAN.total_seconds())}, 1, "
+         f"span_s <= {int(HOUR_MAX_SPAN.total_seconds())}, 60, 1440) AS grain_min,\n"
+         f"     grain_min * greatest(1, intDiv(intDiv($__interval_s, 60) + grain_min - 1, grain_min)) AS step_min\n")
+_ROLLUP = """(
+    SELECT * FROM ${database}.rollup_minute WHERE grain_min = 1
+    UNION ALL SELECT * FROM ${database}.rollup_hour WHERE grain_min = 60
+    UNION ALL SELECT * FROM ${database}.rollup_day WHERE grain_min = 1440
+)"""
+# A time series leaves out the minute still filling at the range's end (drawn, it would dip toward zero as if spend
+# were collapsing), and a last bucket of several minutes is a rate over the minutes it has had so far, not its step.
+_FINISHED = "bucket < toStartOfMinute($__toTime)"
+_MINUTES = "least(step_min, greatest(1, dateDiff('minute', time, toStartOfMinute($__toTime))))"
+_UNFINISHED_NOTE = (" The minute still filling is left out; a last bucket not over yet is a rate over its minutes "
+                    "so far.")
 _BUCKET = "toStartOfInterval(bucket, toIntervalMinute(step_min)) AS time"
 _SHARE = "round(100 * toFloat64(sum({part})) / greatest(toFloat64(sum(cost_total_usd)), 1e-12), 2)"
 _FEATURE = "if(feature_id = '', '(no feature)', feature_id)"
@@ -74,39 +93,40 @@ PANELS: tuple[Panel, ...] = (
         id="totals", title="Spend in range", kind="stat", width=24, height=4,
         description="Spend, logical requests, retry waste and unattributed spend over the time range (USD).",
         units={"requests": "count", "waste_pct": "pct", "unattributed_pct": "pct"},
-        sql=f"""SELECT sum(cost_total_usd) AS spend_usd,
+        sql=f"""{_STEP}SELECT sum(cost_total_usd) AS spend_usd,
        sum(requests) AS requests,
        sum(cost_wasted_usd) AS wasted_usd,
        {_SHARE.format(part='cost_wasted_usd')} AS waste_pct,
        sum(cost_unattributed_usd) AS unattributed_usd,
        {_SHARE.format(part='cost_unattributed_usd')} AS unattributed_pct
-FROM ${{database}}.rollup_minute
+FROM {_ROLLUP}
 WHERE {_IN_RANGE}"""),
     Panel(
         id="spend_by_team", title="Spend per minute by team", kind="timeseries", unit="usd_per_min",
         series_column="team", stacked=True,
-        description="Stacked spend per minute (USD/min) by owning team; unattributed spend has no team.",
+        description="Stacked spend per minute (USD/min) by owning team; unattributed spend has no team."
+                    + _UNFINISHED_NOTE,
         sql=f"""{_STEP}SELECT {_BUCKET},
        if(team_id = '', '(unattributed)', team_id) AS team,
-       sum(cost_total_usd) / step_min AS usd_per_min
-FROM ${{database}}.rollup_minute
-WHERE {_IN_RANGE}
+       sum(cost_total_usd) / {_MINUTES} AS usd_per_min
+FROM {_ROLLUP}
+WHERE {_IN_RANGE} AND {_FINISHED}
 GROUP BY time, team
 ORDER BY time, team"""),
     Panel(
         id="spend_by_cost_class", title="Spend by cost class, reasoning apart", kind="timeseries",
         unit="usd_per_min", stacked=True, apart=("reasoning",),
         description="Spend per minute (USD/min) by token class, stacked; reasoning tokens are drawn apart as a "
-                    "line of their own (they are billed as output but are not visible output).",
+                    "line of their own (they are billed as output but are not visible output)." + _UNFINISHED_NOTE,
         sql=f"""{_STEP}SELECT {_BUCKET},
-       sum(cost_input_usd) / step_min AS input,
-       sum(cost_output_usd) / step_min AS output,
-       sum(cost_cache_read_usd) / step_min AS cache_read,
-       sum(cost_cache_write_usd) / step_min AS cache_write,
-       sum(cost_tools_usd) / step_min AS tools,
-       sum(cost_reasoning_usd) / step_min AS reasoning
-FROM ${{database}}.rollup_minute
-WHERE {_IN_RANGE}
+       sum(cost_input_usd) / {_MINUTES} AS input,
+       sum(cost_output_usd) / {_MINUTES} AS output,
+       sum(cost_cache_read_usd) / {_MINUTES} AS cache_read,
+       sum(cost_cache_write_usd) / {_MINUTES} AS cache_write,
+       sum(cost_tools_usd) / {_MINUTES} AS tools,
+       sum(cost_reasoning_usd) / {_MINUTES} AS reasoning
+FROM {_ROLLUP}
+WHERE {_IN_RANGE} AND {_FINISHED}
 GROUP BY time
 ORDER BY time"""),
     Panel(
@@ -114,13 +134,13 @@ ORDER BY time"""),
         bars=("spend_usd", "daily_avg_7d_usd"),
         description="The ten features that spent most in the range (USD), beside their 7-day moving average of "
                     "daily spend as of the end of the range.",
-        sql=f"""SELECT r.feature AS feature, r.team AS team, r.spend_usd AS spend_usd,
+        sql=f"""{_STEP}SELECT r.feature AS feature, r.team AS team, r.spend_usd AS spend_usd,
        w.daily_avg_7d_usd AS daily_avg_7d_usd
 FROM
 (
     SELECT {_FEATURE} AS feature, if(max(team_id) = '', '(unattributed)', max(team_id)) AS team,
            sum(cost_total_usd) AS spend_usd
-    FROM ${{database}}.rollup_minute
+    FROM {_ROLLUP}
     WHERE {_IN_RANGE}
     GROUP BY feature
     ORDER BY spend_usd DESC
@@ -139,11 +159,11 @@ ORDER BY spend_usd DESC"""),
         bars=("reasoning_share_pct",), unit="pct", units={"reasoning_usd": "usd", "spend_usd": "usd"},
         description="Share of each feature's spend that paid for reasoning tokens (%), features with the most "
                     "reasoning spend first.",
-        sql=f"""SELECT {_FEATURE} AS feature,
+        sql=f"""{_STEP}SELECT {_FEATURE} AS feature,
        {_SHARE.format(part='cost_reasoning_usd')} AS reasoning_share_pct,
        sum(cost_reasoning_usd) AS reasoning_usd,
        sum(cost_total_usd) AS spend_usd
-FROM ${{database}}.rollup_minute
+FROM {_ROLLUP}
 WHERE {_IN_RANGE}
 GROUP BY feature
 HAVING sum(cost_reasoning_usd) > 0
@@ -153,21 +173,22 @@ LIMIT 12"""),
         id="retry_waste", title="Retry waste per minute by team", kind="timeseries", unit="usd_per_min",
         series_column="team", stacked=True,
         description="Spend on attempts that did not produce the answer (failed tries, retried cut streams, calls "
-                    "that fell back), per minute (USD/min), by the request's start.",
+                    "that fell back), per minute (USD/min), by the request's start." + _UNFINISHED_NOTE,
         sql=f"""{_STEP}SELECT {_BUCKET},
        if(team_id = '', '(unattributed)', team_id) AS team,
-       sum(cost_wasted_usd) / step_min AS wasted_usd_per_min
-FROM ${{database}}.rollup_minute
-WHERE {_IN_RANGE}
+       sum(cost_wasted_usd) / {_MINUTES} AS wasted_usd_per_min
+FROM {_ROLLUP}
+WHERE {_IN_RANGE} AND {_FINISHED}
 GROUP BY time, team
 ORDER BY time, team"""),
     Panel(
         id="unattributed_share", title="Unattributed spend", kind="timeseries", unit="pct",
-        description="Share of spend with no owner (%): no feature tag, an unknown feature, no registry entry.",
+        description="Share of spend with no owner (%): no feature tag, an unknown feature, no registry entry."
+                    + _UNFINISHED_NOTE,
         sql=f"""{_STEP}SELECT {_BUCKET},
        {_SHARE.format(part='cost_unattributed_usd')} AS unattributed_pct
-FROM ${{database}}.rollup_minute
-WHERE {_IN_RANGE}
+FROM {_ROLLUP}
+WHERE {_IN_RANGE} AND {_FINISHED}
 GROUP BY time
 ORDER BY time"""),
     Panel(
@@ -222,7 +243,7 @@ PANELS_BY_ID: dict[str, Panel] = {p.id: p for p in PANELS}
 # Relative time ranges the live page offers (seconds back from now).
 RANGES: dict[str, int] = {"15m": 900, "1h": 3600, "6h": 6 * 3600, "24h": 86400, "7d": 7 * 86400,
                           "30d": 30 * 86400}
-DEFAULT_RANGE = "1h"
+DEFAULT_RANGE = "1h"  # the longest range the page opens on; a younger stack opens on a range its data fills
 MAX_SPAN = timedelta(days=400)  # the hour rollup's default retention
 MAX_POINTS = 90  # points per time series, as Grafana's maxDataPoints
 
@@ -400,6 +421,8 @@ def shape(panel: Panel, res: QueryResult) -> dict[str, Any]:
     if panel.kind == "stat":
         row = res.rows[0] if res.rows else (0,) * len(cols)
         return {"values": {c: _display(v) for c, v in zip(cols, row, strict=True)}}
+    if not res.rows and panel.kind in ("timeseries", "bar"):  # an empty result may come without its columns
+        return {"x": [], "series": []} if panel.kind == "timeseries" else {"labels": [], "series": [], "extra": []}
     if panel.kind == "timeseries":
         times = sorted({_epoch_ms(r[0]) for r in res.rows})
         at = {t: i for i, t in enumerate(times)}
@@ -467,6 +490,27 @@ def filter_values(query: Callable[[str], QueryResult], database: str) -> dict[st
     everything = PanelFilters(datetime.fromtimestamp(0, UTC), datetime.fromtimestamp(1, UTC))
     return {name: [str(r[0]) for r in query(render(sql, everything, database)).rows]
             for name, sql in FILTER_SQL.items()}
+
+
+def first_data(query: Callable[[str], QueryResult], database: str, now: datetime) -> datetime | None:
+    """The first minute with spend within DEFAULT_RANGE before `now` (None: none), for `default_range`."""
+    f = PanelFilters(now - timedelta(seconds=RANGES[DEFAULT_RANGE]), now)
+    rows = query(render("SELECT minOrNull(bucket) FROM ${database}.rollup_minute WHERE $__timeFilter(bucket)", f,
+                        database)).rows
+    first = rows[0][0] if rows else None
+    return None if first is None else (first if first.tzinfo is not None else first.replace(tzinfo=UTC))
+
+
+def default_range(first: datetime | None, now: datetime) -> str:
+    """The range the live page opens on: the shortest that holds every minute of data, at most DEFAULT_RANGE.
+
+    A stack started five minutes ago opens on the last 15 minutes, not squeezed into the right edge of an hour.
+    """
+    if first is None:
+        return DEFAULT_RANGE
+    age = (now - first).total_seconds()
+    fitting = [name for name, span in RANGES.items() if span >= age and span <= RANGES[DEFAULT_RANGE]]
+    return min(fitting, key=RANGES.__getitem__, default=DEFAULT_RANGE)
 
 
 def panel_meta(panels: Sequence[Panel] = PANELS) -> list[dict[str, Any]]:

@@ -99,7 +99,7 @@ def test_budget_state_and_alerts_once_per_threshold(stack, tmp_path):
     shown = {st["key"]: st for st in orjson.loads(stack.tally("budgets", "--format", "json").stdout)}
     assert shown[KEY]["recommendation"] == "deny" and shown[KEY]["spent_usd"] == s["spent_usd"]
     table = stack.tally("budgets").stdout.decode()
-    assert "deny" in table and "0.01056" in table
+    assert "deny" in table and "0.01 " in table and "0.01056" not in table  # spent 0.01056: to the cent
 
     # A restart reads the last states back: no threshold alerts twice.
     stack.tally("down", timeout=120)

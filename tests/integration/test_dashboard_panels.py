@@ -1,6 +1,6 @@
 """Every dashboard panel's SQL, macros substituted, runs in chDB over data written by the real sink code."""
 
-from datetime import timedelta
+from datetime import UTC, timedelta
 from decimal import Decimal
 
 import pytest
@@ -8,7 +8,17 @@ import pytest
 from ops.simulate import TrafficGenerator, catalog_from_reference
 from streams.fold import FoldConfig, Folder
 from streams.sink import RequestWriter, SinkWriter
-from tally.dashboard.panels import FILTER_SQL, PANELS, PANELS_BY_ID, PanelFilters, filter_values, render, run_panel
+from tally.dashboard.panels import (
+    FILTER_SQL,
+    PANELS,
+    PANELS_BY_ID,
+    PanelFilters,
+    default_range,
+    filter_values,
+    first_data,
+    render,
+    run_panel,
+)
 from tests.factories import clock
 from tests.integration.test_rollups import run_batch
 
@@ -129,3 +139,53 @@ def test_budget_panel_joins_budget_states(panel_store):
     spent = search_spend_since(panel_store, MONTH_START)
     assert budget["spent_usd"] == float(spent)
     assert budget["used_pct"] == float((spent * 100 / Decimal(10)).quantize(Decimal("0.01")))
+
+
+def test_a_time_series_stops_at_the_last_finished_bucket(panel_store):
+    # The range ends 30 s into a minute of the dense traffic: that minute is still filling and is not drawn.
+    end = START + timedelta(minutes=15, seconds=30)
+    f = PanelFilters(START, end, {"team": (), "environment": ()})
+    q, db = panel_store.query, panel_store.db
+    assert f.interval_s < 120  # one-minute buckets
+    rows = q(render(PANELS_BY_ID["spend_by_team"].sql, f, db)).rows
+    last_full = end.replace(second=0)
+    assert max(r[0] for r in rows).replace(tzinfo=END.tzinfo) == last_full - timedelta(minutes=1)
+    assert sum(r[2] for r in rows) == usage_total(
+        panel_store, f"ts >= toDateTime({int(START.timestamp())}) AND ts < toDateTime({int(last_full.timestamp())})")
+    totals = q(render(PANELS_BY_ID["totals"].sql, f, db)).rows[0]  # the stat still counts the unfinished minute
+    assert totals[0] == usage_total(panel_store, f"ts >= toDateTime({int(START.timestamp())}) AND ts < toDateTime("
+                                                 f"{int((last_full + timedelta(minutes=1)).timestamp())})")
+
+
+def test_a_last_bucket_not_over_is_a_rate_over_its_minutes_so_far(panel_store):
+    end = START + timedelta(minutes=20, seconds=30)  # a day's range: 15-minute buckets, the last one 5 minutes in
+    f = PanelFilters(end - timedelta(hours=23), end, {"team": (), "environment": ()})
+    rows = panel_store.query(render(PANELS_BY_ID["spend_by_team"].sql, f, panel_store.db)).rows
+    last = START + timedelta(minutes=15)
+    assert max(r[0] for r in rows).replace(tzinfo=END.tzinfo) == last
+    five_minutes = usage_total(panel_store, f"ts >= toDateTime({int(last.timestamp())}) "
+                                            f"AND ts < toDateTime({int((last + timedelta(minutes=5)).timestamp())})")
+    assert sum(r[2] for r in rows if r[0].replace(tzinfo=END.tzinfo) == last) == five_minutes / 5 > 0
+
+
+def test_long_ranges_read_the_hour_rollup(panel_store):
+    month = PanelFilters(END - timedelta(days=30), END, {"team": (), "environment": ()})
+    hour = PanelFilters(START, END, {"team": (), "environment": ()})
+    q, db = panel_store.query, panel_store.db
+    everything = usage_total(panel_store, f"ts <= toDateTime({int(END.timestamp())})")
+    panel_store.command("TRUNCATE TABLE {db}.rollup_minute")  # what 14 days of minute retention leave of a month
+    assert q(render(PANELS_BY_ID["totals"].sql, month, db)).rows[0][0] == everything > 0
+    assert not q(render(PANELS_BY_ID["totals"].sql, hour, db)).rows[0][0]  # an hour still reads the minutes
+    series = q(render(PANELS_BY_ID["spend_by_team"].sql, month, db)).rows
+    steps = {(b[0] - a[0]).total_seconds() for a, b in zip(series, series[1:], strict=False) if b[0] != a[0]}
+    assert steps and all(s % 3600 == 0 for s in steps)  # buckets of whole hours
+    assert len(q(render(PANELS_BY_ID["top_features"].sql, month, db)).rows) == 10
+
+
+def test_the_page_opens_on_the_range_the_data_fills(panel_store):
+    q, db = panel_store.query, panel_store.db
+    minutes_in = START + timedelta(minutes=12)  # the dense traffic began at START + 5 minutes
+    first = q(f"SELECT min(bucket) FROM {{db}}.rollup_minute WHERE bucket >= toDateTime({int(START.timestamp())})")
+    assert first_data(q, db, minutes_in) == first.rows[0][0].replace(tzinfo=UTC) >= START
+    assert default_range(first_data(q, db, minutes_in), minutes_in) == "15m"
+    assert default_range(first_data(q, db, END), END) == "1h"

@@ -19,6 +19,7 @@ from tally.dashboard.panels import (
     FilterError,
     PanelFilters,
     budget_burn,
+    default_range,
     parse_filters,
     quote,
     render,
@@ -229,3 +230,24 @@ def test_static_files_are_served_from_the_package_and_need_no_network():
         assert ref in files, ref
     assert b"Chart.js v" in files["vendor/chart.umd.min.js"][0][:200]
     assert STATIC_DIR.is_dir()
+
+
+def test_the_page_opens_on_a_range_its_data_fills():
+    assert default_range(None, NOW) == "1h"  # no data yet
+    assert default_range(NOW - timedelta(minutes=4), NOW) == "15m"  # a stack started minutes ago
+    assert default_range(NOW - timedelta(minutes=15), NOW) == "15m"
+    assert default_range(NOW - timedelta(minutes=16), NOW) == "1h"
+    assert default_range(NOW - timedelta(days=3), NOW) == "1h"  # never longer than an hour by default
+
+
+def test_time_series_leave_out_the_unfinished_minute_and_long_ranges_read_coarser_rollups():
+    for p in PANELS:
+        if p.kind == "timeseries":
+            assert "bucket < toStartOfMinute(toDateTime(" in render(p.sql, filters(), "tally"), p.id
+    spend = PANELS_BY_ID["totals"].sql
+    assert all(f"{{database}}.rollup_{grain} WHERE grain_min" in spend for grain in ("minute", "hour", "day"))
+
+
+def test_an_empty_result_without_columns_is_an_empty_chart():
+    assert shape(PANELS_BY_ID["spend_by_team"], QueryResult([], [])) == {"x": [], "series": []}
+    assert shape(PANELS_BY_ID["top_features"], QueryResult([], [])) == {"labels": [], "series": [], "extra": []}

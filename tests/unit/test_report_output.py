@@ -10,12 +10,16 @@ import orjson
 import pytest
 
 from ops.reports.output import (
+    ROUNDED_NOTE,
     Chart,
     Destination,
     Report,
     Table,
     decimal_text,
     display_decimal,
+    is_money,
+    money_cells,
+    money_text,
     progress,
     progress_enabled,
     render,
@@ -55,6 +59,24 @@ def test_decimals_are_written_exactly_in_plain_notation():
     assert display_decimal(D("-0.000")) == "0.00"
 
 
+def test_money_is_what_a_usd_name_labels_shown_to_the_cent():
+    assert [is_money(n) for n in ("cost_usd", "sum(cost_total_usd)", "usd_per_min", "USD", "invoice_qty",
+                                  "BilledCost", "usda", "share")] == [True, True, True, True, False, False,
+                                                                      False, False]
+    assert money_text(D("14.171089722500000000")) == "14.17"
+    assert money_text(D("0.005")) == "0.01" and money_text(D("-0.004")) == "0.00"
+    assert money_text(BIG) == "12,345,678,901,234,567,890.12" and money_text(D(3)) == "3.00"
+    summary = Table("summary", "Totals", ("measure", "value"),
+                    [("invoice_usd", D("119.14091438125")), ("variance_pct", D("0.8137")), ("lines", 9)])
+    assert money_cells(summary) == [[False, True], [False, False], [False, False]]
+    text = rendered("table", report=Report("R", "s", (summary,)))
+    assert "119.14 " in text and "0.8137" in text and ROUNDED_NOTE in text
+    exact = Table("t", "t", ("cost_usd",), [(D("1.50"),)])
+    assert ROUNDED_NOTE not in rendered("table", report=Report("R", "s", (exact,)))  # nothing hidden, no note
+    assert orjson.loads(rendered("json", report=Report("R", "s", (summary,))))["tables"]["summary"]["rows"][0] == {
+        "measure": "invoice_usd", "value": "119.14091438125"}  # JSON: exact
+
+
 def test_csv_writes_one_table_with_a_header_and_exact_decimals():
     rows = list(csv.reader(io.StringIO(rendered("csv"))))
     assert rows == [["team", "cost_usd", "requests", "share", "day", "at", "note"],
@@ -78,10 +100,11 @@ def test_json_keys_tables_by_name_with_decimals_as_strings():
     assert list(orjson.loads(rendered("json", "bars"))["tables"]) == ["bars"]
 
 
-def test_terminal_tables_show_exact_money_with_separators():
+def test_terminal_tables_show_money_to_the_cent_and_other_decimals_exactly():
     text = rendered("table")
-    assert "12,345,678,901,234,567,890.123456789012345678" in text
-    assert "1,200" in text and "-1.50" in text and "inbox <b>" in text
+    assert "12,345,678,901,234,567,890.12 " in text and "890.1234" not in text  # cost_usd: money, to the cent
+    assert ROUNDED_NOTE in text  # digits were hidden: say where the exact amounts are
+    assert "1,200" in text and "-1.50" in text and "inbox <b>" in text  # columns a, b: not money, exact
     assert text.index("Per team") < text.index("Per day") < text.index("Bars") < text.index("report note")
     only = rendered("table", "bars")
     assert "Bars" in only and "Per team" not in only
@@ -97,7 +120,8 @@ def test_html_is_one_self_contained_file_with_svg_charts():
     assert page.count("<svg") == 3
     assert page.count("<polyline") == 2  # a: one line; b: its empty cell leaves a lone point and a 2-point line
     assert "<rect" in page
-    assert "12,345,678,901,234,567,890.123456789012345678" in page  # exact in the table and in the tooltip
+    assert "12,345,678,901,234,567,890.12<" in page  # money to the cent in the table and in the tooltip
+    assert "890.1234" not in page and ROUNDED_NOTE in page
     assert "inbox &lt;b&gt;" in page and "inbox <b>" not in page
     assert "Title &amp; co" in page
 
