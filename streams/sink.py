@@ -749,33 +749,36 @@ def decode_anomalies(messages: Sequence[tuple[bytes | None, Source]]
 
 
 @dataclass
-class AnomalyWriter:
-    """Writes anomaly records to the anomalies table.
+class RecordWriter:
+    """Writes records to a ReplacingMergeTree table that feeds no view: anomalies, budget decisions.
 
-    Per batch: split by UTC day of detected_at, insert each piece with a deterministic token (a hash of its
+    Per batch: split by UTC day of `time_column`, insert each piece with a deterministic token (a hash of its
     records' keys), async_insert = 0; the agent acks offsets only after every piece has landed. A record written
-    twice is one key of the ReplacingMergeTree, and the table feeds no view.
+    twice is one key of the ReplacingMergeTree: nothing is looked up or journaled.
     """
 
     store: Store
     stats: SinkStats = field(default_factory=SinkStats)
-    table: str = "anomalies"
+    table: str = ""
+    columns: tuple[str, ...] = ()
+    time_column: str = ""
 
     def journaled(self, rows: Sequence[dict[str, Any]]) -> Journaled:
-        """Nothing: anomaly pieces are not journaled (a re-sent record is the same ReplacingMergeTree key)."""
+        """Nothing: the pieces are not journaled (a re-sent record is the same ReplacingMergeTree key)."""
         return Journaled()
 
     def plan(self, rows: Sequence[dict[str, Any]], covered: frozenset[str] = frozenset()) -> Plan:
         """Every row, by day; nothing is looked up."""
         self.stats.batches += 1
-        return Plan(make_pieces(self.table, ((r,) for r in rows), self.key, lambda g: (utc_day(g[0]["detected_at"]),)))
+        column = self.time_column
+        return Plan(make_pieces(self.table, ((r,) for r in rows), self.key, lambda g: (utc_day(g[0][column]),)))
 
     def key(self, row: dict[str, Any]) -> str:
-        return f"{row['incident_id']}#{row['state']}#{row['detected_at'].isoformat()}"
+        raise NotImplementedError
 
     def insert(self, piece: Piece) -> None:
         """Insert one piece. Runs in the sink's executor thread."""
-        _insert(self, self.store, piece, ANOMALY_COLUMNS)
+        _insert(self, self.store, piece, self.columns)
 
     def landed(self, piece: Piece) -> int:
         """Always 0: a half re-sent after a partial insert is the same ReplacingMergeTree keys, so splitting is safe."""
@@ -784,6 +787,18 @@ class AnomalyWriter:
     def write(self, rows: Sequence[dict[str, Any]]) -> int:
         """Plan and insert once (run_plan); returns how many rows were inserted."""
         return run_plan(self, rows)
+
+
+@dataclass
+class AnomalyWriter(RecordWriter):
+    """Writes anomaly records to the anomalies table (migration 006)."""
+
+    table: str = "anomalies"
+    columns: tuple[str, ...] = ANOMALY_COLUMNS
+    time_column: str = "detected_at"
+
+    def key(self, row: dict[str, Any]) -> str:
+        return f"{row['incident_id']}#{row['state']}#{row['detected_at'].isoformat()}"
 
 
 # ClickHouse error classes that mean "this insert is too big as one piece": split it.

@@ -15,6 +15,7 @@ import faust
 import orjson
 from prometheus_client.core import Metric
 
+from streams.decisions import DecisionWriter, decode_decisions
 from streams.metrics import counter, gauge
 from streams.positions import audit_line, last_offsets
 from streams.roles.context import (
@@ -74,6 +75,8 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
         raise ValueError("the sink role needs a Store")
     writer = SinkWriter(ctx.store)
     anomaly_writer = AnomalyWriter(ctx.store, SinkStats())
+    decision_writer = DecisionWriter(ctx.store, SinkStats())
+    decisions_topic = app.topic(topics.budget_decisions, value_type=bytes)
     # One thread owns the ClickHouse client: the attempts and anomalies sinks' statements (and the budget reads) are
     # serialized on it, and the event loop (Faust's consumer) keeps running while an insert is in flight.
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clickhouse")
@@ -83,13 +86,13 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
     request_store = ctx.store.lane()
     request_writer = RequestWriter(request_store, SinkStats())
     insert_seconds = ctx.metrics.insert_seconds
-    for stats_ in (writer.stats, request_writer.stats, anomaly_writer.stats):
+    for stats_ in (writer.stats, request_writer.stats, anomaly_writer.stats, decision_writer.stats):
         stats_.observe = lambda table, seconds: insert_seconds.labels(table=table).observe(seconds)
     batch_seconds = ctx.metrics.batch_seconds
 
     def sink_metrics() -> list[Metric]:
         tables = (("usage_events", writer.stats), ("logical_requests", request_writer.stats),
-                  ("anomalies", anomaly_writer.stats))
+                  ("anomalies", anomaly_writer.stats), ("budget_decisions", decision_writer.stats))
         return [
             counter("tally_sink_rows_inserted", "Rows the sink inserted into ClickHouse, by table",
                     [({"table": t}, float(st.rows_inserted)) for t, st in tables], ("table",)),
@@ -120,7 +123,7 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
             return await loop.run_in_executor(thread, store.stored_offsets, sink_consumer, topic)
         return read
 
-    for topic in (topics.attempts, topics.requests, topics.alerts):
+    for topic in (topics.attempts, topics.requests, topics.alerts, topics.budget_decisions):
         ctx.own_positions(topic, "sink", sink_positions(topic))
 
     @app.timer(interval=JOURNAL_CLEANUP_S, name="tally.sink_journal_cleanup")
@@ -199,5 +202,10 @@ def wire_sink(ctx: RoleContext) -> SinkWiring:
     async def sink_anomalies(stream: faust.StreamT) -> None:
         """llm.cost.alerts.v1 → anomalies (anomaly records; budget alerts are passed over)."""
         await sink_batches(stream, anomaly_writer, decode_anomalies, anomaly_writer.stats)
+
+    @app.agent(decisions_topic, name=agent_name("sink_decisions"))
+    async def sink_decisions(stream: faust.StreamT) -> None:
+        """llm.budget.decisions.v1 → budget_decisions (the gateways' admission records, each once)."""
+        await sink_batches(stream, decision_writer, decode_decisions, decision_writer.stats)
 
     return SinkWiring(ctx.store, writer, request_writer, executor)

@@ -57,3 +57,32 @@ def test_a_gateway_follows_its_topics_and_publishes_every_decision(kafka_setting
         (b"feature:search_answer:day", "settle", None)]
     assert got[1][1]["request_id"] == "it-2" and got[1][1]["budget_windows"]["feature:search_answer:day"][
         "state_computed_at"] == iso(T)
+
+
+def test_decision_records_land_in_budget_decisions_once(store, now) -> None:
+    from streams.decisions import DecisionWriter, decode_decisions
+    from streams.records import Source
+
+    records: list[dict] = []
+    gateway = Admission("gw-db", publish=records.append, clock=lambda: T)
+    from tally.reference import parse_reference_yaml
+
+    gateway.apply_references(parse_reference_yaml(CARD, "card") + parse_reference_yaml(policy("p1", T - 3600), "p"))
+    gateway.apply_state(state("0.99", computed=T))
+    admitted = gateway.reserve(request_id="db-1", tenant_id="acme", **REQ)
+    gateway.reserve(request_id="db-2", **{**REQ, "max_output_tokens": 50_000})
+    assert admitted.reservation is not None
+    admitted.reservation.settle(Decimal("0.0042"))
+    value = b"\n".join(orjson.dumps(r) for r in records) + b"\nnot json\n"
+    rows, dead = decode_decisions([(value, Source("llm.budget.decisions.v1", 0, 7))])
+    assert len(rows) == 3 and [orjson.loads(line)["reason"] for lines in dead.values() for line in lines] == [
+        "bad_decision_row"]
+    writer = DecisionWriter(store)
+    assert writer.write(rows) == 3
+    writer.write(rows)  # a replay: the same keys
+    got = store.query("SELECT action, reason, feature_id, toString(requested_usd), toString(cost_usd), "
+                      "request_id FROM {db}.budget_decisions FINAL ORDER BY decided_at, action").rows
+    assert sorted(tuple(r) for r in got) == sorted([
+        ("admit", "within_budget", "search_answer", "0.0077", "0", "db-1"),
+        ("deny", "reservation_exceeds_remaining", "search_answer", "0.2255", "0", "db-2"),
+        ("settle", "", "", "0", "0.0042", "")])
