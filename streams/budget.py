@@ -79,12 +79,15 @@ def recommendation(budget: Budget, spent: Decimal, forecast: Decimal) -> str:
 
 
 def evaluate(budgets: BudgetSet | None, spend: Mapping[SpendKey, Decimal], recent: Mapping[RecentKey, Decimal],
-             window_s: float, now: datetime, previous: Mapping[str, Mapping[str, Any]]) -> Evaluation:
+             window_s: float, now: datetime, previous: Mapping[str, Mapping[str, Any]],
+             holds: Mapping[str, Mapping[str, Decimal]] | None = None) -> Evaluation:
     """Budget states and the alerts due now.
 
     `spend`: spend to date in each budget's current period; `recent`: spend in the last `window_s` seconds (the
     burn rate); `previous`: the last published state per budget key (from llm.budget.state.v1), which remembers
-    the thresholds already alerted in its period, so a restart alerts nothing twice.
+    the thresholds already alerted in its period, so a restart alerts nothing twice; `holds`: the gateways' open
+    reservations per budget key and gateway (read_holds), published as reserved_usd and reserved_by_gateway so
+    every gateway sees the others' holds within one state interval.
     """
     states: dict[str, dict[str, Any]] = {}
     alerts: list[dict[str, Any]] = []
@@ -116,6 +119,9 @@ def evaluate(budgets: BudgetSet | None, spend: Mapping[SpendKey, Decimal], recen
             "recommendation": recommendation(budget, spent, forecast), "thresholds": list(budget.thresholds),
             "budget_version": budgets.version if budgets is not None else "", "computed_at": _rfc3339(now),
         }
+        held = (holds or {}).get(budget.key, {})
+        state["reserved_usd"] = sum(held.values(), Decimal(0))
+        state["reserved_by_gateway"] = dict(sorted(held.items()))
         for t in budget.thresholds:
             if t not in alerted and spent * HUNDRED >= budget.amount * t:
                 alerted.add(t)
@@ -183,3 +189,23 @@ def read_spend(query: Callable[[str], Any], budgets: BudgetSet | None, now: date
                 f"toDateTime('{since}', 'UTC') AND {until} GROUP BY {col}"):
             recent[(scope, ident)] = Decimal(total)
     return spend, recent
+
+
+def read_holds(query: Callable[[str], Any], budgets: BudgetSet | None, now: datetime, ttl_s: float
+               ) -> dict[str, dict[str, Decimal]]:
+    """Open reservations per budget key and gateway, from the admission records in budget_decisions.
+
+    A reservation adds its worst case (reserve_delta_usd > 0) and its settlement takes it back (< 0); what is left
+    per budget and gateway is still held. Records older than `ttl_s` are left out: a gateway that died holding a
+    reservation stops holding it then. `query(sql)` returns rows of (budget key, gateway id, decimal string).
+    """
+    out: dict[str, dict[str, Decimal]] = {}
+    if budgets is None or not budgets.budgets:
+        return out
+    since = (now - timedelta(seconds=ttl_s)).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    for key, gateway, held in query(
+            "SELECT b, gateway_id, toString(sum(reserve_delta_usd)) FROM {db}.budget_decisions FINAL "
+            f"ARRAY JOIN budgets AS b WHERE decided_at >= toDateTime64('{since}', 3, 'UTC') "
+            "GROUP BY b, gateway_id HAVING sum(reserve_delta_usd) > 0"):
+        out.setdefault(str(key), {})[str(gateway)] = Decimal(held)
+    return out

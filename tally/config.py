@@ -187,6 +187,9 @@ class Settings:
     # `budget_window_s` seconds.
     budget_interval_s: float = 10.0
     budget_window_s: float = 900.0
+    # The gateways' open reservations (budget_decisions) count in the published state for at most this long: a
+    # gateway that died holding one stops holding it then.
+    budget_hold_ttl_s: float = 3600.0
     # A worker killed without leaving the group holds its partitions until this expires (then a rebalance).
     session_timeout_s: float = 10.0
     max_line_bytes: int = 16 * 1024
@@ -330,7 +333,7 @@ class Settings:
         for name in ("detect_lateness_s", "detect_warmup_windows"):
             if getattr(self, name) < 0:
                 out.append(f"{name} must not be negative, got {getattr(self, name)}")
-        for name in ("budget_interval_s", "budget_window_s"):
+        for name in ("budget_interval_s", "budget_window_s", "budget_hold_ttl_s"):
             if getattr(self, name) <= 0:
                 out.append(f"{name} must be positive, got {getattr(self, name)}")
         if self.fold_inactivity_s < self.fold_settle_s:

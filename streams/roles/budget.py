@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
-from streams.budget import evaluate, read_spend
+from streams.budget import evaluate, read_holds, read_spend
 from streams.metrics import counter, gauge
 from streams.records import encode_record
 from streams.reference_feed import ReferenceFeed
@@ -68,10 +68,12 @@ def wire_budget(ctx: RoleContext, sink: SinkWiring) -> dict[str, dict[str, Any]]
         try:
             spend, recent = await loop.run_in_executor(
                 executor, read_spend, lambda sql: store.query(sql).rows, budgets, now, settings.budget_window_s)
+            holds = await loop.run_in_executor(
+                executor, read_holds, lambda sql: store.query(sql).rows, budgets, now, settings.budget_hold_ttl_s)
         except StoreError as exc:
             log.warning("budget: cannot read spend (%s); next try in %.0fs", exc, settings.budget_interval_s)
             return
-        ev = evaluate(budgets, spend, recent, settings.budget_window_s, now, budget_states)
+        ev = evaluate(budgets, spend, recent, settings.budget_window_s, now, budget_states, holds)
         sent = [await ctx.alerts_topic.send(key=a["incident_key"].encode(), value=encode_record(a), force=True)
                 for a in ev.alerts]
         sent += [await budget_topic.send(key=k.encode(), value=encode_record(v), force=True)

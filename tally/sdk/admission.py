@@ -79,6 +79,7 @@ class _State:
     computed_text: str
     period_end: float
     period_end_text: str
+    others_reserved_usd: Decimal = ZERO  # the other gateways' open reservations, as the budget stage saw them
 
 
 @dataclass(frozen=True)
@@ -195,10 +196,16 @@ class Admission:
     """
 
     def __init__(self, gateway_id: str, publish: Callable[[dict[str, Any]], None] | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, share: Decimal = Decimal(1),
+                 settle_lag_s: float = 30.0) -> None:
         self.gateway_id = gateway_id
         self._publish = publish
         self._clock = clock
+        # This gateway may hold at most `share` of what a budget has left (N gateways, share 1/N: together they
+        # cannot hold more than is left between two states); a settled cost stays debited here until a state
+        # computed `settle_lag_s` after it (the pipeline's time to put it in the rollups) has arrived.
+        self.share = Decimal(share)
+        self.settle_lag_s = settle_lag_s
         self._lock = threading.Lock()
         self._refs = ReferenceStore()
         self._states: dict[str, _State] = {}  # budget key → its last state record, parsed
@@ -218,12 +225,14 @@ class Admission:
         if not key:
             return
         seen = _epoch(record.get("computed_at"))
+        by_gateway = record.get("reserved_by_gateway") or {}
+        others = Decimal(str(record.get("reserved_usd") or 0)) - Decimal(str(by_gateway.get(self.gateway_id) or 0))
         parsed = _State(Decimal(str(record.get("budget_usd", 0))), Decimal(str(record.get("spent_usd", 0))), seen,
                         str(record.get("computed_at", "")), _epoch(record.get("period_end")),
-                        str(record.get("period_end", "")))
+                        str(record.get("period_end", "")), max(others, ZERO))
         with self._lock:
             self._states[key] = parsed
-            left = [(t, c) for t, c in self._settled.get(key, []) if t > seen]
+            left = [(t, c) for t, c in self._settled.get(key, []) if t + self.settle_lag_s > seen]
             self._settled[key] = left
             self._settled_usd[key] = sum((c for _, c in left), ZERO)
 
@@ -333,8 +342,11 @@ class Admission:
                     continue
                 # a new period began since this state: nothing spent in it yet
                 spent = ZERO if state.period_end and now >= state.period_end else state.spent_usd
-                out.append(Budgeted(key, state.budget_usd, spent,
-                                    self._held.get(key, ZERO) + self._settled_usd.get(key, ZERO),
+                mine = self._held.get(key, ZERO) + self._settled_usd.get(key, ZERO)
+                if self.share < 1:  # this gateway's part of what is left; the rest is the others' headroom
+                    left = state.budget_usd - spent - state.others_reserved_usd
+                    mine += (1 - self.share) * max(left, ZERO)
+                out.append(Budgeted(key, state.budget_usd, spent, mine + state.others_reserved_usd,
                                     state.computed_at, state.period_end_text, state.computed_text))
         return out
 

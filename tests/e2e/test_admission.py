@@ -41,3 +41,48 @@ def test_denials_and_settlements_land_in_clickhouse_with_their_payload(stack) ->
     deny = next(r for r in rows if r["action"] == "deny")
     assert (deny["request_id"], deny["parent_request_id"], deny["asked"]) == ("e2e-2", "lr-2", "0.2255")
     assert orjson.loads(deny["record"]) == denied.payload()  # the whole payload, as the gateway published it
+
+
+BUDGET = Decimal("0.10")
+BUDGETS_YAML = """\
+kind: budgets
+version: "admission-test"
+effective_at: "2020-01-01T00:00:00Z"
+budgets:
+  - {scope: feature, id: search_answer, period: day, amount: "0.10"}
+"""
+
+
+@pytest.mark.parametrize(("share", "bound"), [("0.3333", Decimal(1)), ("1", Decimal(3))])
+def test_three_gateway_processes_against_one_small_budget_hold_within_the_documented_bound(
+        stack, tmp_path, share: str, bound: Decimal) -> None:
+    """Three gateways, each its own OS process, reserve against a $0.10 daily budget and never settle. Between two
+    states (budget_interval_s = 1 s) a gateway sees only its own new holds, so together they can hold at most
+    N × share × what was left (docs/admission.md): the budget with share 1/3, three times it with share 1."""
+    import subprocess
+    import sys
+
+    stack.env["TALLY_BUDGET_INTERVAL_S"] = "1"
+    stack.tally("up", "--role", "all", timeout=180)
+    (tmp_path / "card.yaml").write_text(CARD)
+    (tmp_path / "policy.yaml").write_text(policy("p1", T - 86_400, on_breach="deny"))
+    (tmp_path / "budgets.yaml").write_text(BUDGETS_YAML)
+    stack.tally("reference", "load", str(tmp_path / "card.yaml"), str(tmp_path / "policy.yaml"),
+                str(tmp_path / "budgets.yaml"))
+    deadline = time.monotonic() + 60  # the first state of the budget is published
+    while not stack.tally("budgets", check=False).stdout.decode().count("search_answer"):
+        assert time.monotonic() < deadline, "no budget state within 60 s"
+        time.sleep(1)
+    gateways = [subprocess.Popen([sys.executable, "-m", "tests.e2e.gateway_process", f"gw-{g}", share, "6"],
+                                 env=stack.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                for g in range(3)]
+    results = []
+    for proc in gateways:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        results.append(orjson.loads(out))
+    granted = sum(Decimal(r["granted_usd"]) for r in results)
+    assert all(r["denied"] > 0 for r in results), results  # each reached the budget's edge (or its share's)
+    assert granted <= bound * BUDGET, (granted, results)
+    if bound == 1:
+        assert granted > BUDGET / 2  # the shares were used, not refused for nothing

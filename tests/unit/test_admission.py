@@ -96,11 +96,13 @@ def test_a_request_within_budget_reserves_its_worst_case_once_for_all_its_attemp
     assert released == WORST - Decimal("0.003") and a.open_reservations == 0
     assert d.reservation.settle(Decimal("0.003")) == 0  # idempotent
     assert [r["action"] for r in records] == ["admit", "attempt", "admit", "settle"]
-    # the settled cost stays debited until a state computed after it counts it
+    # the settled cost stays debited until a state computed settle_lag_s (30) after it counts it in spent
     b = a._budgets("search_answer", "", T)[0]
     assert b.held_usd == Decimal("0.003")
-    a.apply_state(state("0.503", computed=T + 1))
-    assert a._budgets("search_answer", "", T + 1)[0].held_usd == 0
+    a.apply_state(state("0.50", computed=T + 5))  # too soon: the rollups may not hold it yet
+    assert a._budgets("search_answer", "", T + 5)[0].held_usd == Decimal("0.003")
+    a.apply_state(state("0.503", computed=T + 31))
+    assert a._budgets("search_answer", "", T + 31)[0].held_usd == 0
 
 
 def test_a_request_the_budget_cannot_hold_falls_back_or_is_denied_with_an_auditable_payload() -> None:
@@ -189,3 +191,19 @@ def test_policy_documents_are_validated_with_their_lines() -> None:
     assert any(p.startswith("policy.yaml:7: on_stale_state: must be one of open, closed") for p in err.value.problems)
     assert any("features.search_answer.fallback_model: 'gpt-4.1-mini' is not provider/model" in p
                for p in err.value.problems)
+
+
+def test_other_gateways_holds_in_the_state_and_this_gateways_share_limit_what_it_admits() -> None:
+    # The budget stage publishes the gateways' open reservations (reserved_by_gateway); this gateway counts the
+    # others' and replaces its own by its live holds. With share 1/3, it holds at most a third of what is left.
+    a, _ = admission(policy("p1", T - 3600, on_breach="deny"))
+    a.apply_state({**state("0.90"), "reserved_usd": "0.05", "reserved_by_gateway": {"gw-1": "0.02", "gw-2": "0.03"}})
+    (b,) = a._budgets("search_answer", "", T)
+    assert b.remaining_usd == Decimal("0.07")  # 1.00 − 0.90 spent − 0.03 held by gw-2 (gw-1's own is live here)
+    admitted = sum(a.reserve(request_id=f"s-{i}", **REQ).admitted for i in range(20))
+    assert admitted == int(Decimal("0.07") / WORST) == 9
+    shared, _ = admission(policy("p1", T - 3600, on_breach="deny"))
+    shared.share = Decimal(1) / 3
+    shared.apply_state(state("0.90"))
+    admitted = sum(shared.reserve(request_id=f"t-{i}", **REQ).admitted for i in range(20))
+    assert admitted == int(Decimal("0.10") / 3 / WORST) == 4  # a third of the 0.10 left
