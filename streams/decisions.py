@@ -22,10 +22,10 @@ from streams.sink import RecordWriter
 DECISION_COLUMNS: tuple[str, ...] = (
     "decided_at", "decision_id", "gateway_id", "action", "reason", "request_id", "parent_request_id",
     "logical_request_id", "feature_id", "tenant_id", "tier", "provider", "model", "budgets", "reserve_delta_usd",
-    "requested_usd", "cost_usd", "policy_version", "price_card_version", "record",
+    "requested_usd", "cost_usd", "avoided_usd", "policy_version", "price_card_version", "record",
 )
 _REQUIRED = ("decided_at", "decision_id", "gateway_id", "action")
-_MONEY = ("reserve_delta_usd", "requested_usd", "cost_usd")
+_MONEY = ("reserve_delta_usd", "requested_usd", "cost_usd", "avoided_usd")
 _ACTIONS = frozenset({"admit", "fallback", "deny", "attempt", "settle"})
 
 

@@ -317,6 +317,14 @@ def build_queries(period: Period, wow_to: datetime) -> dict[str, str]:
             "toString(min(ts)) AS first_seen FROM {db}.usage_events_current "
             f"WHERE ts >= {_dt64(lookback)} AND ts < {_dt64(period.end)} AND deploy_version != '' "
             "GROUP BY team_id, endpoint_key, deploy_version ORDER BY team_id, endpoint_key, first_seen"),
+        "admission": (
+            "SELECT o.team_id, d.feature_id, d.action, d.reason, toInt64(count()) AS decisions, "
+            "toString(sum(d.avoided_usd)) AS avoided_usd FROM {db}.budget_decisions AS d FINAL "
+            "LEFT JOIN (SELECT feature_id, any(team_id) AS team_id FROM {db}.usage_events_current "
+            f"WHERE {in_period_ts} GROUP BY feature_id) AS o ON d.feature_id = o.feature_id "
+            f"WHERE d.decided_at >= {_dt64(period.start)} AND d.decided_at < {_dt64(period.end)} "
+            "AND d.action IN ('deny', 'fallback') GROUP BY o.team_id, d.feature_id, d.action, d.reason "
+            "ORDER BY o.team_id, d.feature_id, d.action, d.reason"),
         "cost_centers": (
             "SELECT team_id, arrayStringConcat(arraySort(groupUniqArray(cost_center)), ', ') AS cost_centers "
             f"FROM {{db}}.usage_events_current WHERE {in_period_ts} AND team_id != '' "
@@ -385,6 +393,8 @@ class ChargebackData:
     cost_centers: dict[str, str]
     wow_to: datetime
     extra_notes: tuple[str, ...] = field(default=())
+    # team, feature, action, reason, decisions, cost avoided: the gateways' denials and fallbacks (budget_decisions)
+    admission: list[tuple[str, str, str, str, int, Decimal]] = field(default_factory=list)
 
 
 def _team(raw: Any) -> str:
@@ -407,7 +417,10 @@ def parse_results(results: Mapping[str, Sequence[Sequence[Any]]], wow_to: dateti
     unattributed = [(str(r[0]), str(r[1]), int(r[2]), Decimal(str(r[3]))) for r in results["unattributed"]]
     deploys = [Deploy(_team(r[0]), str(r[1]) or "(none)", str(r[2]), _ts(r[3])) for r in results["deploys"]]
     centers = {_team(r[0]): str(r[1]) for r in results["cost_centers"]}
-    return ChargebackData(daily, weekly, requests, endpoints, unattributed, deploys, centers, wow_to)
+    admission = [(_team(r[0]), str(r[1]), str(r[2]), str(r[3]), int(r[4]), Decimal(str(r[5])))
+                 for r in results.get("admission", ())]
+    return ChargebackData(daily, weekly, requests, endpoints, unattributed, deploys, centers, wow_to,
+                          admission=admission)
 
 
 def fetch(query: QueryFn, period: Period, now: datetime,
@@ -713,6 +726,15 @@ def build_report(kind: Kind, data: ChargebackData, period: Period, items: Sequen
         "unattributed", "Unattributed spend by reason", ("reason", "feature_id", "attempts", "cost_usd",
                                                          "pct_of_total"), unattr, None,
         ("Register these features (or api keys) in the owners registry, or have gateways send team_id.",)))
+
+    tables.append(Table(
+        "admission", "Gateway admission: denials and fallbacks",
+        ("team", "feature_id", "action", "reason", "decisions", "avoided_usd"),
+        [(team, feature or "(none)", action, reason, n, avoided) for team, feature, action, reason, n, avoided
+         in sorted(data.admission, key=lambda a: (-a[5], a[0], a[1], a[2], a[3]))], None,
+        ("What the gateways' admission clients refused or routed to a cheaper model (docs/admission.md). "
+         "avoided_usd: the worst-case cost kept from being spent, a denial's whole request, a fallback's "
+         "difference; an upper bound on the real saving, since a request rarely uses its whole worst case.",)))
 
     verb = "would be allocated" if showback else "allocated"
     tables.append(Table(

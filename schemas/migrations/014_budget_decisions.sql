@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS {db}.budget_decisions
     reserve_delta_usd   Decimal(38, 18),
     requested_usd       Decimal(38, 18),
     cost_usd            Decimal(38, 18),
+    avoided_usd         Decimal(38, 18),
     policy_version      LowCardinality(String),
     price_card_version  LowCardinality(String),
     record              String CODEC(ZSTD(3)),

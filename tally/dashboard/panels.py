@@ -209,6 +209,20 @@ WHERE state = 'firing' AND {_filter("team")}
 ORDER BY severity = 'critical' DESC, detected_at DESC
 LIMIT 50"""),
     Panel(
+        id="admission", title="Gateway admission: denials and fallbacks", kind="table",
+        units={"decisions": "count"},
+        description="What the gateways' admission clients refused or routed to a cheaper model in the range, by "
+                    "feature and reason, and the cost it kept from being spent at worst (USD: a denial's whole "
+                    "request, a fallback's difference). Decisions carry no team or environment: those filters do "
+                    "not apply.",
+        sql="""SELECT feature_id, action, reason, count() AS decisions, sum(avoided_usd) AS avoided_usd,
+       max(decided_at) AS last_at
+FROM ${database}.budget_decisions FINAL
+WHERE $__timeFilter(decided_at) AND action IN ('deny', 'fallback')
+GROUP BY feature_id, action, reason
+ORDER BY avoided_usd DESC, decisions DESC
+LIMIT 50"""),
+    Panel(
         id="budget_burn", title="Budget burn", kind="budget",
         units={"burn_usd_per_hour": "usd_per_hour"},
         description="Spend so far in the UTC day and month of the range's end, per feature and tenant, and the "

@@ -272,16 +272,21 @@ class Admission:
             reasons: bool = reasoning if reasoning is not None else (
                 policy is not None and (provider, model) in policy.reasoning_models)
             args = (now, request_id, parent_request_id, feature_id, tenant_id, tier)
+            asked = self._worst_case(card, provider, model, input_tokens, max_output_tokens,
+                                     (rule.max_reasoning_tokens or 0) if reasons else 0)
+            asked_usd = asked[0] if asked is not None else ZERO  # the cost a denial or a fallback avoids
             if reasons and rule.reasoning == "deny":
                 if rule.fallback_model is None:
-                    return self._decision(DENY, REASONING_DENIED, provider, model, None, *args, ZERO, (), policy, card)
+                    return self._decision(DENY, REASONING_DENIED, provider, model, None, *args, asked_usd, (),
+                                          policy, card)
                 provider, model = rule.fallback_model
                 reasons = policy is not None and (provider, model) in policy.reasoning_models
                 routed = REASONING_DENIED
             else:
                 routed = ""
-            worst = self._worst_case(card, provider, model, input_tokens, max_output_tokens,
-                                     (rule.max_reasoning_tokens or 0) if reasons else 0)
+            worst = asked if not routed else self._worst_case(card, provider, model, input_tokens,
+                                                              max_output_tokens,
+                                                              (rule.max_reasoning_tokens or 0) if reasons else 0)
             if worst is None:
                 if policy is not None and policy.on_unpriced == "deny":
                     return self._decision(DENY, UNPRICED_MODEL, provider, model, None, *args, ZERO, (), policy, card)
@@ -314,7 +319,8 @@ class Admission:
                 self._held[b.key] = self._held.get(b.key, ZERO) + worst[0]
             reason = routed or (STALE_STATE if stale else (WITHIN_BUDGET if budgets else NO_BUDGET))
             return self._decision(FALLBACK if routed else ADMIT, reason, provider, model, reservation, *args,
-                                  worst[0], reservation.budgets, policy, card, budgets)
+                                  worst[0], reservation.budgets, policy, card, budgets,
+                                  avoided=max(asked_usd - worst[0], ZERO) if routed else ZERO)
 
     def _worst_case(self, card: PriceCard | None, provider: str, model: str, input_tokens: int, output: int,
                     reasoning: int) -> tuple[Decimal, Decimal] | None:
@@ -373,7 +379,7 @@ class Admission:
     def _decision(self, action: str, reason: str, provider: str, model: str, reservation: Reservation | None,
                   now: float, request_id: str, parent_request_id: str, feature_id: str, tenant_id: str, tier: str,
                   reserve: Decimal, budgets: tuple[str, ...], policy: RoutingPolicy | None, card: PriceCard | None,
-                  standing: list[Budgeted] | None = None) -> Decision:
+                  standing: list[Budgeted] | None = None, avoided: Decimal | None = None) -> Decision:
         windows = {b.key: {"remaining_usd": _usd(b.remaining_usd), "period_end": b.period_end,
                            "state_computed_at": b.computed_text}
                    for b in standing or ()}
@@ -387,6 +393,8 @@ class Admission:
             "budgets": list(budgets), "budget_windows": windows,
             "reserve_delta_usd": _usd(reserve if action != DENY else ZERO),
             "requested_usd": _usd(reserve),
+            # what the decision kept from being spent at worst: a denial's whole request, a fallback's difference
+            "avoided_usd": _usd(reserve if action == DENY else (avoided or ZERO)),
             "policy_version": policy.version if policy is not None else "",
             "price_card_version": card.version if card is not None else "",
         }

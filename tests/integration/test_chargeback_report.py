@@ -1,7 +1,7 @@
 """The chargeback report on real ClickHouse (chDB): known priced rows written by the sinks, figures checked by hand."""
 
 import itertools
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal as D
 
 import orjson
@@ -257,3 +257,29 @@ def test_spend_tagged_with_a_ghost_team_is_unattributed_not_billed(store, docs):
                          f"{{db}}.usage_events WHERE event_id = '{ghost['event_id']}'").rows
     assert [tuple(r) for r in stored] == [("", "ghost_team", "unknown_team",
                                            "team_id: tag=ghost_team not in registry 2026-02-01")]
+
+
+def test_the_gateways_denials_and_fallbacks_are_charged_to_the_feature_s_team(loaded):
+    from streams.decisions import DecisionWriter, decode_decisions
+    from streams.records import Source
+    from tally.reference import parse_reference_yaml
+    from tally.sdk.admission import Admission
+    from tests.unit.test_admission import CARD, REQ, policy, state
+
+    at = (NOV.start_dt + timedelta(days=20)).timestamp()
+    records: list = []
+    gateway = Admission("gw-cb", publish=records.append, clock=lambda: at)
+    gateway.apply_references(parse_reference_yaml(CARD, "card") + parse_reference_yaml(policy("p", at - 60), "p"))
+    when = datetime.fromtimestamp(at, UTC)
+    gateway.apply_state({**state("0.995"), "key": "feature:summarize_email_v2:day", "id": "summarize_email_v2",
+                         "computed_at": when.isoformat(), "period_end": (when + timedelta(hours=1)).isoformat()})
+    ask = {**REQ, "feature_id": "summarize_email_v2"}
+    gateway.reserve(request_id="big", **{**ask, "model": "gpt-4.1-mini", "max_output_tokens": 90_000})
+    rows, _ = decode_decisions([(b"\n".join(orjson.dumps(r) for r in records), Source("d", 0, 0))])
+    DecisionWriter(loaded).write(rows)
+    report = build_report("chargeback", fetch_data(query_of(loaded), NOV, NOW), NOV, parse_rules(RULES, "r.yaml"),
+                          NOW, "chDB")
+    assert table(report, "admission") == [{
+        "team": "inbox", "feature_id": "summarize_email_v2", "action": "deny",
+        "reason": "reservation_exceeds_remaining", "decisions": 1,
+        "avoided_usd": D("0.0004") + D("0.144")}]  # 1,000 input + 90,000 output of gpt-4.1-mini

@@ -3,6 +3,7 @@
 from datetime import UTC, timedelta
 from decimal import Decimal
 
+import orjson
 import pytest
 
 from ops.simulate import TrafficGenerator, catalog_from_reference
@@ -39,6 +40,7 @@ COLUMNS = {
     "open_anomalies": ["started_at", "detected_at", "feature_id", "team_id", "signal", "severity", "value",
                        "baseline", "score", "dimension", "dimension_value", "explanation"],
     "budget_burn": ["scope", "id", "spent_today_usd", "spent_month_usd", "burn_usd_per_hour"],
+    "admission": ["feature_id", "action", "reason", "decisions", "avoided_usd", "last_at"],
 }
 ANOMALY_COLUMNS = ["detected_at", "started_at", "feature_id", "team_id", "signal", "value", "baseline", "score",
                    "severity", "state", "dimension", "dimension_value", "explanation", "incident_id", "incident_key"]
@@ -68,7 +70,31 @@ def panel_store(store, docs):
             anomaly(END - timedelta(minutes=10), "query_rewrite", "firing", "critical"),
             anomaly(END + timedelta(minutes=10), "semantic_rerank", "firing")]  # after the range: not yet open
     store.client.insert(f"{store.db}.anomalies", rows, column_names=ANOMALY_COLUMNS)
+    write_decisions(store)
     return store
+
+
+def write_decisions(store) -> None:
+    """A gateway's admission records in the range: one admitted, one routed to a cheaper model, two denied."""
+    from streams.decisions import DecisionWriter, decode_decisions
+    from streams.records import Source
+    from tally.reference import parse_reference_yaml
+    from tally.sdk.admission import Admission
+    from tests.unit.test_admission import CARD, REQ, policy, state
+
+    at = (END - timedelta(minutes=15)).timestamp()
+    records: list = []
+    gateway = Admission("gw-panel", publish=records.append, clock=lambda: at)
+    gateway.apply_references(parse_reference_yaml(CARD, "card") + parse_reference_yaml(policy("p", at - 60), "p"))
+    gateway.apply_state({**state("0.995"), "computed_at": END.isoformat(), "period_end": (END + timedelta(
+        hours=1)).isoformat()})
+    gateway.reserve(request_id="ok", **{**REQ, "model": "gpt-4.1-mini"})
+    gateway.reserve(request_id="routed", **REQ)  # o4-mini does not fit: gpt-4.1-mini does
+    for i in range(2):
+        gateway.reserve(request_id=f"no-{i}", **{**REQ, "model": "gpt-4.1-mini", "max_output_tokens": 90_000})
+    rows, dead = decode_decisions([(b"\n".join(orjson.dumps(r) for r in records), Source("d", 0, 0))])
+    assert not dead
+    DecisionWriter(store).write(rows)
 
 
 def usage_total(store, where):
@@ -109,6 +135,11 @@ def test_panel_numbers_equal_the_sources(panel_store):
     assert len(top) == 10 and [r[2] for r in top] == sorted((r[2] for r in top), reverse=True)
     assert all(r[3] > 0 for r in top)  # every top feature also spent in the last seven days
     assert all(r[1] for r in top)  # a feature without a team is named "(unattributed)", never a blank team
+
+    admission = {(r[0], r[1], r[2]): (r[3], r[4]) for r in q(render(PANELS_BY_ID["admission"].sql, f, db)).rows}
+    assert set(admission) == {("search_answer", "fallback", "reservation_exceeds_remaining"),
+                              ("search_answer", "deny", "reservation_exceeds_remaining")}
+    assert admission[("search_answer", "deny", "reservation_exceeds_remaining")][0] == 2
 
     open_now = q(render(PANELS_BY_ID["open_anomalies"].sql, f, db)).rows
     assert [(r[2], r[5]) for r in open_now] == [("query_rewrite", "critical")]

@@ -181,7 +181,9 @@ def test_allocations_always_sum_exactly_to_the_item(amount, ws):
 # ---------------------------------------------------------------- queries and parsing
 def test_queries_cover_the_period_and_count_requests_with_sign():
     qs = build_queries(NOV, datetime(2026, 11, 24, 11, tzinfo=UTC))
-    assert set(qs) == {"daily", "weekly", "requests", "endpoints", "unattributed", "deploys", "cost_centers"}
+    assert set(qs) == {"daily", "weekly", "requests", "endpoints", "unattributed", "deploys", "cost_centers",
+                       "admission"}
+    assert "budget_decisions AS d FINAL" in qs["admission"] and "'deny', 'fallback'" in qs["admission"]
     assert "toDateTime('2026-10-25 00:00:00', 'UTC')" in qs["daily"]  # a week of lookback
     assert "bucket < toDateTime('2026-12-01 00:00:00', 'UTC')" in qs["daily"]
     assert "toDateTime('2026-11-10 11:00:00', 'UTC')" in qs["weekly"]  # two 7-day windows
@@ -191,7 +193,7 @@ def test_queries_cover_the_period_and_count_requests_with_sign():
     assert "attribution_status = 'unattributed'" in qs["unattributed"]
     for sql in qs.values():
         assert "{db}." in sql and " / " not in sql  # no Decimal division in ClickHouse
-    for name in ("daily", "weekly", "requests", "endpoints", "unattributed"):  # money read exactly, as text
+    for name in ("daily", "weekly", "requests", "endpoints", "unattributed", "admission"):  # money exactly, as text
         assert "toString(sum" in qs[name]
 
 
