@@ -76,13 +76,15 @@ def cli(ctx: click.Context, **overrides: Any) -> None:
 @click.option("--rate", type=float, default=300.0, show_default=True, help="Simulated events per second.")
 @click.option("--seed", type=int, default=None, help="Simulator seed (default: time-based).")
 @click.option("--no-simulate", is_flag=True, help="Start the stack without simulated traffic.")
+@click.option("--gateways", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Send the simulated traffic through this many gateways' admission clients (budgets, policy).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Process workers beside the sink, each an OS process [default: the cores less one, at least 1].")
 @click.option("--role", type=click.Choice(ROLES), default=None,
               help="One worker of this role instead (all: every stage in one process).")
 @pass_ctx
 def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_simulate: bool,
-        workers: int | None, role: str | None) -> None:
+        workers: int | None, role: str | None, gateways: int) -> None:
     """Run the whole local stack in the foreground: Kafka, workers, traffic simulator, live status. Ctrl-C stops.
 
     The sink and the process workers run as separate OS processes (`--workers N`), as in production.
@@ -118,9 +120,12 @@ def run(c: Ctx, references: tuple[Path, ...], rate: float, seed: int | None, no_
             sim_counter = [0]
             if not no_simulate:
                 sim_thread = threading.Thread(target=_simulate_until, name="simulator",
-                                              args=(s, sim_docs, rate, seed, stop, sim_counter), daemon=True)
+                                              args=(s, sim_docs, rate, seed, stop, sim_counter, gateways),
+                                              daemon=True)
                 sim_thread.start()
-                console.print(f"  simulator  {rate:g} events/s")
+                console.print(f"  simulator  {rate:g} events/s"
+                              + (f" through {gateways} gateways' admission (budgets, routing policy)" if gateways
+                                 else ""))
             pager = threading.Thread(target=_page_to_stdout, name="pager", args=(s, stop), daemon=True)
             pager.start()
             console.print("  pager      anomaly and budget alerts print here, one line each "
@@ -222,14 +227,22 @@ def _page_to_stdout(s: Settings, stop: threading.Event) -> None:
 
 
 def _simulate_until(s: Settings, docs: Sequence[Any], rate: float, seed: int | None, stop: threading.Event,
-                    counter: list[int]) -> None:
+                    counter: list[int], gateways: int = 0) -> None:
     from ops.simulate import TrafficGenerator, catalog_from_reference, publish_paced
     from tally.sdk.publisher import Publisher
 
     gen = TrafficGenerator(catalog_from_reference(docs), seed=seed if seed is not None else int(time.time()),
                            rate=rate, live=True)
-    with Publisher(s.kafka, s.topics.usage, partitions=s.partitions) as pub:
-        publish_paced(pub.publish_line, gen.lines(10**12), rate, stop.is_set, counter)
+    admitted = _simulated_gateways(s, gateways) if gateways else None
+    try:
+        with Publisher(s.kafka, s.topics.usage, partitions=s.partitions) as pub:
+            lines = admitted[0].lines(gen, 10**12) if admitted else gen.lines(10**12)
+            publish_paced(pub.publish_line, lines, rate, stop.is_set, counter)
+    finally:
+        if admitted:
+            admitted[1].flush()
+            for follower in admitted[2]:
+                follower.stop()
 
 
 @cli.command()
@@ -387,10 +400,13 @@ def publish(c: Ctx, file: str, topic: str | None) -> None:
 @click.option("--incident-feature", default=None,
               help="The feature the incident hits (default: the busiest feature of the traffic).")
 @click.option("--incident-tenant", default="tenant-031", show_default=True, help="The tenant of a runaway_loop.")
+@click.option("--gateways", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Decide every request through this many simulated gateways' admission clients first (the "
+                   "stack's budgets and routing policy): denied requests are not sent, fallbacks are.")
 @pass_ctx
 def simulate(c: Ctx, rate: float, duration: float | None, count: int | None, seed: int, bad_rate: float,
              references: tuple[Path, ...], output: Path | None, incident: str | None, incident_feature: str | None,
-             incident_tenant: str) -> None:
+             incident_tenant: str, gateways: int) -> None:
     """Realistic synthetic gateway traffic through the SDK (or to a file with --output).
 
     With --incident, only that incident's requests are sent (every request on one feature, shaped by the
@@ -431,12 +447,39 @@ def simulate(c: Ctx, rate: float, duration: float | None, count: int | None, see
     s = c.settings
     sent = [0]
     started = time.monotonic()
+    admitted = _simulated_gateways(s, gateways) if gateways else None
     try:
         with Publisher(s.kafka, s.topics.usage) as pub:
-            publish_paced(pub.publish_line, gen.lines(limit), rate, sent=sent)
+            lines = admitted[0].lines(gen, limit) if admitted else gen.lines(limit)
+            publish_paced(pub.publish_line, lines, rate, sent=sent)
     except KeyboardInterrupt:
         pass
+    finally:
+        if admitted:
+            sim, decisions, followers = admitted
+            decisions.flush()
+            for follower in followers:
+                follower.stop()
+            console.print(f"admission through {gateways} gateways: {sim.admitted:,} admitted, {sim.fallbacks:,} "
+                          f"routed to a fallback model, {sim.denied:,} denied")
     console.print(f"published {sent[0]:,} lines in {time.monotonic() - started:.1f}s")
+
+
+def _simulated_gateways(s: Settings, n: int) -> tuple[Any, Any, list[Any]]:
+    """Return N admission clients and the producer of their decisions.
+
+    Each follows the stack's topics and holds at most 1/N of what a budget has left.
+    """
+    from decimal import Decimal
+
+    from ops.simulate import SimulatedGateways
+    from tally.sdk.admission import Admission, Follower, KafkaDecisions
+
+    t = s.topics
+    decisions = KafkaDecisions(s.kafka, t.budget_decisions)
+    admissions = [Admission(f"sim-gw-{i + 1}", publish=decisions.publish, share=Decimal(1) / n) for i in range(n)]
+    followers = [Follower(a, s.kafka, t.budget_state, (t.price_cards, t.policies)).start(60) for a in admissions]
+    return SimulatedGateways(admissions), decisions, followers
 
 
 # ---------------------------------------------------------------- reference data

@@ -351,3 +351,70 @@ class TrafficGenerator:
             for e in self.logical_request():
                 yield orjson.dumps(e)
                 produced += 1
+
+
+class SimulatedGateways:
+    """Traffic through `tally.sdk.admission`: each logical request is decided before it "leaves", as a gateway would.
+
+    Requests go round-robin to the gateways. A denied request is never sent (no usage event: the call never left);
+    a request routed to a fallback model is sent on that model; an admitted one is sent as drawn. Each is settled
+    with its attempts' exact cost from the card in effect, so the reservation is released and the spend debited.
+    """
+
+    def __init__(self, gateways: Sequence[Any]) -> None:
+        self.gateways = list(gateways)
+        self.admitted = self.fallbacks = self.denied = 0
+        self._next = 0
+
+    def admit(self, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The attempts to send for one logical request (none when it is denied)."""
+        from decimal import Decimal
+
+        from streams.enrich import price_event
+
+        gateway = self.gateways[self._next % len(self.gateways)]
+        self._next += 1
+        first = events[0]
+        usage = first.get("usage") or {}
+        asked = max((e.get("usage") or {}).get("output_tokens", 0) + (e.get("usage") or {}).get(
+            "reasoning_tokens", 0) for e in events)
+        decision = gateway.reserve(
+            request_id=first["request_id"], feature_id=first["tags"].get("feature_id", ""),
+            tenant_id=first["tags"].get("tenant_id", ""), provider=first["provider"],
+            model=first.get("model_requested") or first["model_actual"],
+            input_tokens=int(usage.get("input_tokens", 0)), max_output_tokens=max(256, 2 * int(asked)))
+        if not decision.admitted:
+            self.denied += 1
+            return []
+        if decision.action == "fallback":
+            self.fallbacks += 1
+            for e in events:
+                e["provider"], e["model_actual"] = decision.provider, decision.model
+                e["model_requested"] = decision.model
+                e.pop("fallback_from", None)
+        else:
+            self.admitted += 1
+        if decision.reservation is not None and decision.reservation.attempts == 1:  # one settle per request
+            refs = gateway._refs.snapshot()
+            cost = Decimal(0)
+            for e in events:
+                card = refs.price_card_at(datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")))
+                cost += price_event(e, card).total
+            decision.reservation.settle(cost)
+        return events
+
+    def lines(self, gen: TrafficGenerator, count: int) -> Iterator[bytes]:
+        """`count` lines of `gen`'s traffic, each logical request decided first (bad lines pass, as they do)."""
+        produced = 0
+        while produced < count:
+            if gen.rng.random() < gen.bad_rate:
+                yield gen.bad_line()
+                produced += 1
+                continue
+            events = gen.logical_request()
+            sent = self.admit(events)
+            if not sent:  # a denied request still took its time to arrive: keep the pace, never spin
+                time.sleep(len(events) / gen.rate)
+            for e in sent:
+                yield orjson.dumps(e)
+                produced += 1

@@ -3,6 +3,7 @@ budget_decisions, every denial with its payload."""
 
 from __future__ import annotations
 
+import re
 import time
 from decimal import Decimal
 
@@ -11,6 +12,7 @@ import pytest
 
 from tally.reference import parse_reference_yaml
 from tally.sdk.admission import Admission, KafkaDecisions
+from tests.e2e.conftest import EXAMPLES
 from tests.unit.test_admission import CARD, REQ, T, policy, state
 
 pytestmark = pytest.mark.e2e
@@ -86,3 +88,39 @@ def test_three_gateway_processes_against_one_small_budget_hold_within_the_docume
     assert granted <= bound * BUDGET, (granted, results)
     if bound == 1:
         assert granted > BUDGET / 2  # the shares were used, not refused for nothing
+
+
+def test_simulated_traffic_through_gateways_trips_a_budget_live(stack, tmp_path) -> None:
+    """`tally simulate --gateways 2` decides every request through two admission clients following the stack: a
+    tiny inbox budget trips, denied requests are never sent, and every decision lands in budget_decisions."""
+    stack.env["TALLY_BUDGET_INTERVAL_S"] = "1"
+    stack.tally("up", "--role", "all", timeout=180)
+    (tmp_path / "budgets.yaml").write_text(BUDGETS_YAML.replace("search_answer", "summarize_email_v2").replace(
+        '"0.10"', '"0.02"'))
+    stack.tally("reference", "load", str(EXAMPLES / "price_cards.yaml"), str(EXAMPLES / "owners.yaml"),
+                str(EXAMPLES / "policies.yaml"), str(tmp_path / "budgets.yaml"))
+    deadline = time.monotonic() + 60
+    while "summarize_email_v2" not in stack.tally("budgets", check=False).stdout.decode():
+        assert time.monotonic() < deadline, "no budget state within 60 s"
+        time.sleep(1)
+    out = stack.tally("simulate", "--gateways", "2", "--count", "3000", "--rate", "300", "--bad-rate", "0",
+                      timeout=240).stderr.decode()
+    said = re.search(r"admission through 2 gateways: ([\d,]+) admitted, ([\d,]+) routed to a fallback model, "
+                     r"([\d,]+) denied", out)
+    assert said, out[-2000:]
+    admitted, routed, denied = (int(g.replace(",", "")) for g in said.groups())
+    assert admitted > 0 and denied > 0, out[-2000:]  # the budget tripped (fallbacks: test_simulate_admission.py)
+    published = int(re.search(r"published ([\d,]+) lines", out).group(1).replace(",", ""))  # type: ignore[union-attr]
+    stack.tally("wait", "--timeout", "180", timeout=240)
+    events = stack.query("SELECT count() AS n FROM tally.usage_events")[0]["n"]
+    assert events == published  # a denied request never left: nothing of it was published
+    deadline = time.monotonic() + 90
+    while True:
+        by_action = {r["action"]: r["n"] for r in stack.query(
+            "SELECT action, count() AS n FROM tally.budget_decisions FINAL GROUP BY action")}
+        if by_action.get("deny", 0) == denied and by_action.get("fallback", 0) == routed or \
+                time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert (by_action.get("admit", 0), by_action.get("fallback", 0), by_action.get("deny", 0)) == (
+        admitted, routed, denied)

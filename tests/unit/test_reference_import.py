@@ -218,4 +218,4 @@ def test_tally_run_loads_the_imported_card_and_the_sample_org() -> None:
     assert files[:2] == [GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH]
     assert all(f.name != "price_cards.yaml" for f in files)
     kinds = {d.kind for d in load_reference_files(files)}
-    assert kinds == {"price_card", "model_aliases", "owners", "budgets"}
+    assert kinds == {"price_card", "model_aliases", "owners", "budgets", "routing_policy"}
