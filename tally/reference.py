@@ -991,14 +991,21 @@ class RoutingPolicy:
     default: PolicyRule
     tiers: Mapping[str, PolicyRule]
     features: Mapping[str, PolicyRule]
+    _rules: dict[tuple[str, str], PolicyRule] = field(default_factory=dict, compare=False, repr=False)
 
     def rule(self, feature_id: str, tier: str = "") -> PolicyRule:
-        """The rule for a request: its feature's, over its tier's, over the default."""
+        """The rule for a request: its feature's, over its tier's, over the default (memoized, bounded)."""
+        key = (feature_id, tier)
+        found = self._rules.get(key)
+        if found is not None:
+            return found
         merged = self.default
         if tier in self.tiers:
             merged = self.tiers[tier].over(merged)
         if feature_id in self.features:
             merged = self.features[feature_id].over(merged)
+        if len(self._rules) < _MEMO_MAX:  # feature and tier names come from gateways
+            self._rules[key] = merged
         return merged
 
 

@@ -34,6 +34,7 @@ reserve, deny and settle records keyed by budget, so finance can audit a denial 
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -82,7 +83,7 @@ class _State:
     others_reserved_usd: Decimal = ZERO  # the other gateways' open reservations, as the budget stage saw them
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Budgeted:
     """One budget's standing as this gateway sees it: the last state and its own holds since."""
 
@@ -171,6 +172,8 @@ class Decision:
 
 def _usd(value: Decimal) -> str:
     """Exact money as plain text without padding zeros (0.0077, not 0.0077000 or 7.7E-3)."""
+    if not value:
+        return "0"
     text = format(value, "f")
     text = text.rstrip("0").rstrip(".") if "." in text else text
     return "0" if text in ("", "-0") else text
@@ -200,6 +203,8 @@ class Admission:
                  settle_lag_s: float = 30.0) -> None:
         self.gateway_id = gateway_id
         self._publish = publish
+        # decision ids: unique per client (a random prefix) and cheap per decision (a counter)
+        self._ids = (f"{uuid.uuid4().hex}-{n}" for n in itertools.count(1))
         self._clock = clock
         # This gateway may hold at most `share` of what a budget has left (N gateways, share 1/N: together they
         # cannot hold more than is left between two states); a settled cost stays debited here until a state
@@ -380,11 +385,12 @@ class Admission:
                   now: float, request_id: str, parent_request_id: str, feature_id: str, tenant_id: str, tier: str,
                   reserve: Decimal, budgets: tuple[str, ...], policy: RoutingPolicy | None, card: PriceCard | None,
                   standing: list[Budgeted] | None = None, avoided: Decimal | None = None) -> Decision:
+        # the budget windows as the decision saw them: what a denial or a fallback is audited by
         windows = {b.key: {"remaining_usd": _usd(b.remaining_usd), "period_end": b.period_end,
                            "state_computed_at": b.computed_text}
-                   for b in standing or ()}
+                   for b in standing or ()} if action != ADMIT else {}
         record = {
-            "kind": "admission", "decision_id": str(uuid.uuid4()), "decided_at": _utc(now),
+            "kind": "admission", "decision_id": next(self._ids), "decided_at": _utc(now),
             "gateway_id": self.gateway_id, "action": action, "reason": reason,
             "request_id": request_id, "parent_request_id": parent_request_id,
             "logical_request_id": parent_request_id or request_id,
@@ -405,7 +411,7 @@ class Admission:
     def _record(self, action: str, reservation: Reservation, extra: Mapping[str, Any]) -> None:
         if self._publish is None:
             return
-        self._publish({"kind": "admission", "decision_id": str(uuid.uuid4()), "decided_at": _utc(self._clock()),
+        self._publish({"kind": "admission", "decision_id": next(self._ids), "decided_at": _utc(self._clock()),
                        "gateway_id": self.gateway_id, "action": action,
                        "logical_request_id": reservation.logical_id, "budgets": list(reservation.budgets),
                        "reserve_delta_usd": _usd(-reservation.amount_usd if action == "settle" else ZERO),
