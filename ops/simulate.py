@@ -395,10 +395,9 @@ class SimulatedGateways:
         else:
             self.admitted += 1
         if decision.reservation is not None and decision.reservation.attempts == 1:  # one settle per request
-            refs = gateway._refs.snapshot()
             cost = Decimal(0)
             for e in events:
-                card = refs.price_card_at(datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")))
+                card = gateway.price_card_at(datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")))
                 cost += price_event(e, card).total
             decision.reservation.settle(cost)
         return events

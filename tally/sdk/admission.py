@@ -250,6 +250,10 @@ class Admission:
         for doc in docs:
             self.apply_reference(doc)
 
+    def price_card_at(self, ts: datetime) -> PriceCard | None:
+        """The price card this client prices with at `ts` (to settle a request at its exact cost)."""
+        return self._refs.snapshot().price_card_at(ts)
+
     # -- deciding --------------------------------------------------------------------------------------------
 
     def reserve(self, *, request_id: str, feature_id: str, provider: str, model: str, input_tokens: int,
