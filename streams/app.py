@@ -150,6 +150,12 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         table_standby_replicas=0,
         stream_buffer_maxsize=settings.process_batch_messages * 4,
         web_enabled=serves_web or process_http,
+        # Only tally's own pages: Faust's built-in /table, /router, /graph and statistics pages would serve the
+        # workers' state (open logical requests, detector snapshots) to anyone who reaches the port.
+        web_tables_enabled=False,
+        web_router_enabled=False,
+        web_graph_enabled=False,
+        web_stats_enabled=False,
         web_bind=settings.web_host,
         web_host=settings.web_host,
         web_port=settings.process_web_port if process_http else settings.web_port,  # (unused when disabled)

@@ -68,8 +68,11 @@ def wire_health(ctx: RoleContext) -> None:
 
     def rebalancing() -> Check:
         busy = bool(getattr(app, "rebalancing", False))
-        return Check("partitions_assigned", not busy, "rebalancing" if busy else
-                     f"{len(app.consumer.assignment())} partitions assigned")
+        try:
+            assigned = len(app.consumer.assignment())
+        except Exception:  # the consumer is not started yet: not ready, not an error page
+            return Check("partitions_assigned", False, "the consumer is starting")
+        return Check("partitions_assigned", not busy, "rebalancing" if busy else f"{assigned} partitions assigned")
 
     def reference() -> Check:
         return Check("reference_data", stats.reference_ready,

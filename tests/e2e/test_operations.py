@@ -92,6 +92,10 @@ def test_every_worker_serves_metrics_and_probes_that_match_what_it_did(stack):
               for url in (sink_url, process_url)}
     assert checks == {sink_url: {"partitions_assigned", "sink_caught_up"},
                       process_url: {"reference_data", "partitions_assigned"}}
+    # only tally's pages: Faust's built-in pages would serve the workers' state (open requests, detector snapshots)
+    for url in (sink_url, process_url):
+        for page in ("/table/", "/router/", "/graph/", "/stats/"):
+            assert get(f"{url}{page}")[0] == 404, (url, page)
     # the metrics need the API's token, as /api/status does
     assert get(f"{sink_url}/metrics", token=None)[0] == 401
     assert get(f"{process_url}/metrics", token="wrong-token-0000000")[0] == 401
