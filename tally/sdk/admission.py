@@ -210,7 +210,8 @@ class Admission:
         self.gateway_id = gateway_id
         self._publish = publish
         # decision ids: unique per client (a random prefix) and cheap per decision (a counter)
-        self._ids = (f"{uuid.uuid4().hex}-{n}" for n in itertools.count(1))
+        prefix = uuid.uuid4().hex
+        self._ids = (f"{prefix}-{n}" for n in itertools.count(1))
         self._clock = clock
         # This gateway may hold at most `share` of what a budget has left (N gateways, share 1/N: together they
         # cannot hold more than is left between two states); a settled cost stays debited here until a state
@@ -226,6 +227,7 @@ class Admission:
         self._settled_usd: dict[str, Decimal] = {}  # budget key → their sum (kept, not summed per decision)
         # reasoning tokens used and held per session and per feature-day (the policy's ceilings), in this gateway
         self._reasoning: dict[tuple[str, str], int] = {}
+        self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
 
     # -- what it knows ---------------------------------------------------------------------------------------
 
@@ -365,24 +367,31 @@ class Admission:
         with localcontext(MONEY_CONTEXT):
             return p_in * input_tokens + p_out * output + p_re * reasoning, p_out
 
+    def _budget_keys(self, feature_id: str, tenant_id: str) -> tuple[str, ...]:
+        """The budget keys a request can count against (its feature's and tenant's, day and month), memoized."""
+        found = self._keys.get((feature_id, tenant_id))
+        if found is None:
+            found = tuple(f"{scope}:{ident}:{period}" for scope, ident in (("feature", feature_id),
+                                                                           ("tenant", tenant_id))
+                          if ident for period in ("day", "month"))
+            if len(self._keys) < REASONING_COUNTERS_MAX:  # bounded: ids come from gateways
+                self._keys[(feature_id, tenant_id)] = found
+        return found
+
     def _budgets(self, feature_id: str, tenant_id: str, now: float) -> list[Budgeted]:
         out = []
-        for scope, ident in (("feature", feature_id), ("tenant", tenant_id)):
-            if not ident:
+        for key in self._budget_keys(feature_id, tenant_id):
+            state = self._states.get(key)
+            if state is None:
                 continue
-            for period in ("day", "month"):
-                key = f"{scope}:{ident}:{period}"
-                state = self._states.get(key)
-                if state is None:
-                    continue
-                # a new period began since this state: nothing spent in it yet
-                spent = ZERO if state.period_end and now >= state.period_end else state.spent_usd
-                mine = self._held.get(key, ZERO) + self._settled_usd.get(key, ZERO)
-                if self.share < 1:  # this gateway's part of what is left; the rest is the others' headroom
-                    left = state.budget_usd - spent - state.others_reserved_usd
-                    mine += (1 - self.share) * max(left, ZERO)
-                out.append(Budgeted(key, state.budget_usd, spent, mine + state.others_reserved_usd,
-                                    state.computed_at, state.period_end_text, state.computed_text))
+            # a new period began since this state: nothing spent in it yet
+            spent = ZERO if state.period_end and now >= state.period_end else state.spent_usd
+            mine = self._held.get(key, ZERO) + self._settled_usd.get(key, ZERO)
+            if self.share < 1:  # this gateway's part of what is left; the rest is the others' headroom
+                left = state.budget_usd - spent - state.others_reserved_usd
+                mine += (1 - self.share) * max(left, ZERO)
+            out.append(Budgeted(key, state.budget_usd, spent, mine + state.others_reserved_usd,
+                                state.computed_at, state.period_end_text, state.computed_text))
         return out
 
     def _reasoning_keys(self, rule: PolicyRule, feature_id: str, session_id: str,
