@@ -420,8 +420,8 @@ class Admission:
                 return ZERO
             if reasoning_tokens is not None:  # the real reasoning replaces what was held for it
                 for counter in reservation.reasoning_keys:
-                    self._reasoning[counter] = (self._reasoning.get(counter, 0) - reservation.reasoning_tokens
-                                                + reasoning_tokens)
+                    self._reasoning[counter] = max(0, self._reasoning.get(counter, 0) - reservation.reasoning_tokens
+                                                   + reasoning_tokens)  # (an evicted counter starts again at 0)
             reservation.settled = True
             reservation.used_usd = cost
             self._open.pop(reservation.logical_id, None)
