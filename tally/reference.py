@@ -943,21 +943,22 @@ class PolicyRule:
 
     reasoning: "allow" or "deny" a reasoning model; max_reasoning_tokens: the reasoning a request may reserve and
     use; fallback_model: (provider, model) to route to instead of a denied or unaffordable one; on_breach:
-    "fallback" (to fallback_model) or "deny" when the budget cannot hold the request.
+    "fallback" (to fallback_model) or "deny" when the budget cannot hold the request; max_reasoning_tokens_per_session
+    and _per_day: the reasoning tokens a session (the request's session id) and a feature in a UTC day may use, past
+    which a reasoning model is routed to the fallback (or denied).
     """
 
     reasoning: str | None = None
     max_reasoning_tokens: int | None = None
     fallback_model: tuple[str, str] | None = None
     on_breach: str | None = None
+    max_reasoning_tokens_per_session: int | None = None
+    max_reasoning_tokens_per_day: int | None = None
 
     def over(self, base: PolicyRule) -> PolicyRule:
         """Return this rule with `base` filling what it does not say."""
-        return PolicyRule(
-            self.reasoning if self.reasoning is not None else base.reasoning,
-            self.max_reasoning_tokens if self.max_reasoning_tokens is not None else base.max_reasoning_tokens,
-            self.fallback_model if self.fallback_model is not None else base.fallback_model,
-            self.on_breach if self.on_breach is not None else base.on_breach)
+        return PolicyRule(*(mine if mine is not None else theirs  # type: ignore[arg-type]
+                            for mine, theirs in zip(_rule_values(self), _rule_values(base), strict=True)))
 
 
 @dataclass(frozen=True)
@@ -975,6 +976,9 @@ class RoutingPolicy:
         on_stale_state: open         # ... and then admits (open, reason stale_state) or denies (closed)
         on_unpriced: admit           # a model no card prices: admit (reserve 0) or deny
         default: {reasoning: allow, max_reasoning_tokens: 16000, on_breach: deny}
+        # a rule may also cap reasoning per session and per feature and UTC day (tokens), past which a reasoning
+        # model is routed to the fallback (on_breach: fallback) or denied (reason reasoning_ceiling):
+        #   {max_reasoning_tokens_per_session: 50000, max_reasoning_tokens_per_day: 20000000}
         tiers:                       # customer tiers (the request's tier tag)
           free: {reasoning: deny, fallback_model: openai/gpt-4.1-mini, on_breach: fallback}
         features:                    # a feature's rule wins over its tier's, which wins over the default
@@ -1009,7 +1013,13 @@ class RoutingPolicy:
         return merged
 
 
-_POLICY_KEYS = ("reasoning", "max_reasoning_tokens", "fallback_model", "on_breach")
+_POLICY_KEYS = ("reasoning", "max_reasoning_tokens", "fallback_model", "on_breach",
+                "max_reasoning_tokens_per_session", "max_reasoning_tokens_per_day")
+_TOKEN_LIMITS = ("max_reasoning_tokens", "max_reasoning_tokens_per_session", "max_reasoning_tokens_per_day")
+
+
+def _rule_values(rule: PolicyRule) -> tuple[Any, ...]:
+    return tuple(getattr(rule, k) for k in _POLICY_KEYS)
 
 
 def _model_ref(p: _Problems, path: Path_, value: Any) -> tuple[str, str] | None:
@@ -1035,15 +1045,19 @@ def _policy_rule(p: _Problems, path: Path_, value: Any) -> PolicyRule:
     if entry is None:
         return PolicyRule()
     _keys(p, path, entry, (), (*_POLICY_KEYS, "description"))
-    ceiling = entry.get("max_reasoning_tokens")
-    if "max_reasoning_tokens" in entry and (type(ceiling) is not int or not 0 <= ceiling <= 100_000_000):
-        p.add(path + ("max_reasoning_tokens",), f"must be a whole number of tokens, got {_describe(ceiling)}")
-        ceiling = None
+    limits: dict[str, int | None] = {}
+    for key in _TOKEN_LIMITS:
+        value = entry.get(key)
+        if key in entry and (type(value) is not int or not 0 <= value <= 10_000_000_000):
+            p.add(path + (key,), f"must be a whole number of tokens, got {_describe(value)}")
+            value = None
+        limits[key] = value
     return PolicyRule(
         _choice(p, path + ("reasoning",), entry["reasoning"], ("allow", "deny")) if "reasoning" in entry else None,
-        ceiling,
+        limits["max_reasoning_tokens"],
         _model_ref(p, path + ("fallback_model",), entry["fallback_model"]) if "fallback_model" in entry else None,
-        _choice(p, path + ("on_breach",), entry["on_breach"], ("fallback", "deny")) if "on_breach" in entry else None)
+        _choice(p, path + ("on_breach",), entry["on_breach"], ("fallback", "deny")) if "on_breach" in entry else None,
+        limits["max_reasoning_tokens_per_session"], limits["max_reasoning_tokens_per_day"])
 
 
 def _parse_routing_policy(p: _Problems, body: Mapping[str, Any], version: str,

@@ -65,7 +65,10 @@ NO_BUDGET = "no_budget"
 STALE_STATE = "stale_state"
 BUDGET_EXHAUSTED = "budget_exhausted"
 EXCEEDS_REMAINING = "reservation_exceeds_remaining"
+HELD_BY_RESERVATIONS = "held_by_open_reservations"  # the spend leaves room, open reservations (maybe stale) do not
 REASONING_DENIED = "policy_reasoning_denied"
+REASONING_CEILING = "reasoning_ceiling"  # the session's or the feature's daily reasoning tokens would pass the policy's
+REASONING_COUNTERS_MAX = 200_000  # session and feature-day counters a client keeps (the oldest go first)
 UNPRICED_MODEL = "unpriced_model"
 NO_POLICY = "no_policy"
 
@@ -113,6 +116,8 @@ class Reservation:
     attempts: int = 1
     used_usd: Decimal = ZERO
     settled: bool = False
+    reasoning_tokens: int = 0  # the reasoning this request may use (its ceiling), counted until it settles
+    reasoning_keys: tuple[tuple[str, str], ...] = ()  # the session and feature-day counters it counts in
 
     def attempt(self, provider: str | None = None, model: str | None = None) -> Reservation:
         """A retry or a fallback of the same logical request: it draws from this reservation, never a new one."""
@@ -124,12 +129,13 @@ class Reservation:
         """Counts a stream's output tokens; `add` says stop once the cost would pass the hard ceiling."""
         return StreamGuard(self)
 
-    def settle(self, cost_usd: Decimal) -> Decimal:
+    def settle(self, cost_usd: Decimal, reasoning_tokens: int | None = None) -> Decimal:
         """Debit the request's real cost (all its attempts); the rest of the hold is released. Returns the release.
 
-        Idempotent: a second settle of the same request changes nothing.
+        `reasoning_tokens`: what the request really reasoned (its session's and feature's daily ceilings count
+        them; without it, what it reserved counts). Idempotent: a second settle of the same request changes nothing.
         """
-        return self._admission._settle(self, Decimal(cost_usd))
+        return self._admission._settle(self, Decimal(cost_usd), reasoning_tokens)
 
 
 @dataclass
@@ -204,7 +210,8 @@ class Admission:
         self.gateway_id = gateway_id
         self._publish = publish
         # decision ids: unique per client (a random prefix) and cheap per decision (a counter)
-        self._ids = (f"{uuid.uuid4().hex}-{n}" for n in itertools.count(1))
+        prefix = uuid.uuid4().hex
+        self._ids = (f"{prefix}-{n}" for n in itertools.count(1))
         self._clock = clock
         # This gateway may hold at most `share` of what a budget has left (N gateways, share 1/N: together they
         # cannot hold more than is left between two states); a settled cost stays debited here until a state
@@ -218,6 +225,9 @@ class Admission:
         self._held: dict[str, Decimal] = {}  # budget key → open reservations' amounts
         self._settled: dict[str, list[tuple[float, Decimal]]] = {}  # budget key → (when, cost) settled since
         self._settled_usd: dict[str, Decimal] = {}  # budget key → their sum (kept, not summed per decision)
+        # reasoning tokens used and held per session and per feature-day (the policy's ceilings), in this gateway
+        self._reasoning: dict[tuple[str, str], int] = {}
+        self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
 
     # -- what it knows ---------------------------------------------------------------------------------------
 
@@ -258,7 +268,7 @@ class Admission:
 
     def reserve(self, *, request_id: str, feature_id: str, provider: str, model: str, input_tokens: int,
                 max_output_tokens: int, tenant_id: str = "", tier: str = "", parent_request_id: str = "",
-                reasoning: bool | None = None) -> Decision:
+                reasoning: bool | None = None, session_id: str = "") -> Decision:
         """Decide a request before dispatch; reserve its worst case once per logical request.
 
         `reasoning` overrides whether the call reasons (default: the policy's reasoning_models list says).
@@ -284,13 +294,16 @@ class Admission:
             asked = self._worst_case(card, provider, model, input_tokens, max_output_tokens,
                                      (rule.max_reasoning_tokens or 0) if reasons else 0)
             asked_usd = asked[0] if asked is not None else ZERO  # the cost a denial or a fallback avoids
-            if reasons and rule.reasoning == "deny":
-                if rule.fallback_model is None:
-                    return self._decision(DENY, REASONING_DENIED, provider, model, None, *args, asked_usd, (),
-                                          policy, card)
+            reasoning_keys = self._reasoning_keys(rule, feature_id, session_id, now) if reasons else ()
+            over = reasons and rule.reasoning != "deny" and self._over_ceiling(rule, reasoning_keys)
+            if reasons and (rule.reasoning == "deny" or over):
+                why = REASONING_CEILING if over else REASONING_DENIED
+                if rule.fallback_model is None or (over and rule.on_breach != "fallback"):
+                    return self._decision(DENY, why, provider, model, None, *args, asked_usd, (), policy, card)
                 provider, model = rule.fallback_model
                 reasons = policy is not None and (provider, model) in policy.reasoning_models
-                routed = REASONING_DENIED
+                reasoning_keys = ()
+                routed = why
             else:
                 routed = ""
             worst = asked if not routed else self._worst_case(card, provider, model, input_tokens,
@@ -319,10 +332,19 @@ class Admission:
                 if cheaper is not None and all(cheaper[0] <= b.remaining_usd for b in live):
                     provider, model, worst, short, routed = fp, fm, cheaper, [], EXCEEDS_REMAINING
             if short:
-                return self._decision(DENY, EXCEEDS_REMAINING, provider, model, None, *args, worst[0],
-                                      tuple(b.key for b in budgets), policy, card, budgets)
+                # a genuine breach (the spend alone leaves too little) or a budget held by open reservations, which
+                # may be stale (a gateway's holds that will be released): finance tells them apart by the reason
+                holds_only = all(worst[0] <= b.budget_usd - b.spent_usd for b in short)
+                return self._decision(DENY, HELD_BY_RESERVATIONS if holds_only else EXCEEDS_REMAINING, provider, model,
+                                      None, *args, worst[0], tuple(b.key for b in budgets), policy, card, budgets)
             ceiling = worst[0] * (policy.stream_ceiling if policy is not None else Decimal(2))
-            reservation = Reservation(logical, tuple(b.key for b in budgets), worst[0], ceiling, worst[1], self)
+            reservation = Reservation(logical, tuple(b.key for b in budgets), worst[0], ceiling, worst[1], self,
+                                      reasoning_tokens=(rule.max_reasoning_tokens or 0) if reasons else 0,
+                                      reasoning_keys=reasoning_keys)
+            for counter in reasoning_keys:  # held against the ceilings until it settles
+                self._reasoning[counter] = self._reasoning.get(counter, 0) + reservation.reasoning_tokens
+            while len(self._reasoning) > REASONING_COUNTERS_MAX:  # bounded: sessions come and go
+                del self._reasoning[next(iter(self._reasoning))]
             self._open[logical] = reservation
             for b in budgets:
                 self._held[b.key] = self._held.get(b.key, ZERO) + worst[0]
@@ -345,31 +367,61 @@ class Admission:
         with localcontext(MONEY_CONTEXT):
             return p_in * input_tokens + p_out * output + p_re * reasoning, p_out
 
+    def _budget_keys(self, feature_id: str, tenant_id: str) -> tuple[str, ...]:
+        """The budget keys a request can count against (its feature's and tenant's, day and month), memoized."""
+        found = self._keys.get((feature_id, tenant_id))
+        if found is None:
+            found = tuple(f"{scope}:{ident}:{period}" for scope, ident in (("feature", feature_id),
+                                                                           ("tenant", tenant_id))
+                          if ident for period in ("day", "month"))
+            if len(self._keys) < REASONING_COUNTERS_MAX:  # bounded: ids come from gateways
+                self._keys[(feature_id, tenant_id)] = found
+        return found
+
     def _budgets(self, feature_id: str, tenant_id: str, now: float) -> list[Budgeted]:
         out = []
-        for scope, ident in (("feature", feature_id), ("tenant", tenant_id)):
-            if not ident:
+        for key in self._budget_keys(feature_id, tenant_id):
+            state = self._states.get(key)
+            if state is None:
                 continue
-            for period in ("day", "month"):
-                key = f"{scope}:{ident}:{period}"
-                state = self._states.get(key)
-                if state is None:
-                    continue
-                # a new period began since this state: nothing spent in it yet
-                spent = ZERO if state.period_end and now >= state.period_end else state.spent_usd
-                mine = self._held.get(key, ZERO) + self._settled_usd.get(key, ZERO)
-                if self.share < 1:  # this gateway's part of what is left; the rest is the others' headroom
-                    left = state.budget_usd - spent - state.others_reserved_usd
-                    mine += (1 - self.share) * max(left, ZERO)
-                out.append(Budgeted(key, state.budget_usd, spent, mine + state.others_reserved_usd,
-                                    state.computed_at, state.period_end_text, state.computed_text))
+            # a new period began since this state: nothing spent in it yet
+            spent = ZERO if state.period_end and now >= state.period_end else state.spent_usd
+            mine = self._held.get(key, ZERO) + self._settled_usd.get(key, ZERO)
+            if self.share < 1:  # this gateway's part of what is left; the rest is the others' headroom
+                left = state.budget_usd - spent - state.others_reserved_usd
+                mine += (1 - self.share) * max(left, ZERO)
+            out.append(Budgeted(key, state.budget_usd, spent, mine + state.others_reserved_usd,
+                                state.computed_at, state.period_end_text, state.computed_text))
         return out
 
-    def _settle(self, reservation: Reservation, cost: Decimal) -> Decimal:
+    def _reasoning_keys(self, rule: PolicyRule, feature_id: str, session_id: str,
+                        now: float) -> tuple[tuple[str, str], ...]:
+        """The reasoning counters a request counts in: its session's and its feature's UTC day, where the rule caps."""
+        keys = []
+        if rule.max_reasoning_tokens_per_session is not None and session_id:
+            keys.append(("session", session_id))
+        if rule.max_reasoning_tokens_per_day is not None:
+            keys.append(("day", f"{feature_id}@{datetime.fromtimestamp(now, UTC).date().isoformat()}"))
+        return tuple(keys)
+
+    def _over_ceiling(self, rule: PolicyRule, keys: tuple[tuple[str, str], ...]) -> bool:
+        """Whether this request's reasoning (its per-request ceiling) would pass a session's or a day's ceiling."""
+        wanted = rule.max_reasoning_tokens or 0
+        for kind, key in keys:
+            limit = rule.max_reasoning_tokens_per_session if kind == "session" else rule.max_reasoning_tokens_per_day
+            if limit is not None and self._reasoning.get((kind, key), 0) + wanted > limit:
+                return True
+        return False
+
+    def _settle(self, reservation: Reservation, cost: Decimal, reasoning_tokens: int | None = None) -> Decimal:
         now = self._clock()
         with self._lock:
             if reservation.settled:
                 return ZERO
+            if reasoning_tokens is not None:  # the real reasoning replaces what was held for it
+                for counter in reservation.reasoning_keys:
+                    self._reasoning[counter] = max(0, self._reasoning.get(counter, 0) - reservation.reasoning_tokens
+                                                   + reasoning_tokens)  # (an evicted counter starts again at 0)
             reservation.settled = True
             reservation.used_usd = cost
             self._open.pop(reservation.logical_id, None)

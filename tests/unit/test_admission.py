@@ -207,3 +207,40 @@ def test_other_gateways_holds_in_the_state_and_this_gateways_share_limit_what_it
     shared.apply_state(state("0.90"))
     admitted = sum(shared.reserve(request_id=f"t-{i}", **REQ).admitted for i in range(20))
     assert admitted == int(Decimal("0.10") / 3 / WORST) == 4  # a third of the 0.10 left
+
+
+def test_reasoning_ceilings_per_session_and_per_day_route_to_the_fallback_then_deny() -> None:
+    text = policy("p1", T - 3600).replace(
+        "search_answer: {reasoning: allow, fallback_model: openai/gpt-4.1-mini, on_breach: fallback}",
+        "search_answer: {reasoning: allow, fallback_model: openai/gpt-4.1-mini, on_breach: fallback, "
+        "max_reasoning_tokens_per_session: 2500, max_reasoning_tokens_per_day: 3000}")
+    a, _ = admission(text)
+    a.apply_state(state("0.10"))
+    # each o4-mini request may reason 1,000 tokens (the default rule's max_reasoning_tokens)
+    first = a.reserve(request_id="s-1", session_id="chat-1", **REQ)
+    second = a.reserve(request_id="s-2", session_id="chat-1", **REQ)
+    assert (first.model, second.model) == ("o4-mini", "o4-mini")
+    third = a.reserve(request_id="s-3", session_id="chat-1", **REQ)  # 2,000 held + 1,000 > 2,500
+    assert (third.action, third.reason, third.model) == (FALLBACK, "reasoning_ceiling", "gpt-4.1-mini")
+    assert first.reservation is not None and second.reservation is not None
+    first.reservation.settle(Decimal("0.001"), reasoning_tokens=200)  # it reasoned less than it could
+    again = a.reserve(request_id="s-4", session_id="chat-1", **REQ)  # 200 + 1,000 + 1,000 ≤ 2,500
+    assert again.model == "o4-mini"
+    other = a.reserve(request_id="s-5", session_id="chat-2", **REQ)  # the feature's day: 2,200 + 1,000 > 3,000
+    assert (other.reason, other.model) == ("reasoning_ceiling", "gpt-4.1-mini")
+    strict, _ = admission(text.replace("on_breach: fallback, max_reasoning", "on_breach: deny, max_reasoning"))
+    strict.apply_state(state("0.10"))
+    for i in range(2):
+        strict.reserve(request_id=f"d-{i}", session_id="chat-9", **REQ)
+    denied = strict.reserve(request_id="d-2", session_id="chat-9", **REQ)
+    assert (denied.action, denied.reason) == (DENY, "reasoning_ceiling")
+
+
+def test_a_denial_says_whether_spend_or_open_reservations_left_too_little() -> None:
+    a, _ = admission(policy("p1", T - 3600, on_breach="deny"))
+    a.apply_state(state("0.99"))  # 0.01 left: one o4-mini worst case (0.0077) fits
+    assert a.reserve(request_id="h-1", **REQ).admitted
+    held = a.reserve(request_id="h-2", **REQ)  # the spend leaves 0.01, the open hold leaves 0.0023
+    assert (held.action, held.reason) == (DENY, "held_by_open_reservations")
+    big = a.reserve(request_id="h-3", **{**REQ, "max_output_tokens": 50_000})  # more than the spend leaves
+    assert big.reason == EXCEEDS_REMAINING
