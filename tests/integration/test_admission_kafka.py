@@ -33,7 +33,8 @@ def test_a_gateway_follows_its_topics_and_publishes_every_decision(kafka_setting
         admitted = gateway.reserve(request_id="it-1", **REQ)  # 0.01 left: the 0.0077 worst case fits
         assert admitted.action == "admit" and admitted.record["policy_version"] == "p1"
         denied = gateway.reserve(request_id="it-2", **{**REQ, "model": "gpt-4.1-mini", "max_output_tokens": 5000})
-        assert (denied.action, denied.reason) == ("deny", "reservation_exceeds_remaining")
+        # the spend leaves 0.01 (room for it), the open reservation does not: held, not a genuine breach
+        assert (denied.action, denied.reason) == ("deny", "held_by_open_reservations")
         assert admitted.reservation is not None
         admitted.reservation.settle(Decimal("0.004"))
         assert sink.flush() == 0 and not sink.errors
@@ -53,7 +54,7 @@ def test_a_gateway_follows_its_topics_and_publishes_every_decision(kafka_setting
     reader.close()
     assert [(k, r["action"], r.get("reason")) for k, r in got] == [
         (b"feature:search_answer:day", "admit", "within_budget"),
-        (b"feature:search_answer:day", "deny", "reservation_exceeds_remaining"),
+        (b"feature:search_answer:day", "deny", "held_by_open_reservations"),
         (b"feature:search_answer:day", "settle", None)]
     assert got[1][1]["request_id"] == "it-2" and got[1][1]["budget_windows"]["feature:search_answer:day"][
         "state_computed_at"] == iso(T)
