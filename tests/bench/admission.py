@@ -21,7 +21,7 @@ TARGET_P99_US = 50.0
 POLICY = """\
 kind: routing_policy
 version: "bench"
-effective_at: "2020-01-01T00:00:00Z"
+effective_at: "EFFECTIVE_AT"
 reasoning_models: [openai/o4-mini]
 default: {reasoning: allow, max_reasoning_tokens: 4000, on_breach: deny}
 features:
@@ -34,8 +34,9 @@ def measure_reserve(calls: int = 20_000) -> dict[str, Any]:
     records: list[dict[str, Any]] = []
     admission = Admission("bench", publish=records.append)
     admission.apply_references(load_reference_files([GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH]))
-    admission.apply_references(parse_reference_yaml(POLICY, "bench"))
     now = datetime.now(UTC)
+    since = (now - timedelta(days=1)).isoformat().replace("+00:00", "Z")  # in effect for the whole run
+    admission.apply_references(parse_reference_yaml(POLICY.replace("EFFECTIVE_AT", since), "bench"))
     for scope, ident in (("feature", "f-1"), ("tenant", "acme")):
         for period, hours in (("day", 24), ("month", 24 * 31)):
             admission.apply_state({

@@ -13,7 +13,7 @@ import pytest
 from tally.reference import parse_reference_yaml
 from tally.sdk.admission import Admission, KafkaDecisions
 from tests.e2e.conftest import EXAMPLES
-from tests.unit.test_admission import CARD, REQ, T, policy, state
+from tests.unit.test_admission import CARD, REQ, T, iso, policy, state
 
 pytestmark = pytest.mark.e2e
 
@@ -49,10 +49,10 @@ BUDGET = Decimal("0.10")
 BUDGETS_YAML = """\
 kind: budgets
 version: "admission-test"
-effective_at: "2020-01-01T00:00:00Z"
+effective_at: "EFFECTIVE_AT"
 budgets:
   - {scope: feature, id: search_answer, period: day, amount: "0.10"}
-"""
+""".replace("EFFECTIVE_AT", iso(T - 86_400))  # in effect a day before the suite's clock
 
 
 @pytest.mark.parametrize(("share", "bound"), [("0.3333", Decimal(1)), ("1", Decimal(3))])

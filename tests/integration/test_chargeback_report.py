@@ -272,7 +272,8 @@ def test_the_gateways_denials_and_fallbacks_are_charged_to_the_feature_s_team(lo
     records: list = []
     gateway = Admission("gw-cb", publish=records.append, clock=lambda: at)
     # a card in effect in the report's period whatever the suite's clock (the shared CARD follows the clock)
-    card = re.sub(r'effective_at: "[^"]+"', 'effective_at: "2020-01-01T00:00:00Z"', CARD)
+    since = (NOV.start_dt - timedelta(days=1)).isoformat().replace("+00:00", "Z")
+    card = re.sub(r'effective_at: "[^"]+"', f'effective_at: "{since}"', CARD)
     gateway.apply_references(parse_reference_yaml(card, "card") + parse_reference_yaml(policy("p", at - 60), "p"))
     when = datetime.fromtimestamp(at, UTC)
     gateway.apply_state({**state("0.995"), "key": "feature:summarize_email_v2:day", "id": "summarize_email_v2",

@@ -16,6 +16,7 @@ from tally.reference import (
     parse_reference_yaml,
     snapshot_of,
 )
+from tests.factories import clock
 
 EXAMPLES = REPO_ROOT / "examples" / "reference"
 EXAMPLE_FILES = [EXAMPLES / "price_cards.yaml", EXAMPLES / "owners.yaml"]
@@ -366,10 +367,18 @@ def test_provider_defaults_merge_under_models():
     assert dict(model.service_tiers) == {"flex": Decimal("0.5")}
 
 
+# The alias table takes effect a month before the suite's clock; the card it binds to, half a year before that.
+ALIASES_FROM = clock() - timedelta(days=30)
+
+
+def rfc3339(at: datetime) -> str:
+    return at.isoformat().replace("+00:00", "Z")
+
+
 ALIASES = """\
 kind: model_aliases
 version: "a1"
-effective_at: "2026-01-01T00:00:00Z"
+effective_at: "ALIASES_FROM"
 rules:
   - {name: gemini-resource, provider: google, pattern: 'models/(?P<model>[^/]+)', model: '{model}'}
   - {name: vertex-pin, provider: [google, vertex], pattern: '(?P<model>claude-[a-z0-9-]+)@(?P<v>\\d{8})',
@@ -377,12 +386,12 @@ rules:
   - {name: support-bot, provider: azure_openai, equals: support-bot-prod, model: gpt-x, price_as: openai}
   - {name: regional, provider: bedrock, pattern: '(?:us|eu)\\.(?P<id>.+)', model: 'regional.{id}'}
   - {name: in-region, provider: bedrock, pattern: '(?:us|eu)\\.(?P<id>.+)', model: '{id}'}
-"""
+""".replace("ALIASES_FROM", rfc3339(ALIASES_FROM))
 
 ALIAS_CARD = """\
 kind: price_card
 version: "c1"
-effective_at: "2025-06-01T00:00:00Z"
+effective_at: "CARD_FROM"
 currency: USD
 models:
   - {provider: openai, model: gpt-x, input: "1.00", output: "4.00"}
@@ -390,12 +399,12 @@ models:
   - {provider: google, model: claude-z-1, input: "3.00", output: "15.00", same_price_snapshots: true}
   - {provider: bedrock, model: "regional.anthropic.claude-z-1-v1:0", input: "3.30", output: "16.50"}
   - {provider: bedrock, model: "amazon.nova-9-v1:0", input: "0.06", output: "0.24"}
-"""
+""".replace("CARD_FROM", rfc3339(ALIASES_FROM - timedelta(days=200)))
 
 
 def test_the_model_alias_table_prices_the_names_gateways_send_as_the_cards_entries():
     snap = snapshot_of(parse_reference_yaml(ALIAS_CARD, "card") + parse_reference_yaml(ALIASES, "aliases"))
-    card = snap.price_card_at(datetime(2026, 3, 1, tzinfo=UTC))
+    card = snap.price_card_at(ALIASES_FROM + timedelta(days=59))
     assert card is not None and card.version == "c1"
     priced = {(p, m): card.find(p, m) for p, m in [
         ("google", "models/gemini-9-flash"), ("google", "claude-z-1@20250929"), ("vertex", "claude-z-1@20250929"),
@@ -415,7 +424,7 @@ def test_the_model_alias_table_prices_the_names_gateways_send_as_the_cards_entri
     missed = card.match("vertex", "claude-z-1@20250929").how
     assert "vertex/claude-z-1@20250929 is not in price card c1" in missed and "'vertex-pin'" in missed
     # before the table's effective_at the card prices names as written only
-    earlier = snap.price_card_at(datetime(2025, 12, 31, tzinfo=UTC))
+    earlier = snap.price_card_at(ALIASES_FROM - timedelta(days=1))
     assert earlier is not None and earlier.version == "c1" and earlier.find("google", "models/gemini-9-flash") is None
     assert card.find("google", "gemini-9-flash").priced_as == "google/gemini-9-flash"  # the card's own name first
     assert [v.kind for v in snap.versions()] == ["price_card", "model_aliases"]  # one card, not one per binding
@@ -441,8 +450,7 @@ def test_the_shipped_alias_table_prices_gateway_names_as_genai_prices_does():
 
     from ops.reference_import import GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH
     from streams.enrich import price_event
-
-    at = datetime(2026, 11, 15, 12, tzinfo=UTC)
+    from tests.unit.test_genai_prices_grid import AT as at  # the grid's event time: both sides' prices known
     card = snapshot_of(load_reference_files([GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH])).price_card_at(at)
     assert card is not None
     source = {"google": "google", "bedrock": "aws", "anthropic": "anthropic", "azure_openai": "azure",
