@@ -340,15 +340,24 @@ class TrafficGenerator:
             return b"[1, 2, 3]"
         return orjson.dumps(good)
 
-    def lines(self, count: int) -> Iterator[bytes]:
-        """`count` NDJSON lines: good events (all attempts of a request together) and a few bad lines."""
+    def lines(self, count: int,
+              admit: Callable[[list[dict[str, Any]]], list[dict[str, Any]]] | None = None) -> Iterator[bytes]:
+        """`count` NDJSON lines: good events (all attempts of a request together) and a few bad lines.
+
+        `admit` decides each logical request before it is sent (SimulatedGateways.admit): the attempts it returns
+        are sent; none (a denied request) are, and the request still took its time to arrive, so the pace holds.
+        """
         produced = 0
         while produced < count:
             if self.rng.random() < self.bad_rate:
                 yield self.bad_line()
                 produced += 1
                 continue
-            for e in self.logical_request():
+            events = self.logical_request()
+            sent = admit(events) if admit is not None else events
+            if not sent:
+                time.sleep(len(events) / self.rate)
+            for e in sent:
                 yield orjson.dumps(e)
                 produced += 1
 
@@ -404,16 +413,4 @@ class SimulatedGateways:
 
     def lines(self, gen: TrafficGenerator, count: int) -> Iterator[bytes]:
         """`count` lines of `gen`'s traffic, each logical request decided first (bad lines pass, as they do)."""
-        produced = 0
-        while produced < count:
-            if gen.rng.random() < gen.bad_rate:
-                yield gen.bad_line()
-                produced += 1
-                continue
-            events = gen.logical_request()
-            sent = self.admit(events)
-            if not sent:  # a denied request still took its time to arrive: keep the pace, never spin
-                time.sleep(len(events) / gen.rate)
-            for e in sent:
-                yield orjson.dumps(e)
-                produced += 1
+        return gen.lines(count, admit=self.admit)

@@ -11,13 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
+from decimal import Decimal
 from typing import Any
 
-import orjson
-
-from streams.records import STAGE_SINK, Rejection, Source, encode_record
-from streams.sink import RecordWriter
+from streams.records import Source
+from streams.sink import RecordWriter, decode_records
 
 DECISION_COLUMNS: tuple[str, ...] = (
     "decided_at", "decision_id", "gateway_id", "action", "reason", "request_id", "parent_request_id",
@@ -29,35 +27,25 @@ _MONEY = ("reserve_delta_usd", "requested_usd", "cost_usd", "avoided_usd")
 _ACTIONS = frozenset({"admit", "fallback", "deny", "attempt", "settle"})
 
 
+def _decision_row(record: Any, line: bytes) -> dict[str, Any]:
+    if type(record) is not dict or record.get("kind") != "admission":
+        raise ValueError("not an admission record (kind admission)")
+    missing = [c for c in _REQUIRED if not record.get(c)]
+    if missing or record["action"] not in _ACTIONS:
+        raise ValueError(f"missing {missing} or an unknown action {record.get('action')!r}")
+    row: dict[str, Any] = {c: str(record.get(c) or "") for c in DECISION_COLUMNS}
+    row["decided_at"] = datetime.fromisoformat(str(record["decided_at"]).replace("Z", "+00:00"))
+    row["budgets"] = [str(b) for b in record.get("budgets") or []]
+    for c in _MONEY:
+        row[c] = Decimal(str(record.get(c) or "0"))
+    row["record"] = line.decode("utf-8")  # the record whole, as the gateway published it
+    return row
+
+
 def decode_decisions(messages: Sequence[tuple[bytes | None, Source]]
                      ) -> tuple[list[dict[str, Any]], dict[int, list[bytes]]]:
     """Decision rows from a batch of llm.budget.decisions.v1 messages, and dead-letter lines keyed by partition."""
-    rows: list[dict[str, Any]] = []
-    dead: dict[int, list[bytes]] = {}
-    for value, source in messages:
-        for n, line in enumerate((value or b"").split(b"\n"), start=1):
-            if not line:
-                continue
-            try:
-                record = orjson.loads(line)
-                if type(record) is not dict or record.get("kind") != "admission":
-                    raise ValueError("not an admission record (kind admission)")
-                missing = [c for c in _REQUIRED if not record.get(c)]
-                if missing or record["action"] not in _ACTIONS:
-                    raise ValueError(f"missing {missing} or an unknown action {record.get('action')!r}")
-                row: dict[str, Any] = {c: str(record.get(c) or "") for c in DECISION_COLUMNS}
-                row["decided_at"] = datetime.fromisoformat(str(record["decided_at"]).replace("Z", "+00:00"))
-                row["budgets"] = [str(b) for b in record.get("budgets") or []]
-                for c in _MONEY:
-                    row[c] = Decimal(str(record.get(c) or "0"))
-                row["record"] = line.decode("utf-8")
-            except (orjson.JSONDecodeError, ValueError, TypeError, InvalidOperation, UnicodeDecodeError) as exc:
-                rej = Rejection("bad_decision_row", STAGE_SINK, f"cannot decode admission record: {exc}", line,
-                                source, n)
-                dead.setdefault(source.partition, []).append(encode_record(rej.to_record()))
-                continue
-            rows.append(row)
-    return rows, dead
+    return decode_records(messages, _decision_row, "bad_decision_row", "admission record")
 
 
 @dataclass

@@ -712,12 +712,13 @@ _ANOMALY_TIMES = ("detected_at", "started_at", "window_start", "window_end")
 _ANOMALY_NUMBERS = ("value", "baseline", "score")
 
 
-def decode_anomalies(messages: Sequence[tuple[bytes | None, Source]]
-                     ) -> tuple[list[dict[str, Any]], dict[int, list[bytes]]]:
-    """Anomaly rows from a batch of llm.cost.alerts.v1 messages, and dead-letter lines keyed by partition.
+def decode_records(messages: Sequence[tuple[bytes | None, Source]],
+                   row_of: Callable[[Any, bytes], dict[str, Any] | None],
+                   reason: str, what: str) -> tuple[list[dict[str, Any]], dict[int, list[bytes]]]:
+    """Rows from batch messages of JSON-lines records, and dead-letter lines keyed by partition.
 
-    Records of another kind (budget alerts) are not anomalies and are passed over; a line that is not an alert
-    record of kind anomaly with every anomalies column is dead-lettered (reason bad_alert_row).
+    `row_of(record, line)` gives a record's row, None to pass it over, or raises ValueError or TypeError for a
+    record that is not one: that line is dead-lettered (`reason`, stage sink) with its bytes.
     """
     rows: list[dict[str, Any]] = []
     dead: dict[int, list[bytes]] = {}
@@ -726,26 +727,41 @@ def decode_anomalies(messages: Sequence[tuple[bytes | None, Source]]
             if not line:
                 continue
             try:
-                record = orjson.loads(line)
-                if type(record) is not dict:
-                    raise ValueError("an alert record is a JSON object")
-                if record.get("kind") != "anomaly":
-                    continue
-                missing = [c for c in ANOMALY_COLUMNS if c not in record]
-                if missing:
-                    raise ValueError(f"not an anomaly record (missing {missing[:5]})")
-                row = {c: record[c] for c in ANOMALY_COLUMNS}
-                for c in _ANOMALY_TIMES:
-                    row[c] = datetime.fromisoformat(row[c])
-                for c in _ANOMALY_NUMBERS:
-                    row[c] = float(row[c])
-                row["requests"] = int(row["requests"])
-            except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
-                rej = Rejection("bad_alert_row", STAGE_SINK, f"cannot decode anomaly: {exc}", line, source, n)
+                row = row_of(orjson.loads(line), line)
+            except (orjson.JSONDecodeError, ValueError, TypeError, InvalidOperation) as exc:
+                rej = Rejection(reason, STAGE_SINK, f"cannot decode {what}: {exc}", line, source, n)
                 dead.setdefault(source.partition, []).append(encode_record(rej.to_record()))
                 continue
-            rows.append(row)
+            if row is not None:
+                rows.append(row)
     return rows, dead
+
+
+def _anomaly_row(record: Any, line: bytes) -> dict[str, Any] | None:
+    if type(record) is not dict:
+        raise ValueError("an alert record is a JSON object")
+    if record.get("kind") != "anomaly":
+        return None
+    missing = [c for c in ANOMALY_COLUMNS if c not in record]
+    if missing:
+        raise ValueError(f"not an anomaly record (missing {missing[:5]})")
+    row = {c: record[c] for c in ANOMALY_COLUMNS}
+    for c in _ANOMALY_TIMES:
+        row[c] = datetime.fromisoformat(row[c])
+    for c in _ANOMALY_NUMBERS:
+        row[c] = float(row[c])
+    row["requests"] = int(row["requests"])
+    return row
+
+
+def decode_anomalies(messages: Sequence[tuple[bytes | None, Source]]
+                     ) -> tuple[list[dict[str, Any]], dict[int, list[bytes]]]:
+    """Anomaly rows from a batch of llm.cost.alerts.v1 messages, and dead-letter lines keyed by partition.
+
+    Records of another kind (budget alerts) are not anomalies and are passed over; a line that is not an alert
+    record of kind anomaly with every anomalies column is dead-lettered (reason bad_alert_row).
+    """
+    return decode_records(messages, _anomaly_row, "bad_alert_row", "anomaly")
 
 
 @dataclass

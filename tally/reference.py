@@ -139,11 +139,12 @@ class ModelPrice:
     # (the card says so); False: such a name is unpriced unless it has an entry of its own.
     same_price_snapshots: bool = False
     _rates: dict[tuple[bool, str, bool], Rates] = field(default_factory=dict, compare=False, repr=False)
+    # The entry's canonical name, provider/model, as rows record what they were priced as (made once: enrich reads
+    # it for every event).
+    priced_as: str = field(init=False, compare=False, repr=False)
 
-    @property
-    def priced_as(self) -> str:
-        """The entry's canonical name, provider/model, as rows record what they were priced as."""
-        return f"{self.provider}/{self.model}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "priced_as", f"{self.provider}/{self.model}")
 
     def rates(self, batch: bool, service_tier: str, long_context: bool) -> Rates:
         """Return per-token prices for one (batch, service tier, long context) combination; memoized, exact.

@@ -70,7 +70,6 @@ REASONING_DENIED = "policy_reasoning_denied"
 REASONING_CEILING = "reasoning_ceiling"  # the session's or the feature's daily reasoning tokens would pass the policy's
 REASONING_COUNTERS_MAX = 200_000  # session and feature-day counters a client keeps (the oldest go first)
 UNPRICED_MODEL = "unpriced_model"
-NO_POLICY = "no_policy"
 
 
 @dataclass(frozen=True, slots=True)
