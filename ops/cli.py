@@ -695,7 +695,8 @@ def wait_cmd(c: Ctx, timeout: float) -> None:
     from ops.wait import wait_processed
 
     report = wait_processed(c.settings, timeout)
-    console.print(f"processed: {report.usage_messages:,} input messages, {report.attempt_messages:,} attempt "
+    otlp = f"{report.otlp_messages:,} OTLP messages, " if report.otlp_messages else ""
+    console.print(f"processed: {otlp}{report.usage_messages:,} input messages, {report.attempt_messages:,} attempt "
                   f"messages, {report.request_messages:,} logical-request messages ({report.seconds:.1f}s)")
 
 
@@ -1269,6 +1270,23 @@ def dlq_replay(c: Ctx, reasons: tuple[str, ...], event_ids: tuple[str, ...], set
     edits = [parse_assignment(x) for x in sets]
     chosen = [d for d in select(read_dead_letters(s.kafka, s.topics.dlq), reasons, event_ids)
               if d.record.get("source_line") is not None]
+    # A span the OTLP input could not map is stored as a one-span OTLP request: it goes back to the OTLP topic,
+    # as it is (no line to edit), once the mapping or its instrumentation is fixed.
+    spans = [d for d in chosen if d.record.get("stage") == "otlp"]
+    chosen = [d for d in chosen if d.record.get("stage") != "otlp"]
+    if spans:
+        if edits or unsets or export is not None:
+            raise TallyError(f"{len(spans):,} of the chosen dead letters are OTLP spans, which replay as they are: "
+                             "choose them without --set, --unset or --export (e.g. --reason otlp_unmappable)")
+        if not s.topics.otlp:
+            raise TallyError("OTLP dead letters replay to the OTLP topic, and otlp_topic is empty (input off)")
+        if dry_run:
+            console.print(f"{len(spans):,} OTLP spans would be replayed to {s.topics.otlp}")
+        else:
+            _replay_spans(s, [d.original for d in spans])
+            console.print(f"replayed {len(spans):,} OTLP spans to {s.topics.otlp}")
+        if not chosen:
+            return
     lines = [edit_line(d.original, edits, unsets) for d in chosen]
     if dry_run:
         for line in lines[:20]:
@@ -1283,6 +1301,19 @@ def dlq_replay(c: Ctx, reasons: tuple[str, ...], event_ids: tuple[str, ...], set
         for line in lines:
             pub.publish_line(line)
     console.print(f"replayed {len(lines):,} lines to {s.topics.usage}")
+
+
+def _replay_spans(s: Settings, values: Sequence[bytes]) -> None:
+    """One-span OTLP requests back onto the OTLP topic, each a message as the Collector would write it."""
+    from confluent_kafka import Producer
+
+    producer = Producer({**s.kafka.rdkafka(), "enable.idempotence": True, "acks": "all"})
+    failed: list[str] = []
+    for value in values:
+        producer.produce(s.topics.otlp, value=value,
+                         on_delivery=lambda err, _msg: failed.append(str(err)) if err is not None else None)
+    if producer.flush(60) or failed:
+        raise TallyError(f"replaying to {s.topics.otlp} failed: {failed[0] if failed else 'not delivered in 60 s'}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

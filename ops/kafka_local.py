@@ -455,6 +455,8 @@ def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
         out[name]["cleanup.policy"] = "compact"
     out[topics.dlq]["max.message.bytes"] = str(DLQ_MAX_MESSAGE_BYTES)
     out[topics.usage]["max.message.bytes"] = str(USAGE_MAX_MESSAGE_BYTES)
+    if topics.otlp:  # a Collector's batch of spans is as large as an SDK batch message may be
+        out[topics.otlp]["max.message.bytes"] = str(USAGE_MAX_MESSAGE_BYTES)
     return out
 
 

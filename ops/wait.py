@@ -23,6 +23,12 @@ class WaitReport:
     attempt_messages: int
     request_messages: int
     seconds: float
+    otlp_messages: int = 0  # OTLP traces messages (the Collector's), when the OTLP input is on
+
+
+def otlp_positions(settings: Settings) -> dict[int, int]:
+    """The otlp stage's input position: per OTLP topic partition, the next offset it has not finished."""
+    return {p: o + 1 for p, o in latest_positions(settings.kafka, settings.topics.otlp_state).items()}
 
 
 def process_positions(settings: Settings) -> dict[int, int]:
@@ -62,7 +68,8 @@ def wait_processed(settings: Settings, timeout: float = 120.0,
                    progress: Callable[[str], None] | None = None) -> WaitReport:
     """Wait until the process role, then the sink, have stored positions past everything published so far.
 
-    First llm.usage.v1 as it is now, then llm.cost.attempts.v1 and llm.cost.requests.v1 as they are once the first
+    First the OTLP topic (when the OTLP input is on: its spans become events on llm.usage.v1), then
+    llm.usage.v1, then llm.cost.attempts.v1 and llm.cost.requests.v1 as they are once the first
     wait is over. Logical requests still open in the fold (waiting for a final attempt, the settle time or the
     inactivity timeout) are not emitted yet, so they are not waited for.
 
@@ -73,9 +80,11 @@ def wait_processed(settings: Settings, timeout: float = 120.0,
     started = time.monotonic()
     deadline = started + timeout
     topics = settings.topics
+    otlp = _wait_topic(settings, topics.otlp, lambda: otlp_positions(settings), deadline, progress,
+                       "process") if topics.otlp else 0
     usage = _wait_topic(settings, topics.usage, lambda: process_positions(settings), deadline, progress, "process")
     attempts = _wait_topic(settings, topics.attempts, lambda: sink_positions(settings, topics.attempts), deadline,
                            progress, "sink")
     requests = _wait_topic(settings, topics.requests, lambda: sink_positions(settings, topics.requests), deadline,
                            progress, "sink")
-    return WaitReport(usage, attempts, requests, time.monotonic() - started)
+    return WaitReport(usage, attempts, requests, time.monotonic() - started, otlp)

@@ -21,6 +21,7 @@ from streams.roles.budget import read_compacted, wire_budget
 from streams.roles.context import OUTPUT_MESSAGE_BYTES, RoleContext, WorkerStats, log
 from streams.roles.detect import detect_config, wire_detect
 from streams.roles.health import wire_health
+from streams.roles.otlp import wire_otlp
 from streams.roles.process import wire_process
 from streams.roles.sink import wire_sink
 from streams.roles.web import wire_web
@@ -114,7 +115,8 @@ class TallyApp(faust.App):  # type: ignore[misc]
 
 
 def create_app(settings: Settings, role: str, store: Store | None = None,
-               input_partitions: int | None = None, request_partitions: int | None = None) -> faust.App:
+               input_partitions: int | None = None, request_partitions: int | None = None,
+               otlp_partitions: int | None = None) -> faust.App:
     """Build the worker for a role: "process" (validate, enrich, price), "sink" (ClickHouse) or "all".
 
     Topics: in llm.usage.v1; out llm.cost.attempts.v1, llm.cost.requests.v1 and llm.usage.dlq.v1 (process); in
@@ -123,7 +125,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
     per-partition order is kept from input to output. Faust's exactly_once mode and agent concurrency > 1 are not
     used (open upstream bugs). `input_partitions` is the input topic's real partition count (the wrong_partition
     check hashes logical ids over it, and the fold state is partitioned like it); it defaults to
-    settings.partitions, as does `request_partitions` (llm.cost.requests.v1, keyed by feature_id).
+    settings.partitions, as does `request_partitions` (llm.cost.requests.v1, keyed by feature_id) and
+    `otlp_partitions` (the OTLP traces topic, when settings.otlp_topic names one: streams.roles.otlp).
     """
     topics = settings.topics
     serves_web = role in ("sink", "all")
@@ -204,6 +207,8 @@ def create_app(settings: Settings, role: str, store: Store | None = None,
         cpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="process")
         wire_process(ctx, cpu)
         wire_detect(ctx, cpu)
+        if topics.otlp:
+            wire_otlp(ctx, cpu, otlp_partitions or settings.partitions)
     if role in ("sink", "all"):
         sink = wire_sink(ctx)
         budget_states = wire_budget(ctx, sink)
@@ -239,8 +244,10 @@ def run_worker(settings: Settings, role: str) -> None:
         applied = store.migrate()
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-    app = create_app(settings, role, store, _partition_count(settings.kafka, settings.topics.usage),
-                     _partition_count(settings.kafka, settings.topics.requests))
+    topics = settings.topics
+    otlp = _partition_count(settings.kafka, topics.otlp) if topics.otlp and role in ("process", "all") else None
+    app = create_app(settings, role, store, _partition_count(settings.kafka, topics.usage),
+                     _partition_count(settings.kafka, topics.requests), otlp)
     # A batch holds ~100k short-lived objects that are all alive at once; with the default thresholds the cyclic
     # collector walks them (and every import) many times per batch. Start-up objects are frozen out of it and
     # young-generation collections are rarer. Measured: tests/bench (validate+enrich per event).

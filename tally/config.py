@@ -27,6 +27,8 @@ class Topics:
     """Topic names, all derived from one optional prefix (tests use a unique prefix each)."""
 
     prefix: str = ""
+    # The OTLP traces topic the OTel Collector's Kafka exporter writes (its default name); "" turns the input off.
+    otlp_name: str = "otlp_spans"
 
     @property
     def usage(self) -> str:
@@ -75,6 +77,16 @@ class Topics:
         return f"{self.prefix}llm.budget.state.v1"
 
     @property
+    def otlp(self) -> str:
+        """OpenTelemetry GenAI spans from the Collector's Kafka exporter (streams.otlp); "" when the input is off."""
+        return f"{self.prefix}{self.otlp_name}" if self.otlp_name else ""
+
+    @property
+    def otlp_state(self) -> str:
+        """The otlp stage's input positions: the changelog of its Faust table (one entry per OTLP partition)."""
+        return f"{self.prefix}tally.otlp.state.changelog"
+
+    @property
     def fold_state(self) -> str:
         """The fold stage's durable state: the changelog of its Faust table (one entry per open request)."""
         return f"{self.prefix}tally.fold.state.changelog"
@@ -89,10 +101,12 @@ class Topics:
         return (self.price_cards, self.owners, self.budgets, self.policies)
 
     def compacted(self) -> tuple[str, ...]:
-        return (*self.reference(), self.budget_state, self.fold_state, self.detect_state)
+        otlp = (self.otlp_state,) if self.otlp else ()
+        return (*self.reference(), self.budget_state, self.fold_state, self.detect_state, *otlp)
 
     def all(self) -> tuple[str, ...]:
-        return (self.usage, self.dlq, self.attempts, self.requests, self.alerts, self.budget_decisions,
+        otlp = (self.otlp,) if self.otlp else ()
+        return (self.usage, self.dlq, self.attempts, self.requests, self.alerts, self.budget_decisions, *otlp,
                 *self.compacted())
 
 
@@ -153,6 +167,15 @@ class Settings:
     # prints either as JSON lines.
     handoff_format: str = "arrow"
     batch_within_s: float = 0.2
+    # OpenTelemetry GenAI spans (streams.otlp, docs/otlp.md): the topic the Collector's Kafka exporter writes ("":
+    # no OTLP input), its encoding (auto: JSON when a message opens with "{", else protobuf; or otlp_proto,
+    # otlp_json), what groups a call's attempts into a logical request (parent: the parent span; trace; conversation:
+    # gen_ai.conversation.id or session.id), and owner tags from span or resource attributes as overrides of the
+    # default mapping: "tag=attr[,attr...]" entries separated by ";" ("endpoint=" stops filling a tag).
+    otlp_topic: str = "otlp_spans"
+    otlp_encoding: str = "auto"
+    otlp_logical_request: str = "parent"
+    otlp_tags: str = ""
     # Dead letters: top-level fields whose values are replaced by "[redacted]" in a refused line's stored original
     # (comma-separated; "unknown" = every field event v1 does not have, e.g. a prompt sent by mistake; "" = none).
     dlq_redact_fields: str = "unknown"
@@ -222,7 +245,7 @@ class Settings:
 
     @property
     def topics(self) -> Topics:
-        return Topics(self.topic_prefix)
+        return Topics(self.topic_prefix, self.otlp_topic)
 
     @property
     def ch_url(self) -> str:
@@ -362,6 +385,19 @@ class Settings:
                 Failpoints(self.failpoint)
             except ValueError as exc:
                 out.append(str(exc))
+        from streams.otlp import ENCODINGS, LOGICAL_REQUEST_MODES, parse_tag_mapping
+
+        if self.otlp_topic and not all(ch.isalnum() or ch in "._-" for ch in self.otlp_topic):
+            out.append(f"otlp_topic may hold only letters, digits and . _ -, got {self.otlp_topic!r}")
+        if self.otlp_encoding not in ENCODINGS:
+            out.append(f"otlp_encoding must be one of {', '.join(ENCODINGS)}, got {self.otlp_encoding!r}")
+        if self.otlp_logical_request not in LOGICAL_REQUEST_MODES:
+            out.append(f"otlp_logical_request must be one of {', '.join(LOGICAL_REQUEST_MODES)}, "
+                       f"got {self.otlp_logical_request!r}")
+        try:
+            parse_tag_mapping(self.otlp_tags)
+        except ValueError as exc:
+            out.append(str(exc))
         if self.topic_prefix and not all(ch.isalnum() or ch in "._-" for ch in self.topic_prefix):
             out.append(f"topic_prefix may hold only letters, digits and . _ -, got {self.topic_prefix!r}")
         return out

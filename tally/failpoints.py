@@ -16,6 +16,9 @@ POINTS: dict[str, str] = {
     "process.before_delivery": "outputs are handed to the producer, not yet delivered",
     "process.after_delivery": "outputs are delivered; the fold state and the position are not written",
     "process.mid_state": "the fold state is written (maybe not delivered); the position is not",
+    "otlp.before_delivery": "the otlp stage translated a batch of spans; its events are handed to the producer, not "
+                            "yet delivered",
+    "otlp.after_delivery": "the otlp stage's events and dead letters are delivered; its position is not written",
     "sink.after_decode": "the sink decoded a batch; nothing is inserted",
     "sink.after_insert": "ClickHouse holds the rows; dead letters and the position are not written",
     "rebalance": "partitions are assigned and the stored positions read; the seek has not happened",
