@@ -359,10 +359,15 @@ def classify(span: Span) -> str | None:
     return NOT_GENAI
 
 
+_last_second: list[Any] = [None, ""]  # the last whole second formatted: spans of a batch share most seconds
+
+
 def _timestamp(ns: int) -> str:
     seconds, frac = divmod(ns, 1_000_000_000)
-    at = datetime.fromtimestamp(seconds, UTC)
-    return at.strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
+    if _last_second[0] != seconds:
+        _last_second[1] = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second[0] = seconds
+    return f"{_last_second[1]}.{frac:09d}Z"
 
 
 def _bounded_id(text: str) -> str:
@@ -391,11 +396,17 @@ def _logical_request(span: Span, mode: str) -> str | None:
 
 
 def _tags(span: Span, mapping: Mapping[str, tuple[str, ...]]) -> dict[str, str]:
+    """Each tag from the first of its attributes set, each looked up on the span, then on its resource."""
     out: dict[str, str] = {}
+    attrs, resource = span.attributes, span.resource
     for tag, names in mapping.items():
         for name in names:
-            value = _attr(span, name)
-            if value is None or isinstance(value, (dict, list)):
+            value = attrs.get(name)
+            if value is None or value == "":
+                value = resource.get(name)
+                if value is None or value == "":
+                    continue
+            if isinstance(value, (dict, list)):
                 continue
             out[tag] = (str(value).lower() if isinstance(value, bool) else str(value))[:_MAX_TAG]
             break

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
@@ -78,6 +79,11 @@ def _hex_ids(obj: Any) -> Any:
     return obj
 
 
+def json_of(request: Message) -> bytes:
+    """An OTLP traces request (protobuf) in OTLP/JSON, as the Collector's JSON marshaler writes it."""
+    return orjson.dumps(_hex_ids(MessageToDict(request, use_integers_for_enums=True)))
+
+
 def otlp_json(spans: Sequence[ReadableSpan]) -> bytes:
     """The spans as one request in OTLP/JSON: the Kafka exporter's otlp_json message."""
-    return orjson.dumps(_hex_ids(MessageToDict(encode_spans(spans), use_integers_for_enums=True)))
+    return json_of(encode_spans(spans))

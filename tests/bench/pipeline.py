@@ -17,6 +17,7 @@ from ops.stack import StackError, api, layout, log_file, start_worker, stop_work
 from tally.config import Settings
 from tally.errors import TallyError
 from tally.sdk.publisher import Publisher
+from tests.bench import otlp as otlp_bench
 from tests.bench import profile
 from tests.bench.common import (
     REFERENCE_FILES,
@@ -107,22 +108,28 @@ def workers(settings: Settings, split: bool, process_workers: int = 1) -> Iterat
 
 
 def throughput(base: Settings, root: Path, pool: EventPool, events: int, single: bool, split: bool,
-               timeout_s: float, profile_s: int = 0, process_workers: int = 1, **overrides: Any) -> dict[str, Any]:
+               timeout_s: float, profile_s: int = 0, process_workers: int = 1, otlp: bool = False,
+               **overrides: Any) -> dict[str, Any]:
     """Pre-publish `events`, start the worker(s), poll the row count until all are queryable (or the timeout).
+
+    `otlp`: the events go in as OTel GenAI spans on the OTLP topic (tests.bench.otlp), not as NDJSON.
 
     rate_steady = (rows at the end − rows at the first non-zero poll) / (time between those polls);
     rate_total = rows / (end − the moment the worker start was requested). The end is the poll that saw all N
     rows, or a last patient count after the timeout. A poll that times out (the worker's event loop or ClickHouse
     thread busy) counts as no change.
     """
-    label = ("single" if single else "batch") + ("-split" if split else "-all")
+    label = ("otlp" if otlp else "single" if single else "batch") + ("-split" if split else "-all")
     if split and process_workers > 1:
         label += f"{process_workers}"
     if overrides:
         label += "-" + "-".join(f"{k}{v}" for k, v in sorted(overrides.items())).replace("_", "")
     settings = fresh_settings(base, root, label, **overrides)
     topic = settings.topics.usage
-    if single:
+    if otlp:  # the same events as OTel GenAI spans, 500 a message, on the topic the Collector writes
+        publish_s = otlp_bench.publish_otlp(settings.kafka_bootstrap, settings.topics.otlp,
+                                            otlp_bench.spans_messages(pool, 0, events))
+    elif single:
         publish_s = publish_singles(settings.kafka_bootstrap, topic, pool, 0, events)
     else:
         publish_s = publish_batches(settings.kafka_bootstrap, topic, pool, 0, events, settings.partitions)

@@ -30,7 +30,7 @@ import orjson
 from ops.kafka_local import LocalKafka, ensure_topics
 from tally.config import Settings
 from tally.errors import KafkaLocalError
-from tests.bench import admission, baselines, eos, pipeline, profile, stages
+from tests.bench import admission, baselines, eos, otlp, pipeline, profile, stages
 from tests.bench.common import EventPool, publish_batches, publish_singles
 from tests.conftest import free_ports
 
@@ -248,6 +248,12 @@ def _table(results: dict[str, Any]) -> str:
         rows.append(("1 gateway admission: reserve() + its worst case, p50 / p99", f"{_fmt(ad.get('reserve_p50_us'))}"
                      f" / {_fmt(p99)} µs", f"target p99 < {ad.get('target_p99_us')} µs: "
                      f"{'MET' if p99 < (ad.get('target_p99_us') or 0) else 'MISSED'} ({_fmt(ad.get('calls'))} calls)"))
+    ot = results.get("otlp_stage") or {}
+    if ot and "error" not in ot:
+        rows.append(("1 otlp stage: spans → events, otlp_proto / otlp_json",
+                     f"{_fmt(ot.get('otlp_proto_us'))} / {_fmt(ot.get('otlp_json_us'))} µs/span",
+                     f"decode + map + route, 500-span messages of {_fmt(ot.get('otlp_proto_bytes_per_span'))} / "
+                     f"{_fmt(ot.get('otlp_json_bytes_per_span'))} B a span; then the NDJSON path's process step"))
     sk = results.get("sink_stages") or {}
     if sk and "error" not in sk:
         lookups = sk.get("lookup_s_by_ids") or {}
@@ -297,6 +303,7 @@ def _table(results: dict[str, Any]) -> str:
                         ("pipeline_single_all", "4 pipeline 1-event msgs, role all"),
                         ("pipeline_single_all_handoff", f"4 pipeline 1-event msgs, role all, {handoff}"),
                         ("pipeline_batch_split", "4 pipeline batch msgs, process+sink"),
+                        ("pipeline_otlp_split", "4 pipeline OTLP spans (otlp_proto), process+sink"),
                         ("pipeline_batch_split2", "4 pipeline batch msgs, 2 process + sink"),
                         ("pipeline_batch_split_handoff", f"4 pipeline batch msgs, process+sink, {handoff}")):
         steady = _get(results, name, "rate_steady")
@@ -311,6 +318,8 @@ def _table(results: dict[str, Any]) -> str:
             note += (f"; {steady / bare_single:.2f}× bare Faust 1-event, target ≥ {TARGET_SINGLE_RATIO}: "
                      f"{'MET' if steady >= want else 'MISSED'}")
         one = _get(results, "pipeline_batch_split", "rate_steady")
+        if name == "pipeline_otlp_split" and isinstance(steady, int) and isinstance(one, int) and one:
+            note += f"; {steady / one:.2f}× the same events as SDK batch messages (NDJSON)"
         if name == "pipeline_batch_split2" and isinstance(steady, int) and isinstance(one, int) and one:
             note += (f"; {steady / one:.2f}× one process worker, target ≥ {TARGET_TWO_WORKERS}: "
                      f"{'MET' if steady >= TARGET_TWO_WORKERS * one else 'MISSED'} "
@@ -328,7 +337,7 @@ def _table(results: dict[str, Any]) -> str:
         rows += eos.rows(results["eos"]) if "error" not in results["eos"] else [
             ("7 eos", "—", "ERROR: " + str(results["eos"]["error"])[:80])]
     for name in ("pipeline_batch_all", "pipeline_batch_all_alt", "pipeline_single_all", "pipeline_batch_split",
-                 "pipeline_batch_split2", "latency", "latency_low"):
+                 "pipeline_otlp_split", "pipeline_batch_split2", "latency", "latency_low"):
         rss = _get(results, name, "peak_rss_mib")
         if isinstance(rss, dict):
             rows.append((f"6 peak RSS (VmHWM), {name}", ", ".join(f"{r} {_fmt(v, ' MiB')}" for r, v in rss.items()),
@@ -366,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             _step(results, "fold_memory", lambda: stages.measure_fold_memory(pool))
             _step(results, "state_memory", lambda: _state_memory(args.state_open_requests, args.state_features))
             _step(results, "admission", admission.measure_reserve)
+            _step(results, "otlp_stage", lambda: otlp.measure_translate(pool, args.stage_events, args.partitions))
         if only - {"stages"}:
             broker = _start_kafka(root, args.partitions)
             print(f"   Kafka at {broker.bootstrap}", flush=True)
@@ -400,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
                 _step(results, "pipeline_batch_split2", lambda: pipeline.throughput(
                     base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
                     profile_s=args.profile or args.profile_default_stack, process_workers=2))
+                _step(results, "pipeline_otlp_split", lambda: pipeline.throughput(
+                    base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
+                    otlp=True))
                 if args.alt_handoff:
                     _step(results, "pipeline_batch_split_handoff", lambda: pipeline.throughput(
                         base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,

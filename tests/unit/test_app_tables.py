@@ -13,7 +13,7 @@ def test_changelogs_are_not_acking_topics(tmp_path):
     settings = load_settings(env={}, data_dir=tmp_path)
     app = create_app(settings, "process")
     changelogs = {table.changelog_topic.get_topic_name() for table in app.tables.values()}
-    assert changelogs == {settings.topics.fold_state, settings.topics.detect_state}
+    assert changelogs == {settings.topics.fold_state, settings.topics.detect_state, settings.topics.otlp_state}
     for table in app.tables.values():
         app.topics.add(table.changelog_topic)
     app.topics.add(app.topic(settings.topics.usage))  # an agent's input, as Faust subscribes it

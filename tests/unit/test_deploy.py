@@ -229,6 +229,32 @@ def test_the_alert_rules_use_metrics_tally_serves_and_the_docs_list_them_all() -
     assert jobs["tally-alerts"]["static_configs"][0]["targets"] == ["alerts:6080"]
 
 
+# ---- the OpenTelemetry Collector ------------------------------------------------------------------------------------
+
+def test_the_collector_writes_genai_spans_where_the_otlp_input_reads_them(tmp_path) -> None:
+    from streams.otlp import ENCODINGS
+
+    config = yaml.safe_load((DEPLOY / "otel-collector" / "collector.yaml").read_text())
+    pipeline = config["service"]["pipelines"]["traces"]
+    assert pipeline["receivers"] == ["otlp"] and pipeline["exporters"] == ["kafka"]
+    assert set(pipeline["processors"]) <= set(config["processors"])
+    assert pipeline["processors"][-1] == "batch"  # batched last: messages of hundreds of spans
+    kafka = config["exporters"]["kafka"]
+    services = compose()["services"]
+    env = {k: str(v) for k, v in services["sink"]["environment"].items()}
+    settings = load_settings(env={k: v for k, v in env.items() if k in SETTING_VARS and "TOKEN" not in k})
+    assert kafka["traces"]["topic"] == settings.topics.otlp  # the compose stack has no topic prefix
+    assert kafka["traces"]["encoding"] in ENCODINGS and kafka["producer"]["required_acks"] == -1
+    assert services["otel-collector"]["environment"]["KAFKA_BROKERS"] == env["TALLY_KAFKA_BOOTSTRAP"]
+    mounted = services["otel-collector"]["volumes"][0].split(":")
+    assert mounted[0] == "./otel-collector/collector.yaml" and services["otel-collector"]["command"] == [
+        f"--config={mounted[1]}"]
+    # the filter keeps every span the OTLP input would map: it drops only spans without any of these attributes
+    dropped_when = config["processors"]["filter/genai"]["traces"]["span"][0]
+    for name in ("gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system"):
+        assert f'attributes["{name}"] == nil' in dropped_when
+
+
 @pytest.mark.parametrize("path", sorted(DEPLOY.rglob("*.y*ml")))
 def test_every_yaml_file_under_deploy_parses(path: Path) -> None:
     assert list(yaml.safe_load_all(path.read_text()))

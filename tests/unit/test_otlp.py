@@ -211,3 +211,28 @@ def test_tag_mapping_and_settings_are_validated() -> None:
     settings = load_settings({"TALLY_TOPIC_PREFIX": "t1.", "TALLY_OTLP_TOPIC": ""})
     assert settings.topics.otlp == "" and "t1.otlp_spans" not in settings.topics.all()
     assert "t1.otlp_spans" in load_settings({"TALLY_TOPIC_PREFIX": "t1."}).topics.all()
+
+
+def test_the_bench_spans_stand_for_the_bench_events() -> None:
+    """tests.bench.otlp's spans carry what the pool's events do: the OTLP bench moves the same work."""
+    from tests.bench.common import EventPool
+    from tests.bench.otlp import spans_messages
+
+    pool = EventPool(300, PARTITIONS)
+    for encoding in ("otlp_proto", "otlp_json"):
+        messages = spans_messages(pool, 0, 300, per_message=70, encoding=encoding)
+        out = translate_messages([(m, SOURCE) for m in messages], OtlpConfig(), PARTITIONS, PARTITIONS)
+        assert (len(messages), out.events, out.reasons) == (5, 300, [])
+        got = Counter((e["provider"], e["model_actual"], e["status"] == "ok", orjson.dumps(e["usage"]),
+                       e["tags"].get("feature_id")) for e in events_of(out).values())
+        want = Counter()
+        for line in pool.lines:
+            e = orjson.loads(line)
+            usage = {k: e["usage"].get(k, 0) for k in ("input_tokens", "output_tokens", "reasoning_tokens",
+                                                         "cache_read_tokens", "cache_write_tokens",
+                                                         "cache_write_1h_tokens")}
+            usage["cache_write_tokens"] += usage.pop("cache_write_1h_tokens")  # OTel has one cache-write count
+            usage["cache_write_1h_tokens"] = 0
+            want[(e["provider"], e["model_actual"], e["status"] != "error", orjson.dumps(usage),
+                  e["tags"].get("feature_id", "bench-gateway"))] += 1  # else the resource's service.name
+        assert got == want
