@@ -287,7 +287,8 @@ def status(c: Ctx) -> None:
     for name, pid in stack.running_workers(s).items():
         table.add_row(f"worker {name}", f"pid {pid}  log {stack.log_file(s, name)}")
     try:
-        for topic, roles in ((s.topics.usage, ("all", "process")), (s.topics.attempts, ("all", "sink")),
+        otlp = ((s.topics.otlp, ("all", "process")),) if s.topics.otlp else ()
+        for topic, roles in (*otlp, (s.topics.usage, ("all", "process")), (s.topics.attempts, ("all", "sink")),
                              (s.topics.requests, ("all", "sink"))):
             ends = end_offsets(s.kafka, topic)
             for role in roles:
@@ -403,10 +404,13 @@ def publish(c: Ctx, file: str, topic: str | None) -> None:
 @click.option("--gateways", type=click.IntRange(min=0), default=0, show_default=True,
               help="Decide every request through this many simulated gateways' admission clients first (the "
                    "stack's budgets and routing policy): denied requests are not sent, fallbacks are.")
+@click.option("--otlp", type=click.Choice(["otlp_proto", "otlp_json"]), default=None,
+              help="Send the traffic as OTel GenAI spans to the OTLP topic, as the Collector's Kafka exporter "
+                   "writes them in this encoding (docs/otlp.md), instead of as events to llm.usage.v1.")
 @pass_ctx
 def simulate(c: Ctx, rate: float, duration: float | None, count: int | None, seed: int, bad_rate: float,
              references: tuple[Path, ...], output: Path | None, incident: str | None, incident_feature: str | None,
-             incident_tenant: str, gateways: int) -> None:
+             incident_tenant: str, gateways: int, otlp: str | None) -> None:
     """Realistic synthetic gateway traffic through the SDK (or to a file with --output).
 
     With --incident, only that incident's requests are sent (every request on one feature, shaped by the
@@ -430,8 +434,11 @@ def simulate(c: Ctx, rate: float, duration: float | None, count: int | None, see
         profile = Profile(incidents=(Incident(incident, feature, now, now + timedelta(days=365), incident_tenant),),
                           only_incident=True)
         console.print(f"incident {incident} on {feature} from {now:%H:%M:%S} UTC")
-    gen = TrafficGenerator(catalog, seed=seed, rate=rate, bad_rate=0.0 if incident else bad_rate, profile=profile,
-                           live=output is None)
+    if otlp and (output is not None or gateways):
+        raise click.UsageError("--otlp publishes spans to the OTLP topic: it goes without --output and --gateways")
+    # a malformed line has no span to become: OTLP traffic is all well-formed
+    gen = TrafficGenerator(catalog, seed=seed, rate=rate, bad_rate=0.0 if incident or otlp else bad_rate,
+                           profile=profile, live=output is None)
     limit = count if count is not None else (int(rate * duration) if duration else 10**12)
     if output is not None:
         with output.open("wb") as fh:
@@ -448,6 +455,19 @@ def simulate(c: Ctx, rate: float, duration: float | None, count: int | None, see
     sent = [0]
     started = time.monotonic()
     admitted = _simulated_gateways(s, gateways) if gateways else None
+    if otlp:
+        from ops.otlp_traffic import SpanPublisher
+
+        if not s.topics.otlp:
+            raise TallyError("--otlp needs the OTLP input: otlp_topic is empty")
+        try:
+            with SpanPublisher(s.kafka, s.topics.otlp, encoding=otlp) as spans:
+                publish_paced(spans.publish_line, gen.lines(limit), rate, sent=sent)
+        except KeyboardInterrupt:
+            pass
+        console.print(f"published {sent[0]:,} events as {otlp} spans to {s.topics.otlp} in "
+                      f"{time.monotonic() - started:.1f}s")
+        return
     try:
         with Publisher(s.kafka, s.topics.usage) as pub:
             lines = admitted[0].lines(gen, limit) if admitted else gen.lines(limit)

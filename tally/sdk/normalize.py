@@ -329,19 +329,20 @@ def from_otel_genai(attributes: Mapping[str, Any]) -> dict[str, int]:
     Per the semantic conventions, gen_ai.usage.input_tokens includes both
     gen_ai.usage.cache_read.input_tokens and gen_ai.usage.cache_creation.input_tokens, and
     gen_ai.usage.output_tokens includes gen_ai.usage.reasoning.output_tokens. Cache creation has no TTL
-    split there: it is all 5-minute. The deprecated gen_ai.usage.prompt_tokens / completion_tokens are read
-    when the current names are absent. input_tokens is required; output_tokens defaults to 0 (embedding spans
-    carry none). Classes sum to input_tokens + output_tokens. Raises NormalizationError when input_tokens is
-    missing, a count is not an int in 0..MAX_TOKENS (OTLP JSON's string intValue must be decoded first), or
-    a detail exceeds its total (typical of an instrumentation that reports input without the cache).
+    split there: it is all 5-minute. The older names still in the wild are read when the current ones are absent,
+    with the same meaning: gen_ai.usage.prompt_tokens / completion_tokens, cache_read_input_tokens,
+    cache_creation_input_tokens and reasoning_tokens. input_tokens is required; output_tokens defaults to 0
+    (embedding spans carry none). Classes sum to input_tokens + output_tokens. Raises NormalizationError when
+    input_tokens is missing, a count is not an int in 0..MAX_TOKENS (OTLP JSON's string intValue must be decoded
+    first), or a detail exceeds its total (typical of an instrumentation that reports input without the cache).
     """
     p = "otel gen_ai"
     a = _mapping(p, attributes, "attributes")
     inp = _otel_count(a, "gen_ai.usage.input_tokens", "gen_ai.usage.prompt_tokens", required=True)
     out = _otel_count(a, "gen_ai.usage.output_tokens", "gen_ai.usage.completion_tokens")
-    read = _otel_count(a, "gen_ai.usage.cache_read.input_tokens")
-    write = _otel_count(a, "gen_ai.usage.cache_creation.input_tokens")
-    reasoning = _otel_count(a, "gen_ai.usage.reasoning.output_tokens")
+    read = _otel_count(a, "gen_ai.usage.cache_read.input_tokens", "gen_ai.usage.cache_read_input_tokens")
+    write = _otel_count(a, "gen_ai.usage.cache_creation.input_tokens", "gen_ai.usage.cache_creation_input_tokens")
+    reasoning = _otel_count(a, "gen_ai.usage.reasoning.output_tokens", "gen_ai.usage.reasoning_tokens")
     _within(p, read + write,
             "gen_ai.usage.cache_read.input_tokens + gen_ai.usage.cache_creation.input_tokens",
             inp, "gen_ai.usage.input_tokens")

@@ -169,3 +169,21 @@ def test_a_crash_between_delivery_and_position_replays_spans_without_a_double_co
     stack.assert_matches_ground_truth(expected)
     wait_for_requests(stack, len({e["parent_request_id"] for e in expected}))
     stack.assert_requests_match_ground_truth(expected)
+
+
+def test_simulated_traffic_as_collector_spans_lands_like_the_sdks(stack) -> None:
+    """`tally simulate --otlp` sends its events as OTel spans; they land as the same events would from the SDK."""
+    stack.tally("up", "--role", "all", timeout=180)
+    stack.tally("reference", "load", str(EXAMPLES))
+    sim = stack.tally("simulate", "--otlp", "otlp_json", "--count", "400", "--rate", "2000", "--seed", "3",
+                      timeout=180)
+    assert f"published 400 events as otlp_json spans to {stack.settings.topics.otlp}" in sim.stderr.decode()
+    stack.tally("wait", "--timeout", "180", timeout=240)
+    lines = stack.tally("simulate", "--count", "400", "--seed", "3", "--bad-rate", "0", "--output", "/dev/stdout")
+    sent = [orjson.loads(line) for line in lines.stdout.splitlines() if line.startswith(b"{")]
+    assert len(sent) == 400
+    rows = stack.query("SELECT model_actual, input_tokens + cache_read_tokens AS inp, feature_id FROM "
+                       "tally.usage_events")
+    assert Counter((r["model_actual"], r["inp"], r["feature_id"]) for r in rows) == Counter(
+        (e["model_actual"], e["usage"].get("input_tokens", 0) + e["usage"].get("cache_read_tokens", 0),
+         e["tags"].get("feature_id", "tally-simulate")) for e in sent)

@@ -371,6 +371,15 @@ def test_otel_deprecated_prompt_and_completion_tokens() -> None:
     assert from_otel_genai(attrs) == _usage(12, 5)
 
 
+def test_otel_older_cache_and_reasoning_names_when_the_current_ones_are_absent() -> None:
+    attrs = {"gen_ai.system": "anthropic", "gen_ai.usage.input_tokens": 1000, "gen_ai.usage.output_tokens": 300,
+             "gen_ai.usage.cache_read_input_tokens": 600, "gen_ai.usage.cache_creation_input_tokens": 100,
+             "gen_ai.usage.reasoning_tokens": 120}
+    assert from_otel_genai(attrs) == _usage(inp=300, out=180, reasoning=120, read=600, write=100)
+    current = {**attrs, "gen_ai.usage.cache_read.input_tokens": 50}  # the current name wins
+    assert from_otel_genai(current)["cache_read_tokens"] == 50
+
+
 def test_otel_embeddings_span_has_no_output() -> None:
     attrs = {"gen_ai.operation.name": "embeddings", "gen_ai.usage.input_tokens": 9}
     assert from_otel_genai(attrs) == _usage(9)
