@@ -107,7 +107,7 @@ def test_every_worker_serves_metrics_and_probes_that_match_what_it_did(stack):
     assert value(processed, "tally_reference_ready", role="process") == 1
     lags = named(processed, "tally_consumer_lag_messages")
     assert lags and all(v == 0 for v in lags.values())  # caught up (tally wait returned)
-    assert {dict(k)["stage"] for k in lags} == {"fold", "detect"}
+    assert {dict(k)["stage"] for k in lags} == {"fold", "detect", "otlp"}
     assert value(processed, "tally_batch_seconds_count", role="process", stage="process") > 0
     assert value(processed, "tally_fold_state_entries") >= 0
     assert value(processed, "tally_detect_requests_total") > 0
