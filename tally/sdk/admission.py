@@ -88,6 +88,8 @@ class _State:
     others_reserved_usd: Decimal = ZERO  # the other gateways' open reservations, as the budget stage saw them
 
 
+# what a decision record says of its request: (decided at in Unix µs, request, parent, feature, tenant, tier ids)
+_Request = tuple[int, str, str, str, str, str]
 # (budget key, its state, spent in the state's period, held (own holds, settled since, others' holds), remaining)
 _Standing = tuple[str, _State, Decimal, Decimal, Decimal]
 
@@ -272,8 +274,8 @@ class Admission:
         self.gateway_id = gateway_id
         self._publish = publish
         # decision ids: unique per client (a random prefix) and cheap per decision (a counter)
-        prefix = uuid.uuid4().hex
-        self._ids = (f"{prefix}-{n}" for n in itertools.count(1))
+        self._id_prefix = uuid.uuid4().hex + "-"
+        self._id_count = itertools.count(1)  # next() on it is atomic: attempt() numbers its record off the lock
         self._clock = clock
         # This gateway may hold at most `share` of what a budget has left (N gateways, share 1/N: together they
         # cannot hold more than is left between two states); a settled cost stays debited here until a state
@@ -285,7 +287,9 @@ class Admission:
         self._states: dict[str, _State] = {}  # budget key → its last state record, parsed
         self._open: dict[str, Reservation] = {}  # logical id → open reservation
         self._held: dict[str, Decimal] = {}  # budget key → open reservations' amounts
-        self._settled: dict[str, list[tuple[float, Decimal]]] = {}  # budget key → (when, cost) settled since
+        # budget key → (when, cost) of what was settled since, as two lists: a settle allocates no object the
+        # collector tracks (a (when, cost) tuple per settle was one more for each young-generation pass to visit)
+        self._settled: dict[str, tuple[list[float], list[Decimal]]] = {}
         self._settled_usd: dict[str, Decimal] = {}  # budget key → their sum (kept, not summed per decision)
         # reasoning tokens used and held per session and per feature-day (the policy's ceilings), in this gateway
         self._reasoning: dict[tuple[str, str], int] = {}
@@ -313,9 +317,10 @@ class Admission:
                         str(record.get("period_end", "")), max(others, ZERO))
         with self._lock:
             self._states[key] = parsed
-            left = [(t, c) for t, c in self._settled.get(key, []) if t + self.settle_lag_s > seen]
-            self._settled[key] = left
-            self._settled_usd[key] = sum((c for _, c in left), ZERO)
+            times, costs = self._settled.get(key) or ((), ())
+            left = [i for i, t in enumerate(times) if t + self.settle_lag_s > seen]
+            self._settled[key] = ([times[i] for i in left], [costs[i] for i in left])
+            self._settled_usd[key] = sum((costs[i] for i in left), ZERO)
 
     def apply_reference(self, doc: ReferenceDoc) -> None:
         """A price card, model alias table or routing policy version (as the reference topics carry them)."""
@@ -346,10 +351,10 @@ class Admission:
         micros = _micros(now)
         with self._lock:
             held = self._open.get(logical)
-            args = (now, micros, request_id, parent_request_id, feature_id, tenant_id, tier)
+            request = (micros, request_id, parent_request_id, feature_id, tenant_id, tier)
             if held is not None:
                 held.attempts += 1
-                return self._decision(ADMIT, "same_logical_request", provider, model, held, *args, ZERO, (), None,
+                return self._decision(ADMIT, "same_logical_request", provider, model, held, request, ZERO, (), None,
                                       None)
             policy, card = self._in_effect(micros)
             rule = policy.rule(feature_id, tier) if policy is not None else _NO_POLICY_RULE
@@ -365,7 +370,7 @@ class Admission:
             if reasons and (rule.reasoning == "deny" or over):
                 why = REASONING_CEILING if over else REASONING_DENIED
                 if rule.fallback_model is None or (over and rule.on_breach != "fallback"):
-                    return self._decision(DENY, why, provider, model, None, *args, asked_usd, (), policy, card)
+                    return self._decision(DENY, why, provider, model, None, request, asked_usd, (), policy, card)
                 provider, model = rule.fallback_model
                 reasons = policy is not None and (provider, model) in policy.reasoning_models
                 reasoning_keys = ()
@@ -377,7 +382,7 @@ class Admission:
                                                               (rule.max_reasoning_tokens or 0) if reasons else 0)
             if worst is None:
                 if policy is not None and policy.on_unpriced == "deny":
-                    return self._decision(DENY, UNPRICED_MODEL, provider, model, None, *args, ZERO, (), policy, card)
+                    return self._decision(DENY, UNPRICED_MODEL, provider, model, None, request, ZERO, (), policy, card)
                 worst = (ZERO, ZERO)
             keys = self._budget_keys(feature_id, tenant_id)
             standing = self._standing(keys, now)
@@ -397,10 +402,10 @@ class Admission:
                 if worst[0] > s[4]:
                     short.append(s)
             if stale and (policy is None or policy.on_stale_state == "closed"):
-                return self._decision(DENY, STALE_STATE, provider, model, None, *args, worst[0], keys, policy, card,
+                return self._decision(DENY, STALE_STATE, provider, model, None, request, worst[0], keys, policy, card,
                                       standing)
             if exhausted:
-                return self._decision(DENY, BUDGET_EXHAUSTED, provider, model, None, *args, worst[0], keys, policy,
+                return self._decision(DENY, BUDGET_EXHAUSTED, provider, model, None, request, worst[0], keys, policy,
                                       card, standing)
             if short and rule.on_breach == "fallback" and rule.fallback_model is not None \
                     and rule.fallback_model != (provider, model):
@@ -413,11 +418,10 @@ class Admission:
                 # may be stale (a gateway's holds that will be released): finance tells them apart by the reason
                 holds_only = all(worst[0] <= s[1].budget_usd - s[2] for s in short)
                 return self._decision(DENY, HELD_BY_RESERVATIONS if holds_only else EXCEEDS_REMAINING, provider, model,
-                                      None, *args, worst[0], keys, policy, card, standing)
+                                      None, request, worst[0], keys, policy, card, standing)
             ceiling = worst[0] * (policy.stream_ceiling if policy is not None else Decimal(2))
-            reservation = Reservation(logical, keys, worst[0], ceiling, worst[1], self,
-                                      reasoning_tokens=(rule.max_reasoning_tokens or 0) if reasons else 0,
-                                      reasoning_keys=reasoning_keys)
+            reservation = Reservation(logical, keys, worst[0], ceiling, worst[1], self, 1, ZERO, False,
+                                      (rule.max_reasoning_tokens or 0) if reasons else 0, reasoning_keys)
             for counter in reasoning_keys:  # held against the ceilings until it settles
                 self._reasoning[counter] = self._reasoning.get(counter, 0) + reservation.reasoning_tokens
             while len(self._reasoning) > REASONING_COUNTERS_MAX:  # bounded: sessions come and go
@@ -427,7 +431,7 @@ class Admission:
             for key in keys:
                 held_usd[key] = held_usd.get(key, ZERO) + worst[0]
             reason = routed or (STALE_STATE if stale else (WITHIN_BUDGET if standing else NO_BUDGET))
-            return self._decision(FALLBACK if routed else ADMIT, reason, provider, model, reservation, *args,
+            return self._decision(FALLBACK if routed else ADMIT, reason, provider, model, reservation, request,
                                   worst[0], keys, policy, card, standing,
                                   avoided=max(asked_usd - worst[0], ZERO) if routed else ZERO)
 
@@ -534,7 +538,6 @@ class Admission:
 
     def _settle(self, reservation: Reservation, cost: Decimal, reasoning_tokens: int | None = None) -> Decimal:
         now = self._clock()
-        settled = (now, cost)  # one entry, shared by the request's budgets
         with self._lock:
             if reservation.settled:
                 return ZERO
@@ -548,7 +551,11 @@ class Admission:
             for key in reservation.budgets:
                 self._held[key] = self._held.get(key, ZERO) - reservation.amount_usd
                 # debited here until a state computed after this moment counts it in spent_usd
-                self._settled.setdefault(key, []).append(settled)
+                since = self._settled.get(key)
+                if since is None:
+                    since = self._settled[key] = ([], [])
+                since[0].append(now)
+                since[1].append(cost)
                 self._settled_usd[key] = self._settled_usd.get(key, ZERO) + cost
             released = max(reservation.amount_usd - cost, ZERO)
             self._record("settle", reservation, {"cost_usd": _usd(cost), "released_usd": _usd(released),
@@ -558,17 +565,18 @@ class Admission:
     # -- records ---------------------------------------------------------------------------------------------
 
     def _decision(self, action: str, reason: str, provider: str, model: str, reservation: Reservation | None,
-                  now: float, micros: int, request_id: str, parent_request_id: str, feature_id: str, tenant_id: str,
-                  tier: str, reserve: Decimal, budgets: tuple[str, ...], policy: RoutingPolicy | None,
+                  request: _Request, reserve: Decimal, budgets: tuple[str, ...], policy: RoutingPolicy | None,
                   card: PriceCard | None, standing: list[_Standing] | None = None,
                   avoided: Decimal | None = None) -> Decision:
+        micros, request_id, parent_request_id, feature_id, tenant_id, tier = request
         # the budget windows as the decision saw them: what a denial or a fallback is audited by
         windows = {key: {"remaining_usd": _usd(remaining), "period_end": state.period_end_text,
                          "state_computed_at": state.computed_text}
                    for key, state, _, _, remaining in standing or ()} if action != ADMIT else {}
         requested = _usd(reserve)
         record = {
-            "kind": "admission", "decision_id": next(self._ids), "decided_at": self._stamp(micros),
+            "kind": "admission", "decision_id": f"{self._id_prefix}{next(self._id_count)}",
+            "decided_at": self._stamp(micros),
             "gateway_id": self.gateway_id, "action": action, "reason": reason,
             "request_id": request_id, "parent_request_id": parent_request_id,
             "logical_request_id": parent_request_id or request_id,
@@ -589,7 +597,7 @@ class Admission:
     def _record(self, action: str, reservation: Reservation, extra: Mapping[str, Any]) -> None:
         if self._publish is None:
             return
-        self._publish({"kind": "admission", "decision_id": next(self._ids),
+        self._publish({"kind": "admission", "decision_id": f"{self._id_prefix}{next(self._id_count)}",
                        "decided_at": self._stamp(_micros(self._clock())),
                        "gateway_id": self.gateway_id, "action": action,
                        "logical_request_id": reservation.logical_id, "budgets": list(reservation.budgets),
