@@ -234,6 +234,9 @@ def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # a stamp's tail, made once
+
+
 class _Stamps:
     """`_utc` from Unix µs (`_micros`): the text of a second is made once, then only its milliseconds per call.
 
@@ -250,7 +253,7 @@ class _Stamps:
         cached = self._second
         if cached[0] != second:
             cached = self._second = (second, (_EPOCH + timedelta(seconds=second)).isoformat()[:19])
-        return f"{cached[1]}.{us // 1000:03d}Z"
+        return cached[1] + _MILLIS[us // 1000]
 
 
 def _epoch(text: Any) -> float:
