@@ -297,8 +297,8 @@ class Admission:
         # reasoning tokens used and held per session and per feature-day (the policy's ceilings), in this gateway
         self._reasoning: dict[tuple[str, str], int] = {}
         self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
-        # (snapshot, from, until, policy, card): what is in effect from ≤ t < until (Unix µs) in that snapshot
-        self._effective: tuple[ReferenceSnapshot, int, int, RoutingPolicy | None, PriceCard | None] | None = None
+        # (snapshot, from, until, (policy, card)): what is in effect from ≤ t < until (Unix µs) in that snapshot
+        self._effective: tuple[ReferenceSnapshot, int, int, tuple[RoutingPolicy | None, PriceCard | None]] | None = None
         self._stamp = _Stamps()  # decided_at texts
         self._scaled: dict[int, tuple[Any, tuple[int, ...] | None]] = {}  # id(Rates) → (it, its _integer_rates)
 
@@ -392,24 +392,23 @@ class Admission:
             if len(standing) != len(keys):  # a budget without a state does not count
                 keys = tuple(s[0] for s in standing)
             stale_s = policy.stale_state_s if policy is not None else 60
-            stale: list[_Standing] = []
-            live: list[_Standing] = []
-            short: list[_Standing] = []
-            exhausted = False
+            stale = exhausted = short_of = False
             for s in standing:  # one pass: stale, or live and then maybe spent (exhausted) or too short for it
                 if now - s[1].computed_at > stale_s:
-                    stale.append(s)
-                    continue
-                live.append(s)
-                exhausted = exhausted or s[2] >= s[1].budget_usd
-                if worst[0] > s[4]:
-                    short.append(s)
+                    stale = True
+                elif s[2] >= s[1].budget_usd:
+                    exhausted = True
+                elif worst[0] > s[4]:
+                    short_of = True
             if stale and (policy is None or policy.on_stale_state == "closed"):
                 return self._decision(DENY, STALE_STATE, provider, model, None, request, worst[0], keys, policy, card,
                                       standing)
             if exhausted:
                 return self._decision(DENY, BUDGET_EXHAUSTED, provider, model, None, request, worst[0], keys, policy,
                                       card, standing)
+            # the rare paths' lists, made only when a budget cannot hold the request
+            live = [s for s in standing if now - s[1].computed_at <= stale_s] if short_of and stale else standing
+            short = [s for s in live if worst[0] > s[4]] if short_of else []
             if short and rule.on_breach == "fallback" and rule.fallback_model is not None \
                     and rule.fallback_model != (provider, model):
                 fp, fm = rule.fallback_model
@@ -447,12 +446,13 @@ class Admission:
         snapshot = self._refs.snapshot()
         cached = self._effective
         if cached is not None and cached[0] is snapshot and cached[1] <= micros < cached[2]:
-            return cached[3], cached[4]
+            return cached[3]
         at = _EPOCH + timedelta(microseconds=micros)  # == datetime.fromtimestamp(now, UTC)
         policy, p_from, p_until = snapshot.routing_policies.span_at(at)
         card, c_from, c_until = snapshot.price_cards.span_at(at)
-        self._effective = (snapshot, _as_micros(max(p_from, c_from)), _as_micros(min(p_until, c_until)), policy, card)
-        return policy, card
+        pair = (policy, card)
+        self._effective = (snapshot, _as_micros(max(p_from, c_from)), _as_micros(min(p_until, c_until)), pair)
+        return pair
 
     def _worst_case(self, card: PriceCard | None, provider: str, model: str, input_tokens: int, output: int,
                     reasoning: int) -> tuple[Decimal, Decimal] | None:
