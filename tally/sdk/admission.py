@@ -422,8 +422,9 @@ class Admission:
                 return self._decision(DENY, HELD_BY_RESERVATIONS if holds_only else EXCEEDS_REMAINING, provider, model,
                                       None, request, worst[0], keys, policy, card, standing)
             ceiling = worst[0] * (policy.stream_ceiling if policy is not None else Decimal(2))
-            reservation = Reservation(logical, keys, worst[0], ceiling, worst[1], self, 1, ZERO, False,
-                                      (rule.max_reasoning_tokens or 0) if reasons else 0, reasoning_keys)
+            reservation = Reservation(logical, keys, worst[0], ceiling, worst[1], self,
+                                      reasoning_tokens=(rule.max_reasoning_tokens or 0) if reasons else 0,
+                                      reasoning_keys=reasoning_keys)
             for counter in reasoning_keys:  # held against the ceilings until it settles
                 self._reasoning[counter] = self._reasoning.get(counter, 0) + reservation.reasoning_tokens
             while len(self._reasoning) > REASONING_COUNTERS_MAX:  # bounded: sessions come and go
