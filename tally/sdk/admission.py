@@ -35,12 +35,13 @@ reserve, deny and settle records keyed by budget, so finance can audit a denial 
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal, localcontext
 from typing import Any
 
@@ -53,6 +54,7 @@ from tally.reference import (
     PolicyRule,
     PriceCard,
     ReferenceDoc,
+    ReferenceSnapshot,
     ReferenceStore,
     RoutingPolicy,
 )
@@ -70,6 +72,7 @@ REASONING_DENIED = "policy_reasoning_denied"
 REASONING_CEILING = "reasoning_ceiling"  # the session's or the feature's daily reasoning tokens would pass the policy's
 REASONING_COUNTERS_MAX = 200_000  # session and feature-day counters a client keeps (the oldest go first)
 UNPRICED_MODEL = "unpriced_model"
+_NO_POLICY_RULE = PolicyRule("allow", 0, None, "deny")  # no routing policy in effect
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +86,12 @@ class _State:
     period_end: float
     period_end_text: str
     others_reserved_usd: Decimal = ZERO  # the other gateways' open reservations, as the budget stage saw them
+
+
+# what a decision record says of its request: (decided at in Unix µs, request, parent, feature, tenant, tier ids)
+_Request = tuple[int, str, str, str, str, str]
+# (budget key, its state, spent in the state's period, held (own holds, settled since, others' holds), remaining)
+_Standing = tuple[str, _State, Decimal, Decimal, Decimal]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,13 +188,72 @@ def _usd(value: Decimal) -> str:
     """Exact money as plain text without padding zeros (0.0077, not 0.0077000 or 7.7E-3)."""
     if not value:
         return "0"
-    text = format(value, "f")
+    text = str(value)  # the same digits as format(value, "f") unless it has an exponent (1E-7, 1E+2)
+    if "E" in text:
+        text = format(value, "f")
     text = text.rstrip("0").rstrip(".") if "." in text else text
     return "0" if text in ("", "-0") else text
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _micros(ts: float) -> int:
+    """Unix microseconds of `ts`, rounded as datetime.fromtimestamp rounds it (half to even), without a datetime.
+
+    `_EPOCH + timedelta(microseconds=_micros(ts))` is `datetime.fromtimestamp(ts, UTC)`, so a decision compares and
+    stamps times as integers and still agrees with the datetimes the reference data is dated by.
+    """
+    frac, whole = math.modf(ts)
+    us = round(frac * 1e6)
+    if us >= 1_000_000:
+        whole, us = whole + 1.0, us - 1_000_000
+    elif us < 0:
+        whole, us = whole - 1.0, us + 1_000_000
+    return int(whole) * 1_000_000 + us
+
+
+def _as_micros(ts: datetime) -> int:
+    return (ts - _EPOCH) // _MICROSECOND
+
+
+def _integer_rates(*rates: Decimal) -> tuple[int, ...] | None:
+    """(exponent, k1, k2, …) with each rate == k × 10**exponent, exponent the smallest of theirs; None if not finite.
+
+    Σ rate × tokens is then Decimal(Σ k × tokens).scaleb(exponent): the exact sum Decimal arithmetic gives (an exact
+    sum's exponent is its terms' smallest, a product's the rate's), digits and exponent alike, in integer arithmetic.
+    """
+    if not all(r.is_finite() for r in rates):
+        return None
+    exp = min(int(r.as_tuple().exponent) for r in rates)
+    return (exp, *(int(r.scaleb(-exp, MONEY_CONTEXT)) for r in rates))
+
+
 def _utc(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))  # a stamp's tail, made once
+
+
+class _Stamps:
+    """`_utc` from Unix µs (`_micros`): the text of a second is made once, then only its milliseconds per call.
+
+    Thread-safe without a lock: the cached second is one tuple, read and replaced whole.
+    """
+
+    __slots__ = ("_second",)
+
+    def __init__(self) -> None:
+        self._second: tuple[int, str] = (0, _utc(0)[:19])
+
+    def __call__(self, micros: int) -> str:
+        second, us = divmod(micros, 1_000_000)
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (second, (_EPOCH + timedelta(seconds=second)).isoformat()[:19])
+        return cached[1] + _MILLIS[us // 1000]
 
 
 def _epoch(text: Any) -> float:
@@ -209,8 +277,8 @@ class Admission:
         self.gateway_id = gateway_id
         self._publish = publish
         # decision ids: unique per client (a random prefix) and cheap per decision (a counter)
-        prefix = uuid.uuid4().hex
-        self._ids = (f"{prefix}-{n}" for n in itertools.count(1))
+        self._id_prefix = uuid.uuid4().hex + "-"
+        self._id_count = itertools.count(1)  # next() on it is atomic: attempt() numbers its record off the lock
         self._clock = clock
         # This gateway may hold at most `share` of what a budget has left (N gateways, share 1/N: together they
         # cannot hold more than is left between two states); a settled cost stays debited here until a state
@@ -222,11 +290,17 @@ class Admission:
         self._states: dict[str, _State] = {}  # budget key → its last state record, parsed
         self._open: dict[str, Reservation] = {}  # logical id → open reservation
         self._held: dict[str, Decimal] = {}  # budget key → open reservations' amounts
-        self._settled: dict[str, list[tuple[float, Decimal]]] = {}  # budget key → (when, cost) settled since
+        # budget key → (when, cost) of what was settled since, as two lists: a settle allocates no object the
+        # collector tracks (a (when, cost) tuple per settle was one more for each young-generation pass to visit)
+        self._settled: dict[str, tuple[list[float], list[Decimal]]] = {}
         self._settled_usd: dict[str, Decimal] = {}  # budget key → their sum (kept, not summed per decision)
         # reasoning tokens used and held per session and per feature-day (the policy's ceilings), in this gateway
         self._reasoning: dict[tuple[str, str], int] = {}
         self._keys: dict[tuple[str, str], tuple[str, ...]] = {}
+        # (snapshot, from, until, (policy, card)): what is in effect from ≤ t < until (Unix µs) in that snapshot
+        self._effective: tuple[ReferenceSnapshot, int, int, tuple[RoutingPolicy | None, PriceCard | None]] | None = None
+        self._stamp = _Stamps()  # decided_at texts
+        self._scaled: dict[int, tuple[Any, tuple[int, ...] | None]] = {}  # id(Rates) → (it, its _integer_rates)
 
     # -- what it knows ---------------------------------------------------------------------------------------
 
@@ -246,9 +320,10 @@ class Admission:
                         str(record.get("period_end", "")), max(others, ZERO))
         with self._lock:
             self._states[key] = parsed
-            left = [(t, c) for t, c in self._settled.get(key, []) if t + self.settle_lag_s > seen]
-            self._settled[key] = left
-            self._settled_usd[key] = sum((c for _, c in left), ZERO)
+            times, costs = self._settled.get(key) or ((), ())
+            left = [i for i, t in enumerate(times) if t + self.settle_lag_s > seen]
+            self._settled[key] = ([times[i] for i in left], [costs[i] for i in left])
+            self._settled_usd[key] = sum((costs[i] for i in left), ZERO)
 
     def apply_reference(self, doc: ReferenceDoc) -> None:
         """A price card, model alias table or routing policy version (as the reference topics carry them)."""
@@ -276,29 +351,29 @@ class Admission:
         """
         logical = parent_request_id or request_id
         now = self._clock()
+        micros = _micros(now)
         with self._lock:
             held = self._open.get(logical)
+            request = (micros, request_id, parent_request_id, feature_id, tenant_id, tier)
             if held is not None:
                 held.attempts += 1
-                return self._decision(ADMIT, "same_logical_request", provider, model, held, now, request_id,
-                                      parent_request_id, feature_id, tenant_id, tier, ZERO, (), None, None)
-            snapshot = self._refs.snapshot()
-            at = datetime.fromtimestamp(now, UTC)
-            policy = snapshot.routing_policy_at(at)
-            card = snapshot.price_card_at(at)
-            rule = policy.rule(feature_id, tier) if policy is not None else PolicyRule("allow", 0, None, "deny")
+                return self._decision(ADMIT, "same_logical_request", provider, model, held, request, ZERO, (), None,
+                                      None)
+            policy, card = self._in_effect(micros)
+            rule = policy.rule(feature_id, tier) if policy is not None else _NO_POLICY_RULE
             reasons: bool = reasoning if reasoning is not None else (
                 policy is not None and (provider, model) in policy.reasoning_models)
-            args = (now, request_id, parent_request_id, feature_id, tenant_id, tier)
             asked = self._worst_case(card, provider, model, input_tokens, max_output_tokens,
                                      (rule.max_reasoning_tokens or 0) if reasons else 0)
             asked_usd = asked[0] if asked is not None else ZERO  # the cost a denial or a fallback avoids
-            reasoning_keys = self._reasoning_keys(rule, feature_id, session_id, now) if reasons else ()
-            over = reasons and rule.reasoning != "deny" and self._over_ceiling(rule, reasoning_keys)
+            capped = reasons and (rule.max_reasoning_tokens_per_session is not None
+                                  or rule.max_reasoning_tokens_per_day is not None)
+            reasoning_keys = self._reasoning_keys(rule, feature_id, session_id, now) if capped else ()
+            over = capped and rule.reasoning != "deny" and self._over_ceiling(rule, reasoning_keys)
             if reasons and (rule.reasoning == "deny" or over):
                 why = REASONING_CEILING if over else REASONING_DENIED
                 if rule.fallback_model is None or (over and rule.on_breach != "fallback"):
-                    return self._decision(DENY, why, provider, model, None, *args, asked_usd, (), policy, card)
+                    return self._decision(DENY, why, provider, model, None, request, asked_usd, (), policy, card)
                 provider, model = rule.fallback_model
                 reasons = policy is not None and (provider, model) in policy.reasoning_models
                 reasoning_keys = ()
@@ -310,34 +385,44 @@ class Admission:
                                                               (rule.max_reasoning_tokens or 0) if reasons else 0)
             if worst is None:
                 if policy is not None and policy.on_unpriced == "deny":
-                    return self._decision(DENY, UNPRICED_MODEL, provider, model, None, *args, ZERO, (), policy, card)
+                    return self._decision(DENY, UNPRICED_MODEL, provider, model, None, request, ZERO, (), policy, card)
                 worst = (ZERO, ZERO)
-            budgets = self._budgets(feature_id, tenant_id, now)
+            keys = self._budget_keys(feature_id, tenant_id)
+            standing = self._standing(keys, now)
+            if len(standing) != len(keys):  # a budget without a state does not count
+                keys = tuple(s[0] for s in standing)
             stale_s = policy.stale_state_s if policy is not None else 60
-            stale = [b for b in budgets if now - b.computed_at > stale_s]
+            stale = exhausted = short_of = False
+            for s in standing:  # one pass: stale, or live and then maybe spent (exhausted) or too short for it
+                if now - s[1].computed_at > stale_s:
+                    stale = True
+                elif s[2] >= s[1].budget_usd:
+                    exhausted = True
+                elif worst[0] > s[4]:
+                    short_of = True
             if stale and (policy is None or policy.on_stale_state == "closed"):
-                return self._decision(DENY, STALE_STATE, provider, model, None, *args, worst[0],
-                                      tuple(b.key for b in budgets), policy, card, budgets)
-            live = [b for b in budgets if b not in stale]
-            exhausted = [b for b in live if b.spent_usd >= b.budget_usd]
+                return self._decision(DENY, STALE_STATE, provider, model, None, request, worst[0], keys, policy, card,
+                                      standing)
             if exhausted:
-                return self._decision(DENY, BUDGET_EXHAUSTED, provider, model, None, *args, worst[0],
-                                      tuple(b.key for b in budgets), policy, card, budgets)
-            short = [b for b in live if worst[0] > b.remaining_usd]
+                return self._decision(DENY, BUDGET_EXHAUSTED, provider, model, None, request, worst[0], keys, policy,
+                                      card, standing)
+            # the rare paths' lists, made only when a budget cannot hold the request
+            live = [s for s in standing if now - s[1].computed_at <= stale_s] if short_of and stale else standing
+            short = [s for s in live if worst[0] > s[4]] if short_of else []
             if short and rule.on_breach == "fallback" and rule.fallback_model is not None \
                     and rule.fallback_model != (provider, model):
                 fp, fm = rule.fallback_model
                 cheaper = self._worst_case(card, fp, fm, input_tokens, max_output_tokens, 0)
-                if cheaper is not None and all(cheaper[0] <= b.remaining_usd for b in live):
+                if cheaper is not None and all(cheaper[0] <= s[4] for s in live):
                     provider, model, worst, short, routed = fp, fm, cheaper, [], EXCEEDS_REMAINING
             if short:
                 # a genuine breach (the spend alone leaves too little) or a budget held by open reservations, which
                 # may be stale (a gateway's holds that will be released): finance tells them apart by the reason
-                holds_only = all(worst[0] <= b.budget_usd - b.spent_usd for b in short)
+                holds_only = all(worst[0] <= s[1].budget_usd - s[2] for s in short)
                 return self._decision(DENY, HELD_BY_RESERVATIONS if holds_only else EXCEEDS_REMAINING, provider, model,
-                                      None, *args, worst[0], tuple(b.key for b in budgets), policy, card, budgets)
+                                      None, request, worst[0], keys, policy, card, standing)
             ceiling = worst[0] * (policy.stream_ceiling if policy is not None else Decimal(2))
-            reservation = Reservation(logical, tuple(b.key for b in budgets), worst[0], ceiling, worst[1], self,
+            reservation = Reservation(logical, keys, worst[0], ceiling, worst[1], self,
                                       reasoning_tokens=(rule.max_reasoning_tokens or 0) if reasons else 0,
                                       reasoning_keys=reasoning_keys)
             for counter in reasoning_keys:  # held against the ceilings until it settles
@@ -345,12 +430,30 @@ class Admission:
             while len(self._reasoning) > REASONING_COUNTERS_MAX:  # bounded: sessions come and go
                 del self._reasoning[next(iter(self._reasoning))]
             self._open[logical] = reservation
-            for b in budgets:
-                self._held[b.key] = self._held.get(b.key, ZERO) + worst[0]
-            reason = routed or (STALE_STATE if stale else (WITHIN_BUDGET if budgets else NO_BUDGET))
-            return self._decision(FALLBACK if routed else ADMIT, reason, provider, model, reservation, *args,
-                                  worst[0], reservation.budgets, policy, card, budgets,
+            held_usd = self._held
+            for key in keys:
+                held_usd[key] = held_usd.get(key, ZERO) + worst[0]
+            reason = routed or (STALE_STATE if stale else (WITHIN_BUDGET if standing else NO_BUDGET))
+            return self._decision(FALLBACK if routed else ADMIT, reason, provider, model, reservation, request,
+                                  worst[0], keys, policy, card, standing,
                                   avoided=max(asked_usd - worst[0], ZERO) if routed else ZERO)
+
+    def _in_effect(self, micros: int) -> tuple[RoutingPolicy | None, PriceCard | None]:
+        """The routing policy and price card in effect at `micros`, kept with the interval they hold for.
+
+        The same pair answers until the time leaves [from, until) of both timelines or a reference document arrives
+        (which swaps the store's snapshot), so a decision neither makes a datetime nor searches the timelines.
+        """
+        snapshot = self._refs.snapshot()
+        cached = self._effective
+        if cached is not None and cached[0] is snapshot and cached[1] <= micros < cached[2]:
+            return cached[3]
+        at = _EPOCH + timedelta(microseconds=micros)  # == datetime.fromtimestamp(now, UTC)
+        policy, p_from, p_until = snapshot.routing_policies.span_at(at)
+        card, c_from, c_until = snapshot.price_cards.span_at(at)
+        pair = (policy, card)
+        self._effective = (snapshot, _as_micros(max(p_from, c_from)), _as_micros(min(p_until, c_until)), pair)
+        return pair
 
     def _worst_case(self, card: PriceCard | None, provider: str, model: str, input_tokens: int, output: int,
                     reasoning: int) -> tuple[Decimal, Decimal] | None:
@@ -363,6 +466,17 @@ class Admission:
         rates = pricing.long if (pricing.above_input_tokens is not None and pricing.long is not None
                                  and input_tokens > pricing.above_input_tokens) else pricing.base
         p_in, p_out, p_re = rates.filled[0], rates.filled[1], rates.filled[2]
+        scaled = self._scaled.get(id(rates))
+        if scaled is None or scaled[0] is not rates:
+            scaled = (rates, _integer_rates(p_in, p_out, p_re))
+            if len(self._scaled) >= REASONING_COUNTERS_MAX:  # bounded: a rates object per card, model and tier
+                self._scaled.clear()
+            self._scaled[id(rates)] = scaled
+        ints = scaled[1]
+        if ints is not None and type(input_tokens) is int and type(output) is int and type(reasoning) is int:
+            exp, k_in, k_out, k_re = ints
+            # the same Decimal as the sum below (exponent the smallest of the rates'), in integer arithmetic
+            return Decimal(k_in * input_tokens + k_out * output + k_re * reasoning).scaleb(exp, MONEY_CONTEXT), p_out
         with localcontext(MONEY_CONTEXT):
             return p_in * input_tokens + p_out * output + p_re * reasoning, p_out
 
@@ -378,19 +492,33 @@ class Admission:
         return found
 
     def _budgets(self, feature_id: str, tenant_id: str, now: float) -> list[Budgeted]:
-        out = []
-        for key in self._budget_keys(feature_id, tenant_id):
-            state = self._states.get(key)
+        """The standing of each budget of a request that has a state (as Budgeted, for callers and tests)."""
+        return [Budgeted(key, state.budget_usd, spent, held, state.computed_at, state.period_end_text,
+                         state.computed_text)
+                for key, state, spent, held, _ in self._standing(self._budget_keys(feature_id, tenant_id), now)]
+
+    def _standing(self, keys: tuple[str, ...], now: float) -> list[_Standing]:
+        """(key, state, spent, held, remaining) of each budget that has a state; held counts the others' holds.
+
+        Plain tuples: a decision reads them a few times and an admission publishes none of them, so no object is
+        made per budget (that construction was most of a decision's cost).
+        """
+        out: list[_Standing] = []
+        states, holds, settled = self._states, self._held, self._settled_usd
+        share = self.share
+        partial = share < 1
+        for key in keys:
+            state = states.get(key)
             if state is None:
                 continue
             # a new period began since this state: nothing spent in it yet
             spent = ZERO if state.period_end and now >= state.period_end else state.spent_usd
-            mine = self._held.get(key, ZERO) + self._settled_usd.get(key, ZERO)
-            if self.share < 1:  # this gateway's part of what is left; the rest is the others' headroom
+            mine = holds.get(key, ZERO) + settled.get(key, ZERO)
+            if partial:  # this gateway's part of what is left; the rest is the others' headroom
                 left = state.budget_usd - spent - state.others_reserved_usd
-                mine += (1 - self.share) * max(left, ZERO)
-            out.append(Budgeted(key, state.budget_usd, spent, mine + state.others_reserved_usd,
-                                state.computed_at, state.period_end_text, state.computed_text))
+                mine += (1 - share) * max(left, ZERO)
+            held = mine + state.others_reserved_usd
+            out.append((key, state, spent, held, state.budget_usd - spent - held))
         return out
 
     def _reasoning_keys(self, rule: PolicyRule, feature_id: str, session_id: str,
@@ -427,7 +555,11 @@ class Admission:
             for key in reservation.budgets:
                 self._held[key] = self._held.get(key, ZERO) - reservation.amount_usd
                 # debited here until a state computed after this moment counts it in spent_usd
-                self._settled.setdefault(key, []).append((now, cost))
+                since = self._settled.get(key)
+                if since is None:
+                    since = self._settled[key] = ([], [])
+                since[0].append(now)
+                since[1].append(cost)
                 self._settled_usd[key] = self._settled_usd.get(key, ZERO) + cost
             released = max(reservation.amount_usd - cost, ZERO)
             self._record("settle", reservation, {"cost_usd": _usd(cost), "released_usd": _usd(released),
@@ -437,25 +569,28 @@ class Admission:
     # -- records ---------------------------------------------------------------------------------------------
 
     def _decision(self, action: str, reason: str, provider: str, model: str, reservation: Reservation | None,
-                  now: float, request_id: str, parent_request_id: str, feature_id: str, tenant_id: str, tier: str,
-                  reserve: Decimal, budgets: tuple[str, ...], policy: RoutingPolicy | None, card: PriceCard | None,
-                  standing: list[Budgeted] | None = None, avoided: Decimal | None = None) -> Decision:
+                  request: _Request, reserve: Decimal, budgets: tuple[str, ...], policy: RoutingPolicy | None,
+                  card: PriceCard | None, standing: list[_Standing] | None = None,
+                  avoided: Decimal | None = None) -> Decision:
+        micros, request_id, parent_request_id, feature_id, tenant_id, tier = request
         # the budget windows as the decision saw them: what a denial or a fallback is audited by
-        windows = {b.key: {"remaining_usd": _usd(b.remaining_usd), "period_end": b.period_end,
-                           "state_computed_at": b.computed_text}
-                   for b in standing or ()} if action != ADMIT else {}
+        windows = {key: {"remaining_usd": _usd(remaining), "period_end": state.period_end_text,
+                         "state_computed_at": state.computed_text}
+                   for key, state, _, _, remaining in standing or ()} if action != ADMIT else {}
+        requested = _usd(reserve)
         record = {
-            "kind": "admission", "decision_id": next(self._ids), "decided_at": _utc(now),
+            "kind": "admission", "decision_id": f"{self._id_prefix}{next(self._id_count)}",
+            "decided_at": self._stamp(micros),
             "gateway_id": self.gateway_id, "action": action, "reason": reason,
             "request_id": request_id, "parent_request_id": parent_request_id,
             "logical_request_id": parent_request_id or request_id,
             "feature_id": feature_id, "tenant_id": tenant_id, "tier": tier,
             "provider": provider, "model": model,
             "budgets": list(budgets), "budget_windows": windows,
-            "reserve_delta_usd": _usd(reserve if action != DENY else ZERO),
-            "requested_usd": _usd(reserve),
+            "reserve_delta_usd": requested if action != DENY else "0",
+            "requested_usd": requested,
             # what the decision kept from being spent at worst: a denial's whole request, a fallback's difference
-            "avoided_usd": _usd(reserve if action == DENY else (avoided or ZERO)),
+            "avoided_usd": requested if action == DENY else _usd(avoided or ZERO),
             "policy_version": policy.version if policy is not None else "",
             "price_card_version": card.version if card is not None else "",
         }
@@ -466,7 +601,8 @@ class Admission:
     def _record(self, action: str, reservation: Reservation, extra: Mapping[str, Any]) -> None:
         if self._publish is None:
             return
-        self._publish({"kind": "admission", "decision_id": next(self._ids), "decided_at": _utc(self._clock()),
+        self._publish({"kind": "admission", "decision_id": f"{self._id_prefix}{next(self._id_count)}",
+                       "decided_at": self._stamp(_micros(self._clock())),
                        "gateway_id": self.gateway_id, "action": action,
                        "logical_request_id": reservation.logical_id, "budgets": list(reservation.budgets),
                        "reserve_delta_usd": _usd(-reservation.amount_usd if action == "settle" else ZERO),

@@ -4,15 +4,16 @@ fallbacks, denials with their payload, the stream guard's ceiling, stale state, 
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
-from decimal import Decimal
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, localcontext
 from typing import Any
 
 import pytest
 
 from tally.errors import ReferenceDataError
-from tally.reference import parse_reference_yaml
+from tally.reference import MONEY_CONTEXT, parse_reference_yaml
 from tally.sdk.admission import (
+    _EPOCH,
     ADMIT,
     BUDGET_EXHAUSTED,
     DENY,
@@ -22,6 +23,11 @@ from tally.sdk.admission import (
     STALE_STATE,
     WITHIN_BUDGET,
     Admission,
+    _integer_rates,
+    _micros,
+    _Stamps,
+    _usd,
+    _utc,
 )
 from tests.factories import clock
 
@@ -244,3 +250,97 @@ def test_a_denial_says_whether_spend_or_open_reservations_left_too_little() -> N
     assert (held.action, held.reason) == (DENY, "held_by_open_reservations")
     big = a.reserve(request_id="h-3", **{**REQ, "max_output_tokens": 50_000})  # more than the spend leaves
     assert big.reason == EXCEEDS_REMAINING
+
+
+# -- the decision path's caches and integer shortcuts (issue 18) give what the plain computation gives -----------
+
+
+def test_a_new_policy_or_card_version_replaces_the_one_kept_for_its_interval() -> None:
+    a, records = admission()
+    a.apply_state(state("0.10"))
+    assert a.reserve(request_id="v-1", **REQ).record["policy_version"] == "p1"
+    # a version that took effect in the past arrives: the kept (policy, card, interval) must not answer any more
+    a.apply_references(parse_reference_yaml(policy("p2", T - 60, feature_reasoning="deny"), "test"))
+    routed = a.reserve(request_id="v-2", **REQ)
+    assert (routed.reason, routed.model, routed.record["policy_version"]) == (REASONING_DENIED, "gpt-4.1-mini", "p2")
+    dearer = CARD.replace('version: "c1"', 'version: "c2"').replace(
+        f'effective_at: "{iso(T - 86_400 * 30)}"', f'effective_at: "{iso(T - 60)}"').replace('"1.60"', '"3.20"')
+    a.apply_references(parse_reference_yaml(dearer, "test"))
+    d = a.reserve(request_id="v-3", **REQ)
+    assert d.record["price_card_version"] == "c2"
+    assert d.reservation is not None and d.reservation.amount_usd == Decimal("0.0004") + Decimal("0.0016")
+    assert [r["price_card_version"] for r in records if r["action"] != "settle"] == ["c1", "c1", "c2"]
+
+
+def test_the_kept_policy_ends_where_the_next_version_takes_effect() -> None:
+    moment = [T - 1e-6]  # one microsecond before p2: p1 decides; at p2's effective_at exactly, p2 does
+    a, _ = admission(policy("p1", T - 3600), policy("p2", T, feature_reasoning="deny"), now=moment)
+    a.apply_state(state("0.10"))
+    versions = []
+    for i, at in enumerate((T - 1e-6, T - 5e-7, T, T + 1e-6, T - 1)):  # T - 5e-7 rounds to T, as datetimes round it
+        moment[0] = at
+        versions.append(a.reserve(request_id=f"e-{i}", **REQ).record["policy_version"])
+    assert versions == ["p1", "p2", "p2", "p2", "p1"]
+
+
+def test_times_in_integer_microseconds_round_as_datetime_does() -> None:
+    base = clock().timestamp()
+    stamps = _Stamps()
+    for ts in (base, base + 0.9999995, base + 0.9995, base + 0.0004999, base + 59.9999996, base - 86_400.25,
+               base + 1e-7, base - 1e-7, 0.0, -0.5, -1e-7, 1.9999995):
+        micros = _micros(ts)
+        assert _EPOCH + timedelta(microseconds=micros) == datetime.fromtimestamp(ts, UTC), ts
+        assert stamps(micros) == _utc(ts), ts
+
+
+def test_the_worst_case_in_integers_is_the_decimal_sum_digit_for_digit() -> None:
+    rates = (Decimal("0.0000011"), Decimal("0.00000440"), Decimal("0.000000000000000001"))
+    exp, *ks = _integer_rates(*rates) or ()
+    for tokens in ((1200, 800, 4000), (0, 0, 0), (1, 0, 0), (123_456_789, 987_654, 1)):
+        with localcontext(MONEY_CONTEXT):
+            want = sum((r * n for r, n in zip(rates, tokens, strict=True)), Decimal(0) * rates[0])
+        got = Decimal(sum(k * n for k, n in zip(ks, tokens, strict=True))).scaleb(exp, MONEY_CONTEXT)
+        assert (str(got), got.as_tuple()) == (str(want), want.as_tuple())
+    assert _integer_rates(Decimal("1"), Decimal("NaN")) is None
+    a, _ = admission()
+    a.apply_state(state("0.10"))
+    d = a.reserve(request_id="w-1", **REQ)
+    card = a.price_card_at(NOW)
+    pricing = card.pricing("openai", "o4-mini", False, "") if card is not None else None
+    assert pricing is not None and d.reservation is not None
+    p_in, p_out, p_re = pricing.base.filled[:3]
+    with localcontext(MONEY_CONTEXT):
+        want = p_in * 1000 + p_out * 500 + p_re * 1000  # as the client computed it before the integer shortcut
+    assert (str(d.reservation.amount_usd), d.reservation.amount_usd.as_tuple()) == (str(want), want.as_tuple())
+
+
+def test_money_text_without_an_exponent() -> None:
+    for value, text in (("0.0077000", "0.0077"), ("1E-7", "0.0000001"), ("1E+2", "100"), ("-0.50", "-0.5"),
+                        ("0E-9", "0"), ("12.000", "12"), ("7", "7")):
+        assert _usd(Decimal(value)) == text
+
+
+def test_reservations_and_settlements_move_what_remains_exactly() -> None:
+    a, _ = admission(policy("p1", T - 3600, on_breach="deny"))
+    a.apply_state(state("0.90"))
+
+    def remaining() -> Decimal:
+        (b,) = a._budgets("search_answer", "", T)
+        return b.remaining_usd
+
+    assert remaining() == Decimal("0.10")
+    first = a.reserve(request_id="m-1", **REQ)
+    second = a.reserve(request_id="m-2", **REQ)
+    assert remaining() == Decimal("0.10") - 2 * WORST
+    assert first.reservation is not None and second.reservation is not None
+    first.reservation.settle(Decimal("0.0031"))
+    assert remaining() == Decimal("0.10") - WORST - Decimal("0.0031")
+    second.reservation.settle(Decimal("0.00000001"))
+    assert remaining() == Decimal("0.10") - Decimal("0.0031") - Decimal("0.00000001")
+    # a state computed settle_lag_s after both settlements counts them in spent: only the state then
+    a.apply_state(state("0.90310001", computed=T + 31))
+    assert remaining() == Decimal("0.09689999")
+    # a new state replaces the old one's figures at the next decision
+    a.apply_state(state("0.99", computed=T + 32))
+    assert remaining() == Decimal("0.01")
+    assert a.reserve(request_id="m-3", **REQ).admitted and not a.reserve(request_id="m-4", **REQ).admitted
