@@ -33,6 +33,7 @@ The mapping (docs/otlp.md):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -78,6 +79,14 @@ DEFAULT_TAGS: Mapping[str, tuple[str, ...]] = {
     "cost_center": ("tally.cost_center",),
     "business_unit": ("tally.business_unit",),
 }
+#: The span attributes the mapping reads besides owner tags and gen_ai.usage.*: only these are decoded, so the
+#: prompts and completions some instrumentations put in attributes are never copied out of the message.
+READ_ATTRIBUTES = frozenset({
+    "gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system", "gen_ai.request.model", "gen_ai.response.model",
+    "gen_ai.agent.name", "gen_ai.conversation.id", "session.id", "error.type", "openai.response.service_tier",
+    "gen_ai.openai.response.service_tier", "llm.request.type", "traceloop.span.kind"})
+_USAGE_PREFIX = "gen_ai.usage."
+_GENAI_PREFIXES = ("gen_ai.", "llm.")
 _MAX_ID = 128  # the schema's bound on request ids
 _MAX_TAG = 256
 _MAX_ERROR = 256
@@ -113,6 +122,11 @@ class OtlpConfig:
     encoding: str = "auto"
     logical_request: str = "parent"
     tags: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_TAGS))
+
+    @property
+    def read(self) -> frozenset[str]:
+        """The attribute names decoded from spans and resources (besides gen_ai.usage.*)."""
+        return READ_ATTRIBUTES | {name for names in self.tags.values() for name in names}
 
     def __post_init__(self) -> None:
         if self.encoding not in ENCODINGS:
@@ -167,11 +181,29 @@ def encoding_of(value: bytes, configured: str) -> str:
     return "otlp_json" if value.lstrip()[:1] == b"{" else "otlp_proto"
 
 
-def decode_spans(value: bytes, encoding: str) -> list[Span]:
-    """Every span of one OTLP traces message, in order. Raises OtlpDecodeError when it is not one."""
+# A span's size in a Collector message, for bounding work before decoding: the OTLP/protobuf spans of the
+# instrumentations' GenAI calls take ~600-700 bytes (tests.bench.otlp: 684), twice that in OTLP/JSON.
+SPAN_BYTES = 600
+
+
+def spans_in(value: bytes | None) -> int:
+    """About how many spans a message holds (by size; spans with prompts in attributes count as several)."""
+    return max(1, len(value or b"") // SPAN_BYTES)
+
+
+def decode_spans(value: bytes, encoding: str, read: frozenset[str] | None = None) -> list[Span]:
+    """Every span of one OTLP traces message, in order. Raises OtlpDecodeError when it is not one.
+
+    A span without any gen_ai.* or llm.* attribute is returned without its attributes (not a GenAI span). `read`:
+    only these attributes (and gen_ai.usage.*) are decoded; None decodes them all.
+    """
     if encoding_of(value, encoding) == "otlp_json":
-        return _json_spans(value)
-    return _proto_spans(value)
+        return _json_spans(value, read)
+    return _proto_spans(value, read)
+
+
+def _kept(key: str, read: frozenset[str] | None) -> bool:
+    return read is None or key in read or key.startswith(_USAGE_PREFIX)
 
 
 def _proto_value(v: Any) -> Any:
@@ -185,11 +217,24 @@ def _proto_value(v: Any) -> Any:
     return getattr(v, kind)
 
 
-def _proto_attrs(kvs: Any) -> dict[str, Any]:
-    return {kv.key: _proto_value(kv.value) for kv in kvs}
+def _proto_attrs(kvs: Any, read: frozenset[str] | None) -> dict[str, Any]:
+    return {kv.key: _proto_value(kv.value) for kv in kvs if _kept(kv.key, read)}
 
 
-def _proto_spans(value: bytes) -> list[Span]:
+def _proto_span_attrs(kvs: Any, read: frozenset[str] | None) -> dict[str, Any] | None:
+    """The span's attributes as `read` selects them, or None when none of its keys is GenAI's (one pass)."""
+    out: dict[str, Any] = {}
+    genai = False
+    for kv in kvs:
+        key = kv.key
+        if key.startswith(_GENAI_PREFIXES):
+            genai = True
+        if read is None or key in read or key.startswith(_USAGE_PREFIX):
+            out[key] = _proto_value(kv.value)
+    return out if genai else None
+
+
+def _proto_spans(value: bytes, read: frozenset[str] | None = None) -> list[Span]:
     from google.protobuf.message import DecodeError
     from opentelemetry.proto.trace.v1 import trace_pb2
 
@@ -203,16 +248,16 @@ def _proto_spans(value: bytes) -> list[Span]:
         for ss in rs.scope_spans:
             for span in ss.spans:
                 index = len(out)
-                attrs = span.attributes
-                if not any(kv.key.startswith(("gen_ai.", "llm.")) for kv in attrs):
+                attrs = _proto_span_attrs(span.attributes, read)
+                if attrs is None:
                     out.append(_skipped_span(index))  # not decoded further: most spans of a trace are not GenAI
                     continue
                 if resource is None:
-                    resource = _proto_attrs(rs.resource.attributes)
+                    resource = _proto_attrs(rs.resource.attributes, read)
+                status = span.status
                 out.append(Span(span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex(),
-                                span.start_time_unix_nano, span.end_time_unix_nano, span.status.code,
-                                span.status.message, _proto_attrs(attrs), resource, index,
-                                _proto_one_span(rs, ss, span)))
+                                span.start_time_unix_nano, span.end_time_unix_nano, status.code, status.message,
+                                attrs, resource, index, _proto_one_span(rs, ss, span)))
     return out
 
 
@@ -264,10 +309,11 @@ def _json_value(v: Any) -> Any:
     return raw
 
 
-def _json_attrs(kvs: Any) -> dict[str, Any]:
+def _json_attrs(kvs: Any, read: frozenset[str] | None = None) -> dict[str, Any]:
     if not isinstance(kvs, list):
         raise OtlpDecodeError("attributes must be a list of {key, value}")
-    return {kv["key"]: _json_value(kv.get("value")) for kv in kvs if isinstance(kv, dict) and "key" in kv}
+    return {kv["key"]: _json_value(kv.get("value")) for kv in kvs
+            if isinstance(kv, dict) and isinstance(kv.get("key"), str) and _kept(kv["key"], read)}
 
 
 def _json_id(raw: Any, name: str) -> str:
@@ -285,7 +331,7 @@ def _json_id(raw: Any, name: str) -> str:
 _STATUS_NAMES = {"STATUS_CODE_UNSET": 0, "STATUS_CODE_OK": 1, "STATUS_CODE_ERROR": 2}
 
 
-def _json_spans(value: bytes) -> list[Span]:
+def _json_spans(value: bytes, read: frozenset[str] | None = None) -> list[Span]:
     try:
         data = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
@@ -301,12 +347,12 @@ def _json_spans(value: bytes) -> list[Span]:
                 for span in ss.get("spans", []):
                     index = len(out)
                     attrs = span.get("attributes") or []
-                    if not any(isinstance(kv, dict) and str(kv.get("key", "")).startswith(("gen_ai.", "llm."))
+                    if not any(isinstance(kv, dict) and str(kv.get("key", "")).startswith(_GENAI_PREFIXES)
                                for kv in attrs):
                         out.append(_skipped_span(index))
                         continue
                     if resource is None:
-                        resource = _json_attrs(res.get("attributes") or [])
+                        resource = _json_attrs(res.get("attributes") or [], read)
                     status = span.get("status") or {}
                     code = status.get("code", 0)
                     out.append(Span(
@@ -316,7 +362,7 @@ def _json_spans(value: bytes) -> list[Span]:
                         int(_get(span, "startTimeUnixNano", "start_time_unix_nano", 0) or 0),
                         int(_get(span, "endTimeUnixNano", "end_time_unix_nano", 0) or 0),
                         _STATUS_NAMES.get(code, 0) if isinstance(code, str) else int(code),
-                        str(status.get("message") or ""), _json_attrs(attrs), resource, index,
+                        str(status.get("message") or ""), _json_attrs(attrs, read), resource, index,
                         _json_one_span(rs, ss, span)))
     except (AttributeError, TypeError, ValueError, KeyError) as exc:
         if isinstance(exc, OtlpDecodeError):
@@ -359,15 +405,15 @@ def classify(span: Span) -> str | None:
     return NOT_GENAI
 
 
-_last_second: list[Any] = [None, ""]  # the last whole second formatted: spans of a batch share most seconds
+@functools.lru_cache(maxsize=65_536)
+def _second(seconds: int) -> str:
+    """A whole UTC second as RFC 3339 without the fraction (a batch's spans share few seconds)."""
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _timestamp(ns: int) -> str:
     seconds, frac = divmod(ns, 1_000_000_000)
-    if _last_second[0] != seconds:
-        _last_second[1] = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-        _last_second[0] = seconds
-    return f"{_last_second[1]}.{frac:09d}Z"
+    return f"{_second(seconds)}.{frac:09d}Z"
 
 
 def _bounded_id(text: str) -> str:
@@ -464,10 +510,11 @@ def translate_messages(batch: Sequence[tuple[bytes | None, Source]], config: Otl
     """
     out = OtlpBatch()
     rejected_at = now or datetime.now(UTC)
+    read = config.read
     for value, source in batch:
         dlq = source.partition % dlq_partitions
         try:
-            spans = decode_spans(value or b"", config.encoding)
+            spans = decode_spans(value or b"", config.encoding, read)
         except OtlpDecodeError as exc:
             out.dead_letters[dlq].append(encode_record(
                 _rejection(OTLP_UNDECODABLE, str(exc), value or b"", source, None).to_record(rejected_at)))

@@ -63,17 +63,17 @@ def lines_in(value: bytes | None) -> int:
     return value.count(b"\n") + 1
 
 
-def line_runs(batch: Batch, max_lines: int) -> list[Batch]:
+def line_runs(batch: Batch, max_lines: int, lines_of: Callable[[bytes | None], int] = lines_in) -> list[Batch]:
     """The batch in consecutive runs of whole messages holding at most `max_lines` lines (rows) each, in order.
 
     A message with more lines than `max_lines` is a run of its own. Handling one run at a time bounds the Python
-    objects a batch holds at once (settings.batch_max_lines).
+    objects a batch holds at once (settings.batch_max_lines). `lines_of` counts a message's lines (rows, spans).
     """
     runs: list[Batch] = []
     run: Batch = []
     lines = 0
     for value, source in batch:
-        n = lines_in(value)
+        n = lines_of(value)
         if run and lines + n > max_lines:
             runs.append(run)
             run, lines = [], 0

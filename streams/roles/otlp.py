@@ -12,17 +12,18 @@ from concurrent.futures import ThreadPoolExecutor
 import faust
 
 from streams.metrics import counter
-from streams.otlp import OtlpConfig, parse_tag_mapping, translate_messages
+from streams.otlp import OtlpConfig, parse_tag_mapping, spans_in, translate_messages
 from streams.positions import audit_line, encode_offset, last_offsets, position_key, positions_in_state
 from streams.roles.context import (
     EXIT_AGENT_FAILED,
+    Batch,
     KeyedTable,
     RoleContext,
     agent_name,
     audit,
     batch_of,
     gathered,
-    lines_in,
+    line_runs,
     stop_hard,
 )
 from tally.config import Settings
@@ -64,39 +65,44 @@ def wire_otlp(ctx: RoleContext, cpu: ThreadPoolExecutor, otlp_partitions: int) -
 
     ctx.own_positions(topics.otlp, "otlp", otlp_positions)
 
+    async def translate_run(run: Batch, loop: asyncio.AbstractEventLoop) -> None:
+        """One run of messages: translated on `cpu`, its events and dead letters delivered, then its position."""
+        started = time.perf_counter()
+        out = await loop.run_in_executor(cpu, translate_messages, run, config, ctx.partitions, ctx.partitions)
+        await ctx.fail_at("otlp.before_delivery")
+        sent = await ctx.publish(ctx.usage_topic, out.lines)
+        sent += await ctx.publish(ctx.dlq_topic, out.dead_letters)
+        await asyncio.gather(*sent)
+        await ctx.fail_at("otlp.after_delivery")
+        for partition, offset in last_offsets(src for _, src in run).items():
+            table[position_key(partition)] = encode_offset(offset)
+        await table.written()
+        if settings.audit_offsets:
+            audit.info(audit_line(topics.otlp, [src for _, src in run], {
+                "spans": out.spans, "event_lines": out.events, "dead_letters": len(out.reasons)}))
+        counts["spans"] += out.spans
+        counts["events"] += out.events
+        for reason, n in out.skipped.items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        stats.dead_lettered(out.reasons)
+        stats.events_rejected += len(out.reasons)
+        batch_seconds.observe(time.perf_counter() - started)
+
     @app.agent(source, name=agent_name("otlp"))
     async def otlp(stream: faust.StreamT) -> None:
-        """OTLP traces → usage events v1 on llm.usage.v1 and dead letters."""
+        """OTLP traces → usage events v1 on llm.usage.v1 and dead letters, in runs of about batch_max_lines spans.
+
+        Runs are bounded like the process role's: the two share one CPU thread, and a run of a whole take (100
+        Collector messages, ~50,000 spans) would hold it for seconds while the events it publishes wait.
+        """
         loop = asyncio.get_running_loop()
         try:
             takes = stream.take_events(  # type: ignore[attr-defined]
                 settings.process_batch_messages, settings.batch_within_s)
             async for events in gathered(takes, settings.batch_max_lines, settings.batch_within_s,
-                                         lambda e: lines_in(e.message.value)):
+                                         lambda e: spans_in(e.message.value)):
                 batch = await ctx.admit(batch_of(events), topics.otlp, "otlp")
-                if not batch:
-                    continue
-                started = time.perf_counter()
-                out = await loop.run_in_executor(cpu, translate_messages, batch, config, ctx.partitions,
-                                                 ctx.partitions)
-                await ctx.fail_at("otlp.before_delivery")
-                sent = await ctx.publish(ctx.usage_topic, out.lines)
-                sent += await ctx.publish(ctx.dlq_topic, out.dead_letters)
-                await asyncio.gather(*sent)
-                await ctx.fail_at("otlp.after_delivery")
-                done = last_offsets(src for _, src in batch)
-                for partition, offset in done.items():
-                    table[position_key(partition)] = encode_offset(offset)
-                await table.written()
-                if settings.audit_offsets:
-                    audit.info(audit_line(topics.otlp, [src for _, src in batch], {
-                        "spans": out.spans, "event_lines": out.events, "dead_letters": len(out.reasons)}))
-                counts["spans"] += out.spans
-                counts["events"] += out.events
-                for reason, n in out.skipped.items():
-                    skipped[reason] = skipped.get(reason, 0) + n
-                stats.dead_lettered(out.reasons)
-                stats.events_rejected += len(out.reasons)
-                batch_seconds.observe(time.perf_counter() - started)
+                for run in line_runs(batch, settings.batch_max_lines, spans_in):
+                    await translate_run(run, loop)
         except Exception:
             stop_hard(EXIT_AGENT_FAILED, "the otlp agent failed; stopping without storing its batch's position")

@@ -236,3 +236,19 @@ def test_the_bench_spans_stand_for_the_bench_events() -> None:
             want[(e["provider"], e["model_actual"], e["status"] != "error", orjson.dumps(usage if e["usage"] else {}),
                   e["tags"].get("feature_id", "bench-gateway"))] += 1  # else the resource's service.name
         assert got == want
+
+
+def test_only_the_attributes_the_mapping_reads_are_decoded() -> None:
+    """Instrumentations may put prompts and completions in span attributes: they are never copied out."""
+    rec = SpanRecorder(RESOURCE)
+    rec.span("chat", at(1), at(2), chat("gpt-4.1-mini", **{"gen_ai.usage.input_tokens": 5,
+                                                           "gen_ai.prompt.0.content": "a secret prompt",
+                                                           "gen_ai.usage.output_tokens": 2}))
+    value = otlp_proto(rec.finished())
+    config = OtlpConfig()
+    (span,) = decode_spans(value, "auto", config.read)
+    assert "gen_ai.prompt.0.content" not in span.attributes
+    assert {"gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens", "gen_ai.request.model"} <= set(span.attributes)
+    assert set(span.resource) <= config.read and span.resource["service.name"] == "search_answer"
+    (line,) = translate(value).lines.values()
+    assert b"secret" not in line[0] and orjson.loads(line[0])["usage"]["output_tokens"] == 2
