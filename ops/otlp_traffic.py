@@ -63,6 +63,9 @@ def event_span(event: dict[str, Any]) -> trace_pb2.Span:
             "gen_ai.usage.cache_creation.input_tokens": write,
             "gen_ai.usage.reasoning.output_tokens": u.get("reasoning_tokens", 0)})
     attrs.update({f"tally.{k}": v for k, v in (event.get("tags") or {}).items() if k in OWNER_TAGS})
+    for field in ("attempt", "final"):  # what a gateway knows and an instrumentation may say (docs/otlp.md)
+        if event.get(field) is not None:
+            attrs[f"tally.{field}"] = event[field]
     latency = int(event.get("latency_ms") or 250)
     span = trace_pb2.Span(trace_id=_id(logical, 16), span_id=_id(event["event_id"], 8),
                           parent_span_id=_id("parent:" + logical, 8), name=f"chat {event['model_actual']}",

@@ -29,6 +29,9 @@ The mapping (docs/otlp.md):
 - status: span status ERROR, or an `error.type` attribute → "error" (the error is the type, else the status message);
   otherwise "ok". timestamp: the span's end; latency_ms: end - start.
 - owner tags: `OtlpConfig.tags`, tag → attribute names, looked up on the span, then on its resource (DEFAULT_TAGS).
+- attempt and final: only from `tally.attempt` (int) and `tally.final` (bool), when an instrumentation sets them.
+  Spans do not say which attempt of a logical request is the last, and tally does not guess: without `tally.final`
+  a request is emitted by the fold's settle rule (fold_settle_s of event time after its last ok attempt).
 """
 
 from __future__ import annotations
@@ -84,7 +87,8 @@ DEFAULT_TAGS: Mapping[str, tuple[str, ...]] = {
 READ_ATTRIBUTES = frozenset({
     "gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system", "gen_ai.request.model", "gen_ai.response.model",
     "gen_ai.agent.name", "gen_ai.conversation.id", "session.id", "error.type", "openai.response.service_tier",
-    "gen_ai.openai.response.service_tier", "llm.request.type", "traceloop.span.kind"})
+    "gen_ai.openai.response.service_tier", "llm.request.type", "traceloop.span.kind", "tally.attempt",
+    "tally.final"})
 _USAGE_PREFIX = "gen_ai.usage."
 _GENAI_PREFIXES = ("gen_ai.", "llm.")
 _MAX_ID = 128  # the schema's bound on request ids
@@ -484,6 +488,7 @@ def span_event(span: Span, config: OtlpConfig) -> dict[str, Any]:
     if failed:
         error = (str(error_type) if error_type else span.status_message or "span status ERROR")[:_MAX_ERROR]
     tier = a.get("openai.response.service_tier") or a.get("gen_ai.openai.response.service_tier")
+    attempt, final = a.get("tally.attempt"), a.get("tally.final")
     ident = f"{span.trace_id}-{span.span_id}"
     latency = (span.end_ns - span.start_ns) // 1_000_000 if span.start_ns and span.end_ns >= span.start_ns else None
     return usage_event(
@@ -492,7 +497,9 @@ def span_event(span: Span, config: OtlpConfig) -> dict[str, Any]:
         usage=usage, usage_note=missing if usage is None and not failed else None,
         tags=_tags(span, config.tags), status="error" if failed else "ok", error=error,
         timestamp=_timestamp(span.end_ns), latency_ms=min(latency, 86_400_000) if latency is not None else None,
-        service_tier=tier if isinstance(tier, str) and tier else None)
+        service_tier=tier if isinstance(tier, str) and tier else None,
+        attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+        final=final if isinstance(final, bool) else None)
 
 
 def _rejection(reason: str, message: str, raw: bytes, source: Source, line: int | None,

@@ -614,6 +614,10 @@ class Admission:
             return len(self._open)
 
 
+# KafkaDecisions serves librdkafka's delivery reports once every this many records (flush serves the rest).
+POLL_EVERY = 64
+
+
 class KafkaDecisions:
     """Publishes decision records to llm.budget.decisions.v1 through an idempotent producer.
 
@@ -621,19 +625,25 @@ class KafkaDecisions:
     callback; `flush` before exit.
     """
 
-    def __init__(self, bootstrap: str | KafkaAuth, topic: str) -> None:
+    def __init__(self, bootstrap: str | KafkaAuth, topic: str,
+                 producer_config: Mapping[str, Any] | None = None) -> None:
+        """`producer_config`: librdkafka settings over the defaults (linger.ms, log_level, …), for tuning."""
         from confluent_kafka import Producer
 
         self.topic = topic
         self._producer = Producer({**as_auth(bootstrap).rdkafka(), "enable.idempotence": True, "acks": "all",
-                                   "linger.ms": 20, "compression.type": "lz4"})
+                                   "linger.ms": 20, "compression.type": "lz4", **(producer_config or {})})
         self.errors: list[str] = []
+        self._unpolled = 0
 
     def publish(self, record: dict[str, Any]) -> None:
         budgets = record.get("budgets") or [""]
         key = str(budgets[0] or record.get("logical_request_id", "")).encode()
         self._producer.produce(self.topic, key=key, value=orjson.dumps(record), on_delivery=self._delivered)
-        self._producer.poll(0)
+        self._unpolled += 1
+        if self._unpolled >= POLL_EVERY:  # serve delivery reports now and then, not on every decision's path
+            self._unpolled = 0
+            self._producer.poll(0)
 
     def _delivered(self, err: Any, _msg: Any) -> None:
         if err is not None:

@@ -5,13 +5,12 @@ with the imported price card, and settles: the path a gateway runs before and af
 `python -m tests.bench.admission` prints the figures; make bench prints them in its table.
 
 The headline (reserve_p50_us, reserve_p99_us, reserve_max_us) publishes each decision record as a gateway does:
-serialized to bytes (orjson, as KafkaDecisions.publish does before handing them to librdkafka, which keeps no Python
-object; the produce call itself is not in the figure). Three more scenarios, same requests: `kept_*` keeps each record
-as a dict, 10,000 at a time (the bench's headline until 2026-12-05: every record then outlives a young-generation
-collection, which is that figure's tail); `gc_tuned_*` is the headline with the collector's young generation raised
-as tally's own workers run it (GATEWAY_GC_THRESHOLD, docs/admission.md: young collections come far less often and
-each takes longer, so p99 drops and max grows); `deny_*` decides against a budget too small for the request (every
-call is denied and publishes its budget windows; nothing to settle).
+through KafkaDecisions (orjson, then librdkafka's produce and poll), its producer pointed at a loopback port no broker
+listens on, so every record is queued in librdkafka as it is before delivery and no Python object is kept. Two more
+scenarios, same requests: `kept_*` keeps each record as a dict, 10,000 at a time (the bench's headline until
+2026-12-05, which no gateway does: every record then outlives a young-generation collection, the figure's tail);
+`deny_*` decides against a budget too small for the request (every call is denied and publishes its budget windows;
+nothing to settle), records kept likewise.
 """
 
 from __future__ import annotations
@@ -23,15 +22,11 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import orjson
-
 from ops.reference_import import GENAI_PRICES_CARD_PATH, MODEL_ALIASES_PATH
 from tally.reference import load_reference_files, parse_reference_yaml
-from tally.sdk.admission import Admission
+from tally.sdk.admission import Admission, KafkaDecisions
 
 TARGET_P99_US = 50.0
-# gc.set_threshold for a latency-sensitive process: what streams.app.run_worker sets for tally's workers.
-GATEWAY_GC_THRESHOLD = (50_000, 20, 100)
 
 POLICY = """\
 kind: routing_policy
@@ -88,30 +83,23 @@ def _figures(prefix: str, samples: list[float]) -> dict[str, float]:
 def measure_reserve(calls: int = 20_000, scenarios: bool = True) -> dict[str, Any]:
     """Latency of reserve() + settle() (p50, p99, max in µs) over `calls` requests, after a warm-up.
 
-    `scenarios`: also the kept-records, GC-tuned and denial scenarios (the module's docstring), each `calls` more,
-    each on a client of its own with the previous one's objects collected first (not in its figures).
+    `scenarios`: also the kept-records and denial scenarios (the module's docstring), each `calls` more, each on a
+    client of its own with the previous one's objects collected first (not in its figures).
     """
-    sent: list[bytes] = []
+    from tests.conftest import free_ports
 
-    def serialized(record: dict[str, Any]) -> None:
-        sent.append(orjson.dumps(record))
-
-    out: dict[str, Any] = {"calls": calls, **_figures("reserve", _timed(_admission(serialized), sent, calls, True)),
+    # nothing listens there: produce() queues each record in librdkafka, as it does until a broker acknowledges
+    sink = KafkaDecisions(f"127.0.0.1:{free_ports(1)[0]}", "bench.decisions", producer_config={"log_level": 0})
+    published: list[Any] = []  # the records live in librdkafka's queue, not here
+    out: dict[str, Any] = {"calls": calls,
+                           **_figures("reserve", _timed(_admission(sink.publish), published, calls, True)),
                            "target_p99_us": TARGET_P99_US}
+    del sink
     if scenarios:
-        sent.clear()
         gc.collect()
         records: list[dict[str, Any]] = []
         out.update(_figures("kept", _timed(_admission(records.append), records, calls, True)))
         records.clear()
-        gc.collect()
-        default = gc.get_threshold()
-        gc.set_threshold(*GATEWAY_GC_THRESHOLD)
-        try:
-            out.update(_figures("gc_tuned", _timed(_admission(serialized), sent, calls, True)))
-        finally:
-            gc.set_threshold(*default)
-        sent.clear()
         gc.collect()
         denials: list[dict[str, Any]] = []
         out.update(_figures("deny", _timed(_admission(denials.append, budget_usd="10.001"), denials, calls, False)))

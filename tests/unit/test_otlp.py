@@ -252,3 +252,14 @@ def test_only_the_attributes_the_mapping_reads_are_decoded() -> None:
     assert set(span.resource) <= config.read and span.resource["service.name"] == "search_answer"
     (line,) = translate(value).lines.values()
     assert b"secret" not in line[0] and orjson.loads(line[0])["usage"]["output_tokens"] == 2
+
+
+def test_attempt_and_final_come_only_from_tallys_own_attributes() -> None:
+    rec = SpanRecorder(RESOURCE)
+    rec.span("chat", at(1), at(2), chat("gpt-4.1-mini", **{"gen_ai.usage.input_tokens": 5, "tally.attempt": 1,
+                                                           "tally.final": True}))
+    rec.span("chat", at(3), at(4), chat("gpt-4.1-mini", **{"gen_ai.usage.input_tokens": 5, "tally.final": "yes",
+                                                           "gen_ai.response.finish_reasons": ("stop",)}))
+    marked, unmarked = sorted(events_of(translate(otlp_proto(rec.finished()))).values(), key=lambda e: e["timestamp"])
+    assert (marked["attempt"], marked["final"]) == (1, True)
+    assert "attempt" not in unmarked and "final" not in unmarked  # never guessed from a finish reason
