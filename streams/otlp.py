@@ -92,6 +92,9 @@ READ_ATTRIBUTES = frozenset({
 _USAGE_PREFIX = "gen_ai.usage."
 _GENAI_PREFIXES = ("gen_ai.", "llm.")
 _MAX_ID = 128  # the schema's bound on request ids
+# End times a span may have (Unix ns), as the validate stage bounds timestamps: 2000-01-01 to 2100-01-01 UTC.
+_MIN_END_NS = 946_684_800 * 1_000_000_000
+_MAX_END_NS = 4_102_444_800 * 1_000_000_000
 _MAX_TAG = 256
 _MAX_ERROR = 256
 
@@ -368,7 +371,7 @@ def _json_spans(value: bytes, read: frozenset[str] | None = None) -> list[Span]:
                         _STATUS_NAMES.get(code, 0) if isinstance(code, str) else int(code),
                         str(status.get("message") or ""), _json_attrs(attrs, read), resource, index,
                         _json_one_span(rs, ss, span)))
-    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+    except (AttributeError, TypeError, ValueError, KeyError, OverflowError, RecursionError) as exc:
         if isinstance(exc, OtlpDecodeError):
             raise
         raise OtlpDecodeError(f"not an OTLP/JSON traces payload: {type(exc).__name__}: {exc}") from None
@@ -475,10 +478,13 @@ def _usage(span: Span) -> tuple[dict[str, int] | None, str | None]:
 
 def span_event(span: Span, config: OtlpConfig) -> dict[str, Any]:
     """The usage event v1 of one provider-call span. Raises NormalizationError (or ValueError) when it has none."""
-    if not span.trace_id or not span.span_id:
-        raise NormalizationError("the span has no trace id or span id")
-    if span.end_ns <= 0:
-        raise NormalizationError("the span has no end time")
+    if len(span.trace_id) != 32 or len(span.span_id) != 16 or len(span.parent_span_id) not in (0, 16):
+        raise NormalizationError("the span's trace id must be 16 bytes, its span id (and parent's) 8 bytes: "
+                                 f"got {len(span.trace_id) // 2}, {len(span.span_id) // 2} and "
+                                 f"{len(span.parent_span_id) // 2}")
+    if not _MIN_END_NS < span.end_ns < _MAX_END_NS:
+        raise NormalizationError(f"the span's end time {span.end_ns} ns is not between 2000 and 2100"
+                                 if span.end_ns else "the span has no end time")
     info = otel_call_info(span.attributes)
     usage, missing = _usage(span)
     a = span.attributes
@@ -489,6 +495,9 @@ def span_event(span: Span, config: OtlpConfig) -> dict[str, Any]:
         error = (str(error_type) if error_type else span.status_message or "span status ERROR")[:_MAX_ERROR]
     tier = a.get("openai.response.service_tier") or a.get("gen_ai.openai.response.service_tier")
     attempt, final = a.get("tally.attempt"), a.get("tally.final")
+    if attempt is not None and not (isinstance(attempt, int) and not isinstance(attempt, bool) and
+                                    0 <= attempt <= 1000):
+        raise NormalizationError(f"tally.attempt must be an integer from 0 to 1000, got {attempt!r}")
     ident = f"{span.trace_id}-{span.span_id}"
     latency = (span.end_ns - span.start_ns) // 1_000_000 if span.start_ns and span.end_ns >= span.start_ns else None
     return usage_event(
@@ -498,13 +507,23 @@ def span_event(span: Span, config: OtlpConfig) -> dict[str, Any]:
         tags=_tags(span, config.tags), status="error" if failed else "ok", error=error,
         timestamp=_timestamp(span.end_ns), latency_ms=min(latency, 86_400_000) if latency is not None else None,
         service_tier=tier if isinstance(tier, str) and tier else None,
-        attempt=attempt if isinstance(attempt, int) and not isinstance(attempt, bool) else None,
+        attempt=attempt,
         final=final if isinstance(final, bool) else None)
+
+
+_MAX_MESSAGE = 1000  # a dead letter's message quotes values; a huge one is cut (its bytes are the original anyway)
 
 
 def _rejection(reason: str, message: str, raw: bytes, source: Source, line: int | None,
                event_id: str | None = None) -> Rejection:
+    if len(message) > _MAX_MESSAGE:
+        message = message[:_MAX_MESSAGE] + f"… ({len(message):,} characters)"
     return Rejection(reason, STAGE_OTLP, message, raw, source, line, event_id=event_id)
+
+
+# What bad input can raise while it is decoded or mapped (NormalizationError and OtlpDecodeError are ValueErrors;
+# orjson's encode error a TypeError): a dead letter, never a stopped worker.
+_BAD_INPUT = (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError)
 
 
 def translate_messages(batch: Sequence[tuple[bytes | None, Source]], config: OtlpConfig, partitions: int,
@@ -522,7 +541,7 @@ def translate_messages(batch: Sequence[tuple[bytes | None, Source]], config: Otl
         dlq = source.partition % dlq_partitions
         try:
             spans = decode_spans(value or b"", config.encoding, read)
-        except OtlpDecodeError as exc:
+        except _BAD_INPUT as exc:
             out.dead_letters[dlq].append(encode_record(
                 _rejection(OTLP_UNDECODABLE, str(exc), value or b"", source, None).to_record(rejected_at)))
             out.reasons.append(OTLP_UNDECODABLE)
@@ -535,13 +554,17 @@ def translate_messages(batch: Sequence[tuple[bytes | None, Source]], config: Otl
                 continue
             try:
                 event = span_event(span, config)
-            except (NormalizationError, ValueError) as exc:
+                line = orjson.dumps(event)
+            except _BAD_INPUT as exc:
                 ident = f"{span.trace_id}-{span.span_id}" if span.trace_id and span.span_id else None
+                try:
+                    raw = span.one_span()
+                except _BAD_INPUT:  # JSON nested deeper than a writer allows: the message, whole, is the original
+                    raw = value or b""
                 out.dead_letters[dlq].append(encode_record(_rejection(
-                    OTLP_UNMAPPABLE, str(exc), span.one_span(), source, span.index, ident).to_record(rejected_at)))
+                    OTLP_UNMAPPABLE, str(exc), raw, source, span.index, ident).to_record(rejected_at)))
                 out.reasons.append(OTLP_UNMAPPABLE)
                 continue
-            line = orjson.dumps(event)
             partition, _ = route_event(event, line, partitions)
             out.lines[partition].append(line)
             out.events += 1

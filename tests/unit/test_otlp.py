@@ -263,3 +263,50 @@ def test_attempt_and_final_come_only_from_tallys_own_attributes() -> None:
     marked, unmarked = sorted(events_of(translate(otlp_proto(rec.finished()))).values(), key=lambda e: e["timestamp"])
     assert (marked["attempt"], marked["final"]) == (1, True)
     assert "attempt" not in unmarked and "final" not in unmarked  # never guessed from a finish reason
+
+
+@pytest.mark.parametrize("attrs", [
+    {"tally.attempt": 1001},
+    {"gen_ai.request.model": {"a": {"b": {"c": [1, 2, {"d": "deep"}]}}}},  # not a string
+    {"gen_ai.usage.input_tokens": -5},
+    {"gen_ai.usage.input_tokens": True},
+])
+def test_a_call_span_with_bad_values_is_a_dead_letter_never_a_crash(attrs) -> None:
+    rec = SpanRecorder(RESOURCE)
+    rec.span("chat", at(1), at(2), chat("gpt-4.1-mini", **{"gen_ai.usage.input_tokens": 5, **attrs}))
+    out = translate(otlp_proto(rec.finished()))
+    assert (out.events, out.reasons) == (0, [OTLP_UNMAPPABLE])
+
+
+@pytest.mark.parametrize(("end", "trace_id", "attempt", "why"), [
+    ("99999999999999999999", "5b8efff798038103d269b633813fc60c", "1", "not between 2000 and 2100"),
+    ("0", "5b8efff798038103d269b633813fc60c", "1", "no end time"),
+    ("1700000000000000000", "5b8efff798038103d269b633813fc60c" * 5, "1", "16 bytes"),
+    ("1700000000000000000", "5b8efff798038103d269b633813fc60c", str(2**70), "tally.attempt"),  # beyond any JSON int
+])
+def test_a_json_span_with_an_impossible_time_id_or_count_is_unmappable(end: str, trace_id: str, attempt: str,
+                                                                       why: str) -> None:
+    span = {"traceId": trace_id, "spanId": "eee19b7ec3c1b174", "name": "chat", "startTimeUnixNano": "1",
+            "endTimeUnixNano": end, "attributes": [
+                {"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}},
+                {"key": "gen_ai.provider.name", "value": {"stringValue": "openai"}},
+                {"key": "gen_ai.request.model", "value": {"stringValue": "gpt-4.1"}},
+                {"key": "gen_ai.usage.input_tokens", "value": {"intValue": "12"}},
+                {"key": "tally.attempt", "value": {"intValue": attempt}}]}
+    value = orjson.dumps({"resourceSpans": [{"resource": {"attributes": []}, "scopeSpans": [{"spans": [span]}]}]})
+    out = translate(value)
+    (record,) = [orjson.loads(line) for lines in out.dead_letters.values() for line in lines]
+    assert record["reason"] == OTLP_UNMAPPABLE and why in record["message"], record["message"]
+
+
+@pytest.mark.parametrize("depth", [200, 2000])
+def test_deeply_nested_json_values_are_a_dead_letter_not_a_crash(depth: int) -> None:
+    deep = '{"stringValue": "x"}'
+    for _ in range(depth):
+        deep = '{"kvlistValue": {"values": [{"key": "k", "value": ' + deep + '}]}}'
+    value = ('{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "5b8efff798038103d269b633813fc60c", '
+             '"spanId": "eee19b7ec3c1b174", "endTimeUnixNano": "1700000000000000000", "attributes": ['
+             '{"key": "gen_ai.provider.name", "value": {"stringValue": "openai"}}, '
+             '{"key": "gen_ai.request.model", "value": ' + deep + '}]}]}]}]}').encode()
+    out = translate(value)
+    assert out.reasons in ([OTLP_UNDECODABLE], [OTLP_UNMAPPABLE]) and not out.lines
