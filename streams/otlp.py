@@ -38,8 +38,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
+import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -58,13 +60,15 @@ OTLP_UNDECODABLE = "otlp_undecodable"
 OTLP_UNMAPPABLE = "otlp_unmappable"
 
 ENCODINGS = ("auto", "otlp_proto", "otlp_json")
-LOGICAL_REQUEST_MODES = ("parent", "trace", "conversation")
+LOGICAL_REQUEST_MODES = ("span", "parent", "trace", "conversation")
 
 #: `gen_ai.operation.name` values of one provider call (the current semantic conventions' inference operations).
 CALL_OPERATIONS = frozenset({"chat", "text_completion", "generate_content", "embeddings", "completion",
                              "embedding"})
 #: Operations that are not a provider call: an agent's or a tool's span. Agent spans sum their children's usage.
-NOT_CALL_OPERATIONS = frozenset({"invoke_agent", "create_agent", "execute_tool", "invoke_workflow"})
+NOT_CALL_OPERATIONS = frozenset({"invoke_agent", "create_agent", "execute_tool", "invoke_workflow",
+                                 # OpenLIT's framework spans: they wrap calls (and may sum their usage)
+                                 "framework", "workflow", "agent", "execute_task", "vectordb", "retrieval"})
 #: OpenLLMetry's older span kinds (`traceloop.span.kind`) that group calls rather than make one.
 _GROUPING_KINDS = frozenset({"workflow", "task", "agent", "tool"})
 
@@ -87,10 +91,13 @@ DEFAULT_TAGS: Mapping[str, tuple[str, ...]] = {
 READ_ATTRIBUTES = frozenset({
     "gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.system", "gen_ai.request.model", "gen_ai.response.model",
     "gen_ai.agent.name", "gen_ai.conversation.id", "session.id", "error.type", "openai.response.service_tier",
-    "gen_ai.openai.response.service_tier", "llm.request.type", "traceloop.span.kind", "tally.attempt",
+    "gen_ai.openai.response.service_tier", "traceloop.span.kind", "tally.attempt",
     "tally.final"})
 _USAGE_PREFIX = "gen_ai.usage."
 _GENAI_PREFIXES = ("gen_ai.", "llm.")
+# What bad input can raise while it is decoded or mapped (NormalizationError and OtlpDecodeError are ValueErrors;
+# orjson's encode error a TypeError): a dead letter, never a stopped worker.
+_BAD_INPUT = (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError)
 _MAX_ID = 128  # the schema's bound on request ids
 # End times a span may have (Unix ns), as the validate stage bounds timestamps: 2000-01-01 to 2100-01-01 UTC.
 _MIN_END_NS = 946_684_800 * 1_000_000_000
@@ -127,8 +134,11 @@ class OtlpConfig:
     """How spans become events: the payload encoding, the logical request rule and the owner-tag mapping."""
 
     encoding: str = "auto"
-    logical_request: str = "parent"
+    logical_request: str = "span"
     tags: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: dict(DEFAULT_TAGS))
+    # A dead letter's one-span request holds only the attributes the mapping reads (settings.dlq_redact_fields
+    # not empty, as by default): prompts that instrumentations put in attributes do not sit in the DLQ.
+    redact: bool = True
 
     @property
     def read(self) -> frozenset[str]:
@@ -158,6 +168,8 @@ class Span:
     resource: dict[str, Any]
     index: int  # its place in the message, counting every span (the dead letter's source_line)
     one_span: Callable[[], bytes]  # a one-span OTLP request holding it, in its message's encoding
+    kind: int = 0  # SpanKind: 1 internal, 2 server, 3 client, …
+    problem: str = ""  # why a GenAI span's fields could not be read (it is then a dead letter, unmappable)
 
 
 @dataclass
@@ -181,11 +193,12 @@ class OtlpDecodeError(ValueError):
 def encoding_of(value: bytes, configured: str) -> str:
     """The encoding of one message: as configured, or (auto) JSON when it opens with `{`, else protobuf.
 
-    A protobuf TracesData opens with field 1's tag (0x0a), never with `{` (0x7b), so the two cannot be confused.
+    A non-empty protobuf TracesData opens with field 1's tag (0x0a), never with `{` (0x7b): the first byte alone
+    tells them apart (stripping whitespace first would not: 0x0a is a newline, and the length after it can be 0x7b).
     """
     if configured != "auto":
         return configured
-    return "otlp_json" if value.lstrip()[:1] == b"{" else "otlp_proto"
+    return "otlp_json" if value[:1] == b"{" else "otlp_proto"
 
 
 # A span's size in a Collector message, for bounding work before decoding: the OTLP/protobuf spans of the
@@ -198,15 +211,18 @@ def spans_in(value: bytes | None) -> int:
     return max(1, len(value or b"") // SPAN_BYTES)
 
 
-def decode_spans(value: bytes, encoding: str, read: frozenset[str] | None = None) -> list[Span]:
+def decode_spans(value: bytes, encoding: str, read: frozenset[str] | None = None,
+                 keep: frozenset[str] | None = None) -> list[Span]:
     """Every span of one OTLP traces message, in order. Raises OtlpDecodeError when it is not one.
 
     A span without any gen_ai.* or llm.* attribute is returned without its attributes (not a GenAI span). `read`:
-    only these attributes (and gen_ai.usage.*) are decoded; None decodes them all.
+    only these attributes (and gen_ai.usage.*) are decoded; None decodes them all. `keep`: a span's one-span
+    request (its dead letter's bytes) holds only these attributes (and gen_ai.usage.*), and no span events; None
+    holds it whole.
     """
     if encoding_of(value, encoding) == "otlp_json":
-        return _json_spans(value, read)
-    return _proto_spans(value, read)
+        return _json_spans(value, read, keep)
+    return _proto_spans(value, read, keep)
 
 
 def _kept(key: str, read: frozenset[str] | None) -> bool:
@@ -241,7 +257,7 @@ def _proto_span_attrs(kvs: Any, read: frozenset[str] | None) -> dict[str, Any] |
     return out if genai else None
 
 
-def _proto_spans(value: bytes, read: frozenset[str] | None = None) -> list[Span]:
+def _proto_spans(value: bytes, read: frozenset[str] | None = None, keep: frozenset[str] | None = None) -> list[Span]:
     from google.protobuf.message import DecodeError
     from opentelemetry.proto.trace.v1 import trace_pb2
 
@@ -264,11 +280,11 @@ def _proto_spans(value: bytes, read: frozenset[str] | None = None) -> list[Span]
                 status = span.status
                 out.append(Span(span.trace_id.hex(), span.span_id.hex(), span.parent_span_id.hex(),
                                 span.start_time_unix_nano, span.end_time_unix_nano, status.code, status.message,
-                                attrs, resource, index, _proto_one_span(rs, ss, span)))
+                                attrs, resource, index, _proto_one_span(rs, ss, span, keep), span.kind))
     return out
 
 
-def _proto_one_span(rs: Any, ss: Any, span: Any) -> Callable[[], bytes]:
+def _proto_one_span(rs: Any, ss: Any, span: Any, keep: frozenset[str] | None) -> Callable[[], bytes]:
     def build() -> bytes:
         from opentelemetry.proto.trace.v1 import trace_pb2
 
@@ -279,7 +295,14 @@ def _proto_one_span(rs: Any, ss: Any, span: Any) -> Callable[[], bytes]:
         s = r.scope_spans.add()
         s.scope.CopyFrom(ss.scope)
         s.schema_url = ss.schema_url
-        s.spans.add().CopyFrom(span)
+        copy = s.spans.add()
+        copy.CopyFrom(span)
+        if keep is not None:  # redacted: only what the mapping reads (a prompt in an attribute stays out)
+            for attrs in (copy.attributes, r.resource.attributes):
+                kept = [kv for kv in attrs if _kept(kv.key, keep)]
+                del attrs[:]
+                attrs.extend(kept)
+            del copy.events[:]
         return one.SerializeToString()
     return build
 
@@ -301,8 +324,10 @@ def _json_value(v: Any) -> Any:
         if key in v or snake in v:
             return _get(v, key, snake)
     raw = _get(v, "intValue", "int_value")
-    if raw is not None:
-        return int(raw)  # int64 as a JSON string (or a number from a lenient writer)
+    if raw is not None:  # int64 as a JSON string of digits (or a JSON integer from a lenient writer)
+        if isinstance(raw, int) and not isinstance(raw, bool) or isinstance(raw, str) and _INT.fullmatch(raw):
+            return int(raw)
+        raise ValueError(f"intValue {str(raw)[:40]!r} is not an integer")
     raw = _get(v, "doubleValue", "double_value")
     if raw is not None:
         return float(raw)
@@ -323,28 +348,54 @@ def _json_attrs(kvs: Any, read: frozenset[str] | None = None) -> dict[str, Any]:
             if isinstance(kv, dict) and isinstance(kv.get("key"), str) and _kept(kv["key"], read)}
 
 
+_INT = re.compile(r"-?[0-9]+")
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
+
+
 def _json_id(raw: Any, name: str) -> str:
     if raw in (None, ""):
         return ""
-    if not isinstance(raw, str):
-        raise OtlpDecodeError(f"{name} must be a hex string")
-    try:
-        bytes.fromhex(raw)
-    except ValueError:
-        raise OtlpDecodeError(f"{name} {raw[:40]!r} is not hex (OTLP/JSON writes ids in hex)") from None
+    if not isinstance(raw, str) or not _HEX.fullmatch(raw):
+        raise ValueError(f"{name} {str(raw)[:40]!r} is not hex (OTLP/JSON writes ids in hex)")
     return raw.lower()
 
 
+def _json_nanos(raw: Any, name: str) -> int:
+    if raw in (None, ""):
+        return 0
+    if isinstance(raw, int) and not isinstance(raw, bool) or isinstance(raw, str) and _INT.fullmatch(raw):
+        return int(raw)
+    raise ValueError(f"{name} {str(raw)[:40]!r} is not an integer")
+
+
 _STATUS_NAMES = {"STATUS_CODE_UNSET": 0, "STATUS_CODE_OK": 1, "STATUS_CODE_ERROR": 2}
+_KIND_NAMES = {"SPAN_KIND_UNSPECIFIED": 0, "SPAN_KIND_INTERNAL": 1, "SPAN_KIND_SERVER": 2, "SPAN_KIND_CLIENT": 3,
+               "SPAN_KIND_PRODUCER": 4, "SPAN_KIND_CONSUMER": 5}
 
 
-def _json_spans(value: bytes, read: frozenset[str] | None = None) -> list[Span]:
+def _json_enum(raw: Any, names: Mapping[str, int], name: str) -> int:
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    if raw in (None, ""):
+        return 0
+    if isinstance(raw, str) and raw in names:
+        return names[raw]
+    raise ValueError(f"{name} {str(raw)[:40]!r} is not one of OTLP's values")
+
+
+def _json_spans(value: bytes, read: frozenset[str] | None = None, keep: frozenset[str] | None = None) -> list[Span]:
+    """The spans of an OTLP/JSON message.
+
+    Its structure broken (not an object with resourceSpans, lists that are not lists) makes the message
+    undecodable; one span's bad fields make that span a problem span (unmappable).
+    """
     try:
         data = orjson.loads(value)
     except orjson.JSONDecodeError as exc:
         raise OtlpDecodeError(f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise OtlpDecodeError("an OTLP/JSON traces payload is an object with resourceSpans")
+    if not isinstance(data, dict) or _get(data, "resourceSpans", "resource_spans") is None:
+        raise OtlpDecodeError("an OTLP/JSON traces payload is an object with resourceSpans (a logs or metrics "
+                              "payload, or another document, is not)")
     out: list[Span] = []
     try:
         for rs in _get(data, "resourceSpans", "resource_spans", []):
@@ -360,56 +411,98 @@ def _json_spans(value: bytes, read: frozenset[str] | None = None) -> list[Span]:
                         continue
                     if resource is None:
                         resource = _json_attrs(res.get("attributes") or [], read)
-                    status = span.get("status") or {}
-                    code = status.get("code", 0)
-                    out.append(Span(
-                        _json_id(_get(span, "traceId", "trace_id"), "traceId"),
-                        _json_id(_get(span, "spanId", "span_id"), "spanId"),
-                        _json_id(_get(span, "parentSpanId", "parent_span_id"), "parentSpanId"),
-                        int(_get(span, "startTimeUnixNano", "start_time_unix_nano", 0) or 0),
-                        int(_get(span, "endTimeUnixNano", "end_time_unix_nano", 0) or 0),
-                        _STATUS_NAMES.get(code, 0) if isinstance(code, str) else int(code),
-                        str(status.get("message") or ""), _json_attrs(attrs, read), resource, index,
-                        _json_one_span(rs, ss, span)))
-    except (AttributeError, TypeError, ValueError, KeyError, OverflowError, RecursionError) as exc:
+                    out.append(_json_span(span, resource, index, _json_one_span(rs, ss, span, keep), read))
+    except _BAD_INPUT as exc:
         if isinstance(exc, OtlpDecodeError):
             raise
         raise OtlpDecodeError(f"not an OTLP/JSON traces payload: {type(exc).__name__}: {exc}") from None
     return out
 
 
-def _json_one_span(rs: Mapping[str, Any], ss: Mapping[str, Any], span: Mapping[str, Any]) -> Callable[[], bytes]:
+def _json_span(span: Mapping[str, Any], resource: dict[str, Any], index: int, one_span: Callable[[], bytes],
+               read: frozenset[str] | None) -> Span:
+    """One GenAI span of an OTLP/JSON message; a field that cannot be read makes it a problem span."""
+    trace_id = span.get("traceId") if isinstance(span.get("traceId"), str) else ""
+    span_id = span.get("spanId") if isinstance(span.get("spanId"), str) else ""
+    try:
+        status = span.get("status") or {}
+        return Span(
+            _json_id(_get(span, "traceId", "trace_id"), "traceId"),
+            _json_id(_get(span, "spanId", "span_id"), "spanId"),
+            _json_id(_get(span, "parentSpanId", "parent_span_id"), "parentSpanId"),
+            _json_nanos(_get(span, "startTimeUnixNano", "start_time_unix_nano"), "startTimeUnixNano"),
+            _json_nanos(_get(span, "endTimeUnixNano", "end_time_unix_nano"), "endTimeUnixNano"),
+            _json_enum(status.get("code"), _STATUS_NAMES, "status.code"), str(status.get("message") or ""),
+            _json_attrs(span.get("attributes") or [], read), resource, index, one_span,
+            _json_enum(span.get("kind"), _KIND_NAMES, "kind"))
+    except _BAD_INPUT as exc:
+        return Span(str(trace_id).lower(), str(span_id).lower(), "", 0, 0, 0, "", {}, resource, index, one_span,
+                    problem=f"{type(exc).__name__}: {exc}")
+
+
+def _json_one_span(rs: Mapping[str, Any], ss: Mapping[str, Any], span: Mapping[str, Any],
+                   keep: frozenset[str] | None) -> Callable[[], bytes]:
     def build() -> bytes:
         one_rs: dict[str, Any] = {k: v for k, v in rs.items() if k not in ("scopeSpans", "scope_spans")}
         one_ss: dict[str, Any] = {k: v for k, v in ss.items() if k != "spans"}
-        one_ss["spans"] = [span]
+        one = dict(span)
+        if keep is not None:  # redacted: only what the mapping reads (a prompt in an attribute stays out)
+            one["attributes"] = _kept_kvs(span.get("attributes"), keep)
+            one.pop("events", None)
+            if isinstance(one_rs.get("resource"), dict):
+                one_rs["resource"] = {**one_rs["resource"],
+                                      "attributes": _kept_kvs(one_rs["resource"].get("attributes"), keep)}
+        one_ss["spans"] = [one]
         one_rs["scopeSpans"] = [one_ss]
-        return orjson.dumps({"resourceSpans": [one_rs]})
+        doc = {"resourceSpans": [one_rs]}
+        try:
+            return orjson.dumps(doc)
+        except TypeError:  # nested deeper than orjson writes (it reads deeper): the standard library's writer
+            return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
     return build
+
+
+def _kept_kvs(kvs: Any, keep: frozenset[str]) -> Any:
+    if not isinstance(kvs, list):
+        return kvs
+    return [kv for kv in kvs if isinstance(kv, dict) and isinstance(kv.get("key"), str) and _kept(kv["key"], keep)]
 
 
 # --- mapping ----------------------------------------------------------------------------------------------------
 
 NOT_GENAI = "not_genai"
 AGENT_OR_TOOL = "agent_or_tool"
+OTHER_OPERATION = "other_operation"
+SPAN_KIND_CLIENT = 3
 
 
 def classify(span: Span) -> str | None:
-    """None for a provider call (it becomes an event), else why the span is skipped (NOT_GENAI, AGENT_OR_TOOL)."""
+    """None for a provider call (it becomes an event), else why the span is skipped.
+
+    The reasons: NOT_GENAI, AGENT_OR_TOOL, OTHER_OPERATION (an operation name that is not a call's).
+    """
     a = span.attributes
+    if span.problem:
+        return None  # a GenAI span whose fields could not be read: a dead letter, never skipped
     if not a:
         return NOT_GENAI
     op = a.get("gen_ai.operation.name")
-    if isinstance(op, str) and op:
+    if op is not None and op != "":
         if op in CALL_OPERATIONS:
             return None
-        if op in NOT_CALL_OPERATIONS:
-            return AGENT_OR_TOOL
-    if a.get("traceloop.span.kind") in _GROUPING_KINDS or a.get("gen_ai.agent.name") and not op:
+        if op == "invoke_agent" and span.kind == SPAN_KIND_CLIENT and _has_usage(a):
+            return None  # a remote agent (the conventions: kind CLIENT): its usage is the only record of its calls
+        return AGENT_OR_TOOL if op in NOT_CALL_OPERATIONS else OTHER_OPERATION
+    kind = a.get("traceloop.span.kind")
+    if isinstance(kind, str) and kind in _GROUPING_KINDS or a.get("gen_ai.agent.name"):
         return AGENT_OR_TOOL
     if a.get("gen_ai.provider.name") or a.get("gen_ai.system"):
         return None
     return NOT_GENAI
+
+
+def _has_usage(attributes: Mapping[str, Any]) -> bool:
+    return any(k.startswith(_USAGE_PREFIX) for k in attributes)
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -438,6 +531,8 @@ def _attr(span: Span, name: str) -> Any:
 
 
 def _logical_request(span: Span, mode: str) -> str | None:
+    if mode == "span":
+        return None  # the call is its own logical request
     if mode == "trace":
         return span.trace_id
     if mode == "conversation":
@@ -478,6 +573,8 @@ def _usage(span: Span) -> tuple[dict[str, int] | None, str | None]:
 
 def span_event(span: Span, config: OtlpConfig) -> dict[str, Any]:
     """The usage event v1 of one provider-call span. Raises NormalizationError (or ValueError) when it has none."""
+    if span.problem:
+        raise NormalizationError(f"the span's fields cannot be read: {span.problem}")
     if len(span.trace_id) != 32 or len(span.span_id) != 16 or len(span.parent_span_id) not in (0, 16):
         raise NormalizationError("the span's trace id must be 16 bytes, its span id (and parent's) 8 bytes: "
                                  f"got {len(span.trace_id) // 2}, {len(span.span_id) // 2} and "
@@ -499,7 +596,7 @@ def span_event(span: Span, config: OtlpConfig) -> dict[str, Any]:
                                     0 <= attempt <= 1000):
         raise NormalizationError(f"tally.attempt must be an integer from 0 to 1000, got {attempt!r}")
     ident = f"{span.trace_id}-{span.span_id}"
-    latency = (span.end_ns - span.start_ns) // 1_000_000 if span.start_ns and span.end_ns >= span.start_ns else None
+    latency = (span.end_ns - span.start_ns) // 1_000_000 if 0 < span.start_ns <= span.end_ns else None
     return usage_event(
         request_id=ident, event_id=ident, parent_request_id=_logical_request(span, config.logical_request),
         provider=info["provider"], model_actual=info["model_actual"], model_requested=info.get("model_requested"),
@@ -521,11 +618,6 @@ def _rejection(reason: str, message: str, raw: bytes, source: Source, line: int 
     return Rejection(reason, STAGE_OTLP, message, raw, source, line, event_id=event_id)
 
 
-# What bad input can raise while it is decoded or mapped (NormalizationError and OtlpDecodeError are ValueErrors;
-# orjson's encode error a TypeError): a dead letter, never a stopped worker.
-_BAD_INPUT = (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError)
-
-
 def translate_messages(batch: Sequence[tuple[bytes | None, Source]], config: OtlpConfig, partitions: int,
                        dlq_partitions: int, now: datetime | None = None) -> OtlpBatch:
     """A batch of OTLP messages → event lines by llm.usage.v1 partition, dead letters, counts. Never raises for input.
@@ -537,10 +629,11 @@ def translate_messages(batch: Sequence[tuple[bytes | None, Source]], config: Otl
     out = OtlpBatch()
     rejected_at = now or datetime.now(UTC)
     read = config.read
+    keep = read if config.redact else None
     for value, source in batch:
         dlq = source.partition % dlq_partitions
         try:
-            spans = decode_spans(value or b"", config.encoding, read)
+            spans = decode_spans(value or b"", config.encoding, read, keep)
         except _BAD_INPUT as exc:
             out.dead_letters[dlq].append(encode_record(
                 _rejection(OTLP_UNDECODABLE, str(exc), value or b"", source, None).to_record(rejected_at)))
@@ -548,11 +641,11 @@ def translate_messages(batch: Sequence[tuple[bytes | None, Source]], config: Otl
             continue
         for span in spans:
             out.spans += 1
-            why = classify(span)
-            if why is not None:
-                out.skipped[why] += 1
-                continue
             try:
+                why = classify(span)
+                if why is not None:
+                    out.skipped[why] += 1
+                    continue
                 event = span_event(span, config)
                 line = orjson.dumps(event)
             except _BAD_INPUT as exc:
@@ -569,9 +662,3 @@ def translate_messages(batch: Sequence[tuple[bytes | None, Source]], config: Otl
             out.lines[partition].append(line)
             out.events += 1
     return out
-
-
-def spans_of(messages: Sequence[bytes], encoding: str = "auto") -> Iterator[Span]:
-    """Every span of these messages (tools and tests: what a topic holds)."""
-    for value in messages:
-        yield from decode_spans(value, encoding)

@@ -168,13 +168,14 @@ class Settings:
     handoff_format: str = "arrow"
     batch_within_s: float = 0.2
     # OpenTelemetry GenAI spans (streams.otlp, docs/otlp.md): the topic the Collector's Kafka exporter writes ("":
-    # no OTLP input), its encoding (auto: JSON when a message opens with "{", else protobuf; or otlp_proto,
-    # otlp_json), what groups a call's attempts into a logical request (parent: the parent span; trace; conversation:
-    # gen_ai.conversation.id or session.id), and owner tags from span or resource attributes as overrides of the
-    # default mapping: "tag=attr[,attr...]" entries separated by ";" ("endpoint=" stops filling a tag).
+    # no OTLP input); its encoding (auto: JSON when a message opens with "{", else protobuf; or otlp_proto,
+    # otlp_json); what groups calls into a logical request (span: nothing, each call is its own; parent: the parent
+    # span; trace; conversation: gen_ai.conversation.id or session.id); and owner tags from span or resource
+    # attributes, as overrides of the default mapping: "tag=attr[,attr...]" entries separated by ";" ("endpoint="
+    # stops filling a tag).
     otlp_topic: str = "otlp_spans"
     otlp_encoding: str = "auto"
-    otlp_logical_request: str = "parent"
+    otlp_logical_request: str = "span"
     otlp_tags: str = ""
     # Dead letters: top-level fields whose values are replaced by "[redacted]" in a refused line's stored original
     # (comma-separated; "unknown" = every field event v1 does not have, e.g. a prompt sent by mistake; "" = none).

@@ -32,7 +32,7 @@ from tally.config import Settings
 def otlp_config(settings: Settings) -> OtlpConfig:
     """How spans become events, from settings (otlp_encoding, otlp_logical_request, otlp_tags)."""
     return OtlpConfig(encoding=settings.otlp_encoding, logical_request=settings.otlp_logical_request,
-                      tags=parse_tag_mapping(settings.otlp_tags))
+                      tags=parse_tag_mapping(settings.otlp_tags), redact=bool(settings.dlq_redact))
 
 
 def wire_otlp(ctx: RoleContext, cpu: ThreadPoolExecutor, otlp_partitions: int) -> None:

@@ -622,7 +622,8 @@ class KafkaDecisions:
     """Publishes decision records to llm.budget.decisions.v1 through an idempotent producer.
 
     Keyed by the request's first budget, so one budget's decisions stay ordered. Pass `publish` as Admission's
-    callback; `flush` before exit.
+    callback; `flush` before exit. Delivery reports are served every POLL_EVERY records and by `flush`, so a delivery
+    error shows in `errors` after one of those.
     """
 
     def __init__(self, bootstrap: str | KafkaAuth, topic: str,

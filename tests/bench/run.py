@@ -420,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
                     profile_s=args.profile or args.profile_default_stack, process_workers=2))
                 _step(results, "pipeline_otlp_split", lambda: pipeline.throughput(
                     base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
-                    profile_s=args.profile or args.profile_default_stack, otlp=True))
+                    profile_s=args.profile or args.profile_default_stack, otlp=True,
+                    otlp_logical_request="parent"))  # the spans' parents are the pool's logical requests
                 if args.alt_handoff:
                     _step(results, "pipeline_batch_split_handoff", lambda: pipeline.throughput(
                         base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
@@ -434,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
                     profile_s=args.profile or args.profile_default_stack))
                 _step(results, "pipeline_otlp_split", lambda: pipeline.throughput(
                     base, root, pool, args.pipeline_events, single=False, split=True, timeout_s=timeout,
-                    profile_s=args.profile or args.profile_default_stack, otlp=True))
+                    profile_s=args.profile or args.profile_default_stack, otlp=True,
+                    otlp_logical_request="parent"))  # the spans' parents are the pool's logical requests
             if "latency" in only:
                 _step(results, "latency", lambda: pipeline.latency(
                     base, root, pool, args.latency_rate, args.latency_seconds, args.sample_every, first_event=0))

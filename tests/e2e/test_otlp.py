@@ -112,6 +112,7 @@ def test_collector_spans_are_priced_attributed_and_folded_exactly_once(stack) ->
     bad.span("chat", clock() - timedelta(hours=2), clock() - timedelta(hours=2) + timedelta(seconds=1), {
         "gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai", "gen_ai.usage.input_tokens": 3})
     values += [otlp_proto(bad.finished()), b"\x0a\xff\xff\xff\xff\x0f"]
+    stack.env["TALLY_OTLP_LOGICAL_REQUEST"] = "parent"  # the agent span groups its attempts (docs/otlp.md)
     info = orjson.loads(stack.tally("up", timeout=180).stdout)  # the default stack: sink + process workers
     assert info["workers"]
     stack.tally("reference", "load", str(EXAMPLES))
@@ -151,6 +152,7 @@ def test_a_crash_between_delivery_and_position_replays_spans_without_a_double_co
     again after the restart, its events (same ids) are dropped downstream, nothing is lost or counted twice."""
     recorders, expected = traffic(seed=11, requests=60, start=clock() - timedelta(hours=4))
     values = messages(recorders, per_message=10)
+    stack.env["TALLY_OTLP_LOGICAL_REQUEST"] = "parent"
     stack.tally("up", "--role", "all", timeout=180)
     stack.tally("reference", "load", str(EXAMPLES))
     stack.tally("down", timeout=120)

@@ -14,6 +14,7 @@ from streams.otlp import (
     AGENT_OR_TOOL,
     DEFAULT_TAGS,
     NOT_GENAI,
+    OTHER_OPERATION,
     OTLP_UNDECODABLE,
     OTLP_UNMAPPABLE,
     OtlpConfig,
@@ -84,7 +85,7 @@ def events_of(out: Any) -> dict[str, dict[str, Any]]:
 @pytest.mark.parametrize("encode", [otlp_proto, otlp_json])
 def test_call_spans_become_events_with_their_owner_usage_status_and_logical_request(encode) -> None:
     rec, spans = build()
-    out = translate(encode(rec.finished()))
+    out = translate(encode(rec.finished()), logical_request="parent")
     events = events_of(out)
     trace_id, agent_id = ids(spans["agent"])
     failed, retry, legacy = (f"{trace_id}-{ids(spans[n])[1]}" if n != "legacy" else "-".join(ids(spans[n]))
@@ -184,6 +185,7 @@ def test_the_logical_request_can_be_the_trace_or_the_conversation() -> None:
     def parents(mode: str) -> dict[str, Any]:
         return {k: e.get("parent_request_id") for k, e in events_of(translate(value, logical_request=mode)).items()}
 
+    assert parents("span") == {one: None, two: None}  # the default: each call its own logical request
     assert parents("parent") == {one: f"{trace_id}-{ids(root)[1]}", two: f"{trace_id}-{ids(nested)[1]}"}
     assert parents("trace") == {one: trace_id, two: trace_id}
     assert parents("conversation") == {one: "conversation:conv-7", two: f"{trace_id}-{ids(nested)[1]}"}
@@ -281,8 +283,8 @@ def test_a_call_span_with_bad_values_is_a_dead_letter_never_a_crash(attrs) -> No
 @pytest.mark.parametrize(("end", "trace_id", "attempt", "why"), [
     ("99999999999999999999", "5b8efff798038103d269b633813fc60c", "1", "not between 2000 and 2100"),
     ("0", "5b8efff798038103d269b633813fc60c", "1", "no end time"),
-    ("1700000000000000000", "5b8efff798038103d269b633813fc60c" * 5, "1", "16 bytes"),
-    ("1700000000000000000", "5b8efff798038103d269b633813fc60c", str(2**70), "tally.attempt"),  # beyond any JSON int
+    (str(ns(T0)), "5b8efff798038103d269b633813fc60c" * 5, "1", "16 bytes"),
+    (str(ns(T0)), "5b8efff798038103d269b633813fc60c", str(2**70), "tally.attempt"),  # beyond any JSON int
 ])
 def test_a_json_span_with_an_impossible_time_id_or_count_is_unmappable(end: str, trace_id: str, attempt: str,
                                                                        why: str) -> None:
@@ -305,8 +307,104 @@ def test_deeply_nested_json_values_are_a_dead_letter_not_a_crash(depth: int) -> 
     for _ in range(depth):
         deep = '{"kvlistValue": {"values": [{"key": "k", "value": ' + deep + '}]}}'
     value = ('{"resourceSpans": [{"scopeSpans": [{"spans": [{"traceId": "5b8efff798038103d269b633813fc60c", '
-             '"spanId": "eee19b7ec3c1b174", "endTimeUnixNano": "1700000000000000000", "attributes": ['
+             '"spanId": "eee19b7ec3c1b174", "endTimeUnixNano": "' + str(ns(T0)) + '", "attributes": ['
              '{"key": "gen_ai.provider.name", "value": {"stringValue": "openai"}}, '
              '{"key": "gen_ai.request.model", "value": ' + deep + '}]}]}]}]}').encode()
     out = translate(value)
-    assert out.reasons in ([OTLP_UNDECODABLE], [OTLP_UNMAPPABLE]) and not out.lines
+    assert not out.lines and out.reasons == ([OTLP_UNMAPPABLE] if depth < 250 else [OTLP_UNDECODABLE])
+    (record,) = [orjson.loads(line) for lines in out.dead_letters.values() for line in lines]
+    if depth < 250:  # the span alone, written back though it nests deeper than orjson writes
+        assert decode_spans(base64.b64decode(record["original_b64"]), "auto")[0].span_id == "eee19b7ec3c1b174"
+    else:  # deeper than JSON readers go: the message, byte for byte
+        assert base64.b64decode(record["original_b64"]) == value
+
+
+def json_message(*spans: dict[str, Any], resource: dict[str, Any] | None = None) -> bytes:
+    return orjson.dumps({"resourceSpans": [{"resource": resource or {"attributes": []},
+                                            "scopeSpans": [{"spans": list(spans)}]}]})
+
+
+def json_span(span_id: str, *attrs: tuple[str, dict[str, Any]], **fields: Any) -> dict[str, Any]:
+    return {"traceId": "5b8efff798038103d269b633813fc60c", "spanId": span_id, "startTimeUnixNano": str(ns(T0)),
+            "endTimeUnixNano": str(ns(T0) + 10**9), "attributes": [
+                {"key": "gen_ai.operation.name", "value": {"stringValue": "chat"}},
+                {"key": "gen_ai.provider.name", "value": {"stringValue": "openai"}},
+                {"key": "gen_ai.request.model", "value": {"stringValue": "gpt-4.1"}},
+                *({"key": k, "value": v} for k, v in attrs)], **fields}
+
+
+def test_one_bad_json_span_is_unmappable_alone_its_neighbours_land() -> None:
+    good = json_span("eee19b7ec3c1b174", ("gen_ai.usage.input_tokens", {"intValue": "12"}))
+    bad = json_span("aaa19b7ec3c1b174", ("gen_ai.usage.input_tokens", {"intValue": "12.0"}))
+    odd_status = json_span("bbb19b7ec3c1b174", status={"code": "ERROR"})
+    out = translate(json_message(good, bad, odd_status))
+    assert out.events == 1 and out.reasons == [OTLP_UNMAPPABLE, OTLP_UNMAPPABLE]
+    records = [orjson.loads(line) for lines in out.dead_letters.values() for line in lines]
+    assert [r["source_line"] for r in records] == [1, 2] and "12.0" in records[0]["message"]
+
+
+@pytest.mark.parametrize("value", [{"arrayValue": {"values": [{"stringValue": "workflow"}]}},
+                                   {"kvlistValue": {"values": []}}])
+def test_list_or_map_values_where_the_mapping_expects_text_never_crash(value: dict[str, Any]) -> None:
+    span = json_span("eee19b7ec3c1b174", ("gen_ai.usage.input_tokens", {"intValue": "12"}))
+    span["attributes"] = [kv for kv in span["attributes"] if kv["key"] != "gen_ai.operation.name"]
+    for key in ("traceloop.span.kind", "gen_ai.agent.name", "gen_ai.operation.name"):
+        one = {**span, "attributes": [*span["attributes"], {"key": key, "value": value}]}
+        out = translate(json_message(one))
+        assert out.spans == 1 and out.events + len(out.reasons) + sum(out.skipped.values()) == 1
+
+
+def test_a_protobuf_message_whose_length_byte_reads_as_a_brace_is_still_protobuf() -> None:
+    """0x0a (field 1) then a 123-byte ResourceSpans: the second byte is `{`; auto must not take it for JSON."""
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    for pad in range(200):
+        data = trace_pb2.TracesData()
+        rs = data.resource_spans.add()
+        rs.scope_spans.add().spans.add(name="x" * pad, trace_id=b"\x01" * 16, span_id=b"\x02" * 8)
+        if len(rs.SerializeToString()) == 123:
+            break
+    else:
+        raise AssertionError("no padding made a 123-byte ResourceSpans")
+    rec = SpanRecorder(RESOURCE)
+    rec.span("chat", at(1), at(2), chat("gpt-4.1-mini", **{"gen_ai.usage.input_tokens": 5}))
+    data.MergeFrom(trace_pb2.TracesData.FromString(otlp_proto(rec.finished())))
+    value = data.SerializeToString()
+    assert value[:2] == b"\x0a{"
+    out = translate(value)
+    assert (out.events, out.reasons, out.skipped) == (1, [], Counter({NOT_GENAI: 1}))
+
+
+def test_a_remote_agent_is_priced_an_unknown_operation_is_skipped() -> None:
+    rec = SpanRecorder(RESOURCE)
+    usage = {"gen_ai.usage.input_tokens": 900, "gen_ai.usage.output_tokens": 80}
+    rec.span("invoke_agent support", at(1), at(2), {  # SpanRecorder spans are CLIENT: a remote agent
+        "gen_ai.operation.name": "invoke_agent", "gen_ai.provider.name": "aws.bedrock",
+        "gen_ai.request.model": "anthropic.claude-3-haiku-20240307-v1:0", **usage})
+    rec.span("vectordb query", at(3), at(4), {"gen_ai.operation.name": "vectordb", "gen_ai.system": "openai",
+                                             **usage})
+    rec.span("rerank", at(5), at(6), {"gen_ai.operation.name": "rerank", "gen_ai.system": "cohere", **usage})
+    out = translate(otlp_proto(rec.finished()))
+    (event,) = events_of(out).values()
+    assert (event["provider"], event["usage"]["input_tokens"]) == ("bedrock", 900)
+    assert out.skipped == Counter({AGENT_OR_TOOL: 1, OTHER_OPERATION: 1})
+
+
+@pytest.mark.parametrize("value", [b"{}", b'{"resourceLogs": []}'])
+def test_a_json_document_that_is_not_traces_is_undecodable(value: bytes) -> None:
+    assert translate(value).reasons == [OTLP_UNDECODABLE]
+
+
+@pytest.mark.parametrize("encode", [otlp_proto, otlp_json])
+def test_a_dead_letter_holds_only_what_the_mapping_reads_unless_redaction_is_off(encode) -> None:
+    rec = SpanRecorder({**RESOURCE, "host.secret": "h"})
+    rec.span("chat", at(1), at(2), {"gen_ai.operation.name": "chat", "gen_ai.provider.name": "openai",
+                                    "gen_ai.prompt.0.content": "a secret prompt", "gen_ai.usage.input_tokens": 3})
+    value = encode(rec.finished())
+    for redact, secret in ((True, False), (False, True)):
+        (record,) = [orjson.loads(line) for lines in translate(value, redact=redact).dead_letters.values()
+                     for line in lines]
+        raw = base64.b64decode(record["original_b64"])
+        assert (b"secret prompt" in raw, b"host.secret" in raw) == (secret, secret)
+        (span,) = decode_spans(raw, "auto")
+        assert span.attributes["gen_ai.usage.input_tokens"] == 3  # what a replay needs is kept
