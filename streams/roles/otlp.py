@@ -56,7 +56,8 @@ def wire_otlp(ctx: RoleContext, cpu: ThreadPoolExecutor, otlp_partitions: int) -
     ctx.metrics.add(lambda: [
         counter("tally_otlp_spans", "Spans read from the OTLP topic", [({}, float(counts["spans"]))]),
         counter("tally_otlp_events", "GenAI call spans published as usage events", [({}, float(counts["events"]))]),
-        counter("tally_otlp_skipped_spans", "Spans that are not a provider call, by why (not_genai, agent_or_tool)",
+        counter("tally_otlp_skipped_spans",
+                "Spans that are not a provider call, by why (not_genai, agent_or_tool, other_operation)",
                 [({"reason": r}, float(n)) for r, n in sorted(skipped.items())], ("reason",))])
     batch_seconds = ctx.metrics.batch_seconds.labels(role=stats.role, stage="otlp")
 
